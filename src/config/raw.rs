@@ -1,0 +1,1 @@
+//! serde mirror of the TOML (placeholder until the config work lands).

@@ -1,0 +1,82 @@
+//! The operator's mail log: one line per message state change, keyed by queue id, in the
+//! spirit of Postfix's maillog. Bodies, passwords and tokens never pass through here.
+
+use tracing::{info, warn};
+
+/// A client's command or message was refused (policy, limits, protocol).
+pub fn rejected(client: &str, stage: &str, reply: &str, sender: Option<&str>, rcpt: Option<&str>) {
+    warn!(
+        target: "postern::maillog",
+        event = "rejected",
+        client,
+        stage,
+        from = sender.unwrap_or(""),
+        to = rcpt.unwrap_or(""),
+        reply,
+        "rejected"
+    );
+}
+
+/// A message was committed to the spool and acknowledged with 250.
+pub fn queued(id: &str, client: &str, sender: &str, nrcpt: usize, size: u64, user: Option<&str>) {
+    info!(
+        target: "postern::maillog",
+        event = "queued",
+        queue_id = id,
+        client,
+        from = sender,
+        nrcpt,
+        size,
+        user = user.unwrap_or(""),
+        "queued"
+    );
+}
+
+/// Recipients of a message were accepted upstream.
+pub fn sent(id: &str, mailbox: &str, rcpts: &[String], relay: &str, reply: &str, attempt: u32) {
+    info!(
+        target: "postern::maillog",
+        event = "sent",
+        queue_id = id,
+        mailbox,
+        to = rcpts.join(",").as_str(),
+        relay,
+        reply,
+        attempt,
+        "sent"
+    );
+}
+
+/// A delivery attempt failed temporarily; the message will be retried.
+pub fn deferred(id: &str, mailbox: &str, reason: &str, attempt: u32, retry_in_secs: u64) {
+    warn!(
+        target: "postern::maillog",
+        event = "deferred",
+        queue_id = id,
+        mailbox,
+        reason,
+        attempt,
+        retry_in_secs,
+        "deferred"
+    );
+}
+
+/// A message was put on hold (by the admin, or because its mailbox's configuration is broken).
+pub fn held(id: &str, mailbox: &str, reason: &str) {
+    warn!(target: "postern::maillog", event = "held", queue_id = id, mailbox, reason, "held");
+}
+
+/// A held message was released.
+pub fn released(id: &str) {
+    info!(target: "postern::maillog", event = "released", queue_id = id, "released");
+}
+
+/// A message failed permanently or outlived its lifetime.
+pub fn failed(id: &str, mailbox: &str, reason: &str) {
+    warn!(target: "postern::maillog", event = "failed", queue_id = id, mailbox, reason, "failed");
+}
+
+/// A message was deleted by the admin.
+pub fn deleted(id: &str) {
+    info!(target: "postern::maillog", event = "deleted", queue_id = id, "deleted");
+}
