@@ -15,7 +15,7 @@ pub mod raw;
 pub mod validate;
 
 pub use address::AddressPattern;
-pub use validate::{ConfigError, ConfigErrors, load_file, load_str, load_default};
+pub use validate::{ConfigError, ConfigErrors, load_default, load_file, load_str};
 
 /// The embedded default configuration used when no config file exists.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -194,7 +194,9 @@ pub struct DeliveryConfig {
 impl Config {
     /// The route that handles `sender`, if any (first match in file order).
     pub fn route_for(&self, sender: &str) -> Option<&RouteConfig> {
-        self.routes.iter().find(|r| r.senders.iter().any(|p| p.matches(sender)))
+        self.routes
+            .iter()
+            .find(|r| r.senders.iter().any(|p| p.matches(sender)))
     }
 
     /// The user called `name`, if configured.

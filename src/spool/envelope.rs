@@ -82,6 +82,8 @@ pub struct Envelope {
 impl Envelope {
     /// Recipients still waiting for delivery.
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
-        self.recipients.iter().filter(|r| r.status == RcptStatus::Pending)
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Pending)
     }
 }

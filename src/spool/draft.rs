@@ -1,0 +1,121 @@
+//! A message being received: bytes stream into `tmp/<id>/message.eml` in bounded chunks;
+//! `commit` makes it durable and moves it into `incoming/`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Envelope, Inner, SpoolError, durable};
+use crate::smtp::MessageDraft;
+
+/// Bytes buffered in memory before they are written out (bounds RSS per connection).
+const CHUNK: usize = 64 * 1024;
+
+/// A message being received into `tmp/`.
+pub struct Draft {
+    pub(super) id: String,
+    pub(super) dir: PathBuf,
+    pub(super) file: Option<File>,
+    pub(super) buf: Vec<u8>,
+    pub(super) size: u64,
+    pub(super) spool: Arc<Inner>,
+    pub(super) done: bool,
+}
+
+impl Draft {
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn flush_buf(&mut self) -> Result<(), SpoolError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let Some(mut file) = self.file.take() else {
+            return Err(SpoolError::other(
+                "write",
+                &self.dir,
+                "draft already closed",
+            ));
+        };
+        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let path = self.dir.join("message.eml");
+        let (file, res) = tokio::task::spawn_blocking(move || {
+            let r = file.write_all(&buf);
+            (file, r)
+        })
+        .await
+        .map_err(|e| SpoolError::other("write", &path, e))?;
+        self.file = Some(file);
+        res.map_err(|e| SpoolError::io("write", &path, e))
+    }
+}
+
+impl MessageDraft for Draft {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
+        self.size += chunk.len() as u64;
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() >= CHUNK {
+            self.flush_buf().await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self, mut envelope: Envelope) -> Result<(), SpoolError> {
+        self.flush_buf().await?;
+        envelope.id = self.id.clone();
+        envelope.size = self.size;
+        let json = serde_json::to_vec_pretty(&envelope)
+            .map_err(|e| SpoolError::other("encode envelope", &self.dir, e))?;
+        let Some(file) = self.file.take() else {
+            return Err(SpoolError::other(
+                "commit",
+                &self.dir,
+                "draft already closed",
+            ));
+        };
+        let dir = self.dir.clone();
+        // Per message: the body's bytes, then the envelope, then the directory entries of
+        // both. These fsyncs run on the blocking pool so concurrent sessions overlap and the
+        // filesystem can merge them into one journal commit.
+        tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
+            file.sync_data()
+                .map_err(|e| SpoolError::io("fsync", &dir.join("message.eml"), e))?;
+            let env_path = dir.join("envelope.json");
+            durable::write_new_synced(&env_path, &json)
+                .map_err(|e| SpoolError::io("write", &env_path, e))?;
+            durable::fsync_dir(&dir).map_err(|e| SpoolError::io("fsync", &dir, e))
+        })
+        .await
+        .map_err(|e| SpoolError::other("commit", &self.dir, e))??;
+        // The rename into incoming/ and the fsync of incoming/ and tmp/ are shared by every
+        // message committed at about the same time (group commit).
+        self.spool.committer.commit(self.id.clone()).await?;
+        self.done = true;
+        self.spool.notify_new(&self.id);
+        Ok(())
+    }
+
+    async fn discard(mut self) {
+        self.done = true;
+        self.file = None;
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || durable::remove_dir(&dir)).await;
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if !self.done {
+            // Never acknowledged: leave nothing behind (start-up wipes tmp/ too, after a crash).
+            self.file = None;
+            let _ = durable::remove_dir(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The only code that writes, renames or fsyncs spool paths, so the crash-safety argument can
+//! be reviewed in one file.
+//!
+//! The rules: a file's bytes are `fdatasync`ed before the name that makes it visible is
+//! created (rename); a rename is durable only once the directories on both sides are
+//! fsynced. Nothing else in the crate calls `rename`, `sync_*` or `remove_*` on spool paths.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// fsync a directory so the entries created, renamed or removed in it are on disk.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Create `path` (it must not exist), write `bytes` and `fdatasync` it.
+pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_data()
+}
+
+/// Replace `path` atomically: write a sibling temp file, fsync it, rename it over `path`,
+/// fsync the directory. A crash leaves either the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = Path::new(&tmp);
+    // A leftover from a crash mid-write is garbage: replace it.
+    let _ = fs::remove_file(tmp);
+    write_new_synced(tmp, bytes)?;
+    fs::rename(tmp, path)?;
+    fsync_dir(dir)
+}
+
+/// Rename without fsync; the caller fsyncs both parents (used by group commit, which fsyncs
+/// each directory once for a whole batch).
+pub fn rename_unsynced(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)
+}
+
+/// Rename and make it durable: fsync the destination's directory, then the source's.
+pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)?;
+    if let Some(p) = to.parent() {
+        fsync_dir(p)?;
+    }
+    match (from.parent(), to.parent()) {
+        (Some(a), Some(b)) if a != b => fsync_dir(a),
+        _ => Ok(()),
+    }
+}
+
+/// Remove a message directory that is no longer referenced by any state directory.
+pub fn remove_dir(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Create a directory (and parents) and fsync its parent so it survives a crash.
+pub fn create_dir_durable(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(path)?;
+    if let Some(p) = path.parent() {
+        fsync_dir(p)?;
+    }
+    Ok(())
+}
+
+/// Copy `from` to `to` atomically and durably (temp file, fsync, rename, fsync dir).
+pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<u64> {
+    let dir = to
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    let mut tmp = to.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = Path::new(&tmp);
+    let n = fs::copy(from, tmp)?;
+    File::open(tmp)?.sync_data()?;
+    fs::rename(tmp, to)?;
+    fsync_dir(dir)?;
+    Ok(n)
+}

@@ -1,0 +1,233 @@
+use super::*;
+use crate::smtp::{MessageDraft, MessageSink};
+
+fn envelope(sender: &str) -> Envelope {
+    Envelope {
+        version: ENVELOPE_VERSION,
+        id: String::new(),
+        received_at: now_secs(),
+        sender: sender.into(),
+        recipients: vec![Recipient {
+            address: "to@example.com".into(),
+            status: RcptStatus::Pending,
+            last_reply: None,
+        }],
+        client_addr: "127.0.0.1:1234".into(),
+        client_helo: "printer".into(),
+        auth_user: None,
+        listener: "local".into(),
+        route: "default".into(),
+        mailbox: sender.into(),
+        size: 0,
+        body_8bit: false,
+        smtputf8: false,
+        attempts: 0,
+        next_attempt: None,
+        last_error: None,
+        hold_reason: None,
+    }
+}
+
+async fn queue_one(spool: &Spool, body: &[u8]) -> String {
+    let mut d = spool.begin().await.unwrap();
+    let id = d.id().to_string();
+    d.write(body).await.unwrap();
+    d.commit(envelope("a@example.com")).await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn commit_moves_to_incoming_with_envelope_and_notifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let mut rx = spool.take_new_messages().unwrap();
+    let body = vec![b'x'; 200_000]; // larger than one write chunk
+    let id = queue_one(&spool, &body).await;
+    assert_eq!(rx.recv().await.unwrap(), id);
+    assert_eq!(spool.find(&id), Some(State::Incoming));
+    let env = spool.read_envelope(State::Incoming, &id).unwrap();
+    assert_eq!(env.id, id);
+    assert_eq!(env.size, 200_000);
+    let stored = std::fs::read(spool.msg_dir(State::Incoming, &id).join("message.eml")).unwrap();
+    assert_eq!(stored, body);
+    assert!(spool.ids(State::Tmp).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn dropped_or_discarded_drafts_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let mut d = spool.begin().await.unwrap();
+    d.write(b"half a message").await.unwrap();
+    drop(d);
+    let mut d = spool.begin().await.unwrap();
+    d.write(b"another").await.unwrap();
+    d.discard().await;
+    assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
+    assert!(spool.list().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_commits_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let s = spool.clone();
+        tasks.push(tokio::spawn(async move {
+            queue_one(&s, format!("msg {i}").as_bytes()).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort();
+    assert_eq!(spool.ids(State::Incoming).unwrap(), ids);
+}
+
+#[tokio::test]
+async fn second_daemon_cannot_take_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = Spool::open_exclusive(dir.path()).unwrap();
+    assert!(matches!(
+        Spool::open_exclusive(dir.path()),
+        Err(SpoolError::Locked { .. })
+    ));
+    assert!(Spool::open_shared(dir.path()).is_ok());
+}
+
+#[tokio::test]
+async fn recovery_wipes_tmp_requeues_active_and_quarantines_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c);
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        a = queue_one(&spool, b"a").await;
+        b = queue_one(&spool, b"b").await;
+        c = queue_one(&spool, b"c").await;
+        spool.move_msg(&a, State::Incoming, State::Active).unwrap();
+        // c: envelope truncated, as a disk error might leave it
+        std::fs::write(
+            spool.msg_dir(State::Incoming, &c).join("envelope.json"),
+            b"{\"vers",
+        )
+        .unwrap();
+        // an abandoned draft, as a crash mid-DATA leaves it
+        let abandoned = spool.state_dir(State::Tmp).join(new_id());
+        std::fs::create_dir(&abandoned).unwrap();
+        std::fs::write(abandoned.join("message.eml"), b"partial").unwrap();
+        // junk
+        std::fs::create_dir(spool.state_dir(State::Deferred).join("junk")).unwrap();
+    }
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let r = spool.recover().unwrap();
+    assert_eq!(
+        r,
+        Recovery {
+            drafts_removed: 1,
+            requeued: 1,
+            quarantined: 2
+        }
+    );
+    assert_eq!(spool.find(&a), Some(State::Incoming));
+    assert_eq!(spool.find(&b), Some(State::Incoming));
+    assert_eq!(spool.find(&c), None);
+    assert!(spool.msg_dir(State::Corrupt, &c).is_dir());
+    assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn size_mismatch_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = queue_one(&spool, b"hello").await;
+    std::fs::write(
+        spool.msg_dir(State::Incoming, &id).join("message.eml"),
+        b"hel",
+    )
+    .unwrap();
+    assert_eq!(spool.recover().unwrap().quarantined, 1);
+}
+
+#[tokio::test]
+async fn admin_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = queue_one(&spool, b"x").await;
+    spool.hold(&id, "held by admin").unwrap();
+    assert_eq!(spool.find(&id), Some(State::Hold));
+    assert_eq!(
+        spool
+            .read_envelope(State::Hold, &id)
+            .unwrap()
+            .hold_reason
+            .as_deref(),
+        Some("held by admin")
+    );
+    assert_eq!(spool.requeue(&id).unwrap(), State::Hold);
+    assert_eq!(spool.find(&id), Some(State::Incoming));
+    assert!(
+        spool
+            .read_envelope(State::Incoming, &id)
+            .unwrap()
+            .hold_reason
+            .is_none()
+    );
+    assert!(matches!(
+        spool.requeue(&id),
+        Err(SpoolError::WrongState { .. })
+    ));
+    spool.move_msg(&id, State::Incoming, State::Active).unwrap();
+    assert!(matches!(
+        spool.delete(&id),
+        Err(SpoolError::WrongState { .. })
+    ));
+    assert!(matches!(
+        spool.hold(&id, "x"),
+        Err(SpoolError::WrongState { .. })
+    ));
+    spool.move_msg(&id, State::Active, State::Deferred).unwrap();
+    assert_eq!(spool.delete(&id).unwrap(), State::Deferred);
+    assert_eq!(spool.find(&id), None);
+    assert!(matches!(spool.delete(&id), Err(SpoolError::NotFound(_))));
+    assert!(matches!(
+        spool.delete("../../etc"),
+        Err(SpoolError::NotFound(_))
+    ));
+    assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn illegal_moves_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = queue_one(&spool, b"x").await;
+    assert!(matches!(
+        spool.move_msg(&id, State::Incoming, State::Failed),
+        Err(SpoolError::WrongState { .. })
+    ));
+    // a move whose source vanished reports NotFound (someone else moved it first)
+    assert!(matches!(
+        spool.move_msg(&id, State::Deferred, State::Active),
+        Err(SpoolError::NotFound(_))
+    ));
+}
+
+#[test]
+fn envelope_roundtrip_and_unknown_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_shared(dir.path()).unwrap();
+    let mut env = envelope("a@example.com");
+    env.id = new_id();
+    std::fs::create_dir(spool.msg_dir(State::Deferred, &env.id)).unwrap();
+    spool.write_envelope(State::Deferred, &env).unwrap();
+    assert_eq!(spool.read_envelope(State::Deferred, &env.id).unwrap(), env);
+    env.version = 99;
+    spool.write_envelope(State::Deferred, &env).unwrap();
+    let err = spool
+        .read_envelope(State::Deferred, &env.id)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("version 99"), "{err}");
+}
