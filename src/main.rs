@@ -1,1 +1,227 @@
-fn main() {}
+//! CLI edge: parse arguments, load the configuration, set up logging, map errors to exit codes.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use postern::cli::{Cli, Command, LogFormat, QueueCommand};
+use postern::config::{self, Config, ConfigErrors};
+use postern::spool::{Spool, SpoolError};
+use postern::{admin, control, daemon, maillog};
+
+/// Default configuration file.
+const DEFAULT_CONFIG: &str = "/etc/postern/postern.toml";
+
+// Exit codes from sysexits.h, as Postfix and sendmail use them.
+const EX_DATAERR: u8 = 65;
+const EX_NOINPUT: u8 = 66;
+const EX_SOFTWARE: u8 = 70;
+const EX_TEMPFAIL: u8 = 75;
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("postern: {e:#}");
+            if e.downcast_ref::<ConfigErrors>().is_some() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::from(EX_SOFTWARE)
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!("postern {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HashPassword => hash_password(),
+        Command::Check => {
+            let source = ConfigSource::resolve(cli.config.as_deref());
+            let cfg = source.load()?;
+            println!("{}: configuration OK", cfg.source);
+            print!("{}", cfg.describe());
+            for w in cfg.warnings() {
+                println!("warning: {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => {
+            let source = ConfigSource::resolve(cli.config.as_deref());
+            let cfg = source.load()?;
+            if matches!(source, ConfigSource::Default) {
+                tracing::info!("no config file at {DEFAULT_CONFIG} and none given: using the embedded default (see `postern check`)");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            let reload = move || source.load();
+            rt.block_on(daemon::run(cfg, Box::new(reload)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Queue(q) => {
+            let source = ConfigSource::resolve(cli.config.as_deref());
+            let cfg = source.load()?;
+            queue(&cfg, q)
+        }
+    }
+}
+
+/// Where the configuration comes from.
+enum ConfigSource {
+    File(PathBuf),
+    Default,
+}
+
+impl ConfigSource {
+    fn resolve(given: Option<&Path>) -> Self {
+        match given {
+            Some(p) => Self::File(p.to_path_buf()),
+            None if Path::new(DEFAULT_CONFIG).exists() => Self::File(DEFAULT_CONFIG.into()),
+            None => Self::Default,
+        }
+    }
+
+    fn load(&self) -> Result<Config, ConfigErrors> {
+        match self {
+            Self::File(p) => config::load_file(p),
+            Self::Default => config::load_default(),
+        }
+    }
+}
+
+fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
+    if !cfg.spool_dir.is_dir() {
+        bail!("spool directory {} does not exist (has postern ever run with this configuration?)", cfg.spool_dir.display());
+    }
+    let spool = Spool::open_shared(&cfg.spool_dir)?;
+    let changed = |what: &str| {
+        if !control::notify(&cfg.spool_dir) {
+            eprintln!("postern: {what}; no daemon is running on {}, so it takes effect at the next start", cfg.spool_dir.display());
+        }
+    };
+    let result = match cmd {
+        QueueCommand::List { json } => {
+            let items = spool.list()?;
+            if json {
+                println!("{}", admin::list_json(&items));
+            } else {
+                print!("{}", admin::list_table(&items));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        QueueCommand::Show { id } => spool.find(&id).ok_or(SpoolError::NotFound(id.clone())).and_then(|s| {
+            let env = spool.read_envelope(s, &id)?;
+            print!("{}", admin::show(s, &env));
+            Ok(())
+        }),
+        QueueCommand::Retry(t) => {
+            if t.all {
+                let ids = spool.ids(postern::spool::State::Deferred)?;
+                let mut n = 0;
+                for id in &ids {
+                    if spool.requeue(id).is_ok() {
+                        n += 1;
+                    }
+                }
+                println!("{n} deferred message(s) queued for immediate delivery");
+                changed("queue changed");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let id = t.id.unwrap_or_default();
+            spool.requeue(&id).map(|from| {
+                println!("{id}: moved from {from}/ to incoming/ for immediate delivery");
+                if from == postern::spool::State::Hold {
+                    maillog::released(&id);
+                }
+                changed("queue changed");
+            })
+        }
+        QueueCommand::Hold { id } => spool.hold(&id, "held by the administrator (postern queue hold)").map(|()| {
+            println!("{id}: held");
+            maillog::held(&id, "", "held by the administrator");
+            changed("queue changed");
+        }),
+        QueueCommand::Release { id } => match spool.find(&id) {
+            Some(postern::spool::State::Hold) => spool.requeue(&id).map(|_| {
+                println!("{id}: released");
+                maillog::released(&id);
+                changed("queue changed");
+            }),
+            Some(s) => Err(SpoolError::WrongState { id: id.clone(), state: s, why: "only held messages can be released" }),
+            None => Err(SpoolError::NotFound(id.clone())),
+        },
+        QueueCommand::Delete { id } => spool.delete(&id).map(|from| {
+            println!("{id}: deleted from {from}/");
+            maillog::deleted(&id);
+            changed("queue changed");
+        }),
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e @ SpoolError::NotFound(_)) => {
+            eprintln!("postern: {e}");
+            Ok(ExitCode::from(EX_NOINPUT))
+        }
+        Err(e @ SpoolError::WrongState { .. }) => {
+            eprintln!("postern: {e}");
+            Ok(ExitCode::from(EX_TEMPFAIL))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn hash_password() -> Result<ExitCode> {
+    let password = if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("Password: ").context("reading the password")?;
+        let b = rpassword::prompt_password("Again: ").context("reading the password")?;
+        if a != b {
+            eprintln!("postern: the passwords differ");
+            return Ok(ExitCode::from(EX_DATAERR));
+        }
+        a
+    } else {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading the password from standard input")?;
+        s.trim_end_matches(['\r', '\n']).to_string()
+    };
+    let password = zeroize::Zeroizing::new(password);
+    if password.is_empty() {
+        eprintln!("postern: empty password");
+        return Ok(ExitCode::from(EX_DATAERR));
+    }
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    let hash = argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
+    println!("{hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("POSTERN_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match cli.log_format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Human) => false,
+        None => false,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}

@@ -1,0 +1,96 @@
+//! Command-line interface: every subcommand and option, with help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// postern: a local SMTP relay that sends your devices' mail through Microsoft 365 with OAuth2.
+#[derive(Debug, Parser)]
+#[command(name = "postern", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file [default: /etc/postern/postern.toml if it exists, else the embedded default]
+    #[arg(long, short = 'c', global = true, env = "POSTERN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log format: human-readable (default on a terminal) or JSON lines.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, e.g. "info", "debug" or "postern=debug" [env: POSTERN_LOG]
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay: listen for SMTP, spool, and forward.
+    Serve,
+    /// Validate the configuration and print the effective listeners, users and routes.
+    Check,
+    /// Inspect and manage the queue (works while the daemon runs).
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Read a password (from the terminal without echo, or from standard input) and print its
+    /// argon2id hash for a [user.NAME] password_hash.
+    HashPassword,
+    /// Print the version.
+    Version,
+}
+
+/// Queue subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List queued messages (incoming, active, deferred, hold, failed).
+    List {
+        /// Print JSON (one array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message's envelope and delivery history.
+    Show {
+        /// Queue id.
+        id: String,
+    },
+    /// Retry a deferred, held or failed message now (or every deferred one).
+    Retry(Target),
+    /// Put a message on hold: it stays queued but is not delivered until released.
+    Hold {
+        /// Queue id.
+        id: String,
+    },
+    /// Release a held message for delivery.
+    Release {
+        /// Queue id.
+        id: String,
+    },
+    /// Delete a message from the queue without delivering it.
+    Delete {
+        /// Queue id.
+        id: String,
+    },
+}
+
+/// One message, or all.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    /// Queue id.
+    pub id: Option<String>,
+    /// Every deferred message.
+    #[arg(long)]
+    pub all: bool,
+}

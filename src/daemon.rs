@@ -1,0 +1,233 @@
+//! Start-up order (config → spool recovery → forwarder → listeners), signals, reload and
+//! graceful stop.
+//!
+//! SIGTERM/SIGINT: listeners stop accepting, idle connections get 421, transactions in
+//! progress finish, deliveries in flight finish, all bounded by `delivery.shutdown_grace`;
+//! whatever is left stays in the spool for the next start. SIGHUP: the configuration is read
+//! again; listeners, users and routes are replaced without touching the queue or live
+//! connections. A bad new configuration is logged in full and the old one kept.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigErrors};
+use crate::control;
+use crate::forward::{Forwarder, Kick, Plan};
+use crate::smtp::auth::AuthGuard;
+use crate::smtp::server::{ConnLimiter, ListenerContext, run_listener};
+use crate::smtp::tls;
+use crate::spool::{Spool, SpoolError};
+
+/// Re-reads the configuration (on SIGHUP).
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The spool could not be opened or recovered.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// A listener could not be bound.
+    #[error("listener \"{name}\": cannot listen on {address}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        address: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A listener's certificate or key could not be loaded.
+    #[error("listener \"{name}\": {message}")]
+    Tls {
+        /// Listener name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Live listeners of one configuration generation.
+struct Listeners {
+    stop: CancellationToken,
+    sockets: HashMap<SocketAddr, std::net::TcpListener>,
+}
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let spool = Spool::open_exclusive(&config.spool_dir)?;
+    spool.set_min_free(config.limits.min_free_disk);
+    let r = spool.recover()?;
+    info!(
+        spool = %config.spool_dir.display(),
+        drafts_removed = r.drafts_removed,
+        requeued = r.requeued,
+        quarantined = r.quarantined,
+        "spool recovered"
+    );
+
+    let shutdown = CancellationToken::new();
+    let conns = TaskTracker::new();
+    let kick = Kick::default();
+    let (plan_tx, plan_rx) = watch::channel(Plan::from_config(config.clone()));
+    let new_ids = spool.take_new_messages().ok_or_else(|| SpoolError::other("start", spool.root(), "forwarder already started"))?;
+    let forwarder = Forwarder::new(spool.clone(), plan_rx, new_ids, kick.clone(), shutdown.clone());
+    let forwarder = tokio::spawn(forwarder.run());
+    let control_task = tokio::spawn(control::serve(control::socket_path(&config.spool_dir), kick.clone(), shutdown.clone()));
+
+    let auth_guard = Arc::new(AuthGuard::new(config.limits.auth_max_failures, config.limits.auth_lockout));
+    let limiter = Arc::new(ConnLimiter::new(config.limits.max_connections, config.limits.max_connections_per_ip));
+    let shared = Shared { spool: spool.clone(), shutdown: shutdown.clone(), conns: conns.clone(), auth_guard, limiter };
+    let mut live = shared.start_listeners(&config, HashMap::new())?;
+    for l in &config.listeners {
+        let addr = live.sockets.get(&l.address).and_then(|s| s.local_addr().ok()).unwrap_or(l.address);
+        // The ready lines on stdout are how scripts and tests learn the bound ports.
+        println!("postern: listening on {} {}", l.name, addr);
+    }
+    println!("postern: ready");
+    sd_notify("READY=1");
+    info!(config = %config.source, "postern started");
+
+    let mut current = config;
+    let (mut term, mut int, mut hup) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        _ => {
+            error!("cannot install signal handlers");
+            return Ok(());
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                sd_notify("RELOADING=1");
+                match reload() {
+                    Err(errs) => error!("configuration not reloaded, keeping the running one:\n{errs}"),
+                    Ok(new) => {
+                        let new = Arc::new(new);
+                        if new.spool_dir != current.spool_dir {
+                            warn!("spool_dir changed; that takes a restart (keeping {})", current.spool_dir.display());
+                        }
+                        live.stop.cancel();
+                        match shared.start_listeners(&new, std::mem::take(&mut live.sockets)) {
+                            Ok(l) => {
+                                live = l;
+                                spool.set_min_free(new.limits.min_free_disk);
+                                shared.limiter.set_limits(new.limits.max_connections, new.limits.max_connections_per_ip);
+                                shared.auth_guard.set_limits(new.limits.auth_max_failures, new.limits.auth_lockout);
+                                let _ = plan_tx.send(Plan::from_config(new.clone()));
+                                kick.kick();
+                                current = new;
+                                info!(config = %current.source, "configuration reloaded");
+                            }
+                            Err(e) => {
+                                error!("configuration not reloaded: {e}; restarting the previous listeners");
+                                match shared.start_listeners(&current, HashMap::new()) {
+                                    Ok(l) => live = l,
+                                    Err(e) => error!("cannot restart the previous listeners either: {e}"),
+                                }
+                            }
+                        }
+                    }
+                }
+                sd_notify("READY=1");
+            }
+        }
+    }
+
+    sd_notify("STOPPING=1");
+    shutdown.cancel();
+    live.stop.cancel();
+    conns.close();
+    let grace = current.delivery.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        conns.wait().await;
+        let _ = forwarder.await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(grace = %humantime::format_duration(grace), "shutdown grace period over; unfinished work stays in the spool for the next start");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
+    info!("postern stopped");
+    Ok(())
+}
+
+struct Shared {
+    spool: Spool,
+    shutdown: CancellationToken,
+    conns: TaskTracker,
+    auth_guard: Arc<AuthGuard>,
+    limiter: Arc<ConnLimiter>,
+}
+
+impl Shared {
+    /// Bind (or reuse, for unchanged addresses) every listener of `config` and start serving.
+    fn start_listeners(&self, config: &Arc<Config>, mut old: HashMap<SocketAddr, std::net::TcpListener>) -> Result<Listeners, DaemonError> {
+        let stop = CancellationToken::new();
+        let mut sockets = HashMap::new();
+        let mut prepared = Vec::new();
+        for l in &config.listeners {
+            let tls = match &l.tls_files {
+                Some(files) if l.tls != crate::config::TlsMode::None => {
+                    Some(tls::acceptor(files).map_err(|e| DaemonError::Tls { name: l.name.clone(), message: e.to_string() })?)
+                }
+                _ => None,
+            };
+            let std_sock = match old.remove(&l.address) {
+                Some(s) => s,
+                None => bind(l.address).map_err(|source| DaemonError::Bind { name: l.name.clone(), address: l.address, source })?,
+            };
+            let clone = std_sock.try_clone().map_err(|source| DaemonError::Bind { name: l.name.clone(), address: l.address, source })?;
+            sockets.insert(l.address, std_sock);
+            prepared.push((l.clone(), tls, clone));
+        }
+        for (l, tls, sock) in prepared {
+            let tcp = tokio::net::TcpListener::from_std(sock).map_err(|source| DaemonError::Bind { name: l.name.clone(), address: l.address, source })?;
+            let ctx = Arc::new(ListenerContext {
+                config: config.clone(),
+                listener: l,
+                tls,
+                sink: Arc::new(self.spool.clone()),
+                auth_guard: self.auth_guard.clone(),
+                limiter: self.limiter.clone(),
+                shutdown: self.shutdown.clone(),
+                stop: stop.clone(),
+                tracker: self.conns.clone(),
+            });
+            tokio::spawn(run_listener(tcp, ctx));
+        }
+        Ok(Listeners { stop, sockets })
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    let l = sock.listen(1024)?;
+    l.into_std()
+}
+
+/// Tell systemd (Type=notify) about our state; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let path = std::path::PathBuf::from(path);
+        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = sock.send_to(state.as_bytes(), &path);
+        }
+    }
+}

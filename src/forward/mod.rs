@@ -1,0 +1,273 @@
+//! The forwarder: one scheduler task (like Postfix's qmgr) that claims due messages and runs
+//! a bounded number of deliveries, limited per mailbox as well as overall.
+//!
+//! It is woken at once by every commit (the spool's channel of new ids), by the admin's queue
+//! commands (the control socket), and by the earliest `next_attempt` of deferred mail; a slow
+//! periodic rescan catches anything else that changed on disk.
+
+pub mod retry;
+pub mod worker;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::config::{Config, TransportConfig};
+use crate::spool::{Spool, SpoolError, State, now_secs};
+use crate::upstream::Transport;
+use crate::upstream::file::FileTransport;
+pub use worker::{Next, RetryPolicy};
+
+/// How often the whole queue is rescanned even without a wake-up.
+const RESCAN: Duration = Duration::from_secs(30);
+
+/// Everything the forwarder takes from the configuration; replaced on reload.
+#[derive(Clone)]
+pub struct Plan {
+    /// Transports by route name.
+    pub routes: HashMap<String, Arc<dyn Transport>>,
+    /// The configuration they came from (for re-routing messages whose route vanished).
+    pub config: Arc<Config>,
+}
+
+impl Plan {
+    /// Build the transports for every route of `config`.
+    pub fn from_config(config: Arc<Config>) -> Self {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let t: Arc<dyn Transport> = match &r.transport {
+                    TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
+                };
+                (r.name.clone(), t)
+            })
+            .collect();
+        Self { routes, config }
+    }
+
+    fn transport_for(&self, route: &str, sender: &str) -> Option<Arc<dyn Transport>> {
+        self.routes
+            .get(route)
+            .or_else(|| self.config.route_for(sender).and_then(|r| self.routes.get(&r.name)))
+            .cloned()
+    }
+}
+
+/// Handle used by the daemon to wake the forwarder.
+#[derive(Clone, Default)]
+pub struct Kick(Arc<Notify>);
+
+impl Kick {
+    /// Ask the forwarder to rescan the queue now.
+    pub fn kick(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// The scheduler.
+pub struct Forwarder {
+    spool: Spool,
+    plan: watch::Receiver<Plan>,
+    new_ids: mpsc::UnboundedReceiver<String>,
+    kick: Kick,
+    shutdown: CancellationToken,
+    ready: VecDeque<String>,
+    deferred: BinaryHeap<Reverse<(u64, String)>>,
+    known: HashSet<String>,
+    waiting: HashMap<String, VecDeque<String>>,
+    busy_mailboxes: HashMap<String, usize>,
+    running: JoinSet<(String, String)>,
+}
+
+impl Forwarder {
+    /// Create the forwarder; `new_ids` is the spool's commit channel.
+    pub fn new(spool: Spool, plan: watch::Receiver<Plan>, new_ids: mpsc::UnboundedReceiver<String>, kick: Kick, shutdown: CancellationToken) -> Self {
+        Self {
+            spool,
+            plan,
+            new_ids,
+            kick,
+            shutdown,
+            ready: VecDeque::new(),
+            deferred: BinaryHeap::new(),
+            known: HashSet::new(),
+            waiting: HashMap::new(),
+            busy_mailboxes: HashMap::new(),
+            running: JoinSet::new(),
+        }
+    }
+
+    /// Run until shutdown; then wait for in-flight deliveries (the caller bounds that wait).
+    pub async fn run(mut self) {
+        self.rescan();
+        loop {
+            self.dispatch();
+            let next_due = self.deferred.peek().map(|Reverse((t, _))| *t);
+            let sleep_for = match next_due {
+                Some(t) => Duration::from_secs(t.saturating_sub(now_secs())).min(RESCAN),
+                None => RESCAN,
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                Some(id) = self.new_ids.recv() => {
+                    if self.known.insert(id.clone()) {
+                        self.ready.push_back(id);
+                    }
+                }
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    match done {
+                        Ok((id, mailbox)) => self.finished(&id, &mailbox),
+                        Err(e) => error!(error = %e, "delivery task panicked"),
+                    }
+                }
+                _ = self.kick.0.notified() => self.rescan(),
+                _ = tokio::time::sleep(sleep_for) => {
+                    if next_due.is_none_or(|t| t > now_secs()) { self.rescan(); }
+                    self.promote_due();
+                }
+            }
+        }
+        // Let in-flight deliveries finish; the daemon bounds this with shutdown_grace.
+        while let Some(done) = self.running.join_next().await {
+            if let Ok((id, mailbox)) = done {
+                self.finished(&id, &mailbox);
+            }
+        }
+    }
+
+    fn max_concurrency(&self) -> (usize, usize) {
+        let d = &self.plan.borrow().config.delivery;
+        (d.max_concurrency.max(1), d.per_mailbox_concurrency.max(1))
+    }
+
+    /// Re-read the queue directories: new incoming mail and every deferred message's due time.
+    fn rescan(&mut self) {
+        let in_flight: HashSet<String> = self.known.iter().filter(|id| !self.is_queued_here(id)).cloned().collect();
+        self.ready.clear();
+        self.deferred.clear();
+        self.waiting.clear();
+        self.known = in_flight;
+        match self.spool.ids(State::Incoming) {
+            Ok(ids) => {
+                for id in ids {
+                    if self.known.insert(id.clone()) {
+                        self.ready.push_back(id);
+                    }
+                }
+            }
+            Err(e) => error!(error = %e, "cannot list incoming/"),
+        }
+        match self.spool.ids(State::Deferred) {
+            Ok(ids) => {
+                for id in ids {
+                    if self.known.contains(&id) {
+                        continue;
+                    }
+                    let due = self.spool.read_envelope(State::Deferred, &id).ok().and_then(|e| e.next_attempt).unwrap_or(0);
+                    self.known.insert(id.clone());
+                    self.deferred.push(Reverse((due, id)));
+                }
+            }
+            Err(e) => error!(error = %e, "cannot list deferred/"),
+        }
+        self.promote_due();
+    }
+
+    fn is_queued_here(&self, id: &str) -> bool {
+        self.ready.iter().any(|x| x == id)
+            || self.deferred.iter().any(|Reverse((_, x))| x == id)
+            || self.waiting.values().any(|q| q.iter().any(|x| x == id))
+    }
+
+    fn promote_due(&mut self) {
+        let now = now_secs();
+        while let Some(Reverse((t, _))) = self.deferred.peek() {
+            if *t > now {
+                break;
+            }
+            if let Some(Reverse((_, id))) = self.deferred.pop() {
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let (max, per_mailbox) = self.max_concurrency();
+        while self.running.len() < max {
+            let Some(id) = self.ready.pop_front() else { break };
+            // The message is in incoming/ or (when due) deferred/; read it where it is.
+            let from = if self.spool.msg_dir(State::Incoming, &id).is_dir() { State::Incoming } else { State::Deferred };
+            let env = match self.spool.read_envelope(from, &id) {
+                Ok(e) => e,
+                Err(SpoolError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    self.known.remove(&id); // moved by the admin meanwhile
+                    continue;
+                }
+                Err(e) => {
+                    warn!(queue_id = %id, error = %e, "cannot read envelope; leaving the message for the next rescan");
+                    self.known.remove(&id);
+                    continue;
+                }
+            };
+            let busy = self.busy_mailboxes.get(&env.mailbox).copied().unwrap_or(0);
+            if busy >= per_mailbox {
+                self.waiting.entry(env.mailbox).or_default().push_back(id);
+                continue;
+            }
+            if let Err(e) = self.spool.move_msg(&id, from, State::Active) {
+                if !matches!(e, SpoolError::NotFound(_)) {
+                    warn!(queue_id = %id, error = %e, "cannot claim message");
+                }
+                self.known.remove(&id);
+                continue;
+            }
+            *self.busy_mailboxes.entry(env.mailbox.clone()).or_default() += 1;
+            let plan = self.plan.borrow().clone();
+            let transport = plan.transport_for(&env.route, &env.sender);
+            let d = &plan.config.delivery;
+            let policy = RetryPolicy { initial: d.retry_initial, max: d.retry_max, lifetime: d.max_lifetime };
+            let spool = self.spool.clone();
+            let mailbox = env.mailbox;
+            self.running.spawn(async move {
+                match worker::attempt(&spool, &id, transport, policy).await {
+                    Ok(_) => {}
+                    Err(e) => error!(queue_id = %id, error = %e, "delivery bookkeeping failed; the message stays in active/ until restart"),
+                }
+                (id, mailbox)
+            });
+        }
+    }
+
+    fn finished(&mut self, id: &str, mailbox: &str) {
+        self.known.remove(id);
+        if let Some(n) = self.busy_mailboxes.get_mut(mailbox) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.busy_mailboxes.remove(mailbox);
+            }
+        }
+        // One slot of this mailbox is free: its longest-waiting message goes first.
+        if let Some(q) = self.waiting.get_mut(mailbox) {
+            if let Some(next) = q.pop_front() {
+                self.ready.push_front(next);
+            }
+            if q.is_empty() {
+                self.waiting.remove(mailbox);
+            }
+        }
+        // Deferred messages are in the heap with their due time; re-read on the next rescan.
+        if self.spool.msg_dir(State::Deferred, id).is_dir()
+            && let Ok(env) = self.spool.read_envelope(State::Deferred, id)
+        {
+            self.known.insert(id.to_string());
+            self.deferred.push(Reverse((env.next_attempt.unwrap_or(0), id.to_string())));
+        }
+    }
+}

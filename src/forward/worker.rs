@@ -1,0 +1,120 @@
+//! One delivery attempt: the message is already claimed (in `active/`); send it, classify,
+//! record per-recipient results, and move it to its next state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::retry;
+use crate::maillog;
+use crate::spool::{Envelope, RcptStatus, Spool, SpoolError, State, now_secs};
+use crate::upstream::{Outcome, Outgoing, Transport};
+
+/// Retry settings the worker needs.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// First retry delay.
+    pub initial: Duration,
+    /// Longest retry delay.
+    pub max: Duration,
+    /// Message lifetime.
+    pub lifetime: Duration,
+}
+
+/// Where the message went after the attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Delivered to every recipient (or failed for some, permanently): removed from the spool.
+    Done,
+    /// Deferred until this time (epoch seconds).
+    Deferred(u64),
+    /// Held.
+    Held,
+    /// Failed permanently.
+    Failed,
+}
+
+/// Run one attempt for the claimed message `id`. `transport` is `None` when the message's
+/// route no longer exists (the message is held until the admin fixes the config).
+pub async fn attempt(spool: &Spool, id: &str, transport: Option<Arc<dyn Transport>>, policy: RetryPolicy) -> Result<Next, SpoolError> {
+    let mut env = spool.read_envelope(State::Active, id)?;
+    let outcome = match transport {
+        Some(t) => {
+            let msg = Outgoing { envelope: env.clone(), message: spool.msg_dir(State::Active, id).join("message.eml") };
+            t.send(&msg).await
+        }
+        None => Outcome::Held {
+            reason: format!(
+                "route \"{}\" no longer exists in the configuration and no other route accepts sender <{}>; add a route for it, then run `postern queue release {}`",
+                env.route, env.sender, env.id
+            ),
+        },
+    };
+    env.attempts = env.attempts.saturating_add(1);
+    let now = now_secs();
+    match outcome {
+        Outcome::Sent { relay, reply, recipients } => {
+            let mut sent = Vec::new();
+            for r in recipients {
+                if let Some(e) = env.recipients.iter_mut().find(|e| e.address == r.address && e.status == RcptStatus::Pending) {
+                    e.status = r.status;
+                    e.last_reply = Some(r.reply.clone());
+                    match r.status {
+                        RcptStatus::Sent => sent.push(r.address),
+                        RcptStatus::Failed => maillog::failed(id, &env.mailbox, &format!("<{}>: {}", r.address, r.reply)),
+                        RcptStatus::Pending => {}
+                    }
+                }
+            }
+            if !sent.is_empty() {
+                maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
+            }
+            if env.pending().next().is_none() {
+                spool.remove(id, State::Active)?;
+                return Ok(Next::Done);
+            }
+            let reason = env.pending().filter_map(|r| r.last_reply.clone()).next().unwrap_or_else(|| reply.clone());
+            defer(spool, env, reason, now, policy)
+        }
+        Outcome::Transient { reason } => defer(spool, env, reason, now, policy),
+        Outcome::Permanent { reason } => fail(spool, env, reason),
+        Outcome::Held { reason } => {
+            // Our configuration is at fault, not the message: give the attempt back.
+            env.attempts = env.attempts.saturating_sub(1);
+            env.hold_reason = Some(reason.clone());
+            env.last_error = Some(reason.clone());
+            spool.write_envelope(State::Active, &env)?;
+            spool.move_msg(id, State::Active, State::Hold)?;
+            maillog::held(id, &env.mailbox, &reason);
+            Ok(Next::Held)
+        }
+    }
+}
+
+fn defer(spool: &Spool, mut env: Envelope, reason: String, now: u64, policy: RetryPolicy) -> Result<Next, SpoolError> {
+    if retry::expired(env.received_at, now, policy.lifetime) {
+        let why = format!("message outlived max_lifetime ({}); last error: {reason}", humantime::format_duration(policy.lifetime));
+        return fail(spool, env, why);
+    }
+    let delay = retry::backoff(env.attempts, policy.initial, policy.max, rand::rng().random::<f64>());
+    let next = now + delay.as_secs();
+    env.next_attempt = Some(next);
+    env.last_error = Some(reason.clone());
+    spool.write_envelope(State::Active, &env)?;
+    spool.move_msg(&env.id, State::Active, State::Deferred)?;
+    maillog::deferred(&env.id, &env.mailbox, &reason, env.attempts, delay.as_secs());
+    Ok(Next::Deferred(next))
+}
+
+fn fail(spool: &Spool, mut env: Envelope, reason: String) -> Result<Next, SpoolError> {
+    for r in env.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+        r.status = RcptStatus::Failed;
+    }
+    env.last_error = Some(reason.clone());
+    env.next_attempt = None;
+    spool.write_envelope(State::Active, &env)?;
+    spool.move_msg(&env.id, State::Active, State::Failed)?;
+    maillog::failed(&env.id, &env.mailbox, &reason);
+    Ok(Next::Failed)
+}

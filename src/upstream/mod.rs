@@ -1,0 +1,75 @@
+//! Upstream transports: each sends one spooled message and classifies the result once.
+//!
+//! The forwarder only sees [`Transport`] and [`Outcome`]; Microsoft's SMTP (XOAUTH2) and
+//! Graph transports plug in here beside the local `file` transport, and get their access
+//! tokens from [`crate::token::TokenSource`].
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use crate::spool::{Envelope, RcptStatus};
+
+pub mod file;
+
+/// A boxed future, so transports can live behind `dyn Transport`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A message handed to a transport: its envelope and where its bytes are.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The envelope (recipients with their status; only `Pending` ones are to be sent).
+    pub envelope: Envelope,
+    /// Path of `message.eml`.
+    pub message: PathBuf,
+}
+
+/// The result for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RcptResult {
+    /// Recipient address.
+    pub address: String,
+    /// `Sent`, `Failed` (permanent) or `Pending` (try again later).
+    pub status: RcptStatus,
+    /// The upstream's reply for this recipient.
+    pub reply: String,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream took the message; per-recipient results (some may have failed or be
+    /// deferred individually).
+    Sent {
+        /// Which upstream (host, or directory for `file`).
+        relay: String,
+        /// The upstream's final reply.
+        reply: String,
+        /// Per-recipient results for every recipient that was pending.
+        recipients: Vec<RcptResult>,
+    },
+    /// Try again later (network, 4xx, throttling).
+    Transient {
+        /// What happened, with the upstream's reply.
+        reason: String,
+    },
+    /// The message cannot be delivered (5xx for the message as a whole).
+    Permanent {
+        /// What happened, with the upstream's reply.
+        reason: String,
+    },
+    /// Our configuration is wrong (credentials, consent, mailbox): keep the message without
+    /// spending its retries, pause its mailbox, and tell the admin what to fix.
+    Held {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+}
+
+/// Something that can deliver a spooled message.
+pub trait Transport: Send + Sync {
+    /// A short description for logs (`file:/path`, `smtp:smtp.office365.com:587`).
+    fn describe(&self) -> String;
+    /// Try to deliver `msg` to its pending recipients.
+    fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome>;
+}
