@@ -1,1 +1,12 @@
+//! Integration tests: the real `postern` binary, real SMTP clients, real files.
 
+mod harness;
+
+mod cli;
+mod clients;
+mod crash;
+mod delivery;
+mod load;
+mod protocol;
+mod secrets;
+mod tls;

@@ -1,0 +1,123 @@
+//! The forwarder: immediate wake-up, retries with backoff, lifetime, shutdown and reload.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+#[test]
+fn delivery_starts_without_polling_delay() {
+    let p = Postern::start(&basic_config("", ""));
+    let t = Instant::now();
+    expect(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: fast\r\n\r\nx"), "250");
+    assert_eq!(p.wait_delivered(1, Duration::from_secs(5)).len(), 1);
+    // Generous bound: the point is "not a 30 s rescan", not a timing benchmark.
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+}
+
+#[test]
+fn transient_failures_back_off_and_then_deliver() {
+    let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#);
+    let p = Postern::start(&cfg);
+    std::fs::write(p.path("blocked"), b"x").unwrap();
+    let id = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: r\r\n\r\nx"));
+    // at least two attempts fail, each recorded in the envelope
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempts = 0;
+    while attempts < 2 && Instant::now() < deadline {
+        if let Ok(b) = std::fs::read(p.path("spool/deferred").join(&id).join("envelope.json")) {
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+            attempts = v["attempts"].as_u64().unwrap_or(0);
+            if attempts >= 1 {
+                assert!(v["next_attempt"].as_u64().is_some());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(attempts >= 2, "retried with backoff (retry_initial 1s); log:\n{}", p.log_text());
+    assert!(p.log_text().contains("deferred"));
+    std::fs::remove_file(p.path("blocked")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.path("blocked/sub").join(format!("{id}.json")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(p.path("blocked/sub").join(format!("{id}.json")).exists());
+}
+
+#[test]
+fn lifetime_exceeded_goes_to_failed_with_reason() {
+    let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#).replace(r#"retry_max = "2s""#, "retry_max = \"2s\"\nmax_lifetime = \"2s\"");
+    let p = Postern::start(&cfg);
+    std::fs::write(p.path("blocked"), b"x").unwrap();
+    let id = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: r\r\n\r\nx"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !p.path("spool/failed").join(&id).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let env: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("spool/failed").join(&id).join("envelope.json")).unwrap()).unwrap();
+    assert!(env["last_error"].as_str().unwrap().contains("max_lifetime"), "{env}");
+    assert_eq!(env["recipients"][0]["status"], "failed");
+    assert!(p.log_text().contains("failed"));
+}
+
+#[test]
+fn sigterm_finishes_the_transaction_in_progress_then_exits() {
+    let mut p = Postern::start(&basic_config("", ""));
+    let mut c = Raw::connect(p.addr());
+    expect(&c.reply(), "220");
+    expect(&c.cmd("EHLO t"), "250");
+    expect(&c.cmd("MAIL FROM:<a@example.com>"), "250");
+    let mut idle = Raw::connect(p.addr());
+    expect(&idle.reply(), "220");
+    p.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    // the idle connection is told we are going away
+    let r = idle.reply();
+    assert!(r.is_empty() || r.starts_with("421 4.3.2"), "{r}");
+    // the one mid-transaction may finish
+    expect(&c.cmd("RCPT TO:<b@example.org>"), "250");
+    expect(&c.cmd("DATA"), "354");
+    c.send(b"Subject: last\r\n\r\nx\r\n.\r\n");
+    expect(&c.reply(), "250 2.0.0");
+    let r = c.cmd("MAIL FROM:<a@example.com>");
+    assert!(r.is_empty() || r.starts_with("421"), "{r}");
+    assert_eq!(p.wait_exit(Duration::from_secs(15)), Some(0));
+    // new connections are refused now
+    assert!(std::net::TcpStream::connect(p.addr()).is_err());
+    p.spawn();
+    assert_eq!(p.wait_delivered(1, Duration::from_secs(10)).len(), 1);
+}
+
+#[test]
+fn sighup_reloads_routes_and_listener_settings_without_losing_the_queue() {
+    let p = Postern::start(&basic_config("", "").replace(r#"senders = ["*"]"#, r#"senders = ["*@example.com"]"#));
+    let mut c = Raw::connect(p.addr());
+    expect(&c.reply(), "220");
+    expect(&c.cmd("EHLO t"), "250");
+    expect(&c.cmd("MAIL FROM:<x@other.test>"), "550 5.7.1");
+    drop(c);
+    let port = p.addr().port();
+    let new = basic_config("max_recipients = 1", "")
+        .replace(r#"address = "127.0.0.1:0""#, &format!(r#"address = "127.0.0.1:{port}""#));
+    std::fs::write(&p.config_path, new).unwrap();
+    p.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p.log_text().contains("configuration reloaded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = Raw::connect(p.addr());
+    expect(&c.reply(), "220");
+    expect(&c.cmd("EHLO t"), "250");
+    expect(&c.cmd("MAIL FROM:<x@other.test>"), "250");
+    expect(&c.cmd("RCPT TO:<a@example.org>"), "250");
+    expect(&c.cmd("RCPT TO:<b@example.org>"), "452 4.5.3");
+    // a broken config is refused and the running one kept
+    std::fs::write(&p.config_path, "this is = not toml [").unwrap();
+    p.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p.log_text().contains("not reloaded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.log_text().contains("not reloaded"));
+    let mut c = Raw::connect(p.addr());
+    expect(&c.reply(), "220");
+}
