@@ -64,6 +64,7 @@ struct Listeners {
 /// Run the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let config = Arc::new(config);
+    raise_fd_limit();
     let spool = Spool::open_exclusive(&config.spool_dir)?;
     spool.set_min_free(config.limits.min_free_disk);
     let r = spool.recover()?;
@@ -228,6 +229,19 @@ fn sd_notify(state: &str) {
         let path = std::path::PathBuf::from(path);
         if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
             let _ = sock.send_to(state.as_bytes(), &path);
+        }
+    }
+}
+
+/// Each connection costs a descriptor; raise the soft limit to the hard one (as Postfix
+/// does) so `max_connections` is not capped by a default of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit with a properly initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
