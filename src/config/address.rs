@@ -84,7 +84,10 @@ mod tests {
     fn bad_patterns_say_what_to_write() {
         for bad in ["example.com", "a*b@example.com", "user@", "user@*.com"] {
             let err = AddressPattern::parse(bad).unwrap_err();
-            assert!(err.contains("write") || err.contains("wildcards"), "{bad}: {err}");
+            assert!(
+                err.contains("write") || err.contains("wildcards"),
+                "{bad}: {err}"
+            );
         }
     }
 }
