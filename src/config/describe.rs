@@ -31,12 +31,16 @@ impl Config {
         writeln!(o, "state_dir:      {}", self.state_dir.display())?;
         writeln!(
             o,
-            "limits:         {} connections, {} per client address; AUTH lockout after {} failures for {}; refuse mail below {} free disk",
+            "limits:         {} connections, {} per client address; AUTH lockout after {} failures for {}; {}",
             l.max_connections,
             l.max_connections_per_ip,
             l.auth_max_failures,
             dur(l.auth_lockout),
-            size(l.min_free_disk),
+            if l.min_free_disk == 0 {
+                "no free-disk reserve".to_owned()
+            } else {
+                format!("refuse mail below {} free disk", size(l.min_free_disk))
+            },
         )?;
         writeln!(
             o,
@@ -234,8 +238,5 @@ fn dur(d: Duration) -> String {
 }
 
 fn size(bytes: u64) -> String {
-    format!(
-        "{} ({bytes} bytes)",
-        bytesize::ByteSize(bytes).display().si()
-    )
+    super::validate::human_size(bytes)
 }

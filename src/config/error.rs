@@ -89,6 +89,9 @@ pub(crate) struct Collector<'t> {
     text: &'t str,
     /// (byte offset, error): the offset keeps the final list in file order.
     errors: Vec<(usize, ConfigError)>,
+    /// Dotted keys offered as "did you mean" for a misspelt key. A required key in this set is
+    /// not also reported as missing: `adress = ...` is one mistake, not two.
+    suggested: Vec<String>,
 }
 
 impl<'t> Collector<'t> {
@@ -98,6 +101,7 @@ impl<'t> Collector<'t> {
             file: file.to_owned(),
             text,
             errors: Vec::new(),
+            suggested: Vec::new(),
         }
     }
 
@@ -121,6 +125,16 @@ impl<'t> Collector<'t> {
     pub(crate) fn at_end(&mut self, key: &str, message: impl Into<String>) {
         let end = self.text.len();
         self.at(&(end..end), key, message);
+    }
+
+    /// Remember that `key` (dotted) was suggested for a misspelt key.
+    pub(crate) fn suggested(&mut self, key: String) {
+        self.suggested.push(key);
+    }
+
+    /// Whether `key` (dotted) was suggested for a misspelt key.
+    pub(crate) fn was_suggested(&self, key: &str) -> bool {
+        self.suggested.iter().any(|k| k == key)
     }
 
     /// Whether any error was recorded.

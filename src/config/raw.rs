@@ -90,7 +90,15 @@ pub(crate) enum RawSize {
 }
 
 /// A list of strings, each with its own span (so a bad entry can be pointed at).
-pub(crate) type RawList = Spanned<Vec<Spanned<String>>>;
+#[derive(Debug, Default)]
+pub(crate) struct RawList {
+    /// The whole list.
+    pub span: Span,
+    /// The entries that are strings.
+    pub items: Vec<Spanned<String>>,
+    /// Some entries were not strings (already reported): an empty `items` is then not "empty".
+    pub had_bad_items: bool,
+}
 
 /// The whole file, every value still as written.
 #[derive(Debug, Default)]
@@ -103,6 +111,10 @@ pub(crate) struct RawConfig {
     pub listeners: Vec<RawListener>,
     pub users: Vec<RawUser>,
     pub routes: Vec<RawRoute>,
+    /// `listener` / `route` was present but malformed (already reported), so "no listener" or
+    /// "no route" would only repeat that error.
+    pub listener_section_broken: bool,
+    pub route_section_broken: bool,
 }
 
 /// `[limits]`.
@@ -212,29 +224,24 @@ pub(crate) fn parse(text: &str, c: &mut Collector<'_>) -> Option<RawConfig> {
                 }
             }
             "listener" => {
-                for (name, header, t) in named_tables(
-                    c,
-                    key,
-                    v,
-                    "[listener.lan] with address = \"127.0.0.1:2525\"",
-                ) {
+                let example = "[listener.lan] with address = \"127.0.0.1:2525\"";
+                let (tables, broken) = named_tables(c, key, v, example);
+                raw.listener_section_broken = broken;
+                for (name, header, t) in tables {
                     raw.listeners.push(listener(c, name, header, t));
                 }
             }
             "user" => {
-                for (name, header, t) in named_tables(
-                    c,
-                    key,
-                    v,
-                    "[user.scanner] with password_hash and may_send_as",
-                ) {
+                let example = "[user.scanner] with password_hash and may_send_as";
+                for (name, header, t) in named_tables(c, key, v, example).0 {
                     raw.users.push(user(c, name, header, t));
                 }
             }
             "route" => {
-                for (name, header, t) in
-                    named_tables(c, key, v, "[route.default] with senders = [\"*\"]")
-                {
+                let example = "[route.default] with senders = [\"*\"]";
+                let (tables, broken) = named_tables(c, key, v, example);
+                raw.route_section_broken = broken;
+                for (name, header, t) in tables {
                     raw.routes.push(route(c, name, header, t));
                 }
             }
@@ -557,22 +564,24 @@ fn list(
 ) -> Option<RawList> {
     match v.get_ref() {
         DeValue::Array(items) => {
-            let mut out = Vec::new();
-            let mut ok = true;
-            for (i, item) in items.iter().enumerate() {
+            let mut out = RawList {
+                span: v.span(),
+                ..RawList::default()
+            };
+            for item in items.iter() {
                 match item.get_ref() {
-                    DeValue::String(s) => out.push(Spanned::new(item.span(), s.to_string())),
+                    DeValue::String(s) => out.items.push(Spanned::new(item.span(), s.to_string())),
                     other => {
-                        ok = false;
+                        out.had_bad_items = true;
                         c.at(
                             &item.span(),
-                            &format!("{path}[{i}]"),
+                            path,
                             format!("expected a string in quotes, found {}; write a list of strings such as {example}", found(other)),
                         );
                     }
                 }
             }
-            ok.then(|| Spanned::new(v.span(), out))
+            Some(out)
         }
         DeValue::String(s) => {
             c.at(
@@ -626,7 +635,7 @@ fn named_tables<'a, 'i>(
     section: &str,
     v: &'a Spanned<DeValue<'i>>,
     example: &str,
-) -> Vec<(String, Span, &'a DeTable<'i>)> {
+) -> (Vec<(String, Span, &'a DeTable<'i>)>, bool) {
     let DeValue::Table(t) = v.get_ref() else {
         c.at(
             &v.span(),
@@ -636,24 +645,28 @@ fn named_tables<'a, 'i>(
                 found(v.get_ref())
             ),
         );
-        return Vec::new();
+        return (Vec::new(), true);
     };
     let mut out = Vec::new();
+    let mut broken = false;
     for (k, item) in entries(t) {
         let name = k.get_ref().to_string();
         match item.get_ref() {
             DeValue::Table(inner) => out.push((name, item.span(), inner)),
-            other => c.at(
+            other => {
+                broken = true;
+                c.at(
                 &k.span(),
                 &format!("{section}.{}", key_name(&name)),
                 format!(
                     "expected a [{section}.NAME] table, found {}; each {section} is its own table: write a header such as {example} (is a [{section}.NAME] header missing its name?)",
                     found(other)
                 ),
-            ),
+            )
+            }
         }
     }
-    out
+    (out, broken)
 }
 
 /// Report an unknown key with the best fix we can find: a near spelling in this table, the
@@ -666,6 +679,11 @@ fn unknown_key(c: &mut Collector<'_>, table: &str, k: &Spanned<Cow<'_, str>>, kn
         format!("{table}.{}", key_name(key))
     };
     let fix = if let Some(near) = nearest(key, known) {
+        c.suggested(if table.is_empty() {
+            near.to_owned()
+        } else {
+            format!("{table}.{near}")
+        });
         format!("did you mean \"{near}\"?")
     } else if let Some((home, _)) = SECTIONS
         .iter()

@@ -532,3 +532,10 @@ fn show_case_outputs() {
         );
     }
 }
+#[test]
+#[ignore]
+fn show_describe() {
+    let c =
+        load_file(&manifest_dir().join("config/postern.toml")).unwrap_or_else(|e| panic!("{e}"));
+    println!("{}\n--\n{}", c.describe(), c.warnings().join("\n"));
+}

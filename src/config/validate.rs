@@ -184,6 +184,9 @@ impl Checker<'_, '_> {
             facts.push(f);
         }
         let users: Vec<UserConfig> = raw.users.into_iter().map(|u| self.user(u)).collect();
+        let route_tables = raw.routes.len();
+        let (listener_section_broken, route_section_broken) =
+            (raw.listener_section_broken, raw.route_section_broken);
         let routes: Vec<RouteConfig> = raw
             .routes
             .into_iter()
@@ -192,14 +195,13 @@ impl Checker<'_, '_> {
 
         self.listener_policies(&facts, users.is_empty());
         self.duplicate_addresses(&facts);
-        if facts.is_empty() {
+        if facts.is_empty() && !listener_section_broken && !self.c.was_suggested("listener") {
             self.c.at_end(
                 "listener",
                 "no listener is defined, so postern would accept no mail; add a table such as [listener.lan] with address = \"127.0.0.1:2525\"",
             );
         }
-        if routes.is_empty() && self.c.is_empty() {
-            // Only when nothing else failed: a route that failed to parse is not "no route".
+        if route_tables == 0 && !route_section_broken && !self.c.was_suggested("route") {
             self.c.at_end(
                 "route",
                 "no route is defined, so every sender would be refused; add a table such as [route.default] with senders = [\"*\"], transport = \"file\" and dir = \"./delivered\"",
@@ -451,14 +453,14 @@ impl Checker<'_, '_> {
         let mut networks = Vec::new();
         match &r.allow_networks {
             Some(list) => {
-                if list.get_ref().is_empty() {
+                if list.items.is_empty() && !list.had_bad_items {
                     self.c.at(
-                        &list.span(),
+                        &list.span,
                         &k("allow_networks"),
                         "the list is empty, so no client could connect; write the networks of your devices, such as [\"192.168.1.0/24\", \"127.0.0.1\"]",
                     );
                 }
-                for entry in list.get_ref() {
+                for entry in &list.items {
                     match parse_network(entry.get_ref()) {
                         Ok(net) => networks.push((net, entry.span())),
                         Err(msg) => self.c.at(&entry.span(), &k("allow_networks"), msg),
@@ -545,6 +547,9 @@ impl Checker<'_, '_> {
          -> Option<PathBuf> {
             let path_key = format!("{table}.{key}");
             let Some(raw) = raw else {
+                if this.c.was_suggested(&path_key) {
+                    return None;
+                }
                 let example = match kind {
                     Pem::Cert => {
                         "tls_cert = \"/etc/postern/tls/cert.pem\" (the PEM certificate chain)"
@@ -782,15 +787,15 @@ impl Checker<'_, '_> {
             self.missing(header, table, key, &format!("{key} = {example}"));
             return Vec::new();
         };
-        if list.get_ref().is_empty() {
+        if list.items.is_empty() && !list.had_bad_items {
             self.c.at(
-                &list.span(),
+                &list.span,
                 &path,
                 format!("the list is empty; write at least one pattern, such as {key} = {example}"),
             );
         }
         let mut out = Vec::new();
-        for entry in list.get_ref() {
+        for entry in &list.items {
             match AddressPattern::parse(entry.get_ref()) {
                 Ok(p) => out.push(p),
                 Err(msg) => self.c.at(&entry.span(), &path, msg),
@@ -800,6 +805,9 @@ impl Checker<'_, '_> {
     }
 
     fn missing(&mut self, header: &Span, table: &str, key: &str, write: &str) {
+        if self.c.was_suggested(&format!("{table}.{key}")) {
+            return;
+        }
         self.c.at(
             header,
             &format!("{table}.{key}"),
