@@ -1,8 +1,11 @@
 //! Configuration: the TOML file (or the embedded default) turned into a typed, validated [`Config`].
 //!
-//! `raw.rs` mirrors the TOML with serde (unknown keys are errors, every value keeps its span);
-//! `validate.rs` turns it into [`Config`], collecting *all* errors, each naming file, line and
-//! key and saying what to write instead.
+//! - `raw.rs`: the file's shape. Parses with toml's spanned document tree and walks it by hand
+//!   (not serde, which stops at the first error): syntax errors, unknown keys, wrong types.
+//! - `validate.rs`: raw → [`Config`]: values, defaults, paths, TLS files, cross-checks.
+//! - `error.rs`: [`ConfigError`]/[`ConfigErrors`], collected so one run reports every mistake,
+//!   each as `file:line:column: key: what is wrong; what to write`.
+//! - `describe.rs`: [`Config::describe`] and [`Config::warnings`] for `postern check`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,11 +14,16 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 mod address;
-pub mod raw;
+mod describe;
+mod error;
+mod raw;
+#[cfg(test)]
+mod tests;
 pub mod validate;
 
 pub use address::AddressPattern;
-pub use validate::{ConfigError, ConfigErrors, load_default, load_file, load_str};
+pub use error::{ConfigError, ConfigErrors};
+pub use validate::{EMBEDDED_SOURCE, load_default, load_file, load_str};
 
 /// The embedded default configuration used when no config file exists.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");

@@ -1,0 +1,242 @@
+//! What `postern check` prints: the effective configuration (defaults filled in, paths
+//! resolved) and non-fatal warnings, in the spirit of `postconf -n` and `nginx -t`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::{
+    AddressPattern, AuthMode, BareLfPolicy, Config, ListenerConfig, TlsMinVersion, TlsMode,
+    TransportConfig,
+};
+
+/// Exchange Online's largest accepted message (its EHLO advertises `SIZE 157286400`).
+const EXCHANGE_MAX_MESSAGE_SIZE: u64 = 157_286_400;
+
+impl Config {
+    /// The effective configuration, one setting per line, with every default filled in and
+    /// every path resolved. Password hashes are never printed.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail; the results are ignored for that reason.
+        let _ = self.write_description(&mut out);
+        out
+    }
+
+    fn write_description(&self, o: &mut String) -> std::fmt::Result {
+        let l = &self.limits;
+        let d = &self.delivery;
+        writeln!(o, "configuration:  {}", self.source)?;
+        writeln!(o, "hostname:       {}", self.hostname)?;
+        writeln!(o, "spool_dir:      {}", self.spool_dir.display())?;
+        writeln!(o, "state_dir:      {}", self.state_dir.display())?;
+        writeln!(
+            o,
+            "limits:         {} connections, {} per client address; AUTH lockout after {} failures for {}; {}",
+            l.max_connections,
+            l.max_connections_per_ip,
+            l.auth_max_failures,
+            dur(l.auth_lockout),
+            if l.min_free_disk == 0 {
+                "no free-disk reserve".to_owned()
+            } else {
+                format!("refuse mail below {} free disk", size(l.min_free_disk))
+            },
+        )?;
+        writeln!(
+            o,
+            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}",
+            d.max_concurrency,
+            d.per_mailbox_concurrency,
+            dur(d.retry_initial),
+            dur(d.retry_max),
+            dur(d.max_lifetime),
+            dur(d.shutdown_grace),
+        )?;
+        for listener in &self.listeners {
+            writeln!(o)?;
+            write_listener(o, listener)?;
+        }
+        if !self.users.is_empty() {
+            writeln!(o)?;
+        }
+        for user in &self.users {
+            writeln!(
+                o,
+                "user {}: may send as {}",
+                user.name,
+                patterns(&user.may_send_as)
+            )?;
+        }
+        writeln!(o)?;
+        for (i, route) in self.routes.iter().enumerate() {
+            let transport = match &route.transport {
+                TransportConfig::File { dir } => format!("file {}", dir.display()),
+            };
+            let mailbox = match &route.mailbox {
+                Some(m) => format!("as mailbox {m}"),
+                None => "as the sender's own mailbox".to_owned(),
+            };
+            writeln!(
+                o,
+                "route {} (#{}): {} -> {transport}, {mailbox}",
+                route.name,
+                i + 1,
+                patterns(&route.senders)
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Settings that are legal but probably not what the operator meant. Each names the
+    /// setting and what to change; none stops postern from starting.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for l in &self.listeners {
+            let name = &l.name;
+            let remote = !l.address.ip().is_loopback();
+            if l.auth == AuthMode::Optional && l.tls == TlsMode::None && remote {
+                w.push(format!(
+                    "listener.{name}: auth is \"optional\" but tls is \"none\" on {}: AUTH is only offered after STARTTLS on non-loopback addresses, so no client will log in; set tls = \"starttls\" or auth = \"none\"",
+                    l.address
+                ));
+            }
+            if l.max_message_size > EXCHANGE_MAX_MESSAGE_SIZE {
+                w.push(format!(
+                    "listener.{name}.max_message_size: {} is more than Microsoft 365 accepts (150 MiB); larger messages would be queued and then fail; write \"150 MiB\" or less",
+                    size(l.max_message_size)
+                ));
+            }
+            let lan: Vec<String> = l
+                .allow_networks
+                .iter()
+                .filter(|n| !n.addr().is_loopback())
+                .map(ToString::to_string)
+                .collect();
+            if l.auth != AuthMode::Required
+                && !lan.is_empty()
+                && let Some(r) = self
+                    .routes
+                    .iter()
+                    .find(|r| r.senders.contains(&AddressPattern::Any))
+            {
+                w.push(format!(
+                        "listener.{name}: any device on {} may send without logging in, and route.{} accepts every sender (\"*\"), so it may send as any address; list the real senders in route.{}.senders, or set auth = \"required\" and use [user.NAME] may_send_as",
+                        lan.join(", "),
+                        r.name,
+                        r.name
+                    ));
+            }
+        }
+        for (j, later) in self.routes.iter().enumerate() {
+            let shadow = self.routes[..j].iter().find(|earlier| {
+                later
+                    .senders
+                    .iter()
+                    .all(|p| earlier.senders.iter().any(|q| covers(q, p)))
+            });
+            if let Some(earlier) = shadow {
+                w.push(format!(
+                    "route.{}: never used, because route.{} comes first and matches all of its senders; move route.{} above route.{}",
+                    later.name, earlier.name, later.name, earlier.name
+                ));
+            }
+        }
+        for user in &self.users {
+            for p in &user.may_send_as {
+                let routed = self
+                    .routes
+                    .iter()
+                    .any(|r| r.senders.iter().any(|q| covers(q, p)));
+                if !routed {
+                    w.push(format!(
+                        "user.{}.may_send_as: no route accepts \"{p}\" for every address it covers, so some of this user's mail would be refused; add it to a route's senders",
+                        user.name
+                    ));
+                }
+            }
+        }
+        w
+    }
+}
+
+fn write_listener(o: &mut String, l: &ListenerConfig) -> std::fmt::Result {
+    writeln!(o, "listener {}: {}", l.name, l.address)?;
+    let tls = match (l.tls, &l.tls_files) {
+        (TlsMode::None, _) => "none".to_owned(),
+        (mode, files) => {
+            let word = if mode == TlsMode::Implicit {
+                "implicit"
+            } else {
+                "starttls"
+            };
+            match files {
+                Some(f) => {
+                    let min = match f.min_version {
+                        TlsMinVersion::Tls12 => "1.2",
+                        TlsMinVersion::Tls13 => "1.3",
+                    };
+                    format!(
+                        "{word} (cert {}, key {}, TLS {min} or newer)",
+                        f.cert.display(),
+                        f.key.display()
+                    )
+                }
+                None => word.to_owned(),
+            }
+        }
+    };
+    let auth = match l.auth {
+        AuthMode::None => "none",
+        AuthMode::Optional => "optional",
+        AuthMode::Required => "required",
+    };
+    let networks: Vec<String> = l.allow_networks.iter().map(ToString::to_string).collect();
+    writeln!(o, "  tls:            {tls}")?;
+    writeln!(o, "  auth:           {auth}")?;
+    writeln!(o, "  allow_networks: {}", networks.join(", "))?;
+    writeln!(
+        o,
+        "  limits:         max_message_size {}, max_recipients {}, max_errors {}",
+        size(l.max_message_size),
+        l.max_recipients,
+        l.max_errors
+    )?;
+    writeln!(
+        o,
+        "  timeouts:       command {}, data {}, session {}",
+        dur(l.command_timeout),
+        dur(l.data_timeout),
+        dur(l.session_timeout)
+    )?;
+    let bare_lf = match l.bare_lf {
+        BareLfPolicy::Normalize => "normalize",
+        BareLfPolicy::Reject => "reject",
+    };
+    writeln!(o, "  bare_lf:        {bare_lf}")
+}
+
+/// Does pattern `outer` match every address `inner` matches?
+fn covers(outer: &AddressPattern, inner: &AddressPattern) -> bool {
+    match (outer, inner) {
+        (AddressPattern::Any, _) => true,
+        (AddressPattern::Domain(a), AddressPattern::Domain(b)) => a == b,
+        (AddressPattern::Domain(_), AddressPattern::Exact(addr)) => outer.matches(addr),
+        (AddressPattern::Exact(a), AddressPattern::Exact(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn patterns(p: &[AddressPattern]) -> String {
+    p.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn size(bytes: u64) -> String {
+    super::validate::human_size(bytes)
+}
