@@ -271,3 +271,6 @@ impl Forwarder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
