@@ -28,3 +28,12 @@ pub trait MessageDraft: Send + 'static {
     /// Throw the draft away.
     fn discard(self) -> impl Future<Output = ()> + Send;
 }
+
+pub mod auth;
+pub mod command;
+pub mod data;
+pub mod policy;
+pub mod reply;
+pub mod session;
+#[cfg(test)]
+pub(crate) mod testkit;
