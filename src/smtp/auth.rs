@@ -101,11 +101,17 @@ fn dummy_verify(config: &Config, password: &[u8]) {
             Params::try_from(&h).ok()
         })
         .unwrap_or_default();
-    let key = format!("{}/{}/{}", params.m_cost(), params.t_cost(), params.p_cost());
-    let cached = DUMMY
-        .lock()
-        .ok()
-        .and_then(|g| g.as_ref().filter(|(k, _)| *k == key).map(|(_, h)| h.clone()));
+    let key = format!(
+        "{}/{}/{}",
+        params.m_cost(),
+        params.t_cost(),
+        params.p_cost()
+    );
+    let cached = DUMMY.lock().ok().and_then(|g| {
+        g.as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, h)| h.clone())
+    });
     let phc = match cached {
         Some(h) => h,
         None => {
@@ -183,7 +189,10 @@ impl AuthGuard {
     }
 
     fn limits(&self) -> (u32, Duration) {
-        self.limits.lock().map(|l| *l).unwrap_or((0, Duration::ZERO))
+        self.limits
+            .lock()
+            .map(|l| *l)
+            .unwrap_or((0, Duration::ZERO))
     }
 
     /// Is `ip` locked out right now?
@@ -259,9 +268,18 @@ mod tests {
         assert_eq!(&c.password[..], b"s3cret");
         let c = decode_plain(&STANDARD.encode(b"scanner\0scanner\0pw\0with nul")).unwrap();
         assert_eq!(&c.password[..], b"pw\0with nul");
-        assert_eq!(decode_plain(&STANDARD.encode(b"other\0scanner\0pw")).unwrap_err(), SaslError::Malformed);
-        assert_eq!(decode_plain(&STANDARD.encode(b"scanner\0pw")).unwrap_err(), SaslError::Malformed);
-        assert_eq!(decode_plain(&STANDARD.encode(b"\0\0pw")).unwrap_err(), SaslError::Malformed);
+        assert_eq!(
+            decode_plain(&STANDARD.encode(b"other\0scanner\0pw")).unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            decode_plain(&STANDARD.encode(b"scanner\0pw")).unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            decode_plain(&STANDARD.encode(b"\0\0pw")).unwrap_err(),
+            SaslError::Malformed
+        );
         assert_eq!(decode_plain("!!!").unwrap_err(), SaslError::BadBase64);
         assert!(!format!("{c:?}").contains("pw"));
     }
@@ -283,20 +301,42 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let other: IpAddr = "192.0.2.8".parse().unwrap();
         let delays: Vec<_> = (0..5).map(|_| g.record_failure(ip)).collect();
-        assert_eq!(delays[0], FailureVerdict { delay: Duration::ZERO, locked: false });
+        assert_eq!(
+            delays[0],
+            FailureVerdict {
+                delay: Duration::ZERO,
+                locked: false
+            }
+        );
         assert_eq!(delays[1].delay, Duration::ZERO);
         assert_eq!(delays[2].delay, Duration::from_secs(1));
         assert_eq!(delays[3].delay, Duration::from_secs(2));
-        assert_eq!(delays[4], FailureVerdict { delay: Duration::from_secs(4), locked: true });
+        assert_eq!(
+            delays[4],
+            FailureVerdict {
+                delay: Duration::from_secs(4),
+                locked: true
+            }
+        );
         assert!(g.is_locked(ip));
         assert!(!g.is_locked(other));
         tokio::time::advance(Duration::from_secs(601)).await;
         assert!(!g.is_locked(ip));
-        assert_eq!(g.record_failure(ip).delay, Duration::ZERO, "count starts again");
+        assert_eq!(
+            g.record_failure(ip).delay,
+            Duration::ZERO,
+            "count starts again"
+        );
         g.record_success(ip);
         assert_eq!(g.record_failure(ip).delay, Duration::ZERO);
         let capped = AuthGuard::new(0, Duration::from_secs(600));
         let last = (0..20).map(|_| capped.record_failure(ip)).last().unwrap();
-        assert_eq!(last, FailureVerdict { delay: MAX_DELAY, locked: false });
+        assert_eq!(
+            last,
+            FailureVerdict {
+                delay: MAX_DELAY,
+                locked: false
+            }
+        );
     }
 }

@@ -160,7 +160,9 @@ pub fn parse(line: &[u8]) -> Command {
         .position(|b| b.is_ascii_whitespace())
         .unwrap_or(line.len());
     let verb = &line[..verb_end];
-    if HTTP_VERBS.iter().any(|v| verb.eq_ignore_ascii_case(v.as_bytes()))
+    if HTTP_VERBS
+        .iter()
+        .any(|v| verb.eq_ignore_ascii_case(v.as_bytes()))
         || (verb.len() > 1 && verb.ends_with(b":"))
     {
         return Command::NonSmtp;
@@ -173,7 +175,8 @@ pub fn parse(line: &[u8]) -> Command {
         owned = [line, b"\r\n"].concat();
         &owned[..]
     };
-    let is_address_command = verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT");
+    let is_address_command =
+        verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT");
     let utf8_ok = std::str::from_utf8(line).is_ok();
 
     match Request::parse(&mut line.iter()) {
@@ -267,9 +270,7 @@ fn from_error(e: ProtoError) -> Command {
         ProtoError::InvalidSenderAddress => Command::Invalid(Reply::bad_sender_syntax()),
         ProtoError::InvalidRecipientAddress => Command::Invalid(Reply::bad_recipient_syntax()),
         ProtoError::SyntaxError { syntax } => Command::Invalid(Reply::syntax(syntax)),
-        ProtoError::InvalidParameter { param } => {
-            Command::Invalid(Reply::invalid_parameter(param))
-        }
+        ProtoError::InvalidParameter { param } => Command::Invalid(Reply::invalid_parameter(param)),
         ProtoError::UnsupportedParameter { param } => {
             Command::Invalid(Reply::unsupported_parameter(&param))
         }
@@ -290,7 +291,10 @@ mod tests {
 
     #[test]
     fn basic_commands() {
-        assert_eq!(p("EHLO client.example\r\n"), Command::Ehlo("client.example".into()));
+        assert_eq!(
+            p("EHLO client.example\r\n"),
+            Command::Ehlo("client.example".into())
+        );
         assert_eq!(p("helo x\r\n"), Command::Helo("x".into()));
         assert_eq!(p("DATA\r\n"), Command::Data);
         assert_eq!(p("RSET\r\n"), Command::Rset);
@@ -300,8 +304,20 @@ mod tests {
         assert_eq!(p("EXPN list\r\n"), Command::Expn);
         assert_eq!(p("HELP\r\n"), Command::Help);
         assert_eq!(p("STARTTLS\r\n"), Command::StartTls);
-        assert_eq!(p("BDAT 100\r\n"), Command::Bdat { size: 100, last: false });
-        assert_eq!(p("BDAT 0 LAST\r\n"), Command::Bdat { size: 0, last: true });
+        assert_eq!(
+            p("BDAT 100\r\n"),
+            Command::Bdat {
+                size: 100,
+                last: false
+            }
+        );
+        assert_eq!(
+            p("BDAT 0 LAST\r\n"),
+            Command::Bdat {
+                size: 0,
+                last: true
+            }
+        );
         assert_eq!(p("XYZZY\r\n"), Command::Unknown);
         assert_eq!(p("ETRN x\r\n"), Command::Unknown);
         assert_eq!(p("QUIT"), Command::Quit, "a missing CRLF is tolerated");
@@ -328,37 +344,72 @@ mod tests {
                 smtputf8: false
             })
         );
-        assert!(matches!(p("MAIL FROM:<a@b> BODY=7BIT\r\n"), Command::Mail(m) if m.body == Body::SevenBit));
-        assert!(matches!(p("MAIL FROM:<a@b> BODY=BINARYMIME\r\n"), Command::Invalid(r) if r.code == 555));
+        assert!(
+            matches!(p("MAIL FROM:<a@b> BODY=7BIT\r\n"), Command::Mail(m) if m.body == Body::SevenBit)
+        );
+        assert!(
+            matches!(p("MAIL FROM:<a@b> BODY=BINARYMIME\r\n"), Command::Invalid(r) if r.code == 555)
+        );
         assert!(matches!(p("MAIL FROM:<a@b> FOO=BAR\r\n"), Command::Invalid(r) if r.code == 555));
         assert!(matches!(p("MAIL FROM:<a@b> SIZE=abc\r\n"), Command::Invalid(r) if r.code == 501));
         assert!(matches!(p("MAIL FROM:a@b\r\n"), Command::Invalid(r) if r.code == 501));
         assert!(matches!(p("MAIL\r\n"), Command::Invalid(r) if r.code == 501));
         assert!(matches!(p("MAIL FROM:<a@@b>\r\n"), Command::Invalid(r) if r.code == 501));
         let bad = parse(b"MAIL FROM:<\xff@b.example>\r\n");
-        assert!(matches!(bad, Command::Invalid(r) if r.code == 501), "invalid UTF-8");
-        assert!(matches!(p("MAIL FROM:<j\u{f6}rg@b.example> SMTPUTF8\r\n"), Command::Mail(m) if m.address == "j\u{f6}rg@b.example"));
+        assert!(
+            matches!(bad, Command::Invalid(r) if r.code == 501),
+            "invalid UTF-8"
+        );
+        assert!(
+            matches!(p("MAIL FROM:<j\u{f6}rg@b.example> SMTPUTF8\r\n"), Command::Mail(m) if m.address == "j\u{f6}rg@b.example")
+        );
     }
 
     #[test]
     fn rcpt() {
-        assert_eq!(p("RCPT TO:<x@y.example>\r\n"), Command::Rcpt("x@y.example".into()));
-        assert_eq!(p("rcpt to: <x@y.example>\r\n"), Command::Rcpt("x@y.example".into()));
+        assert_eq!(
+            p("RCPT TO:<x@y.example>\r\n"),
+            Command::Rcpt("x@y.example".into())
+        );
+        assert_eq!(
+            p("rcpt to: <x@y.example>\r\n"),
+            Command::Rcpt("x@y.example".into())
+        );
         assert!(matches!(p("RCPT TO:x@y\r\n"), Command::Invalid(r) if r.code == 501));
-        assert!(matches!(p("RCPT TO:<x@y> NOTIFY=BOGUS\r\n"), Command::Invalid(_)));
+        assert!(matches!(
+            p("RCPT TO:<x@y> NOTIFY=BOGUS\r\n"),
+            Command::Invalid(_)
+        ));
     }
 
     #[test]
     fn auth() {
         match p("AUTH PLAIN AGEAYg==\r\n") {
-            Command::Auth { mechanism: Mechanism::Plain, initial: Some(i) } => {
+            Command::Auth {
+                mechanism: Mechanism::Plain,
+                initial: Some(i),
+            } => {
                 assert_eq!(i.as_str(), "AGEAYg==")
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(p("AUTH LOGIN\r\n"), Command::Auth { mechanism: Mechanism::Login, initial: None }));
-        assert!(matches!(p("AUTH PLAIN =\r\n"), Command::Auth { mechanism: Mechanism::Plain, initial: Some(i) } if i.is_empty()));
-        assert!(matches!(p("AUTH CRAM-MD5\r\n"), Command::Auth { mechanism: Mechanism::Other, .. }));
+        assert!(matches!(
+            p("AUTH LOGIN\r\n"),
+            Command::Auth {
+                mechanism: Mechanism::Login,
+                initial: None
+            }
+        ));
+        assert!(
+            matches!(p("AUTH PLAIN =\r\n"), Command::Auth { mechanism: Mechanism::Plain, initial: Some(i) } if i.is_empty())
+        );
+        assert!(matches!(
+            p("AUTH CRAM-MD5\r\n"),
+            Command::Auth {
+                mechanism: Mechanism::Other,
+                ..
+            }
+        ));
         assert!(matches!(p("AUTH\r\n"), Command::Invalid(_)));
         let dbg = format!("{:?}", p("AUTH PLAIN c2VjcmV0\r\n"));
         assert!(!dbg.contains("c2VjcmV0"), "{dbg}");
@@ -374,16 +425,17 @@ mod tests {
     }
 
     fn address() -> impl Strategy<Value = String> {
-        ("[a-zA-Z0-9][a-zA-Z0-9._+-]{0,20}", "[a-z0-9]{1,10}(\\.[a-z]{2,5}){1,2}").prop_filter_map(
-            "dots",
-            |(l, d)| {
+        (
+            "[a-zA-Z0-9][a-zA-Z0-9._+-]{0,20}",
+            "[a-z0-9]{1,10}(\\.[a-z]{2,5}){1,2}",
+        )
+            .prop_filter_map("dots", |(l, d)| {
                 if l.contains("..") || l.ends_with('.') {
                     None
                 } else {
                     Some(format!("{l}@{d}"))
                 }
-            },
-        )
+            })
     }
 
     proptest! {

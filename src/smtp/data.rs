@@ -156,7 +156,12 @@ impl DataDecoder {
         while i < input.len() {
             let b = input[i];
             match self.st {
-                St::Done => return Fed { consumed: i, done: true },
+                St::Done => {
+                    return Fed {
+                        consumed: i,
+                        done: true,
+                    };
+                }
                 St::Mid => {
                     // Fast path: copy the run of ordinary bytes in one go.
                     let run = input[i..]
@@ -292,7 +297,12 @@ mod tests {
     const BIG: u64 = 1 << 30;
 
     /// Feed `input` split at `cuts`; return (stored, consumed-in-total, done, outcome).
-    fn run_split(input: &[u8], cuts: &[usize], policy: BareLfPolicy, max: u64) -> (Vec<u8>, usize, bool, DataOutcome) {
+    fn run_split(
+        input: &[u8],
+        cuts: &[usize],
+        policy: BareLfPolicy,
+        max: u64,
+    ) -> (Vec<u8>, usize, bool, DataOutcome) {
         let mut d = DataDecoder::new(policy, max);
         let mut out = Vec::new();
         let mut pos = 0;
@@ -313,13 +323,24 @@ mod tests {
 
     /// Check that every single split and (for short inputs) every pair of splits gives the
     /// same result as feeding all at once; return that result.
-    fn decode_all_splits(input: &[u8], policy: BareLfPolicy) -> (Vec<u8>, usize, bool, DataOutcome) {
+    fn decode_all_splits(
+        input: &[u8],
+        policy: BareLfPolicy,
+    ) -> (Vec<u8>, usize, bool, DataOutcome) {
         let whole = run_split(input, &[], policy, BIG);
         for a in 0..=input.len() {
-            assert_eq!(run_split(input, &[a], policy, BIG), whole, "split at {a} of {input:?}");
+            assert_eq!(
+                run_split(input, &[a], policy, BIG),
+                whole,
+                "split at {a} of {input:?}"
+            );
             if input.len() <= 40 {
                 for b in a..=input.len() {
-                    assert_eq!(run_split(input, &[a, b], policy, BIG), whole, "split at {a},{b} of {input:?}");
+                    assert_eq!(
+                        run_split(input, &[a, b], policy, BIG),
+                        whole,
+                        "split at {a},{b} of {input:?}"
+                    );
                 }
             }
         }
@@ -433,7 +454,9 @@ mod tests {
 
     #[test]
     fn eight_bit_is_stored_verbatim() {
-        let mut input = "Subject: gr\u{fc}\u{df}e\r\n\r\n\u{e9}t\u{e9}".as_bytes().to_vec();
+        let mut input = "Subject: gr\u{fc}\u{df}e\r\n\r\n\u{e9}t\u{e9}"
+            .as_bytes()
+            .to_vec();
         input.extend_from_slice(b"\xff\x80\r\n");
         let want = input.clone();
         input.extend_from_slice(b".\r\n");
@@ -446,7 +469,8 @@ mod tests {
     fn size_limit_stops_output_and_reads_to_the_end() {
         let input = b"0123456789\r\n0123456789\r\n.\r\nQUIT\r\n";
         for cut in 0..=input.len() {
-            let (out, consumed, done, outcome) = run_split(input, &[cut], BareLfPolicy::Normalize, 15);
+            let (out, consumed, done, outcome) =
+                run_split(input, &[cut], BareLfPolicy::Normalize, 15);
             assert!(done);
             assert!(outcome.too_big);
             assert!(out.len() <= 15);

@@ -30,7 +30,11 @@ pub fn network_allowed(listener: &ListenerConfig, ip: IpAddr) -> bool {
 
 /// Decide the route and mailbox for `sender` (empty = null sender), as sent by `user` (if the
 /// client authenticated). The refusal names the rule concretely.
-pub fn route_sender(config: &Config, sender: &str, user: Option<&UserConfig>) -> Result<Routing, Reply> {
+pub fn route_sender(
+    config: &Config,
+    sender: &str,
+    user: Option<&UserConfig>,
+) -> Result<Routing, Reply> {
     if let Some(user) = user
         && !user.may_send_as.iter().any(|p| p.matches(sender))
     {
@@ -41,7 +45,11 @@ pub fn route_sender(config: &Config, sender: &str, user: Option<&UserConfig>) ->
         ));
     }
     let Some(route) = config.route_for(sender) else {
-        return Err(Reply::sender_no_route(sender, &config.source, &route_summary(config)));
+        return Err(Reply::sender_no_route(
+            sender,
+            &config.source,
+            &route_summary(config),
+        ));
     };
     let mailbox = match (&route.mailbox, sender.is_empty()) {
         (Some(m), _) => m.clone(),
@@ -58,7 +66,10 @@ fn patterns(p: &[AddressPattern]) -> String {
     if p.is_empty() {
         return "nothing".into();
     }
-    p.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    p.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `route "a" senders = [x, y]; route "b" ...`, or a note that there are no routes.
@@ -71,7 +82,12 @@ fn route_summary(config: &Config) -> String {
         if i > 0 {
             s.push_str("; ");
         }
-        let _ = write!(s, "route \"{}\" senders = [{}]", r.name, patterns(&r.senders));
+        let _ = write!(
+            s,
+            "route \"{}\" senders = [{}]",
+            r.name,
+            patterns(&r.senders)
+        );
     }
     s
 }
@@ -85,9 +101,21 @@ mod tests {
     fn sender_routing() {
         let cfg = config();
         let r = route_sender(&cfg, "printer@example.com", None).unwrap();
-        assert_eq!(r, Routing { route: "office".into(), mailbox: "relay@example.com".into() });
+        assert_eq!(
+            r,
+            Routing {
+                route: "office".into(),
+                mailbox: "relay@example.com".into()
+            }
+        );
         let r = route_sender(&cfg, "alice@example.org", None).unwrap();
-        assert_eq!(r, Routing { route: "own".into(), mailbox: "alice@example.org".into() });
+        assert_eq!(
+            r,
+            Routing {
+                route: "own".into(),
+                mailbox: "alice@example.org".into()
+            }
+        );
         let e = route_sender(&cfg, "x@elsewhere.test", None).unwrap_err();
         let text = e.to_string();
         assert_eq!(e.code, 550);
@@ -102,7 +130,10 @@ mod tests {
         let e = route_sender(&cfg, "", None).unwrap_err();
         assert!(e.to_string().contains("route \"own\""), "{e}");
         cfg.routes[0].senders.push(AddressPattern::Any);
-        assert_eq!(route_sender(&cfg, "", None).unwrap().mailbox, "relay@example.com");
+        assert_eq!(
+            route_sender(&cfg, "", None).unwrap().mailbox,
+            "relay@example.com"
+        );
     }
 
     #[test]

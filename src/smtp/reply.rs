@@ -427,7 +427,11 @@ impl Reply {
 
     /// `552 5.3.4 Message size exceeds fixed maximum message size`
     pub fn size_exceeded() -> Self {
-        Self::one(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        Self::one(
+            552,
+            "5.3.4",
+            "Message size exceeds fixed maximum message size",
+        )
     }
 
     /// `452 4.3.1 Insufficient system storage`
@@ -641,7 +645,10 @@ mod tests {
 
     #[test]
     fn exact_texts() {
-        assert_eq!(Reply::greeting("mx").to_bytes(), b"220 mx ESMTP postern\r\n");
+        assert_eq!(
+            Reply::greeting("mx").to_bytes(),
+            b"220 mx ESMTP postern\r\n"
+        );
         assert_eq!(
             Reply::queued("0123").to_bytes(),
             b"250 2.0.0 Ok: queued as 0123\r\n"

@@ -240,9 +240,7 @@ impl Session {
     /// The sender of the open transaction, if any.
     pub fn sender(&self) -> Option<&str> {
         match &self.state {
-            State::Mail(t) | State::Rcpt(t) | State::Data(t, _) | State::Bdat(t) => {
-                Some(&t.sender)
-            }
+            State::Mail(t) | State::Rcpt(t) | State::Data(t, _) | State::Bdat(t) => Some(&t.sender),
             _ => None,
         }
     }
@@ -289,7 +287,10 @@ impl Session {
         use Step::Reply as R;
         let state = std::mem::replace(&mut self.state, State::Closing);
         match (state, cmd) {
-            (s @ (State::Closing | State::Data(..) | State::Verifying(_) | State::Auth(_)), cmd) => {
+            (
+                s @ (State::Closing | State::Data(..) | State::Verifying(_) | State::Auth(_)),
+                cmd,
+            ) => {
                 // conn.rs never calls handle() in these states; be safe anyway.
                 self.state = s;
                 let _ = cmd;
@@ -443,11 +444,13 @@ impl Session {
         match auth::decode_b64(resp) {
             Ok(user) => match std::str::from_utf8(&user) {
                 Ok(u) => {
-                    self.state = State::Auth(AuthStage::LoginPassword(Zeroizing::new(u.to_string())));
+                    self.state =
+                        State::Auth(AuthStage::LoginPassword(Zeroizing::new(u.to_string())));
                     Step::Challenge(Reply::auth_challenge("UGFzc3dvcmQ6"))
                 }
                 Err(_) => {
-                    self.state = State::Auth(AuthStage::LoginPassword(Zeroizing::new(String::new())));
+                    self.state =
+                        State::Auth(AuthStage::LoginPassword(Zeroizing::new(String::new())));
                     Step::Challenge(Reply::auth_challenge("UGFzc3dvcmQ6"))
                 }
             },
@@ -537,7 +540,10 @@ impl Session {
         if !m.address.is_ascii() && !m.smtputf8 {
             return Step::Reply(Reply::non_ascii_address());
         }
-        let user = self.auth_user.as_deref().and_then(|u| self.p.config.user(u));
+        let user = self
+            .auth_user
+            .as_deref()
+            .and_then(|u| self.p.config.user(u));
         let routing = match policy::route_sender(&self.p.config, &m.address, user) {
             Ok(r) => r,
             Err(reply) => return Step::Reply(reply),
@@ -675,7 +681,13 @@ impl Session {
     /// The body has ended (`CRLF.CRLF` or `BDAT ... LAST`). `stored` is the size of the
     /// whole message as written (header included). Returns the envelope to commit, or the
     /// refusal; either way the transaction is over.
-    pub fn finish_data(&mut self, outcome: &DataOutcome, queue_id: &str, stored: u64, now_unix: u64) -> Finish {
+    pub fn finish_data(
+        &mut self,
+        outcome: &DataOutcome,
+        queue_id: &str,
+        stored: u64,
+        now_unix: u64,
+    ) -> Finish {
         let state = std::mem::replace(&mut self.state, State::Closing);
         self.state = self.greeted();
         let t = match state {
@@ -804,7 +816,11 @@ mod tests {
 
     fn code(step: &Step) -> u16 {
         match step {
-            Step::Reply(r) | Step::Challenge(r) | Step::Quit(r) | Step::Drop(r) | Step::StartTls(r) => r.code,
+            Step::Reply(r)
+            | Step::Challenge(r)
+            | Step::Quit(r)
+            | Step::Drop(r)
+            | Step::StartTls(r) => r.code,
             Step::SkipBdat { reply, .. } => reply.code,
             Step::Verify(_) => 0,
             Step::Data => 354,
@@ -842,17 +858,42 @@ mod tests {
             (c.clone(), "GET / HTTP/1.1", 221, State::Closing),
             (c.clone(), "STARTTLS", 220, State::Closing),
             (g.clone(), "MAIL FROM:<a@example.com>", 250, m.clone()),
-            (g.clone(), "MAIL FROM:<a@example.com> SIZE=10001", 552, g.clone()),
+            (
+                g.clone(),
+                "MAIL FROM:<a@example.com> SIZE=10001",
+                552,
+                g.clone(),
+            ),
             (g.clone(), "MAIL FROM:<a@nowhere.test>", 550, g.clone()),
             (g.clone(), "MAIL FROM:<>", 550, g.clone()),
-            (g.clone(), "MAIL FROM:<j\u{f6}rg@example.com>", 553, g.clone()),
+            (
+                g.clone(),
+                "MAIL FROM:<j\u{f6}rg@example.com>",
+                553,
+                g.clone(),
+            ),
             (g.clone(), "RCPT TO:<x@y.test>", 503, g.clone()),
             (g.clone(), "DATA", 503, g.clone()),
             (g.clone(), "BDAT 5 LAST", 503, g.clone()),
-            (g.clone(), "AUTH PLAIN", 334, State::Auth(AuthStage::PlainResponse)),
-            (g.clone(), "AUTH LOGIN", 334, State::Auth(AuthStage::LoginUser)),
+            (
+                g.clone(),
+                "AUTH PLAIN",
+                334,
+                State::Auth(AuthStage::PlainResponse),
+            ),
+            (
+                g.clone(),
+                "AUTH LOGIN",
+                334,
+                State::Auth(AuthStage::LoginUser),
+            ),
             (g.clone(), "AUTH CRAM-MD5", 504, g.clone()),
-            (g.clone(), "AUTH PLAIN AGFiAGM=", 0, State::Verifying("ab".into())),
+            (
+                g.clone(),
+                "AUTH PLAIN AGFiAGM=",
+                0,
+                State::Verifying("ab".into()),
+            ),
             (g.clone(), "AUTH PLAIN %%%", 501, g.clone()),
             (g.clone(), "RSET", 250, g.clone()),
             (m.clone(), "MAIL FROM:<a@example.com>", 503, m.clone()),
@@ -867,15 +908,30 @@ mod tests {
             (m.clone(), "EHLO again", 250, g.clone()),
             (m.clone(), "NOOP", 250, m.clone()),
             (r.clone(), "RCPT TO:<z@y.test>", 250, r2.clone()),
-            (r.clone(), "DATA", 354, State::Data(tx(&["x@y.test"]), DataKind::Data)),
-            (r.clone(), "BDAT 10", 1, State::Data(bdat_t.clone(), DataKind::Bdat)),
+            (
+                r.clone(),
+                "DATA",
+                354,
+                State::Data(tx(&["x@y.test"]), DataKind::Data),
+            ),
+            (
+                r.clone(),
+                "BDAT 10",
+                1,
+                State::Data(bdat_t.clone(), DataKind::Bdat),
+            ),
             (r.clone(), "BDAT 10001 LAST", 552, g.clone()),
             (r.clone(), "MAIL FROM:<a@example.com>", 503, r.clone()),
             (r.clone(), "QUIT", 221, State::Closing),
             (b.clone(), "DATA", 503, b.clone()),
             (b.clone(), "MAIL FROM:<a@example.com>", 503, b.clone()),
             (b.clone(), "RCPT TO:<q@y.test>", 503, b.clone()),
-            (b.clone(), "BDAT 10", 1, State::Data(bdat_t.clone(), DataKind::Bdat)),
+            (
+                b.clone(),
+                "BDAT 10",
+                1,
+                State::Data(bdat_t.clone(), DataKind::Bdat),
+            ),
             (b.clone(), "RSET", 250, g.clone()),
         ];
         for (from, line, want_code, want_state) in table {
@@ -894,7 +950,9 @@ mod tests {
         assert!(matches!(&step, Step::Reply(r) if r.status == Some("4.5.3")));
         let mut s = session_in(State::Greeted);
         let step = s.handle(parse(b"MAIL FROM:<a@example.com> SIZE=500"), &|n| n < 100);
-        assert!(matches!(&step, Step::Reply(r) if r.to_string() == "452 4.3.1 Insufficient system storage"));
+        assert!(
+            matches!(&step, Step::Reply(r) if r.to_string() == "452 4.3.1 Insufficient system storage")
+        );
         assert_eq!(s.state, State::Greeted);
     }
 
@@ -915,7 +973,9 @@ mod tests {
         let t = text(&mut s);
         assert!(!t.contains("AUTH") && t.contains("STARTTLS"));
         let step = s.handle(parse(b"AUTH PLAIN"), &|_| true);
-        assert!(matches!(&step, Step::Reply(r) if r.to_string() == "538 5.7.11 Encryption required for requested authentication mechanism"));
+        assert!(
+            matches!(&step, Step::Reply(r) if r.to_string() == "538 5.7.11 Encryption required for requested authentication mechanism")
+        );
         // After TLS: AUTH offered, STARTTLS not.
         s.tls_started();
         assert_eq!(s.state, State::Connected);
@@ -937,8 +997,13 @@ mod tests {
         let mut s = Session::new(p);
         s.handle(parse(b"EHLO c"), &|_| true);
         let step = s.handle(parse(b"MAIL FROM:<scanner@example.com>"), &|_| true);
-        assert!(matches!(&step, Step::Reply(r) if r.to_string() == "530 5.7.0 Authentication required"));
-        let step = s.handle(parse(format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")).as_bytes()), &|_| true);
+        assert!(
+            matches!(&step, Step::Reply(r) if r.to_string() == "530 5.7.0 Authentication required")
+        );
+        let step = s.handle(
+            parse(format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")).as_bytes()),
+            &|_| true,
+        );
         match step {
             Step::Verify(c) => assert_eq!(c.user, "scanner"),
             other => panic!("{other:?}"),
@@ -946,16 +1011,25 @@ mod tests {
         assert_eq!(s.auth_result(AuthResult::Success).code, 235);
         assert_eq!(s.auth_user(), Some("scanner"));
         let step = s.handle(parse(b"MAIL FROM:<boss@example.com>"), &|_| true);
-        assert!(matches!(&step, Step::Reply(r) if r.code == 550 && r.to_string().contains("user \"scanner\" may not send as it")));
-        assert_eq!(code(&s.handle(parse(b"MAIL FROM:<scanner@example.com>"), &|_| true)), 250);
+        assert!(
+            matches!(&step, Step::Reply(r) if r.code == 550 && r.to_string().contains("user \"scanner\" may not send as it"))
+        );
+        assert_eq!(
+            code(&s.handle(parse(b"MAIL FROM:<scanner@example.com>"), &|_| true)),
+            250
+        );
         assert_eq!(code(&s.handle(parse(b"AUTH PLAIN"), &|_| true)), 503);
     }
 
     #[test]
     fn auth_login_dialogue_and_cancel() {
         let mut s = session_in(State::Greeted);
-        assert!(matches!(s.handle(parse(b"AUTH LOGIN"), &|_| true), Step::Challenge(r) if r.to_bytes() == b"334 VXNlcm5hbWU6\r\n"));
-        assert!(matches!(s.auth_line(b64(b"scanner").as_bytes()), Step::Challenge(r) if r.to_bytes() == b"334 UGFzc3dvcmQ6\r\n"));
+        assert!(
+            matches!(s.handle(parse(b"AUTH LOGIN"), &|_| true), Step::Challenge(r) if r.to_bytes() == b"334 VXNlcm5hbWU6\r\n")
+        );
+        assert!(
+            matches!(s.auth_line(b64(b"scanner").as_bytes()), Step::Challenge(r) if r.to_bytes() == b"334 UGFzc3dvcmQ6\r\n")
+        );
         match s.auth_line(format!("{}\r\n", b64(b"pw")).as_bytes()) {
             Step::Verify(c) => {
                 assert_eq!(c.user, "scanner");
@@ -963,19 +1037,31 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(s.auth_result(AuthResult::Failed).to_string(), "535 5.7.8 Authentication credentials invalid");
+        assert_eq!(
+            s.auth_result(AuthResult::Failed).to_string(),
+            "535 5.7.8 Authentication credentials invalid"
+        );
         assert_eq!(s.state, State::Greeted);
         s.handle(parse(b"AUTH PLAIN"), &|_| true);
-        assert!(matches!(s.auth_line(b"*\r\n"), Step::Reply(r) if r.to_string() == "501 5.0.0 Authentication cancelled"));
+        assert!(
+            matches!(s.auth_line(b"*\r\n"), Step::Reply(r) if r.to_string() == "501 5.0.0 Authentication cancelled")
+        );
         s.handle(parse(b"AUTH LOGIN"), &|_| true);
         assert!(matches!(s.auth_line(b"not base64!\r\n"), Step::Reply(r) if r.code == 501));
         assert_eq!(s.state, State::Greeted);
         s.handle(parse(b"AUTH PLAIN"), &|_| true);
         assert!(matches!(s.auth_line(b64(b"x").as_bytes()), Step::Verify(c) if c.user.is_empty()));
-        assert_eq!(s.auth_result(AuthResult::Success).code, 535, "malformed PLAIN never succeeds");
+        assert_eq!(
+            s.auth_result(AuthResult::Success).code,
+            535,
+            "malformed PLAIN never succeeds"
+        );
         s.handle(parse(b"AUTH PLAIN"), &|_| true);
         s.auth_line(b64(b"\0a\0b").as_bytes());
-        assert_eq!(s.auth_result(AuthResult::LockedOut).to_string(), "454 4.7.0 Too many failed authentication attempts; try again later");
+        assert_eq!(
+            s.auth_result(AuthResult::LockedOut).to_string(),
+            "454 4.7.0 Too many failed authentication attempts; try again later"
+        );
     }
 
     #[test]
@@ -985,7 +1071,9 @@ mod tests {
         let mut s = Session::new(p);
         let step = s.handle(parse(b"EHLO c"), &|_| true);
         assert!(matches!(&step, Step::Reply(r) if !r.to_bytes().windows(4).any(|w| w == b"AUTH")));
-        assert!(matches!(s.handle(parse(b"AUTH PLAIN"), &|_| true), Step::Reply(r) if r.code == 503));
+        assert!(
+            matches!(s.handle(parse(b"AUTH PLAIN"), &|_| true), Step::Reply(r) if r.code == 503)
+        );
     }
 
     #[test]
@@ -999,7 +1087,8 @@ mod tests {
             h,
             "Received: from client ([127.0.0.1])\r\n\tby mx.test (postern) with ESMTP id Q1\r\n\tfor <x@y.test>; Tue, 1 Jul 2025 10:00:00 +0000\r\n"
         );
-        let Finish::Commit(env) = s.finish_data(&DataOutcome::default(), "Q1", 123, 1_751_364_000) else {
+        let Finish::Commit(env) = s.finish_data(&DataOutcome::default(), "Q1", 123, 1_751_364_000)
+        else {
             panic!()
         };
         assert_eq!(env.version, ENVELOPE_VERSION);
@@ -1015,12 +1104,32 @@ mod tests {
         assert_eq!(s.state, State::Greeted);
 
         for (outcome, want) in [
-            (DataOutcome { too_big: true, ..Default::default() }, 552),
-            (DataOutcome { nul: true, ..Default::default() }, 550),
-            (DataOutcome { bare_lf: true, ..Default::default() }, 550),
+            (
+                DataOutcome {
+                    too_big: true,
+                    ..Default::default()
+                },
+                552,
+            ),
+            (
+                DataOutcome {
+                    nul: true,
+                    ..Default::default()
+                },
+                550,
+            ),
+            (
+                DataOutcome {
+                    bare_lf: true,
+                    ..Default::default()
+                },
+                550,
+            ),
         ] {
             let mut s = session_in(State::Data(tx(&["x@t"]), DataKind::Data));
-            assert!(matches!(s.finish_data(&outcome, "Q", 1, 0), Finish::Reject(r) if r.code == want));
+            assert!(
+                matches!(s.finish_data(&outcome, "Q", 1, 0), Finish::Reject(r) if r.code == want)
+            );
             assert_eq!(s.state, State::Greeted);
         }
         let _ = BareLfPolicy::Normalize;
@@ -1032,7 +1141,10 @@ mod tests {
         s.tls = true;
         s.auth_user = Some("scanner".into());
         let h = s.received_header("Q", 0);
-        assert!(h.contains("with ESMTPSA id Q; Thu, 1 Jan 1970 00:00:00 +0000\r\n"), "{h}");
+        assert!(
+            h.contains("with ESMTPSA id Q; Thu, 1 Jan 1970 00:00:00 +0000\r\n"),
+            "{h}"
+        );
         assert!(!h.contains("for <"), "no for clause with two recipients");
         assert!(!h.contains("scanner"));
         let mut t = tx(&["a@t"]);
@@ -1053,14 +1165,26 @@ mod tests {
     fn dates() {
         assert_eq!(rfc2822_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc2822_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc2822_date(4_102_444_799), "Thu, 31 Dec 2099 23:59:59 +0000");
+        assert_eq!(
+            rfc2822_date(4_102_444_799),
+            "Thu, 31 Dec 2099 23:59:59 +0000"
+        );
     }
 
     #[test]
     fn bdat_chunks_accumulate() {
         let mut s = session_in(State::Rcpt(tx(&["x@t"])));
-        assert!(matches!(s.handle(parse(b"BDAT 6000"), &|_| true), Step::Bdat { size: 6000, last: false }));
-        assert_eq!(s.chunk_done(6000).to_string(), "250 2.0.0 6000 octets received");
+        assert!(matches!(
+            s.handle(parse(b"BDAT 6000"), &|_| true),
+            Step::Bdat {
+                size: 6000,
+                last: false
+            }
+        ));
+        assert_eq!(
+            s.chunk_done(6000).to_string(),
+            "250 2.0.0 6000 octets received"
+        );
         assert!(s.in_bdat());
         let step = s.handle(parse(b"BDAT 6000 LAST"), &|_| true);
         assert!(matches!(step, Step::SkipBdat { size: 6000, reply } if reply.code == 552));

@@ -33,7 +33,10 @@ pub fn user(name: &str, password: &str, may_send_as: &[&str]) -> UserConfig {
     UserConfig {
         name: name.into(),
         password_hash: hash(password),
-        may_send_as: may_send_as.iter().map(|p| AddressPattern::parse(p).unwrap()).collect(),
+        may_send_as: may_send_as
+            .iter()
+            .map(|p| AddressPattern::parse(p).unwrap())
+            .collect(),
     }
 }
 
@@ -72,7 +75,9 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
         name: name.into(),
         senders: vec![AddressPattern::parse(pattern).unwrap()],
         mailbox: mailbox.map(Into::into),
-        transport: TransportConfig::File { dir: PathBuf::from("/nonexistent") },
+        transport: TransportConfig::File {
+            dir: PathBuf::from("/nonexistent"),
+        },
     };
     Config {
         source: "test.toml".into(),
@@ -117,7 +122,7 @@ pub fn lan() -> SocketAddr {
 struct MemState {
     committed: Mutex<Vec<(Envelope, Vec<u8>)>>,
     discarded: AtomicU32,
-    begun: AtomicU32,
+    next_id: AtomicU32,
     fail_begin: AtomicBool,
     fail_write: AtomicBool,
     fail_commit: AtomicBool,
@@ -146,10 +151,6 @@ impl MemSink {
     /// Drafts discarded so far.
     pub fn discarded(&self) -> u32 {
         self.state.discarded.load(Ordering::SeqCst)
-    }
-    /// Drafts begun so far.
-    pub fn begun(&self) -> u32 {
-        self.state.begun.load(Ordering::SeqCst)
     }
     /// Make `begin` fail.
     pub fn fail_begin(&self, v: bool) {
@@ -187,7 +188,7 @@ impl MessageSink for MemSink {
         if self.state.fail_begin.load(Ordering::SeqCst) {
             return Err(io_err("begin"));
         }
-        let n = self.state.begun.fetch_add(1, Ordering::SeqCst);
+        let n = self.state.next_id.fetch_add(1, Ordering::SeqCst);
         Ok(MemDraft {
             id: format!("Q{n:04}"),
             buf: Vec::new(),
@@ -214,7 +215,11 @@ impl MessageDraft for MemDraft {
             self.state.discarded.fetch_add(1, Ordering::SeqCst);
             return Err(io_err("commit"));
         }
-        self.state.committed.lock().unwrap().push((envelope, self.buf));
+        self.state
+            .committed
+            .lock()
+            .unwrap()
+            .push((envelope, self.buf));
         Ok(())
     }
 
