@@ -243,7 +243,7 @@ impl AuthGuard {
         };
         let locked = max > 0 && e.failures >= max;
         if locked {
-            e.locked_until = Some(now + lockout);
+            e.locked_until = Some(now + lockout.min(Duration::from_secs(365 * 86_400)));
         }
         FailureVerdict { delay, locked }
     }

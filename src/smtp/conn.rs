@@ -233,6 +233,12 @@ struct Conn<'a, S: MessageSink> {
     bdat: Option<BdatTransfer<S::Draft>>,
 }
 
+/// `now + d`, capped so that an absurd configured duration cannot overflow `Instant`.
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86_400);
+    Instant::now() + d.min(TEN_YEARS)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -255,7 +261,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             session,
             peer,
             client: peer.to_string(),
-            deadline: Instant::now() + ctx.listener.session_timeout,
+            deadline: deadline_after(ctx.listener.session_timeout),
             errors: 0,
             accepted: 0,
             rejected: 0,
@@ -307,7 +313,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
     }
 
     async fn flush<T: AsyncWrite + Unpin>(&mut self, io: &mut Io<T>) -> Result<(), ConnEnd> {
-        let deadline = (Instant::now() + self.ctx.listener.command_timeout).min(self.deadline);
+        let deadline = deadline_after(self.ctx.listener.command_timeout).min(self.deadline);
         Self::flush_within(io, deadline).await
     }
 
@@ -318,7 +324,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         T: AsyncRead + AsyncWrite + Unpin,
     {
         self.flush(io).await?;
-        let deadline = (Instant::now() + wait).min(self.deadline);
+        let deadline = deadline_after(wait).min(self.deadline);
         let Io {
             stream,
             rbuf,
@@ -537,6 +543,12 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             AuthResult::Failed => "failed",
             AuthResult::LockedOut => "locked out",
             AuthResult::Unavailable => "unavailable",
+        };
+        // Unknown names are not logged: they are often a password typed into the wrong field.
+        let user = if self.ctx.config.user(&user).is_some() {
+            user
+        } else {
+            "<unknown>".to_string()
         };
         info!(target: "postern::smtp", client = %self.client, user = %user, outcome, "AUTH");
         let reply = self.session.auth_result(result);
@@ -760,7 +772,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             r.write_to(&mut io.wbuf);
         }
         if !broken {
-            let _ = Self::flush_within(io, Instant::now() + FAREWELL_TIMEOUT).await;
+            let _ = Self::flush_within(io, deadline_after(FAREWELL_TIMEOUT)).await;
             let _ = timeout(FAREWELL_TIMEOUT, io.stream.shutdown()).await;
         }
         end
@@ -1533,6 +1545,31 @@ pub(crate) mod tests {
         c.cmd("STARTTLS").await;
         drop(c);
         assert!(matches!(h.await.unwrap().end, ConnEnd::TlsFailed(_)));
+    }
+
+    #[tokio::test]
+    async fn absurd_durations_do_not_overflow() {
+        let mut cfg = config();
+        cfg.listeners[0].session_timeout = Duration::MAX;
+        cfg.listeners[0].command_timeout = Duration::MAX;
+        cfg.listeners[0].data_timeout = Duration::MAX;
+        cfg.limits.auth_lockout = Duration::MAX;
+        cfg.limits.auth_max_failures = 1;
+        let ctx = context(cfg, MemSink::default());
+        let (mut c, h) = start(&ctx, loopback());
+        c.reply().await;
+        c.cmd("EHLO x").await;
+        let bad = format!("AUTH PLAIN {}", b64(b"\0nobody\0x"));
+        assert_eq!(
+            c.cmd(&bad).await,
+            "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        assert_eq!(
+            c.cmd(&bad).await,
+            "454 4.7.0 Too many failed authentication attempts; try again later\r\n"
+        );
+        assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
+        assert_eq!(h.await.unwrap().end, ConnEnd::Quit);
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use tokio::time::timeout;
 use tracing::{error, info, warn};
 
 use crate::config::{GlobalLimits, TlsMode};
+use crate::maillog;
 
 use super::MessageSink;
 use super::conn::{ConnEnd, ListenerContext, serve};
@@ -153,12 +154,10 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
             end = %ConnEnd::Denied,
             "refused: client not in allow_networks"
         );
+        let reply = Reply::access_denied(&ip.to_string(), &ctx.listener.name);
+        maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
         if !implicit {
-            refuse(
-                stream,
-                Reply::access_denied(&ip.to_string(), &ctx.listener.name),
-                &ctx.tracker,
-            );
+            refuse(stream, reply, &ctx.tracker);
         }
         return;
     }
@@ -173,11 +172,12 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 end = %ConnEnd::TooManyConnections,
                 "refused: too many connections"
             );
+            let reply = match which {
+                LimitExceeded::Total => Reply::too_many_connections(&host),
+                LimitExceeded::PerIp => Reply::too_many_connections_from_ip(&host),
+            };
+            maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
             if !implicit {
-                let reply = match which {
-                    LimitExceeded::Total => Reply::too_many_connections(&host),
-                    LimitExceeded::PerIp => Reply::too_many_connections_from_ip(&host),
-                };
                 refuse(stream, reply, &ctx.tracker);
             }
             return;
