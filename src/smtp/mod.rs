@@ -1,5 +1,15 @@
 //! The SMTP server side: protocol and local policy. It never touches tokens or upstreams; an
 //! accepted message goes into a [`MessageSink`] (the spool) and is committed before 250.
+//!
+//! - [`command`]: one command line → [`command::Command`] (over smtp-proto).
+//! - [`reply`]: every reply we send, as named constructors.
+//! - [`session`]: the sans-IO state machine.
+//! - [`data`]: sans-IO DATA/BDAT body decoders (dot-unstuffing, bare LF, size, NUL).
+//! - [`auth`]: AUTH PLAIN/LOGIN decoding, argon2 checks, the brute-force guard.
+//! - [`policy`]: allowed networks, sender → route and mailbox.
+//! - [`conn`]: drives a session over a stream (timeouts, limits, STARTTLS, 421 on shutdown).
+//! - [`server`]: the accept loop per listener and the shared connection limiter.
+//! - [`tls`]: the rustls server config from PEM files.
 
 use std::future::Future;
 
@@ -28,3 +38,15 @@ pub trait MessageDraft: Send + 'static {
     /// Throw the draft away.
     fn discard(self) -> impl Future<Output = ()> + Send;
 }
+
+pub mod auth;
+pub mod command;
+pub mod conn;
+pub mod data;
+pub mod policy;
+pub mod reply;
+pub mod server;
+pub mod session;
+#[cfg(test)]
+pub(crate) mod testkit;
+pub mod tls;

@@ -1,0 +1,342 @@
+//! Local AUTH: SASL PLAIN/LOGIN decoding, argon2 password checks and the brute-force guard.
+//!
+//! Passwords are never logged; decoded credentials live in [`Zeroizing`] buffers and are wiped
+//! when dropped. An unknown user still costs one argon2 verification (against a dummy hash
+//! with the same parameters as the configured users), so user names cannot be probed by
+//! timing.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::config::{Config, GlobalLimits};
+
+/// A user name and password from AUTH. `Debug` never shows the password.
+pub struct Credentials {
+    /// Login name (authentication identity).
+    pub user: String,
+    /// The password bytes, wiped on drop.
+    pub password: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"[redacted]")
+            .finish()
+    }
+}
+
+/// Why a SASL response could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslError {
+    /// Not base64 (`501 5.5.2`).
+    BadBase64,
+    /// Decoded, but not a usable PLAIN message (counts as a failed login).
+    Malformed,
+}
+
+/// Decode a base64 SASL response (surrounding whitespace ignored).
+pub fn decode_b64(s: &str) -> Result<Zeroizing<Vec<u8>>, SaslError> {
+    STANDARD
+        .decode(s.trim())
+        .map(Zeroizing::new)
+        .map_err(|_| SaslError::BadBase64)
+}
+
+/// Decode an AUTH PLAIN response: `authzid NUL authcid NUL passwd` (RFC 4616). An authzid
+/// other than empty or the authcid itself is refused (we do not support proxy auth).
+pub fn decode_plain(b64: &str) -> Result<Credentials, SaslError> {
+    let raw = decode_b64(b64)?;
+    let mut parts = raw.splitn(3, |&b| b == 0);
+    let (Some(authz), Some(authc), Some(pass)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(SaslError::Malformed);
+    };
+    let user = std::str::from_utf8(authc).map_err(|_| SaslError::Malformed)?;
+    if user.is_empty() || (!authz.is_empty() && authz != authc) {
+        return Err(SaslError::Malformed);
+    }
+    Ok(Credentials {
+        user: user.to_string(),
+        password: Zeroizing::new(pass.to_vec()),
+    })
+}
+
+/// Check a password against the configured users. Slow on purpose (argon2): run it on a
+/// blocking thread. Unknown users cost the same as known ones.
+pub fn verify_password(config: &Config, user: &str, password: &[u8]) -> bool {
+    let Some(u) = config.user(user) else {
+        dummy_verify(config, password);
+        return false;
+    };
+    match PasswordHash::new(&u.password_hash) {
+        Ok(hash) => Argon2::default().verify_password(password, &hash).is_ok(),
+        Err(e) => {
+            tracing::warn!(user = %u.name, error = %e, "password_hash of user is not a valid argon2 PHC string");
+            dummy_verify(config, password);
+            false
+        }
+    }
+}
+
+/// Verify against a dummy hash with the parameters of the first configured user, so an
+/// unknown user name takes as long as a known one.
+fn dummy_verify(config: &Config, password: &[u8]) {
+    static DUMMY: Mutex<Option<(String, String)>> = Mutex::new(None);
+    let params = config
+        .users
+        .iter()
+        .find_map(|u| {
+            let h = PasswordHash::new(&u.password_hash).ok()?;
+            Params::try_from(&h).ok()
+        })
+        .unwrap_or_default();
+    let key = format!(
+        "{}/{}/{}",
+        params.m_cost(),
+        params.t_cost(),
+        params.p_cost()
+    );
+    let cached = DUMMY.lock().ok().and_then(|g| {
+        g.as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, h)| h.clone())
+    });
+    let phc = match cached {
+        Some(h) => h,
+        None => {
+            let Ok(salt) = SaltString::encode_b64(b"postern-dummy-salt") else {
+                return;
+            };
+            let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+            let Ok(h) = argon.hash_password(b"postern-dummy-password", &salt) else {
+                return;
+            };
+            let h = h.to_string();
+            if let Ok(mut g) = DUMMY.lock() {
+                *g = Some((key, h.clone()));
+            }
+            h
+        }
+    };
+    if let Ok(hash) = PasswordHash::new(&phc) {
+        let _ = Argon2::default().verify_password(password, &hash);
+    }
+}
+
+/// What the guard says after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureVerdict {
+    /// Wait this long before answering 535.
+    pub delay: Duration,
+    /// The address is now locked out.
+    pub locked: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    failures: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+/// Longest delay before a 535.
+const MAX_DELAY: Duration = Duration::from_secs(16);
+/// Prune forgotten entries when the table grows past this.
+const PRUNE_AT: usize = 4096;
+
+/// Brute-force guard, shared by all connections and listeners, keyed by client IP.
+///
+/// The first two failures are answered at once; each further failure waits 1 s, 2 s, 4 s …
+/// (at most 16 s) before its 535; after `auth_max_failures` failures the address is refused
+/// AUTH (`454 4.7.0`) for `auth_lockout`. Failures older than `auth_lockout` are forgotten;
+/// a success clears the count.
+#[derive(Debug)]
+pub struct AuthGuard {
+    table: Mutex<HashMap<IpAddr, Entry>>,
+    limits: Mutex<(u32, Duration)>,
+}
+
+impl AuthGuard {
+    /// A guard locking out after `max_failures` (0 = never) for `lockout`.
+    pub fn new(max_failures: u32, lockout: Duration) -> Self {
+        Self {
+            table: Mutex::new(HashMap::new()),
+            limits: Mutex::new((max_failures, lockout)),
+        }
+    }
+
+    /// A guard from `config.limits`.
+    pub fn from_limits(limits: &GlobalLimits) -> Self {
+        Self::new(limits.auth_max_failures, limits.auth_lockout)
+    }
+
+    /// Change the limits (config reload); counts are kept.
+    pub fn set_limits(&self, max_failures: u32, lockout: Duration) {
+        if let Ok(mut l) = self.limits.lock() {
+            *l = (max_failures, lockout);
+        }
+    }
+
+    fn limits(&self) -> (u32, Duration) {
+        self.limits
+            .lock()
+            .map(|l| *l)
+            .unwrap_or((0, Duration::ZERO))
+    }
+
+    /// Is `ip` locked out right now?
+    pub fn is_locked(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let Ok(mut t) = self.table.lock() else {
+            return false;
+        };
+        match t.get(&ip).and_then(|e| e.locked_until) {
+            Some(until) if until > now => true,
+            Some(_) => {
+                t.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Record a failed attempt from `ip`.
+    pub fn record_failure(&self, ip: IpAddr) -> FailureVerdict {
+        let (max, lockout) = self.limits();
+        let now = Instant::now();
+        let Ok(mut t) = self.table.lock() else {
+            return FailureVerdict {
+                delay: MAX_DELAY,
+                locked: false,
+            };
+        };
+        if t.len() >= PRUNE_AT {
+            t.retain(|_, e| {
+                now.duration_since(e.last) < lockout || e.locked_until.is_some_and(|u| u > now)
+            });
+        }
+        let e = t.entry(ip).or_insert(Entry {
+            failures: 0,
+            last: now,
+            locked_until: None,
+        });
+        if now.duration_since(e.last) >= lockout && e.locked_until.is_none_or(|u| u <= now) {
+            e.failures = 0;
+            e.locked_until = None;
+        }
+        e.failures = e.failures.saturating_add(1);
+        e.last = now;
+        let delay = match e.failures {
+            0..=2 => Duration::ZERO,
+            n => Duration::from_secs(1u64 << (n - 3).min(10)).min(MAX_DELAY),
+        };
+        let locked = max > 0 && e.failures >= max;
+        if locked {
+            e.locked_until = Some(now + lockout.min(Duration::from_secs(365 * 86_400)));
+        }
+        FailureVerdict { delay, locked }
+    }
+
+    /// Record a successful login from `ip`: its failures are forgotten.
+    pub fn record_success(&self, ip: IpAddr) {
+        if let Ok(mut t) = self.table.lock() {
+            t.remove(&ip);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::testkit::{config_with_users, user};
+
+    #[test]
+    fn plain_decoding() {
+        let c = decode_plain(&STANDARD.encode(b"\0scanner\0s3cret")).unwrap();
+        assert_eq!(c.user, "scanner");
+        assert_eq!(&c.password[..], b"s3cret");
+        let c = decode_plain(&STANDARD.encode(b"scanner\0scanner\0pw\0with nul")).unwrap();
+        assert_eq!(&c.password[..], b"pw\0with nul");
+        assert_eq!(
+            decode_plain(&STANDARD.encode(b"other\0scanner\0pw")).unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            decode_plain(&STANDARD.encode(b"scanner\0pw")).unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            decode_plain(&STANDARD.encode(b"\0\0pw")).unwrap_err(),
+            SaslError::Malformed
+        );
+        assert_eq!(decode_plain("!!!").unwrap_err(), SaslError::BadBase64);
+        assert!(!format!("{c:?}").contains("pw"));
+    }
+
+    #[test]
+    fn argon2_verification() {
+        let cfg = config_with_users(vec![user("scanner", "right", &["*"])]);
+        assert!(verify_password(&cfg, "scanner", b"right"));
+        assert!(!verify_password(&cfg, "scanner", b"wrong"));
+        assert!(!verify_password(&cfg, "nobody", b"right"));
+        let mut bad = cfg.clone();
+        bad.users[0].password_hash = "not-a-hash".into();
+        assert!(!verify_password(&bad, "scanner", b"right"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guard_delays_then_locks_out_then_forgets() {
+        let g = AuthGuard::new(5, Duration::from_secs(600));
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let delays: Vec<_> = (0..5).map(|_| g.record_failure(ip)).collect();
+        assert_eq!(
+            delays[0],
+            FailureVerdict {
+                delay: Duration::ZERO,
+                locked: false
+            }
+        );
+        assert_eq!(delays[1].delay, Duration::ZERO);
+        assert_eq!(delays[2].delay, Duration::from_secs(1));
+        assert_eq!(delays[3].delay, Duration::from_secs(2));
+        assert_eq!(
+            delays[4],
+            FailureVerdict {
+                delay: Duration::from_secs(4),
+                locked: true
+            }
+        );
+        assert!(g.is_locked(ip));
+        assert!(!g.is_locked(other));
+        tokio::time::advance(Duration::from_secs(601)).await;
+        assert!(!g.is_locked(ip));
+        assert_eq!(
+            g.record_failure(ip).delay,
+            Duration::ZERO,
+            "count starts again"
+        );
+        g.record_success(ip);
+        assert_eq!(g.record_failure(ip).delay, Duration::ZERO);
+        let capped = AuthGuard::new(0, Duration::from_secs(600));
+        let last = (0..20).map(|_| capped.record_failure(ip)).last().unwrap();
+        assert_eq!(
+            last,
+            FailureVerdict {
+                delay: MAX_DELAY,
+                locked: false
+            }
+        );
+    }
+}
