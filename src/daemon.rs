@@ -22,7 +22,8 @@ use crate::config::{Config, ConfigErrors};
 use crate::control;
 use crate::forward::{Forwarder, Kick, Plan};
 use crate::smtp::auth::AuthGuard;
-use crate::smtp::server::{ConnLimiter, ListenerContext, run_listener};
+use crate::smtp::conn::ListenerContext;
+use crate::smtp::server::{ConnLimiter, run_listener};
 use crate::smtp::tls;
 use crate::spool::{Spool, SpoolError};
 
