@@ -59,7 +59,10 @@ pub enum DaemonError {
 /// Live listeners of one configuration generation.
 struct Listeners {
     stop: CancellationToken,
+    /// Listening sockets by their bound address (reused by a reload).
     sockets: HashMap<SocketAddr, std::net::TcpListener>,
+    /// Bound address of each configured listener, in config order.
+    bound: Vec<SocketAddr>,
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -89,9 +92,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let auth_guard = Arc::new(AuthGuard::new(config.limits.auth_max_failures, config.limits.auth_lockout));
     let limiter = Arc::new(ConnLimiter::new(config.limits.max_connections, config.limits.max_connections_per_ip));
     let shared = Shared { spool: spool.clone(), shutdown: shutdown.clone(), conns: conns.clone(), auth_guard, limiter };
-    let mut live = shared.start_listeners(&config, HashMap::new())?;
-    for l in &config.listeners {
-        let addr = live.sockets.get(&l.address).and_then(|s| s.local_addr().ok()).unwrap_or(l.address);
+    let mut live = shared.start_listeners(&config, &HashMap::new())?;
+    for (l, addr) in config.listeners.iter().zip(&live.bound) {
         // The ready lines on stdout are how scripts and tests learn the bound ports.
         println!("postern: listening on {} {}", l.name, addr);
     }
@@ -120,9 +122,13 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                         if new.spool_dir != current.spool_dir {
                             warn!("spool_dir changed; that takes a restart (keeping {})", current.spool_dir.display());
                         }
-                        live.stop.cancel();
-                        match shared.start_listeners(&new, std::mem::take(&mut live.sockets)) {
+                        // New listeners start beside the old ones (sharing the sockets of
+                        // unchanged addresses), and only then do the old ones stop accepting:
+                        // no connection attempt is refused during a reload, and a failure
+                        // leaves everything as it was.
+                        match shared.start_listeners(&new, &live.sockets) {
                             Ok(l) => {
+                                live.stop.cancel();
                                 live = l;
                                 spool.set_min_free(new.limits.min_free_disk);
                                 shared.limiter.set_limits(new.limits.max_connections, new.limits.max_connections_per_ip);
@@ -132,13 +138,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                                 current = new;
                                 info!(config = %current.source, "configuration reloaded");
                             }
-                            Err(e) => {
-                                error!("configuration not reloaded: {e}; restarting the previous listeners");
-                                match shared.start_listeners(&current, HashMap::new()) {
-                                    Ok(l) => live = l,
-                                    Err(e) => error!("cannot restart the previous listeners either: {e}"),
-                                }
-                            }
+                            Err(e) => error!("configuration not reloaded, keeping the running one: {e}"),
                         }
                     }
                 }
@@ -175,9 +175,10 @@ struct Shared {
 
 impl Shared {
     /// Bind (or reuse, for unchanged addresses) every listener of `config` and start serving.
-    fn start_listeners(&self, config: &Arc<Config>, mut old: HashMap<SocketAddr, std::net::TcpListener>) -> Result<Listeners, DaemonError> {
+    fn start_listeners(&self, config: &Arc<Config>, old: &HashMap<SocketAddr, std::net::TcpListener>) -> Result<Listeners, DaemonError> {
         let stop = CancellationToken::new();
         let mut sockets = HashMap::new();
+        let mut bound = Vec::new();
         let mut prepared = Vec::new();
         for l in &config.listeners {
             let tls = match &l.tls_files {
@@ -186,12 +187,16 @@ impl Shared {
                 }
                 _ => None,
             };
-            let std_sock = match old.remove(&l.address) {
-                Some(s) => s,
-                None => bind(l.address).map_err(|source| DaemonError::Bind { name: l.name.clone(), address: l.address, source })?,
+            let bind_err = |source| DaemonError::Bind { name: l.name.clone(), address: l.address, source };
+            // Port 0 means "any free port": never reuse for it.
+            let std_sock = match old.get(&l.address).filter(|_| l.address.port() != 0) {
+                Some(s) => s.try_clone().map_err(bind_err)?,
+                None => bind(l.address).map_err(bind_err)?,
             };
-            let clone = std_sock.try_clone().map_err(|source| DaemonError::Bind { name: l.name.clone(), address: l.address, source })?;
-            sockets.insert(l.address, std_sock);
+            let addr = std_sock.local_addr().map_err(bind_err)?;
+            let clone = std_sock.try_clone().map_err(bind_err)?;
+            sockets.insert(addr, std_sock);
+            bound.push(addr);
             prepared.push((l.clone(), tls, clone));
         }
         for (l, tls, sock) in prepared {
@@ -209,7 +214,7 @@ impl Shared {
             });
             tokio::spawn(run_listener(tcp, ctx));
         }
-        Ok(Listeners { stop, sockets })
+        Ok(Listeners { stop, sockets, bound })
     }
 }
 
