@@ -49,7 +49,9 @@ fn config() -> Config {
             name: "r".into(),
             senders: vec![AddressPattern::parse("*@example.com").unwrap()],
             mailbox: None,
-            transport: TransportConfig::File { dir: "/nonexistent".into() },
+            transport: TransportConfig::File {
+                dir: "/nonexistent".into(),
+            },
         }],
         delivery: DeliveryConfig {
             max_concurrency: 1,
@@ -68,7 +70,10 @@ fn check(r: &Reply) {
     assert!(wire.ends_with(b"\r\n"));
     for line in wire.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         assert!(line.len() <= 512, "reply line too long");
-        assert!(!line[..line.len() - 1].contains(&b'\r'), "CR inside a reply line");
+        assert!(
+            !line[..line.len() - 1].contains(&b'\r'),
+            "CR inside a reply line"
+        );
     }
 }
 
@@ -110,7 +115,15 @@ fuzz_target!(|data: &[u8]| {
             }
             Step::Bdat { size, last } => {
                 if last {
-                    let _ = s.finish_data(&DataOutcome { size, ..Default::default() }, "Q1", size, 0);
+                    let _ = s.finish_data(
+                        &DataOutcome {
+                            size,
+                            ..Default::default()
+                        },
+                        "Q1",
+                        size,
+                        0,
+                    );
                 } else {
                     check(&s.chunk_done(size));
                 }

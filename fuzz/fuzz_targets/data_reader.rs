@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&ctl, input)) = data.split_first() else {
         return;
     };
-    let policy = if ctl & 1 == 0 { BareLfPolicy::Normalize } else { BareLfPolicy::Reject };
+    let policy = if ctl & 1 == 0 {
+        BareLfPolicy::Normalize
+    } else {
+        BareLfPolicy::Reject
+    };
     // Cut points derived from the input itself.
     let mut cuts: Vec<usize> = input
         .iter()
@@ -40,15 +44,26 @@ fuzz_target!(|data: &[u8]| {
     cuts.sort_unstable();
 
     let whole = run(input, &[], policy);
-    assert_eq!(whole, run(input, &cuts, policy), "chunking changed the result");
+    assert_eq!(
+        whole,
+        run(input, &cuts, policy),
+        "chunking changed the result"
+    );
     let ones: Vec<usize> = (1..input.len().min(256)).collect();
-    assert_eq!(whole, run(input, &ones, policy), "byte-at-a-time changed the result");
+    assert_eq!(
+        whole,
+        run(input, &ones, policy),
+        "byte-at-a-time changed the result"
+    );
     let (out, consumed, done) = whole;
     assert!(out.len() as u64 <= MAX);
     if done {
         // The only terminator: CRLF.CRLF (or .CRLF at the very start).
         let end = &input[..consumed];
-        assert!(end == b".\r\n" || end.ends_with(b"\r\n.\r\n"), "ended on {end:?}");
+        assert!(
+            end == b".\r\n" || end.ends_with(b"\r\n.\r\n"),
+            "ended on {end:?}"
+        );
     }
     if policy == BareLfPolicy::Normalize {
         // Stored text never holds a bare LF.

@@ -842,6 +842,21 @@ pub(crate) mod tests {
             }
         }
 
+        /// One reply line ("" at EOF).
+        pub async fn line(&mut self) -> String {
+            loop {
+                if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                    return String::from_utf8_lossy(&line).to_string();
+                }
+                let mut tmp = [0u8; 4096];
+                match self.io.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return String::new(),
+                    Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+        }
+
         pub async fn cmd(&mut self, line: &str) -> String {
             self.send(format!("{line}\r\n").as_bytes()).await;
             self.reply().await
@@ -1545,6 +1560,92 @@ pub(crate) mod tests {
         c.cmd("STARTTLS").await;
         drop(c);
         assert!(matches!(h.await.unwrap().end, ConnEnd::TlsFailed(_)));
+    }
+
+    /// `\r`, `\n`, `\0`, `\\`, `\xHH` escapes of the dialog files.
+    fn unescape(s: &str) -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && i + 1 < b.len() {
+                match b[i + 1] {
+                    b'r' => out.push(b'\r'),
+                    b'n' => out.push(b'\n'),
+                    b'0' => out.push(0),
+                    b'\\' => out.push(b'\\'),
+                    b'x' if i + 3 < b.len() => {
+                        let hex = std::str::from_utf8(&b[i + 2..i + 4]).unwrap();
+                        out.push(u8::from_str_radix(hex, 16).unwrap());
+                        i += 2;
+                    }
+                    other => panic!("unknown escape \\{}", other as char),
+                }
+                i += 2;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Runs every `tests/dialogs/*.txt` (format in `tests/dialogs/README.md`).
+    #[tokio::test]
+    async fn dialogs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dialogs");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        files.sort();
+        assert!(
+            files.len() >= 5,
+            "dialog files missing in {}",
+            dir.display()
+        );
+        for path in files {
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let ctx = context(config(), MemSink::default());
+            let (mut c, h) = start(&ctx, loopback());
+            let mut pending = Vec::new();
+            for (n, line) in text.lines().enumerate() {
+                let at = format!("{name}:{}", n + 1);
+                if line.trim().is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                if let Some(cmd) = line.strip_prefix("C: ") {
+                    pending.extend_from_slice(cmd.as_bytes());
+                    pending.extend_from_slice(b"\r\n");
+                    continue;
+                }
+                if let Some(raw) = line.strip_prefix("R: ") {
+                    pending.extend(unescape(raw));
+                    continue;
+                }
+                if !pending.is_empty() {
+                    c.send(&std::mem::take(&mut pending)).await;
+                }
+                if let Some(want) = line.strip_prefix("S: ") {
+                    let got = c.line().await;
+                    assert!(
+                        got.starts_with(want),
+                        "{at}: expected {want:?}, got {got:?}"
+                    );
+                } else if line == "CLOSED" {
+                    assert!(c.closed().await, "{at}: connection still open");
+                } else {
+                    panic!("{at}: cannot read {line:?}");
+                }
+            }
+            if !pending.is_empty() {
+                c.send(&pending).await;
+            }
+            drop(c);
+            h.await.unwrap();
+        }
     }
 
     #[tokio::test]
