@@ -51,7 +51,11 @@ pub fn list_table(items: &[Listed]) -> String {
     if items.is_empty() {
         return "Mail queue is empty\n".into();
     }
-    let _ = writeln!(out, "{:<16} {:<8} {:>9} {:<19} {:<30} recipients", "id", "state", "size", "arrival (UTC)", "sender");
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:>9} {:<19} {:<30} recipients",
+        "id", "state", "size", "arrival (UTC)", "sender"
+    );
     for l in items {
         let e = &l.envelope;
         let rcpts: Vec<&str> = e.recipients.iter().map(|r| r.address.as_str()).collect();
@@ -78,12 +82,24 @@ pub fn show(state: State, e: &Envelope) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "id:           {}", e.id);
     let _ = writeln!(o, "state:        {state}");
-    let _ = writeln!(o, "received:     {} UTC from {} (helo {})", time(e.received_at), e.client_addr, e.client_helo);
+    let _ = writeln!(
+        o,
+        "received:     {} UTC from {} (helo {})",
+        time(e.received_at),
+        e.client_addr,
+        e.client_helo
+    );
     let _ = writeln!(o, "listener:     {}", e.listener);
     let _ = writeln!(o, "auth user:    {}", e.auth_user.as_deref().unwrap_or("-"));
     let _ = writeln!(o, "sender:       <{}>", e.sender);
     let _ = writeln!(o, "route:        {} (as mailbox {})", e.route, e.mailbox);
-    let _ = writeln!(o, "size:         {} bytes{}{}", e.size, if e.body_8bit { ", 8BITMIME" } else { "" }, if e.smtputf8 { ", SMTPUTF8" } else { "" });
+    let _ = writeln!(
+        o,
+        "size:         {} bytes{}{}",
+        e.size,
+        if e.body_8bit { ", 8BITMIME" } else { "" },
+        if e.smtputf8 { ", SMTPUTF8" } else { "" }
+    );
     let _ = writeln!(o, "attempts:     {}", e.attempts);
     if let Some(t) = e.next_attempt {
         let _ = writeln!(o, "next attempt: {} UTC", time(t));
@@ -101,12 +117,24 @@ pub fn show(state: State, e: &Envelope) -> String {
             RcptStatus::Sent => "sent",
             RcptStatus::Failed => "failed",
         };
-        let _ = writeln!(o, "  <{}> {st}{}", r.address, r.last_reply.as_deref().map(|x| format!(": {x}")).unwrap_or_default());
+        let _ = writeln!(
+            o,
+            "  <{}> {st}{}",
+            r.address,
+            r.last_reply
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default()
+        );
     }
     o
 }
 
 fn time(secs: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-    humantime::format_rfc3339_seconds(t).to_string().replace('T', " ").trim_end_matches('Z').to_string()
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
 }

@@ -9,7 +9,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "postern", version, propagate_version = true)]
 pub struct Cli {
     /// Configuration file [default: /etc/postern/postern.toml if it exists, else the embedded default]
-    #[arg(long, short = 'c', global = true, env = "POSTERN_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "POSTERN_CONFIG",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
 
     /// Log format: human-readable (default on a terminal) or JSON lines.

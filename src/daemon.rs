@@ -84,14 +84,38 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let conns = TaskTracker::new();
     let kick = Kick::default();
     let (plan_tx, plan_rx) = watch::channel(Plan::from_config(config.clone()));
-    let new_ids = spool.take_new_messages().ok_or_else(|| SpoolError::other("start", spool.root(), "forwarder already started"))?;
-    let forwarder = Forwarder::new(spool.clone(), plan_rx, new_ids, kick.clone(), shutdown.clone());
+    let new_ids = spool
+        .take_new_messages()
+        .ok_or_else(|| SpoolError::other("start", spool.root(), "forwarder already started"))?;
+    let forwarder = Forwarder::new(
+        spool.clone(),
+        plan_rx,
+        new_ids,
+        kick.clone(),
+        shutdown.clone(),
+    );
     let forwarder = tokio::spawn(forwarder.run());
-    let control_task = tokio::spawn(control::serve(control::socket_path(&config.spool_dir), kick.clone(), shutdown.clone()));
+    let control_task = tokio::spawn(control::serve(
+        control::socket_path(&config.spool_dir),
+        kick.clone(),
+        shutdown.clone(),
+    ));
 
-    let auth_guard = Arc::new(AuthGuard::new(config.limits.auth_max_failures, config.limits.auth_lockout));
-    let limiter = Arc::new(ConnLimiter::new(config.limits.max_connections, config.limits.max_connections_per_ip));
-    let shared = Shared { spool: spool.clone(), shutdown: shutdown.clone(), conns: conns.clone(), auth_guard, limiter };
+    let auth_guard = Arc::new(AuthGuard::new(
+        config.limits.auth_max_failures,
+        config.limits.auth_lockout,
+    ));
+    let limiter = Arc::new(ConnLimiter::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_ip,
+    ));
+    let shared = Shared {
+        spool: spool.clone(),
+        shutdown: shutdown.clone(),
+        conns: conns.clone(),
+        auth_guard,
+        limiter,
+    };
     let mut live = shared.start_listeners(&config, &HashMap::new())?;
     for (l, addr) in config.listeners.iter().zip(&live.bound) {
         // The ready lines on stdout are how scripts and tests learn the bound ports.
@@ -102,7 +126,11 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     info!(config = %config.source, "postern started");
 
     let mut current = config;
-    let (mut term, mut int, mut hup) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
         (Ok(a), Ok(b), Ok(c)) => (a, b, c),
         _ => {
             error!("cannot install signal handlers");
@@ -175,7 +203,11 @@ struct Shared {
 
 impl Shared {
     /// Bind (or reuse, for unchanged addresses) every listener of `config` and start serving.
-    fn start_listeners(&self, config: &Arc<Config>, old: &HashMap<SocketAddr, std::net::TcpListener>) -> Result<Listeners, DaemonError> {
+    fn start_listeners(
+        &self,
+        config: &Arc<Config>,
+        old: &HashMap<SocketAddr, std::net::TcpListener>,
+    ) -> Result<Listeners, DaemonError> {
         let stop = CancellationToken::new();
         let mut sockets = HashMap::new();
         let mut bound = Vec::new();
@@ -183,11 +215,18 @@ impl Shared {
         for l in &config.listeners {
             let tls = match &l.tls_files {
                 Some(files) if l.tls != crate::config::TlsMode::None => {
-                    Some(tls::acceptor(files).map_err(|e| DaemonError::Tls { name: l.name.clone(), message: e.to_string() })?)
+                    Some(tls::acceptor(files).map_err(|e| DaemonError::Tls {
+                        name: l.name.clone(),
+                        message: e.to_string(),
+                    })?)
                 }
                 _ => None,
             };
-            let bind_err = |source| DaemonError::Bind { name: l.name.clone(), address: l.address, source };
+            let bind_err = |source| DaemonError::Bind {
+                name: l.name.clone(),
+                address: l.address,
+                source,
+            };
             // Port 0 means "any free port": never reuse for it.
             let std_sock = match old.get(&l.address).filter(|_| l.address.port() != 0) {
                 Some(s) => s.try_clone().map_err(bind_err)?,
@@ -200,7 +239,12 @@ impl Shared {
             prepared.push((l.clone(), tls, clone));
         }
         for (l, tls, sock) in prepared {
-            let tcp = tokio::net::TcpListener::from_std(sock).map_err(|source| DaemonError::Bind { name: l.name.clone(), address: l.address, source })?;
+            let tcp =
+                tokio::net::TcpListener::from_std(sock).map_err(|source| DaemonError::Bind {
+                    name: l.name.clone(),
+                    address: l.address,
+                    source,
+                })?;
             let ctx = Arc::new(ListenerContext {
                 config: config.clone(),
                 listener: l,
@@ -214,7 +258,11 @@ impl Shared {
             });
             tokio::spawn(run_listener(tcp, ctx));
         }
-        Ok(Listeners { stop, sockets, bound })
+        Ok(Listeners {
+            stop,
+            sockets,
+            bound,
+        })
     }
 }
 
@@ -242,7 +290,10 @@ fn sd_notify(state: &str) {
 /// Each connection costs a descriptor; raise the soft limit to the hard one (as Postfix
 /// does) so `max_connections` is not capped by a default of 1024.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: get/setrlimit with a properly initialised struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

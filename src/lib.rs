@@ -12,15 +12,15 @@
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
 
-pub mod config;
-pub mod maillog;
-pub mod smtp;
-pub mod spool;
-pub mod forward;
-pub mod secret;
-pub mod token;
-pub mod upstream;
 pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod forward;
+pub mod maillog;
+pub mod secret;
+pub mod smtp;
+pub mod spool;
+pub mod token;
+pub mod upstream;

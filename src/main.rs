@@ -58,9 +58,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let source = ConfigSource::resolve(cli.config.as_deref());
             let cfg = source.load()?;
             if matches!(source, ConfigSource::Default) {
-                tracing::info!("no config file at {DEFAULT_CONFIG} and none given: using the embedded default (see `postern check`)");
+                tracing::info!(
+                    "no config file at {DEFAULT_CONFIG} and none given: using the embedded default (see `postern check`)"
+                );
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
             let reload = move || source.load();
             rt.block_on(daemon::run(cfg, Box::new(reload)))?;
             Ok(ExitCode::SUCCESS)
@@ -98,12 +103,18 @@ impl ConfigSource {
 
 fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     if !cfg.spool_dir.is_dir() {
-        bail!("spool directory {} does not exist (has postern ever run with this configuration?)", cfg.spool_dir.display());
+        bail!(
+            "spool directory {} does not exist (has postern ever run with this configuration?)",
+            cfg.spool_dir.display()
+        );
     }
     let spool = Spool::open_shared(&cfg.spool_dir)?;
     let changed = |what: &str| {
         if !control::notify(&cfg.spool_dir) {
-            eprintln!("postern: {what}; no daemon is running on {}, so it takes effect at the next start", cfg.spool_dir.display());
+            eprintln!(
+                "postern: {what}; no daemon is running on {}, so it takes effect at the next start",
+                cfg.spool_dir.display()
+            );
         }
     };
     let result = match cmd {
@@ -116,11 +127,14 @@ fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        QueueCommand::Show { id } => spool.find(&id).ok_or(SpoolError::NotFound(id.clone())).and_then(|s| {
-            let env = spool.read_envelope(s, &id)?;
-            print!("{}", admin::show(s, &env));
-            Ok(())
-        }),
+        QueueCommand::Show { id } => spool
+            .find(&id)
+            .ok_or(SpoolError::NotFound(id.clone()))
+            .and_then(|s| {
+                let env = spool.read_envelope(s, &id)?;
+                print!("{}", admin::show(s, &env));
+                Ok(())
+            }),
         QueueCommand::Retry(t) => {
             if t.all {
                 let ids = spool.ids(postern::spool::State::Deferred)?;
@@ -143,18 +157,24 @@ fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 changed("queue changed");
             })
         }
-        QueueCommand::Hold { id } => spool.hold(&id, "held by the administrator (postern queue hold)").map(|()| {
-            println!("{id}: held");
-            maillog::held(&id, "", "held by the administrator");
-            changed("queue changed");
-        }),
+        QueueCommand::Hold { id } => spool
+            .hold(&id, "held by the administrator (postern queue hold)")
+            .map(|()| {
+                println!("{id}: held");
+                maillog::held(&id, "", "held by the administrator");
+                changed("queue changed");
+            }),
         QueueCommand::Release { id } => match spool.find(&id) {
             Some(postern::spool::State::Hold) => spool.requeue(&id).map(|_| {
                 println!("{id}: released");
                 maillog::released(&id);
                 changed("queue changed");
             }),
-            Some(s) => Err(SpoolError::WrongState { id: id.clone(), state: s, why: "only held messages can be released" }),
+            Some(s) => Err(SpoolError::WrongState {
+                id: id.clone(),
+                state: s,
+                why: "only held messages can be released",
+            }),
             None => Err(SpoolError::NotFound(id.clone())),
         },
         QueueCommand::Delete { id } => spool.delete(&id).map(|from| {
@@ -188,7 +208,9 @@ fn hash_password() -> Result<ExitCode> {
         a
     } else {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the password from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the password from standard input")?;
         s.trim_end_matches(['\r', '\n']).to_string()
     };
     let password = zeroize::Zeroizing::new(password);
@@ -197,7 +219,8 @@ fn hash_password() -> Result<ExitCode> {
         return Ok(ExitCode::from(EX_DATAERR));
     }
     use argon2::password_hash::{PasswordHasher, SaltString};
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+        .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
     let hash = argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
@@ -218,9 +241,15 @@ fn init_logging(cli: &Cli) {
         Some(LogFormat::Human) => false,
         None => false,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }

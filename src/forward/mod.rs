@@ -55,7 +55,11 @@ impl Plan {
     fn transport_for(&self, route: &str, sender: &str) -> Option<Arc<dyn Transport>> {
         self.routes
             .get(route)
-            .or_else(|| self.config.route_for(sender).and_then(|r| self.routes.get(&r.name)))
+            .or_else(|| {
+                self.config
+                    .route_for(sender)
+                    .and_then(|r| self.routes.get(&r.name))
+            })
             .cloned()
     }
 }
@@ -88,7 +92,13 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Create the forwarder; `new_ids` is the spool's commit channel.
-    pub fn new(spool: Spool, plan: watch::Receiver<Plan>, new_ids: mpsc::UnboundedReceiver<String>, kick: Kick, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        spool: Spool,
+        plan: watch::Receiver<Plan>,
+        new_ids: mpsc::UnboundedReceiver<String>,
+        kick: Kick,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             spool,
             plan,
@@ -149,7 +159,12 @@ impl Forwarder {
 
     /// Re-read the queue directories: new incoming mail and every deferred message's due time.
     fn rescan(&mut self) {
-        let in_flight: HashSet<String> = self.known.iter().filter(|id| !self.is_queued_here(id)).cloned().collect();
+        let in_flight: HashSet<String> = self
+            .known
+            .iter()
+            .filter(|id| !self.is_queued_here(id))
+            .cloned()
+            .collect();
         self.ready.clear();
         self.deferred.clear();
         self.waiting.clear();
@@ -170,7 +185,12 @@ impl Forwarder {
                     if self.known.contains(&id) {
                         continue;
                     }
-                    let due = self.spool.read_envelope(State::Deferred, &id).ok().and_then(|e| e.next_attempt).unwrap_or(0);
+                    let due = self
+                        .spool
+                        .read_envelope(State::Deferred, &id)
+                        .ok()
+                        .and_then(|e| e.next_attempt)
+                        .unwrap_or(0);
                     self.known.insert(id.clone());
                     self.deferred.push(Reverse((due, id)));
                 }
@@ -201,12 +221,20 @@ impl Forwarder {
     fn dispatch(&mut self) {
         let (max, per_mailbox) = self.max_concurrency();
         while self.running.len() < max {
-            let Some(id) = self.ready.pop_front() else { break };
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
             // The message is in incoming/ or (when due) deferred/; read it where it is.
-            let from = if self.spool.msg_dir(State::Incoming, &id).is_dir() { State::Incoming } else { State::Deferred };
+            let from = if self.spool.msg_dir(State::Incoming, &id).is_dir() {
+                State::Incoming
+            } else {
+                State::Deferred
+            };
             let env = match self.spool.read_envelope(from, &id) {
                 Ok(e) => e,
-                Err(SpoolError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Err(SpoolError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
                     self.known.remove(&id); // moved by the admin meanwhile
                     continue;
                 }
@@ -232,7 +260,11 @@ impl Forwarder {
             let plan = self.plan.borrow().clone();
             let transport = plan.transport_for(&env.route, &env.sender);
             let d = &plan.config.delivery;
-            let policy = RetryPolicy { initial: d.retry_initial, max: d.retry_max, lifetime: d.max_lifetime };
+            let policy = RetryPolicy {
+                initial: d.retry_initial,
+                max: d.retry_max,
+                lifetime: d.max_lifetime,
+            };
             let spool = self.spool.clone();
             let mailbox = env.mailbox;
             self.running.spawn(async move {
@@ -267,7 +299,8 @@ impl Forwarder {
             && let Ok(env) = self.spool.read_envelope(State::Deferred, id)
         {
             self.known.insert(id.to_string());
-            self.deferred.push(Reverse((env.next_attempt.unwrap_or(0), id.to_string())));
+            self.deferred
+                .push(Reverse((env.next_attempt.unwrap_or(0), id.to_string())));
         }
     }
 }

@@ -9,7 +9,9 @@ pub fn backoff(attempts: u32, initial: Duration, max: Duration, jitter: f64) -> 
     let exp = attempts.saturating_sub(1).min(32);
     let base = initial.saturating_mul(1u32 << exp.min(31)).min(max);
     let factor = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
-    base.mul_f64(factor).min(max).max(Duration::from_secs(1).min(initial))
+    base.mul_f64(factor)
+        .min(max)
+        .max(Duration::from_secs(1).min(initial))
 }
 
 /// Has a message received at `received_at` (epoch seconds) outlived `lifetime` at `now`?
@@ -45,6 +47,9 @@ mod tests {
         let five_days = Duration::from_secs(5 * 86400);
         assert!(!expired(1000, 1000 + 5 * 86400 - 1, five_days));
         assert!(expired(1000, 1000 + 5 * 86400, five_days));
-        assert!(!expired(2000, 1000, five_days), "clock going backwards is not expiry");
+        assert!(
+            !expired(2000, 1000, five_days),
+            "clock going backwards is not expiry"
+        );
     }
 }

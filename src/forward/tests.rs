@@ -19,13 +19,20 @@ impl Transport for Scripted {
         "scripted".into()
     }
     fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome> {
-        self.asked.lock().unwrap().push(msg.envelope.pending().map(|r| r.address.clone()).collect());
+        self.asked
+            .lock()
+            .unwrap()
+            .push(msg.envelope.pending().map(|r| r.address.clone()).collect());
         let o = self.outcomes.lock().unwrap().remove(0);
         Box::pin(async move { o })
     }
 }
 
-const POLICY: RetryPolicy = RetryPolicy { initial: Duration::from_secs(60), max: Duration::from_secs(3600), lifetime: Duration::from_secs(86400) };
+const POLICY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_secs(60),
+    max: Duration::from_secs(3600),
+    lifetime: Duration::from_secs(86400),
+};
 
 async fn claimed(spool: &Spool, rcpts: &[&str]) -> String {
     let mut d = spool.begin().await.unwrap();
@@ -36,7 +43,14 @@ async fn claimed(spool: &Spool, rcpts: &[&str]) -> String {
         id: String::new(),
         received_at: now_secs(),
         sender: "a@example.com".into(),
-        recipients: rcpts.iter().map(|r| Recipient { address: r.to_string(), status: RcptStatus::Pending, last_reply: None }).collect(),
+        recipients: rcpts
+            .iter()
+            .map(|r| Recipient {
+                address: r.to_string(),
+                status: RcptStatus::Pending,
+                last_reply: None,
+            })
+            .collect(),
         client_addr: "127.0.0.1:1".into(),
         client_helo: "t".into(),
         auth_user: None,
@@ -57,7 +71,11 @@ async fn claimed(spool: &Spool, rcpts: &[&str]) -> String {
 }
 
 fn rcpt(a: &str, status: RcptStatus, reply: &str) -> RcptResult {
-    RcptResult { address: a.into(), status, reply: reply.into() }
+    RcptResult {
+        address: a.into(),
+        status,
+        reply: reply.into(),
+    }
 }
 
 #[tokio::test]
@@ -76,13 +94,24 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
                     rcpt("later@x.test", RcptStatus::Pending, "452 4.5.3 try later"),
                 ],
             },
-            Outcome::Sent { relay: "r".into(), reply: "250 ok".into(), recipients: vec![rcpt("later@x.test", RcptStatus::Sent, "250 ok")] },
+            Outcome::Sent {
+                relay: "r".into(),
+                reply: "250 ok".into(),
+                recipients: vec![rcpt("later@x.test", RcptStatus::Sent, "250 ok")],
+            },
         ]),
         asked: Mutex::new(vec![]),
     });
-    let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY).await.unwrap();
-    let Next::Deferred(at) = next else { panic!("{next:?}") };
-    assert!(at >= now_secs() + 45 && at <= now_secs() + 75, "first retry about retry_initial later");
+    let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY)
+        .await
+        .unwrap();
+    let Next::Deferred(at) = next else {
+        panic!("{next:?}")
+    };
+    assert!(
+        at >= now_secs() + 45 && at <= now_secs() + 75,
+        "first retry about retry_initial later"
+    );
     let env = spool.read_envelope(State::Deferred, &id).unwrap();
     assert_eq!(env.attempts, 1);
     assert_eq!(env.recipients[0].status, RcptStatus::Sent);
@@ -90,8 +119,20 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     assert_eq!(env.recipients[2].status, RcptStatus::Pending);
     assert_eq!(env.last_error.as_deref(), Some("452 4.5.3 try later"));
     spool.move_msg(&id, State::Deferred, State::Active).unwrap();
-    assert_eq!(worker::attempt(&spool, &id, Some(t.clone()), POLICY).await.unwrap(), Next::Done);
-    assert_eq!(*t.asked.lock().unwrap(), vec![vec!["ok@x.test", "bad@x.test", "later@x.test"], vec!["later@x.test"]], "a sent recipient is never sent again");
+    assert_eq!(
+        worker::attempt(&spool, &id, Some(t.clone()), POLICY)
+            .await
+            .unwrap(),
+        Next::Done
+    );
+    assert_eq!(
+        *t.asked.lock().unwrap(),
+        vec![
+            vec!["ok@x.test", "bad@x.test", "later@x.test"],
+            vec!["later@x.test"]
+        ],
+        "a sent recipient is never sent again"
+    );
     assert_eq!(spool.find(&id), None);
 }
 
@@ -101,26 +142,53 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     let spool = Spool::open_exclusive(dir.path()).unwrap();
     let t = Arc::new(Scripted {
         outcomes: Mutex::new(vec![
-            Outcome::Permanent { reason: "554 5.6.0 rejected".into() },
-            Outcome::Held { reason: "AADSTS7000222: the client secret expired".into() },
+            Outcome::Permanent {
+                reason: "554 5.6.0 rejected".into(),
+            },
+            Outcome::Held {
+                reason: "AADSTS7000222: the client secret expired".into(),
+            },
         ]),
         asked: Mutex::new(vec![]),
     });
     let a = claimed(&spool, &["x@x.test"]).await;
-    assert_eq!(worker::attempt(&spool, &a, Some(t.clone()), POLICY).await.unwrap(), Next::Failed);
+    assert_eq!(
+        worker::attempt(&spool, &a, Some(t.clone()), POLICY)
+            .await
+            .unwrap(),
+        Next::Failed
+    );
     let env = spool.read_envelope(State::Failed, &a).unwrap();
     assert_eq!(env.recipients[0].status, RcptStatus::Failed);
     assert_eq!(env.last_error.as_deref(), Some("554 5.6.0 rejected"));
 
     let b = claimed(&spool, &["x@x.test"]).await;
-    assert_eq!(worker::attempt(&spool, &b, Some(t.clone()), POLICY).await.unwrap(), Next::Held);
+    assert_eq!(
+        worker::attempt(&spool, &b, Some(t.clone()), POLICY)
+            .await
+            .unwrap(),
+        Next::Held
+    );
     let env = spool.read_envelope(State::Hold, &b).unwrap();
-    assert_eq!(env.attempts, 0, "a configuration problem does not use up the message's retries");
+    assert_eq!(
+        env.attempts, 0,
+        "a configuration problem does not use up the message's retries"
+    );
     assert!(env.hold_reason.unwrap().contains("AADSTS7000222"));
 
     let c = claimed(&spool, &["x@x.test"]).await;
-    assert_eq!(worker::attempt(&spool, &c, None, POLICY).await.unwrap(), Next::Held);
-    assert!(spool.read_envelope(State::Hold, &c).unwrap().hold_reason.unwrap().contains("no longer exists"));
+    assert_eq!(
+        worker::attempt(&spool, &c, None, POLICY).await.unwrap(),
+        Next::Held
+    );
+    assert!(
+        spool
+            .read_envelope(State::Hold, &c)
+            .unwrap()
+            .hold_reason
+            .unwrap()
+            .contains("no longer exists")
+    );
 }
 
 #[tokio::test]
@@ -131,8 +199,16 @@ async fn transient_past_lifetime_fails() {
     let mut env = spool.read_envelope(State::Active, &id).unwrap();
     env.received_at -= 86400;
     spool.write_envelope(State::Active, &env).unwrap();
-    let t = Arc::new(Scripted { outcomes: Mutex::new(vec![Outcome::Transient { reason: "421 4.3.2 busy".into() }]), asked: Mutex::new(vec![]) });
-    assert_eq!(worker::attempt(&spool, &id, Some(t), POLICY).await.unwrap(), Next::Failed);
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![Outcome::Transient {
+            reason: "421 4.3.2 busy".into(),
+        }]),
+        asked: Mutex::new(vec![]),
+    });
+    assert_eq!(
+        worker::attempt(&spool, &id, Some(t), POLICY).await.unwrap(),
+        Next::Failed
+    );
     let env = spool.read_envelope(State::Failed, &id).unwrap();
     assert!(env.last_error.unwrap().contains("421 4.3.2 busy"));
 }

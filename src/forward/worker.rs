@@ -37,11 +37,19 @@ pub enum Next {
 
 /// Run one attempt for the claimed message `id`. `transport` is `None` when the message's
 /// route no longer exists (the message is held until the admin fixes the config).
-pub async fn attempt(spool: &Spool, id: &str, transport: Option<Arc<dyn Transport>>, policy: RetryPolicy) -> Result<Next, SpoolError> {
+pub async fn attempt(
+    spool: &Spool,
+    id: &str,
+    transport: Option<Arc<dyn Transport>>,
+    policy: RetryPolicy,
+) -> Result<Next, SpoolError> {
     let mut env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
-            let msg = Outgoing { envelope: env.clone(), message: spool.msg_dir(State::Active, id).join("message.eml") };
+            let msg = Outgoing {
+                envelope: env.clone(),
+                message: spool.msg_dir(State::Active, id).join("message.eml"),
+            };
             t.send(&msg).await
         }
         None => Outcome::Held {
@@ -54,15 +62,27 @@ pub async fn attempt(spool: &Spool, id: &str, transport: Option<Arc<dyn Transpor
     env.attempts = env.attempts.saturating_add(1);
     let now = now_secs();
     match outcome {
-        Outcome::Sent { relay, reply, recipients } => {
+        Outcome::Sent {
+            relay,
+            reply,
+            recipients,
+        } => {
             let mut sent = Vec::new();
             for r in recipients {
-                if let Some(e) = env.recipients.iter_mut().find(|e| e.address == r.address && e.status == RcptStatus::Pending) {
+                if let Some(e) = env
+                    .recipients
+                    .iter_mut()
+                    .find(|e| e.address == r.address && e.status == RcptStatus::Pending)
+                {
                     e.status = r.status;
                     e.last_reply = Some(r.reply.clone());
                     match r.status {
                         RcptStatus::Sent => sent.push(r.address),
-                        RcptStatus::Failed => maillog::failed(id, &env.mailbox, &format!("<{}>: {}", r.address, r.reply)),
+                        RcptStatus::Failed => maillog::failed(
+                            id,
+                            &env.mailbox,
+                            &format!("<{}>: {}", r.address, r.reply),
+                        ),
                         RcptStatus::Pending => {}
                     }
                 }
@@ -74,7 +94,11 @@ pub async fn attempt(spool: &Spool, id: &str, transport: Option<Arc<dyn Transpor
                 spool.remove(id, State::Active)?;
                 return Ok(Next::Done);
             }
-            let reason = env.pending().filter_map(|r| r.last_reply.clone()).next().unwrap_or_else(|| reply.clone());
+            let reason = env
+                .pending()
+                .filter_map(|r| r.last_reply.clone())
+                .next()
+                .unwrap_or_else(|| reply.clone());
             defer(spool, env, reason, now, policy)
         }
         Outcome::Transient { reason } => defer(spool, env, reason, now, policy),
@@ -92,23 +116,47 @@ pub async fn attempt(spool: &Spool, id: &str, transport: Option<Arc<dyn Transpor
     }
 }
 
-fn defer(spool: &Spool, mut env: Envelope, reason: String, now: u64, policy: RetryPolicy) -> Result<Next, SpoolError> {
+fn defer(
+    spool: &Spool,
+    mut env: Envelope,
+    reason: String,
+    now: u64,
+    policy: RetryPolicy,
+) -> Result<Next, SpoolError> {
     if retry::expired(env.received_at, now, policy.lifetime) {
-        let why = format!("message outlived max_lifetime ({}); last error: {reason}", humantime::format_duration(policy.lifetime));
+        let why = format!(
+            "message outlived max_lifetime ({}); last error: {reason}",
+            humantime::format_duration(policy.lifetime)
+        );
         return fail(spool, env, why);
     }
-    let delay = retry::backoff(env.attempts, policy.initial, policy.max, rand::rng().random::<f64>());
+    let delay = retry::backoff(
+        env.attempts,
+        policy.initial,
+        policy.max,
+        rand::rng().random::<f64>(),
+    );
     let next = now + delay.as_secs();
     env.next_attempt = Some(next);
     env.last_error = Some(reason.clone());
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Deferred)?;
-    maillog::deferred(&env.id, &env.mailbox, &reason, env.attempts, delay.as_secs());
+    maillog::deferred(
+        &env.id,
+        &env.mailbox,
+        &reason,
+        env.attempts,
+        delay.as_secs(),
+    );
     Ok(Next::Deferred(next))
 }
 
 fn fail(spool: &Spool, mut env: Envelope, reason: String) -> Result<Next, SpoolError> {
-    for r in env.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+    for r in env
+        .recipients
+        .iter_mut()
+        .filter(|r| r.status == RcptStatus::Pending)
+    {
         r.status = RcptStatus::Failed;
     }
     env.last_error = Some(reason.clone());

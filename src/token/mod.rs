@@ -37,5 +37,10 @@ pub enum TokenError {
 /// Hands out access tokens per mailbox.
 pub trait TokenSource: Send + Sync {
     /// A valid token for `mailbox` of `account`, for `audience`.
-    fn token<'a>(&'a self, account: &'a str, mailbox: &'a str, audience: Audience) -> BoxFuture<'a, Result<AccessToken, TokenError>>;
+    fn token<'a>(
+        &'a self,
+        account: &'a str,
+        mailbox: &'a str,
+        audience: Audience,
+    ) -> BoxFuture<'a, Result<AccessToken, TokenError>>;
 }

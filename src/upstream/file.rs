@@ -52,7 +52,11 @@ impl FileTransport {
         durable::write_atomic(&self.dir.join(format!("{}.json", env.id)), &json)?;
         Ok(pending
             .into_iter()
-            .map(|a| RcptResult { address: a.to_string(), status: RcptStatus::Sent, reply: "250 2.0.0 written".into() })
+            .map(|a| RcptResult {
+                address: a.to_string(),
+                status: RcptStatus::Sent,
+                reply: "250 2.0.0 written".into(),
+            })
             .collect())
     }
 }
@@ -73,8 +77,12 @@ impl Transport for FileTransport {
                     recipients,
                 },
                 // A full disk or a permission problem is the admin's to fix; retry meanwhile.
-                Ok(Err(e)) => Outcome::Transient { reason: format!("cannot write into {}: {e}", self.dir.display()) },
-                Err(e) => Outcome::Transient { reason: format!("delivery task failed: {e}") },
+                Ok(Err(e)) => Outcome::Transient {
+                    reason: format!("cannot write into {}: {e}", self.dir.display()),
+                },
+                Err(e) => Outcome::Transient {
+                    reason: format!("delivery task failed: {e}"),
+                },
             }
         })
     }

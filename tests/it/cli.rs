@@ -10,7 +10,13 @@ fn version_and_help() {
     let out = Command::new(bin()).arg("version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("postern "));
-    for sub in [&["--help"][..], &["serve", "--help"], &["queue", "--help"], &["queue", "retry", "--help"], &["check", "--help"]] {
+    for sub in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["queue", "--help"],
+        &["queue", "retry", "--help"],
+        &["check", "--help"],
+    ] {
         let out = Command::new(bin()).args(sub).output().unwrap();
         assert!(out.status.success(), "{sub:?}");
         assert!(!out.stdout.is_empty());
@@ -24,17 +30,36 @@ fn check_prints_effective_config_and_embedded_default_works() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("p.toml");
     std::fs::write(&cfg, basic_config("", "")).unwrap();
-    let out = Command::new(bin()).args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("local") && text.contains("127.0.0.1"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("local") && text.contains("127.0.0.1"),
+        "{text}"
+    );
     assert!(text.contains("default"), "{text}");
     // Without a config file the embedded default is used (unless /etc/postern exists here).
     if !std::path::Path::new("/etc/postern/postern.toml").exists() {
-        let out = Command::new(bin()).arg("check").current_dir(dir.path()).env_remove("POSTERN_CONFIG").output().unwrap();
+        let out = Command::new(bin())
+            .arg("check")
+            .current_dir(dir.path())
+            .env_remove("POSTERN_CONFIG")
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
-        assert!(text.contains("embedded default") && text.contains("127.0.0.1:2525"), "{text}");
+        assert!(
+            text.contains("embedded default") && text.contains("127.0.0.1:2525"),
+            "{text}"
+        );
     }
 }
 
@@ -43,13 +68,29 @@ fn config_errors_name_file_line_and_key_and_exit_78() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("broken.toml");
     std::fs::write(&cfg, "spool_dir = \"s\"\n\n[listener.lan]\naddress = \"127.0.0.1:2525\"\ntls = \"startls\"\nmax_mesage_size = \"1 MB\"\n\n[route.r]\nsenders = [\"*\"]\ntransport = \"file\"\ndir = \"d\"\n").unwrap();
-    let out = Command::new(bin()).args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken.toml:5") && err.contains("listener.lan.tls"), "{err}");
-    assert!(err.contains("broken.toml:6") && err.contains("max_mesage_size") && err.contains("max_message_size"), "{err}");
+    assert!(
+        err.contains("broken.toml:5") && err.contains("listener.lan.tls"),
+        "{err}"
+    );
+    assert!(
+        err.contains("broken.toml:6")
+            && err.contains("max_mesage_size")
+            && err.contains("max_message_size"),
+        "{err}"
+    );
     // serve refuses to start on the same file, with the same message
-    let out = Command::new(bin()).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
 }
 
@@ -59,7 +100,12 @@ fn queue_commands_work_while_the_daemon_runs() {
     let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#);
     let p = Postern::start(&cfg);
     std::fs::write(p.path("blocked"), b"not a directory").unwrap();
-    let r = send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: q\r\n\r\nbody");
+    let r = send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: q\r\n\r\nbody",
+    );
     expect(&r, "250 2.0.0");
     let id = queued_id(&r);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -73,10 +119,16 @@ fn queue_commands_work_while_the_daemon_runs() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["id"], id.as_str());
-    assert!(v[0]["last_error"].as_str().unwrap().contains("blocked"), "{out}");
+    assert!(
+        v[0]["last_error"].as_str().unwrap().contains("blocked"),
+        "{out}"
+    );
     let (code, out, _) = p.cli(&["queue", "show", &id]);
     assert_eq!(code, 0);
-    assert!(out.contains("<b@example.org> pending") && out.contains("attempts:"), "{out}");
+    assert!(
+        out.contains("<b@example.org> pending") && out.contains("attempts:"),
+        "{out}"
+    );
 
     // hold: the daemon stops retrying it
     let (code, _, err) = p.cli(&["queue", "hold", &id]);
@@ -90,7 +142,11 @@ fn queue_commands_work_while_the_daemon_runs() {
     while !p.path("blocked/sub").join(format!("{id}.json")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(p.path("blocked/sub").join(format!("{id}.json")).exists(), "released message delivered; log:\n{}", p.log_text());
+    assert!(
+        p.path("blocked/sub").join(format!("{id}.json")).exists(),
+        "released message delivered; log:\n{}",
+        p.log_text()
+    );
     assert!(p.log_text().contains("sent"));
 
     // unknown ids and bad ids
@@ -105,10 +161,23 @@ fn queue_delete_and_retry_all() {
     let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#);
     let p = Postern::start(&cfg);
     std::fs::write(p.path("blocked"), b"x").unwrap();
-    let a = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: a\r\n\r\na"));
-    let b = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: b\r\n\r\nb"));
+    let a = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: a\r\n\r\na",
+    ));
+    let b = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: b\r\n\r\nb",
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(p.path("spool/deferred").join(&a).exists() && p.path("spool/deferred").join(&b).exists()) && Instant::now() < deadline {
+    while !(p.path("spool/deferred").join(&a).exists()
+        && p.path("spool/deferred").join(&b).exists())
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (code, out, err) = p.cli(&["queue", "delete", &a]);
@@ -123,5 +192,8 @@ fn queue_delete_and_retry_all() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(p.path("blocked/sub").join(format!("{b}.json")).exists());
-    assert!(!p.path("blocked/sub").join(format!("{a}.json")).exists(), "deleted message never delivered");
+    assert!(
+        !p.path("blocked/sub").join(format!("{a}.json")).exists(),
+        "deleted message never delivered"
+    );
 }

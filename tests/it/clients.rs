@@ -6,7 +6,11 @@ use std::time::Duration;
 use crate::harness::*;
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// CI installs every tool; on a developer machine without one, say so loudly rather than
@@ -15,7 +19,10 @@ fn require(tool: &str) -> bool {
     if have(tool) {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{tool} is not installed but CI must run this test");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{tool} is not installed but CI must run this test"
+    );
     eprintln!("SKIPPED: {tool} not installed");
     false
 }
@@ -25,12 +32,16 @@ async fn lettre_sends_and_file_transport_delivers() {
     use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
     let p = Postern::start(&basic_config("", ""));
     let addr = p.addr();
-    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(addr.ip().to_string()).port(addr.port()).build();
+    let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(addr.ip().to_string())
+        .port(addr.port())
+        .build();
     let msg = Message::builder()
         .from("Printer <printer@example.com>".parse().unwrap())
         .to("Boss <boss@example.org>".parse().unwrap())
         .subject("Scan 42")
-        .body(String::from("Your scan is attached.\n.\nA line with a dot.\n"))
+        .body(String::from(
+            "Your scan is attached.\n.\nA line with a dot.\n",
+        ))
         .unwrap();
     let resp = mailer.send(msg).await.expect("lettre send");
     let text = resp.message().collect::<Vec<_>>().join(" ");
@@ -40,11 +51,21 @@ async fn lettre_sends_and_file_transport_delivers() {
     let eml = std::fs::read_to_string(p.path("delivered").join(format!("{}.eml", ids[0]))).unwrap();
     assert!(eml.starts_with("Received: from "), "{eml}");
     assert!(eml.contains("Subject: Scan 42"));
-    assert!(eml.contains("\r\n.\r\nA line with a dot."), "dot-stuffing undone: {eml}");
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("delivered").join(format!("{}.json", ids[0]))).unwrap()).unwrap();
+    assert!(
+        eml.contains("\r\n.\r\nA line with a dot."),
+        "dot-stuffing undone: {eml}"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("delivered").join(format!("{}.json", ids[0]))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(meta["sender"], "printer@example.com");
     assert_eq!(meta["recipients"][0], "boss@example.org");
-    assert!(p.log_text().contains("queued"), "maillog line: {}", p.log_text());
+    assert!(
+        p.log_text().contains("queued"),
+        "maillog line: {}",
+        p.log_text()
+    );
 }
 
 #[test]
@@ -74,10 +95,20 @@ print("ok")
         p.addr().ip(),
         p.addr().port()
     );
-    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ids = p.wait_delivered(1, Duration::from_secs(10));
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("delivered").join(format!("{}.json", ids[0]))).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("delivered").join(format!("{}.json", ids[0]))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(meta["recipients"].as_array().unwrap().len(), 2);
 }
 
@@ -88,8 +119,21 @@ fn swaks_sends_with_pipelining() {
     }
     let p = Postern::start(&basic_config("", ""));
     let out = Command::new("swaks")
-        .args(["--server", &p.addr().ip().to_string(), "--port", &p.addr().port().to_string()])
-        .args(["--from", "cron@example.com", "--to", "ops@example.org", "--pipeline", "--helo", "cron.test"])
+        .args([
+            "--server",
+            &p.addr().ip().to_string(),
+            "--port",
+            &p.addr().port().to_string(),
+        ])
+        .args([
+            "--from",
+            "cron@example.com",
+            "--to",
+            "ops@example.org",
+            "--pipeline",
+            "--helo",
+            "cron.test",
+        ])
         .args(["--header", "Subject: nightly backup", "--body", "backup ok"])
         .output()
         .unwrap();
@@ -106,14 +150,28 @@ fn curl_smtp_sends() {
     }
     let p = Postern::start(&basic_config("", ""));
     let mail = p.path("mail.txt");
-    std::fs::write(&mail, "From: app@example.com\r\nTo: x@example.org\r\nSubject: curl\r\n\r\nhello from curl\r\n").unwrap();
+    std::fs::write(
+        &mail,
+        "From: app@example.com\r\nTo: x@example.org\r\nSubject: curl\r\n\r\nhello from curl\r\n",
+    )
+    .unwrap();
     let out = Command::new("curl")
         .args(["-sS", "--url", &format!("smtp://{}", p.addr())])
-        .args(["--mail-from", "app@example.com", "--mail-rcpt", "x@example.org", "--upload-file"])
+        .args([
+            "--mail-from",
+            "app@example.com",
+            "--mail-rcpt",
+            "x@example.org",
+            "--upload-file",
+        ])
         .arg(&mail)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ids = p.wait_delivered(1, Duration::from_secs(10));
     let eml = std::fs::read_to_string(p.path("delivered").join(format!("{}.eml", ids[0]))).unwrap();
     assert!(eml.contains("hello from curl"));

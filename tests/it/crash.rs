@@ -18,12 +18,20 @@ struct Ledger {
     unfinished: HashSet<String>,
 }
 
-fn client_loop(addr: std::net::SocketAddr, worker: usize, ledger: Arc<Mutex<Ledger>>, stop: Arc<std::sync::atomic::AtomicBool>, slow: bool) {
+fn client_loop(
+    addr: std::net::SocketAddr,
+    worker: usize,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    slow: bool,
+) {
     let mut n = 0;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         n += 1;
         let tag = format!("w{worker}-m{n}");
-        let Some(mut c) = Raw::try_connect(addr) else { return };
+        let Some(mut c) = Raw::try_connect(addr) else {
+            return;
+        };
         if !c.reply().starts_with("220") {
             return;
         }
@@ -35,7 +43,10 @@ fn client_loop(addr: std::net::SocketAddr, worker: usize, ledger: Arc<Mutex<Ledg
             return;
         }
         ledger.lock().unwrap().unfinished.insert(tag.clone());
-        let body = format!("Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n{}\r\n", "0123456789".repeat(200));
+        let body = format!(
+            "Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n{}\r\n",
+            "0123456789".repeat(200)
+        );
         c.send(body.as_bytes());
         if slow {
             // Linger mid-DATA so that a kill lands here.
@@ -85,7 +96,9 @@ fn sigkill_under_load_and_mid_data_loses_nothing_acknowledged() {
     let mut threads = Vec::new();
     for w in 0..8 {
         let (l, s) = (ledger.clone(), stop.clone());
-        threads.push(std::thread::spawn(move || client_loop(addr, w, l, s, w % 2 == 1)));
+        threads.push(std::thread::spawn(move || {
+            client_loop(addr, w, l, s, w % 2 == 1)
+        }));
     }
     // Let a few hundred messages through, then kill while clients are mid-transaction.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -101,7 +114,11 @@ fn sigkill_under_load_and_mid_data_loses_nothing_acknowledged() {
         let l = ledger.lock().unwrap();
         (l.acked.clone(), l.unknown.clone(), l.unfinished.clone())
     };
-    assert!(acked.len() >= 50, "load generated only {} messages", acked.len());
+    assert!(
+        acked.len() >= 50,
+        "load generated only {} messages",
+        acked.len()
+    );
 
     p.spawn();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -117,11 +134,21 @@ fn sigkill_under_load_and_mid_data_loses_nothing_acknowledged() {
     let lost: Vec<_> = acked.iter().filter(|t| !set.contains(*t)).collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     let leaked: Vec<_> = unfinished.iter().filter(|t| set.contains(*t)).collect();
-    assert!(leaked.is_empty(), "never finished DATA but delivered: {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "never finished DATA but delivered: {leaked:?}"
+    );
     for t in &set {
-        assert!(acked.contains(t) || unknown.contains(t), "delivered something nobody sent: {t}");
+        assert!(
+            acked.contains(t) || unknown.contains(t),
+            "delivered something nobody sent: {t}"
+        );
     }
-    assert_eq!(set.len(), tags.len(), "a message was delivered twice under two ids");
+    assert_eq!(
+        set.len(),
+        tags.len(),
+        "a message was delivered twice under two ids"
+    );
     // Let the forwarder settle, then the spool is clean.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(count(p.path("spool/tmp")), 0, "tmp/ must be empty");
@@ -158,16 +185,34 @@ fn sigkill_mid_delivery_redelivers_after_restart() {
     let delivered_before = json.exists();
     p.spawn();
     let ids = p.wait_delivered(1, Duration::from_secs(30));
-    assert_eq!(ids, vec![id.clone()], "delivered once, under its own id (was delivered before kill: {delivered_before})");
-    let size = std::fs::metadata(p.path("delivered").join(format!("{id}.eml"))).unwrap().len();
+    assert_eq!(
+        ids,
+        vec![id.clone()],
+        "delivered once, under its own id (was delivered before kill: {delivered_before})"
+    );
+    let size = std::fs::metadata(p.path("delivered").join(format!("{id}.eml")))
+        .unwrap()
+        .len();
     assert!(size > 80_000_000, "complete copy, got {size}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while p.path("spool/active").join(&id).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(count(p.path("spool/incoming")) + count(p.path("spool/active")), 0);
+    assert_eq!(
+        count(p.path("spool/incoming")) + count(p.path("spool/active")),
+        0
+    );
     assert_eq!(count(p.path("spool/corrupt")), 0);
     // No leftover temp files from the interrupted copy under the final names.
-    let partial: Vec<_> = std::fs::read_dir(p.path("delivered")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
-    assert!(partial.iter().all(|n| !n.to_string_lossy().ends_with(".new")), "{partial:?}");
+    let partial: Vec<_> = std::fs::read_dir(p.path("delivered"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        partial
+            .iter()
+            .all(|n| !n.to_string_lossy().ends_with(".new")),
+        "{partial:?}"
+    );
 }

@@ -8,10 +8,22 @@ use crate::harness::*;
 fn delivery_starts_without_polling_delay() {
     let p = Postern::start(&basic_config("", ""));
     let t = Instant::now();
-    expect(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: fast\r\n\r\nx"), "250");
+    expect(
+        &send_mail(
+            p.addr(),
+            "a@example.com",
+            &["b@example.org"],
+            b"Subject: fast\r\n\r\nx",
+        ),
+        "250",
+    );
     assert_eq!(p.wait_delivered(1, Duration::from_secs(5)).len(), 1);
     // Generous bound: the point is "not a 30 s rescan", not a timing benchmark.
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -19,7 +31,12 @@ fn transient_failures_back_off_and_then_deliver() {
     let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#);
     let p = Postern::start(&cfg);
     std::fs::write(p.path("blocked"), b"x").unwrap();
-    let id = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: r\r\n\r\nx"));
+    let id = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: r\r\n\r\nx",
+    ));
     // at least two attempts fail, each recorded in the envelope
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut attempts = 0;
@@ -33,7 +50,11 @@ fn transient_failures_back_off_and_then_deliver() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(attempts >= 2, "retried with backoff (retry_initial 1s); log:\n{}", p.log_text());
+    assert!(
+        attempts >= 2,
+        "retried with backoff (retry_initial 1s); log:\n{}",
+        p.log_text()
+    );
     assert!(p.log_text().contains("deferred"));
     std::fs::remove_file(p.path("blocked")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -45,16 +66,32 @@ fn transient_failures_back_off_and_then_deliver() {
 
 #[test]
 fn lifetime_exceeded_goes_to_failed_with_reason() {
-    let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#).replace(r#"retry_max = "2s""#, "retry_max = \"2s\"\nmax_lifetime = \"2s\"");
+    let cfg = basic_config("", "")
+        .replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#)
+        .replace(
+            r#"retry_max = "2s""#,
+            "retry_max = \"2s\"\nmax_lifetime = \"2s\"",
+        );
     let p = Postern::start(&cfg);
     std::fs::write(p.path("blocked"), b"x").unwrap();
-    let id = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: r\r\n\r\nx"));
+    let id = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: r\r\n\r\nx",
+    ));
     let deadline = Instant::now() + Duration::from_secs(15);
     while !p.path("spool/failed").join(&id).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let env: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("spool/failed").join(&id).join("envelope.json")).unwrap()).unwrap();
-    assert!(env["last_error"].as_str().unwrap().contains("max_lifetime"), "{env}");
+    let env: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("spool/failed").join(&id).join("envelope.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        env["last_error"].as_str().unwrap().contains("max_lifetime"),
+        "{env}"
+    );
     assert_eq!(env["recipients"][0]["status"], "failed");
     assert!(p.log_text().contains("failed"));
 }
@@ -89,15 +126,19 @@ fn sigterm_finishes_the_transaction_in_progress_then_exits() {
 
 #[test]
 fn sighup_reloads_routes_and_listener_settings_without_losing_the_queue() {
-    let p = Postern::start(&basic_config("", "").replace(r#"senders = ["*"]"#, r#"senders = ["*@example.com"]"#));
+    let p = Postern::start(
+        &basic_config("", "").replace(r#"senders = ["*"]"#, r#"senders = ["*@example.com"]"#),
+    );
     let mut c = Raw::connect(p.addr());
     expect(&c.reply(), "220");
     expect(&c.cmd("EHLO t"), "250");
     expect(&c.cmd("MAIL FROM:<x@other.test>"), "550 5.7.1");
     drop(c);
     let port = p.addr().port();
-    let new = basic_config("max_recipients = 1", "")
-        .replace(r#"address = "127.0.0.1:0""#, &format!(r#"address = "127.0.0.1:{port}""#));
+    let new = basic_config("max_recipients = 1", "").replace(
+        r#"address = "127.0.0.1:0""#,
+        &format!(r#"address = "127.0.0.1:{port}""#),
+    );
     std::fs::write(&p.config_path, new).unwrap();
     p.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -57,7 +57,13 @@ impl Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut p = Postern { dir, child: None, listeners: HashMap::new(), logs: Arc::new(Mutex::new(Vec::new())), config_path };
+        let mut p = Postern {
+            dir,
+            child: None,
+            listeners: HashMap::new(),
+            logs: Arc::new(Mutex::new(Vec::new())),
+            config_path,
+        };
         p.spawn();
         p
     }
@@ -98,12 +104,16 @@ impl Postern {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("postern: listening on ") {
                         let (name, addr) = rest.split_once(' ').expect("listening line");
-                        self.listeners.insert(name.to_string(), addr.parse().expect("addr"));
+                        self.listeners
+                            .insert(name.to_string(), addr.parse().expect("addr"));
                     }
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("postern did not become ready; logs:\n{}", self.logs.lock().unwrap().join("\n"));
+                    panic!(
+                        "postern did not become ready; logs:\n{}",
+                        self.logs.lock().unwrap().join("\n")
+                    );
                 }
             }
         }
@@ -111,7 +121,11 @@ impl Postern {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.listeners.get("local").copied().or_else(|| self.listeners.values().next().copied()).expect("a listener")
+        self.listeners
+            .get("local")
+            .copied()
+            .or_else(|| self.listeners.values().next().copied())
+            .expect("a listener")
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -129,7 +143,9 @@ impl Postern {
     /// Send a signal by name (TERM, HUP...).
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args([&format!("-{sig}"), &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
         }
     }
 
@@ -168,8 +184,17 @@ impl Postern {
 
     /// Run `postern ARGS` against this daemon's config; returns (code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin()).arg("--config").arg(&self.config_path).args(args).output().expect("run postern");
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        let out = Command::new(bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .expect("run postern");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 }
 
@@ -184,7 +209,12 @@ pub fn delivered_ids(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_string))
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .map(str::to_string)
+                })
                 .collect()
         })
         .unwrap_or_default();

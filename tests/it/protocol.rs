@@ -8,7 +8,10 @@ use crate::harness::*;
 
 #[test]
 fn refused_network_gets_554_and_close() {
-    let cfg = basic_config("", "").replace(r#"allow_networks = ["127.0.0.0/8"]"#, r#"allow_networks = ["10.9.0.0/16"]"#);
+    let cfg = basic_config("", "").replace(
+        r#"allow_networks = ["127.0.0.0/8"]"#,
+        r#"allow_networks = ["10.9.0.0/16"]"#,
+    );
     let p = Postern::start(&cfg);
     let mut c = Raw::connect(p.addr());
     let r = c.reply();
@@ -75,7 +78,10 @@ fn too_many_recipients_get_452() {
     c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n");
     expect(&c.reply(), "250");
     let ids = p.wait_delivered(1, Duration::from_secs(10));
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("delivered").join(format!("{}.json", ids[0]))).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("delivered").join(format!("{}.json", ids[0]))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(meta["recipients"].as_array().unwrap().len(), 3);
 }
 
@@ -129,10 +135,17 @@ fn bare_lf_and_smuggling_sequences_never_end_data() {
     expect(&c.cmd("QUIT"), "221");
     let ids = p.wait_delivered(1, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(delivered_ids(&p.path("delivered")).len(), 1, "exactly one message");
+    assert_eq!(
+        delivered_ids(&p.path("delivered")).len(),
+        1,
+        "exactly one message"
+    );
     let eml = std::fs::read(p.path("delivered").join(format!("{}.eml", ids[0]))).unwrap();
     let text = String::from_utf8_lossy(&eml);
-    assert!(text.contains("line one\r\n.\r\nMAIL FROM:<evil@example.com>"), "bare LF stored as CRLF: {text:?}");
+    assert!(
+        text.contains("line one\r\n.\r\nMAIL FROM:<evil@example.com>"),
+        "bare LF stored as CRLF: {text:?}"
+    );
     assert!(!text.contains("\n.\n"));
     for (i, b) in eml.iter().enumerate() {
         if *b == b'\n' {
@@ -249,7 +262,12 @@ pub fn hash(password: &str) -> String {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let h = String::from_utf8(out.stdout).unwrap().trim().to_string();
@@ -264,10 +282,19 @@ fn auth_plain_and_login_and_may_send_as() {
     let mut c = Raw::connect(p.addr());
     expect(&c.reply(), "220");
     let ehlo = c.cmd("EHLO t");
-    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "loopback may AUTH without TLS: {ehlo}");
+    assert!(
+        ehlo.contains("AUTH PLAIN LOGIN"),
+        "loopback may AUTH without TLS: {ehlo}"
+    );
     expect(&c.cmd("MAIL FROM:<scanner@example.com>"), "530 5.7.0");
-    expect(&c.cmd(&format!("AUTH PLAIN {}", b64("\0scanner\0wrong"))), "535 5.7.8");
-    expect(&c.cmd(&format!("AUTH PLAIN {}", b64("\0scanner\0s3cret-pw"))), "235 2.7.0");
+    expect(
+        &c.cmd(&format!("AUTH PLAIN {}", b64("\0scanner\0wrong"))),
+        "535 5.7.8",
+    );
+    expect(
+        &c.cmd(&format!("AUTH PLAIN {}", b64("\0scanner\0s3cret-pw"))),
+        "235 2.7.0",
+    );
     expect(&c.cmd("MAIL FROM:<boss@example.com>"), "550 5.7.1");
     expect(&c.cmd("MAIL FROM:<scanner@example.com>"), "250");
     let mut c = Raw::connect(p.addr());
@@ -288,7 +315,10 @@ fn brute_force_is_slowed_then_refused() {
         let mut c = Raw::connect(p.addr());
         expect(&c.reply(), "220");
         expect(&c.cmd("EHLO t"), "250");
-        let r = c.cmd(&format!("AUTH PLAIN {}", b64(&format!("\0scanner\0guess{i}"))));
+        let r = c.cmd(&format!(
+            "AUTH PLAIN {}",
+            b64(&format!("\0scanner\0guess{i}"))
+        ));
         if r.starts_with("454") || r.starts_with("421") {
             refused = true;
             // Even the right password is refused while locked out.

@@ -33,6 +33,9 @@ fn zz_no_secret_in_any_log_of_this_run() {
         for s in SECRETS {
             assert!(!line.contains(s), "secret {s:?} in log line {line}");
         }
-        assert!(!line.contains(&b64) && !line.contains(&wrong), "encoded credentials in log line {line}");
+        assert!(
+            !line.contains(&b64) && !line.contains(&wrong),
+            "encoded credentials in log line {line}"
+        );
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::harness::*;
 
 fn write_cert(dir: &std::path::Path) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "relay.test".into()]).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "relay.test".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
 }
@@ -21,7 +22,10 @@ fn tls_postern(mode: &str) -> Postern {
             dir.path().join("cert.pem").display(),
             dir.path().join("key.pem").display()
         ),
-        &format!("[user.printer]\npassword_hash = \"{}\"\nmay_send_as = [\"*@example.com\"]\n", crate::protocol::hash("tls-pass")),
+        &format!(
+            "[user.printer]\npassword_hash = \"{}\"\nmay_send_as = [\"*@example.com\"]\n",
+            crate::protocol::hash("tls-pass")
+        ),
     );
     let p = Postern::start(&cfg);
     // keep the cert dir alive as long as the daemon
@@ -48,17 +52,44 @@ with smtplib.SMTP("{host}", {port}) as s:
 print("ok")
 "#
     );
-    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
-    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    if Command::new("sh").args(["-c", "command -v swaks"]).status().map(|s| s.success()).unwrap_or(false) {
+    if Command::new("sh")
+        .args(["-c", "command -v swaks"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+    {
         let out = Command::new("swaks")
-            .args(["--server", &host, "--port", &port, "--tls", "--auth", "PLAIN", "--auth-user", "printer", "--auth-password", "tls-pass"])
+            .args([
+                "--server",
+                &host,
+                "--port",
+                &port,
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "printer",
+                "--auth-password",
+                "tls-pass",
+            ])
             .args(["--from", "printer@example.com", "--to", "b@example.org"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains("queued as"), "swaks: {text}");
+        assert!(
+            out.status.success() && text.contains("queued as"),
+            "swaks: {text}"
+        );
     } else {
         assert!(std::env::var_os("CI").is_none(), "swaks required in CI");
     }
@@ -66,14 +97,45 @@ print("ok")
     let mail = p.path("m.txt");
     std::fs::write(&mail, "Subject: curl tls\r\n\r\nhi\r\n").unwrap();
     let out = Command::new("curl")
-        .args(["-sS", "-k", "--ssl-reqd", "--url", &format!("smtp://{}", p.addr()), "--user", "printer:tls-pass"])
-        .args(["--mail-from", "printer@example.com", "--mail-rcpt", "c@example.org", "--upload-file"])
+        .args([
+            "-sS",
+            "-k",
+            "--ssl-reqd",
+            "--url",
+            &format!("smtp://{}", p.addr()),
+            "--user",
+            "printer:tls-pass",
+        ])
+        .args([
+            "--mail-from",
+            "printer@example.com",
+            "--mail-rcpt",
+            "c@example.org",
+            "--upload-file",
+        ])
         .arg(&mail)
         .output()
         .unwrap();
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
-    let expected = if std::env::var_os("CI").is_some() || Command::new("sh").args(["-c", "command -v swaks"]).status().map(|s| s.success()).unwrap_or(false) { 3 } else { 2 };
-    assert_eq!(p.wait_delivered(expected, Duration::from_secs(10)).len(), expected);
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = if std::env::var_os("CI").is_some()
+        || Command::new("sh")
+            .args(["-c", "command -v swaks"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    {
+        3
+    } else {
+        2
+    };
+    assert_eq!(
+        p.wait_delivered(expected, Duration::from_secs(10)).len(),
+        expected
+    );
     let log = p.log_text();
     assert!(!log.contains("tls-pass"), "password in the log");
 }
@@ -95,17 +157,41 @@ with smtplib.SMTP_SSL("{host}", {port}, context=ctx) as s:
 print("ok")
 "#
     );
-    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
-    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mail = p.path("m.txt");
     std::fs::write(&mail, "Subject: curl smtps\r\n\r\nhi\r\n").unwrap();
     let out = Command::new("curl")
-        .args(["-sS", "-k", "--url", &format!("smtps://{}", p.addr()), "--user", "printer:tls-pass"])
-        .args(["--mail-from", "printer@example.com", "--mail-rcpt", "c@example.org", "--upload-file"])
+        .args([
+            "-sS",
+            "-k",
+            "--url",
+            &format!("smtps://{}", p.addr()),
+            "--user",
+            "printer:tls-pass",
+        ])
+        .args([
+            "--mail-from",
+            "printer@example.com",
+            "--mail-rcpt",
+            "c@example.org",
+            "--upload-file",
+        ])
         .arg(&mail)
         .output()
         .unwrap();
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(p.wait_delivered(2, Duration::from_secs(10)).len(), 2);
 }
 
@@ -131,9 +217,16 @@ except (ssl.SSLError, OSError) as e:
         p.addr().ip(),
         p.addr().port()
     );
-    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("refused"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.starts_with("refused"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -146,7 +239,9 @@ fn garbage_instead_of_a_handshake_closes_cleanly() {
     // "handshake" is garbage.
     c.send(b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n");
     expect(&c.reply(), "220 2.0.0");
-    c.send(&[0x16, 0x03, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0xff, 0x00, 0x13]);
+    c.send(&[
+        0x16, 0x03, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0xff, 0x00, 0x13,
+    ]);
     let mut buf = [0u8; 256];
     c.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let n = c.s.read(&mut buf).unwrap_or(0);
