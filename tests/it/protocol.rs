@@ -335,3 +335,14 @@ fn brute_force_is_slowed_then_refused() {
     }
     assert!(refused, "lockout after auth_max_failures");
 }
+
+#[test]
+fn low_disk_space_answers_452_before_data() {
+    // A reserve larger than any disk: the spool is "full".
+    let p = Postern::start(&basic_config("", "[limits]\nmin_free_disk = \"1000 PB\"\n"));
+    let mut c = Raw::connect(p.addr());
+    expect(&c.reply(), "220");
+    expect(&c.cmd("EHLO t"), "250");
+    expect(&c.cmd("MAIL FROM:<a@example.com>"), "452 4.3.1");
+    expect(&c.cmd("DATA"), "503");
+}
