@@ -71,6 +71,7 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             let transport = match &route.transport {
                 TransportConfig::File { dir } => format!("file {}", dir.display()),
+                TransportConfig::Smtp { account } => format!("smtp (XOAUTH2, account {account})"),
             };
             let mailbox = match &route.mailbox {
                 Some(m) => format!("as mailbox {m}"),

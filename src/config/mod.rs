@@ -47,6 +47,8 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     /// Routes: which sender goes out through which transport as which mailbox.
     pub routes: Vec<RouteConfig>,
+    /// Entra accounts (app registrations) used by the Microsoft transports.
+    pub accounts: Vec<AccountConfig>,
     /// Forwarder settings.
     pub delivery: DeliveryConfig,
 }
@@ -167,6 +169,192 @@ pub enum TransportConfig {
         /// Target directory.
         dir: PathBuf,
     },
+    /// Exchange Online SMTP with AUTH XOAUTH2, tokens from `account`.
+    Smtp {
+        /// Name of the `[account.NAME]` whose tokens are used.
+        account: String,
+    },
+}
+
+/// Microsoft cloud an account lives in (decides the default endpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    /// Worldwide (and GCC moderate).
+    Global,
+    /// US Government GCC High.
+    UsGov,
+    /// US Government DoD.
+    UsGovDod,
+    /// China, operated by 21Vianet.
+    China,
+}
+
+/// Every endpoint an account uses; defaults come from its cloud, each overridable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Entra authority base, e.g. `https://login.microsoftonline.com` (no tenant, no trailing slash).
+    pub authority: String,
+    /// Token endpoint; default `{authority}/{tenant}/oauth2/v2.0/token`.
+    pub token_url: String,
+    /// Device code endpoint; default `{authority}/{tenant}/oauth2/v2.0/devicecode`.
+    pub device_code_url: String,
+    /// Authorize endpoint (browser login); default `{authority}/{tenant}/oauth2/v2.0/authorize`.
+    pub authorize_url: String,
+    /// Microsoft Graph base URL, e.g. `https://graph.microsoft.com`.
+    pub graph_url: String,
+    /// Exchange Online SMTP host, e.g. `smtp.office365.com`.
+    pub smtp_host: String,
+    /// Exchange Online SMTP port (587, STARTTLS).
+    pub smtp_port: u16,
+    /// Resource for SMTP delegated scopes, e.g. `https://outlook.office.com`
+    /// (scope `{resource}/SMTP.Send offline_access`).
+    pub smtp_delegated_resource: String,
+    /// Resource for SMTP app-only tokens, e.g. `https://outlook.office365.com`
+    /// (scope `{resource}/.default`).
+    pub smtp_app_resource: String,
+}
+
+impl Cloud {
+    /// The documented endpoints of this cloud for `tenant` (microsoft-reference.md §6).
+    pub fn endpoints(self, tenant: &str) -> Endpoints {
+        let (authority, graph, smtp, delegated, app) = match self {
+            Cloud::Global => (
+                "https://login.microsoftonline.com",
+                "https://graph.microsoft.com",
+                "smtp.office365.com",
+                "https://outlook.office.com",
+                "https://outlook.office365.com",
+            ),
+            Cloud::UsGov => (
+                "https://login.microsoftonline.us",
+                "https://graph.microsoft.us",
+                "smtp.office365.us",
+                "https://outlook.office365.us",
+                "https://outlook.office365.us",
+            ),
+            Cloud::UsGovDod => (
+                "https://login.microsoftonline.us",
+                "https://dod-graph.microsoft.us",
+                "smtp.office365.us",
+                "https://outlook.office365.us",
+                "https://outlook.office365.us",
+            ),
+            Cloud::China => (
+                "https://login.partner.microsoftonline.cn",
+                "https://microsoftgraph.chinacloudapi.cn",
+                "smtp.partner.outlook.cn",
+                "https://partner.outlook.cn",
+                "https://partner.outlook.cn",
+            ),
+        };
+        Endpoints::derive(authority, tenant, graph, smtp, delegated, app)
+    }
+}
+
+impl Endpoints {
+    /// Endpoints whose Entra URLs are derived from `authority` and `tenant`.
+    pub fn derive(
+        authority: &str,
+        tenant: &str,
+        graph: &str,
+        smtp_host: &str,
+        delegated: &str,
+        app: &str,
+    ) -> Self {
+        let a = authority.trim_end_matches('/');
+        Endpoints {
+            authority: a.to_string(),
+            token_url: format!("{a}/{tenant}/oauth2/v2.0/token"),
+            device_code_url: format!("{a}/{tenant}/oauth2/v2.0/devicecode"),
+            authorize_url: format!("{a}/{tenant}/oauth2/v2.0/authorize"),
+            graph_url: graph.trim_end_matches('/').to_string(),
+            smtp_host: smtp_host.to_string(),
+            smtp_port: 587,
+            smtp_delegated_resource: delegated.trim_end_matches('/').to_string(),
+            smtp_app_resource: app.trim_end_matches('/').to_string(),
+        }
+    }
+}
+
+/// Where a secret value is read from (never inline unless the admin insists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file (its content, trailing newline trimmed); should be mode 0600.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
+    SystemdCredential(String),
+    /// Written in the config file itself (`check` warns).
+    Inline(crate::secret::Secret<String>),
+}
+
+/// How a client secret is presented to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretStyle {
+    /// `client_secret` in the form body (default).
+    Body,
+    /// HTTP Basic authentication (RFC 6749 §2.3.1).
+    Basic,
+}
+
+/// Signature algorithm of a certificate client assertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssertionAlg {
+    /// PS256 with an `x5t#S256` header (what Entra documents today; default).
+    Ps256,
+    /// RS256 with an `x5t` (SHA-1) header (older clients).
+    Rs256,
+}
+
+/// How an account proves who it is.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// App-only: client credentials grant with a client secret.
+    ClientSecret {
+        /// Where the secret is.
+        secret: SecretSource,
+        /// Body or HTTP Basic.
+        style: SecretStyle,
+        /// When the admin says the secret expires (seconds since the epoch), for warnings.
+        expires: Option<u64>,
+    },
+    /// App-only: client credentials grant with a certificate (client assertion JWT).
+    Certificate {
+        /// PEM certificate (its thumbprint goes into the JWT header; its notAfter is watched).
+        cert: PathBuf,
+        /// PEM private key (RSA).
+        key: SecretSource,
+        /// PS256 (default) or RS256.
+        alg: AssertionAlg,
+    },
+    /// Delegated: one refresh token per mailbox, obtained once with `postern login`.
+    Delegated {
+        /// A client secret when the app registration is confidential (usually none: public
+        /// client flows).
+        secret: Option<SecretSource>,
+    },
+}
+
+/// One Entra app registration in one tenant.
+#[derive(Debug, Clone)]
+pub struct AccountConfig {
+    /// Name from the config (`[account.NAME]`).
+    pub name: String,
+    /// Tenant: domain name or GUID.
+    pub tenant: String,
+    /// Application (client) ID.
+    pub client_id: String,
+    /// Cloud.
+    pub cloud: Cloud,
+    /// Endpoints (cloud defaults with the config's overrides applied).
+    pub endpoints: Endpoints,
+    /// Extra CA certificates (PEM) to trust for this account's HTTPS and SMTP connections.
+    pub ca_file: Option<PathBuf>,
+    /// HTTPS proxy URL; `None` means the standard environment variables decide.
+    pub proxy: Option<String>,
+    /// The credential.
+    pub credential: Credential,
 }
 
 /// A route: senders matching `senders` are delivered by `transport` as `mailbox`.
@@ -205,6 +393,11 @@ impl Config {
         self.routes
             .iter()
             .find(|r| r.senders.iter().any(|p| p.matches(sender)))
+    }
+
+    /// The account called `name`, if configured.
+    pub fn account(&self, name: &str) -> Option<&AccountConfig> {
+        self.accounts.iter().find(|a| a.name == name)
     }
 
     /// The user called `name`, if configured.

@@ -99,6 +99,7 @@ fn embedded_default_loads() {
     assert_eq!(config.spool_dir, cwd.join("postern-data/spool"));
     match &config.routes[0].transport {
         TransportConfig::File { dir } => assert_eq!(dir, &cwd.join("postern-data/delivered")),
+        other => panic!("expected the file transport, got {other:?}"),
     }
     assert!(config.warnings().is_empty(), "{:?}", config.warnings());
 }
@@ -205,6 +206,7 @@ fn relative_paths_resolve_against_the_file_directory() {
     assert_eq!(config.state_dir, PathBuf::from("/abs/state"));
     match &config.routes[0].transport {
         TransportConfig::File { dir } => assert_eq!(dir, &tmp.path().join("out/delivered")),
+        other => panic!("expected the file transport, got {other:?}"),
     }
     // load_str with a path-like source resolves the same way.
     let source = path.display().to_string();

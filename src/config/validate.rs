@@ -217,6 +217,7 @@ impl Checker<'_, '_> {
             listeners,
             users,
             routes,
+            accounts: Vec::new(),
             delivery,
         }
     }

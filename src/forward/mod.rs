@@ -45,6 +45,11 @@ impl Plan {
             .map(|r| {
                 let t: Arc<dyn Transport> = match &r.transport {
                     TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
+                    // Replaced by the XOAUTH2 transport when it lands; config validation does
+                    // not produce this variant yet.
+                    TransportConfig::Smtp { .. } => {
+                        Arc::new(FileTransport::new(config.spool_dir.join("unreachable")))
+                    }
                 };
                 (r.name.clone(), t)
             })

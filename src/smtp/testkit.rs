@@ -97,6 +97,7 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
             route("office", "*@example.com", Some("relay@example.com")),
             route("own", "*@example.org", None),
         ],
+        accounts: vec![],
         delivery: DeliveryConfig {
             max_concurrency: 1,
             per_mailbox_concurrency: 1,
