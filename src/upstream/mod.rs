@@ -10,7 +10,9 @@ use std::pin::Pin;
 
 use crate::spool::{Envelope, RcptStatus};
 
+pub mod classify;
 pub mod file;
+pub mod smtp;
 
 /// A boxed future, so transports can live behind `dyn Transport`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -72,4 +74,59 @@ pub trait Transport: Send + Sync {
     fn describe(&self) -> String;
     /// Try to deliver `msg` to its pending recipients.
     fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome>;
+}
+
+/// Why a transport could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// `ca_file` could not be read or parsed.
+    #[error(
+        "[account.{account}] ca_file {path}: {source} (expected a PEM file with \"BEGIN CERTIFICATE\" blocks)"
+    )]
+    CaFile {
+        /// The account.
+        account: String,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// `ca_file` holds no certificate.
+    #[error(
+        "[account.{account}] ca_file {path}: no certificate found (expected a PEM file with \"BEGIN CERTIFICATE\" blocks)"
+    )]
+    NoCaCert {
+        /// The account.
+        account: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A certificate in `ca_file` cannot serve as a trust anchor.
+    #[error("[account.{account}] ca_file {path}: a certificate is not usable as a CA: {source}")]
+    BadCa {
+        /// The account.
+        account: String,
+        /// The file.
+        path: PathBuf,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+    /// `smtp_host` is neither a DNS name nor an IP address.
+    #[error(
+        "[account.{account}] smtp_host {host:?} is not a host name or IP address (Exchange Online: \"smtp.office365.com\")"
+    )]
+    BadHost {
+        /// The account.
+        account: String,
+        /// The value.
+        host: String,
+    },
+    /// The TLS client configuration could not be built.
+    #[error("[account.{account}] TLS setup failed: {source}")]
+    Tls {
+        /// The account.
+        account: String,
+        /// The rustls error.
+        source: rustls::Error,
+    },
 }

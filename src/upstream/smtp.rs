@@ -1,0 +1,1243 @@
+//! The Exchange Online SMTP transport: SMTP submission with STARTTLS and AUTH XOAUTH2
+//! (microsoft-reference.md §3).
+//!
+//! A small client of our own over tokio, tokio-rustls and smtp-proto (design.md, "Upstream
+//! transports"): our reply reader keeps the full enhanced status code (Exchange sends 5.7.139
+//! and 4.7.500, which other clients saturate), and DATA streams `message.eml` from disk with
+//! dot-stuffing, so a 150 MB message costs a few hundred KiB.
+//!
+//! One attempt is one connection: token → connect → 220 → EHLO → STARTTLS (required: the token
+//! never crosses plain text) → EHLO → `AUTH XOAUTH2 <initial response>` → MAIL/RCPT
+//! (pipelined when offered) → DATA → QUIT. Every reply that is not the expected one goes
+//! through [`classify`](super::classify::classify) once.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use rustls::ClientConfig;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::{debug, trace, warn};
+use zeroize::Zeroizing;
+
+use super::classify::{Context, Stage, Verdict, classify};
+use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
+use crate::config::{AccountConfig, Credential};
+use crate::secret::Secret;
+use crate::spool::RcptStatus;
+use crate::token::{Audience, TokenError, TokenSource};
+
+/// Longest reply line we accept. RFC 5321 says 512, but Exchange's diagnostic replies
+/// (SendAsDenied with `[BeginDiagnosticData]...`) run longer.
+const MAX_LINE: usize = 16 * 1024;
+/// Most lines in one reply (an EHLO reply has about a dozen).
+const MAX_REPLY_LINES: usize = 100;
+/// RCPT commands written at once when pipelining; bounded so the server's replies always fit
+/// in the socket buffers while we are still writing.
+const PIPELINE_BATCH: usize = 100;
+/// Read size for the message file; the DATA buffer is at most about twice this.
+const CHUNK: usize = 64 * 1024;
+/// Time allowed for the polite QUIT and TLS close after the outcome is known.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long each step may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// Each command's reply, the greeting, and the TLS handshake.
+    pub command: Duration,
+    /// Writing one chunk of the message.
+    pub data_block: Duration,
+    /// The reply after the message's final `.` (Exchange stores it before answering).
+    pub data_end: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            command: Duration::from_secs(60),
+            data_block: Duration::from_secs(180),
+            data_end: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Sends spooled messages to Exchange Online over SMTP with AUTH XOAUTH2.
+pub struct SmtpTransport {
+    account: String,
+    client_id: String,
+    app_only: bool,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    ehlo_name: String,
+    tls: Arc<ClientConfig>,
+    tokens: Arc<dyn TokenSource>,
+    timeouts: Timeouts,
+}
+
+impl fmt::Debug for SmtpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpTransport")
+            .field("account", &self.account)
+            .field("server", &format_args!("{}:{}", self.host, self.port))
+            .field("ehlo_name", &self.ehlo_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpTransport {
+    /// A transport for `account`'s SMTP endpoint (`endpoints.smtp_host:smtp_port`), trusting
+    /// the platform's CA roots plus the account's `ca_file`, getting tokens from `tokens` and
+    /// greeting with `EHLO hostname`. Fails when `ca_file` is unreadable or holds no usable
+    /// certificate, or `smtp_host` is not a host name or IP address.
+    pub fn new(
+        account: &AccountConfig,
+        tokens: Arc<dyn TokenSource>,
+        hostname: String,
+    ) -> Result<Self, UpstreamError> {
+        let host = account.endpoints.smtp_host.clone();
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|_| UpstreamError::BadHost {
+                account: account.name.clone(),
+                host: host.clone(),
+            })?;
+        let tls = client_config(&account.name, account.ca_file.as_deref())?;
+        Ok(SmtpTransport {
+            account: account.name.clone(),
+            client_id: account.client_id.clone(),
+            app_only: !matches!(account.credential, Credential::Delegated { .. }),
+            host,
+            port: account.endpoints.smtp_port,
+            server_name,
+            ehlo_name: hostname,
+            tls,
+            tokens,
+            timeouts: Timeouts::default(),
+        })
+    }
+
+    /// The same transport with other timeouts (tests use short ones).
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    fn server(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    async fn deliver(&self, msg: &Outgoing) -> Outcome {
+        let env = &msg.envelope;
+        let pending: Vec<&str> = env.pending().map(|r| r.address.as_str()).collect();
+        if pending.is_empty() {
+            return Outcome::Sent {
+                relay: self.server(),
+                reply: "no pending recipients".into(),
+                recipients: Vec::new(),
+            };
+        }
+        // Our own spool wrote these, but a CR or LF would let an address inject commands.
+        if let Some(bad) = std::iter::once(env.sender.as_str())
+            .chain(pending.iter().copied())
+            .find(|a| a.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0))
+        {
+            return Outcome::Permanent {
+                reason: format!("address {bad:?} contains a line break or NUL"),
+            };
+        }
+        let server = self.server();
+        let ctx = Context {
+            server: &server,
+            account: &self.account,
+            client_id: &self.client_id,
+            app_only: self.app_only,
+            mailbox: &env.mailbox,
+            sender: &env.sender,
+            queue_id: &env.id,
+        };
+        // Open the message first: a spool problem should not cost a connection slot.
+        let file = match tokio::fs::File::open(&msg.message).await {
+            Ok(f) => f,
+            Err(e) => return cannot_read(&msg.message, &e),
+        };
+        let size = match file.metadata().await {
+            Ok(m) => m.len(),
+            Err(e) => return cannot_read(&msg.message, &e),
+        };
+        let token = match self
+            .tokens
+            .token(&self.account, &env.mailbox, Audience::Smtp)
+            .await
+        {
+            Ok(t) => t.token,
+            Err(TokenError::Transient(e)) => {
+                return Outcome::Transient {
+                    reason: format!(
+                        "no access token for {} (account {}): token endpoint temporarily unavailable: {e}",
+                        env.mailbox, self.account
+                    ),
+                };
+            }
+            Err(TokenError::Configuration(e)) => {
+                return Outcome::Held {
+                    reason: format!(
+                        "no access token for {} (account {}): {e}. After fixing it, run `postern queue release {}`.",
+                        env.mailbox, self.account, env.id
+                    ),
+                };
+            }
+        };
+
+        let tcp = match tokio::time::timeout(
+            self.timeouts.connect,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Outcome::Transient {
+                    reason: format!(
+                        "cannot connect to {server}: {e} (check DNS and that outbound TCP port {} is open)",
+                        self.port
+                    ),
+                };
+            }
+            Err(_) => {
+                return Outcome::Transient {
+                    reason: format!(
+                        "cannot connect to {server}: no answer within {} (check that outbound TCP port {} is open)",
+                        humantime::format_duration(self.timeouts.connect),
+                        self.port
+                    ),
+                };
+            }
+        };
+        // Commands are small and we wait for each reply: Nagle would only add latency.
+        let _ = tcp.set_nodelay(true);
+        let mut plain = Conn::new(tcp, server.clone(), self.timeouts);
+
+        let tls_stream = match self.plain_phase(&mut plain, &ctx).await {
+            Ok(()) => match plain.into_inner() {
+                Ok(tcp) => match self.handshake(tcp, &ctx).await {
+                    Ok(s) => s,
+                    Err(o) => return o,
+                },
+                Err(o) => return o,
+            },
+            Err(o) => {
+                plain.quit().await;
+                return o;
+            }
+        };
+        let mut conn = Conn::new(tls_stream, server.clone(), self.timeouts);
+        let outcome = match self
+            .tls_phase(&mut conn, &ctx, &token, &pending, file, size, msg)
+            .await
+        {
+            Ok(o) | Err(o) => o,
+        };
+        conn.quit().await;
+        outcome
+    }
+
+    /// Greeting, EHLO, STARTTLS on the plain connection.
+    async fn plain_phase(&self, c: &mut Conn<TcpStream>, ctx: &Context<'_>) -> Result<(), Outcome> {
+        let greeting = c.reply(Stage::Greeting, self.timeouts.command).await?;
+        if greeting.code != 220 {
+            return Err(verdict(Stage::Greeting, &greeting, ctx));
+        }
+        let caps = self.ehlo(c, ctx).await?;
+        if !caps.starttls {
+            return Err(Outcome::Held {
+                reason: format!(
+                    "{} did not offer STARTTLS (its EHLO reply: \"{}\"), so postern did not send the \
+                     access token over an unencrypted connection. Check smtp_host and smtp_port of \
+                     [account.{}] (Exchange Online: smtp.office365.com, port 587). A firewall with \
+                     SMTP inspection (for example Cisco ASA \"inspect esmtp\") can remove STARTTLS: \
+                     turn that inspection off for this traffic. After fixing it, run `postern queue \
+                     release {}`.",
+                    ctx.server, caps.text, self.account, ctx.queue_id
+                ),
+            });
+        }
+        let r = c.command("STARTTLS", Stage::StartTls).await?;
+        if r.code != 220 {
+            return Err(verdict(Stage::StartTls, &r, ctx));
+        }
+        Ok(())
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        ctx: &Context<'_>,
+    ) -> Result<TlsStream<TcpStream>, Outcome> {
+        let connector = TlsConnector::from(self.tls.clone());
+        let server = ctx.server;
+        match tokio::time::timeout(
+            self.timeouts.command,
+            connector.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(tls_failure(&e, ctx, &self.host, &self.account)),
+            Err(_) => Err(Outcome::Transient {
+                reason: format!(
+                    "{server}: TLS handshake after STARTTLS did not finish within {}",
+                    humantime::format_duration(self.timeouts.command)
+                ),
+            }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn tls_phase(
+        &self,
+        c: &mut Conn<TlsStream<TcpStream>>,
+        ctx: &Context<'_>,
+        token: &Secret<String>,
+        pending: &[&str],
+        file: tokio::fs::File,
+        size: u64,
+        msg: &Outgoing,
+    ) -> Result<Outcome, Outcome> {
+        let env = &msg.envelope;
+        let caps = self.ehlo(c, ctx).await?;
+        if !caps.xoauth2 {
+            return Err(Outcome::Held {
+                reason: format!(
+                    "{} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\"), so \
+                     postern did not send the access token. Check that smtp_host of [account.{}] is \
+                     Exchange Online (smtp.office365.com). After fixing it, run `postern queue \
+                     release {}`.",
+                    ctx.server, caps.text, self.account, ctx.queue_id
+                ),
+            });
+        }
+        self.auth(c, ctx, token).await?;
+
+        if let Some(max) = caps.size
+            && max > 0
+            && size > max
+        {
+            return Err(Outcome::Permanent {
+                reason: format!(
+                    "the message is {size} bytes and {} accepts at most {max} bytes (EHLO SIZE)",
+                    ctx.server
+                ),
+            });
+        }
+        let mut mail = format!("MAIL FROM:<{}>", env.sender);
+        if caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        if env.body_8bit && caps.eight_bit {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if env.smtputf8 {
+            if !caps.smtputf8 {
+                return Err(Outcome::Permanent {
+                    reason: format!(
+                        "the message needs SMTPUTF8 (internationalised addresses) and {} does not offer it",
+                        ctx.server
+                    ),
+                });
+            }
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+
+        // MAIL and RCPT: with PIPELINING, MAIL and a batch of RCPTs go out in one write and
+        // the replies are read in order (RFC 2920).
+        let batch = if caps.pipelining { PIPELINE_BATCH } else { 1 };
+        let mut mail_unanswered = true;
+        if !caps.pipelining {
+            c.write(mail.as_bytes(), Some(mail.trim_end())).await?;
+            let r = c.reply(Stage::Mail, self.timeouts.command).await?;
+            if !r.is_positive() {
+                return Err(verdict(Stage::Mail, &r, ctx));
+            }
+            mail_unanswered = false;
+        }
+        let mut results: Vec<(String, RcptStatus, Reply)> = Vec::with_capacity(pending.len());
+        for group in pending.chunks(batch) {
+            let mut out = String::new();
+            if mail_unanswered {
+                out.push_str(&mail);
+            }
+            for a in group {
+                out.push_str(&format!("RCPT TO:<{a}>\r\n"));
+            }
+            c.write(out.as_bytes(), Some(out.trim_end())).await?;
+            if mail_unanswered {
+                mail_unanswered = false;
+                let r = c.reply(Stage::Mail, self.timeouts.command).await?;
+                if !r.is_positive() {
+                    return Err(verdict(Stage::Mail, &r, ctx));
+                }
+            }
+            for a in group {
+                let r = c.reply(Stage::Rcpt, self.timeouts.command).await?;
+                let status = if r.is_positive() {
+                    RcptStatus::Sent
+                } else {
+                    match classify(Stage::Rcpt, &r, ctx) {
+                        Verdict::Recipient(s) => s,
+                        Verdict::Message(o) => return Err(o),
+                    }
+                };
+                results.push((a.to_string(), status, r));
+            }
+        }
+
+        if !results.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
+            // Nothing to send: report each recipient's reply; the forwarder fails or defers
+            // them one by one.
+            let last = results.last().map(|(_, _, r)| r.text()).unwrap_or_default();
+            return Ok(Outcome::Sent {
+                relay: ctx.server.to_string(),
+                reply: format!("no recipient was accepted (last reply: \"{last}\")"),
+                recipients: results
+                    .into_iter()
+                    .map(|(address, status, r)| RcptResult {
+                        address,
+                        status,
+                        reply: r.text(),
+                    })
+                    .collect(),
+            });
+        }
+
+        let r = c.command("DATA", Stage::Data).await?;
+        if r.code != 354 {
+            return Err(verdict(Stage::Data, &r, ctx));
+        }
+        c.send_message(file, &msg.message).await?;
+        let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
+        if !end.is_positive() {
+            return Err(verdict(Stage::DataEnd, &end, ctx));
+        }
+        let end_text = end.text();
+        Ok(Outcome::Sent {
+            relay: ctx.server.to_string(),
+            reply: end_text.clone(),
+            recipients: results
+                .into_iter()
+                .map(|(address, status, r)| RcptResult {
+                    address,
+                    status,
+                    // Accepted recipients were taken with the message: its reply (the queue id)
+                    // is the useful one.
+                    reply: if status == RcptStatus::Sent {
+                        end_text.clone()
+                    } else {
+                        r.text()
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    async fn ehlo<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        c: &mut Conn<S>,
+        ctx: &Context<'_>,
+    ) -> Result<Caps, Outcome> {
+        let r = c
+            .command(&format!("EHLO {}", self.ehlo_name), Stage::Ehlo)
+            .await?;
+        if r.code != 250 {
+            return Err(verdict(Stage::Ehlo, &r, ctx));
+        }
+        Caps::parse(&r).ok_or_else(|| Outcome::Transient {
+            reason: format!(
+                "{} sent an EHLO reply postern cannot parse: \"{}\"",
+                ctx.server,
+                r.text()
+            ),
+        })
+    }
+
+    async fn auth(
+        &self,
+        c: &mut Conn<TlsStream<TcpStream>>,
+        ctx: &Context<'_>,
+        token: &Secret<String>,
+    ) -> Result<(), Outcome> {
+        let sasl = xoauth2_sasl(ctx.mailbox, token.expose());
+        // The command line holds the token: build it in a buffer that is wiped on drop, and
+        // log only the mechanism.
+        let mut line = Zeroizing::new(Vec::with_capacity(sasl.expose().len() + 16));
+        line.extend_from_slice(b"AUTH XOAUTH2 ");
+        line.extend_from_slice(sasl.expose().as_bytes());
+        line.extend_from_slice(b"\r\n");
+        c.write(&line, Some("AUTH XOAUTH2 [redacted]")).await?;
+        let mut r = c.reply(Stage::Auth, self.timeouts.command).await?;
+        if r.code == 334 {
+            // A SASL error challenge (Gmail sends one; Exchange is not known to): RFC 7628
+            // says answer with an empty response, then the server sends the real failure.
+            c.write(b"\r\n", Some("")).await?;
+            r = c.reply(Stage::Auth, self.timeouts.command).await?;
+        }
+        if r.code == 235 {
+            Ok(())
+        } else {
+            Err(verdict(Stage::Auth, &r, ctx))
+        }
+    }
+}
+
+impl Transport for SmtpTransport {
+    fn describe(&self) -> String {
+        format!("smtp:{}:{}", self.host, self.port)
+    }
+
+    fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.deliver(msg))
+    }
+}
+
+/// The verdict on a reply that should have been positive; a recipient-only verdict cannot
+/// happen outside RCPT, but if it did, retrying is the safe answer.
+fn verdict(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Outcome {
+    match classify(stage, reply, ctx) {
+        Verdict::Message(o) => o,
+        Verdict::Recipient(_) => Outcome::Transient {
+            reason: format!("{} answered with \"{}\"", ctx.server, reply.text()),
+        },
+    }
+}
+
+fn cannot_read(path: &Path, e: &io::Error) -> Outcome {
+    Outcome::Transient {
+        reason: format!("cannot read {}: {e}", path.display()),
+    }
+}
+
+/// A failed TLS handshake: certificate problems are configuration (Held), the rest is
+/// network weather (Transient).
+fn tls_failure(e: &io::Error, ctx: &Context<'_>, host: &str, account: &str) -> Outcome {
+    let server = ctx.server;
+    let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match rustls_err {
+        // Retrying cannot make an untrusted certificate trusted: someone has to install the
+        // right CA, fix smtp_host, or remove a TLS-inspecting middlebox. Holding says so at
+        // once instead of burning the message's lifetime on retries.
+        Some(rustls::Error::InvalidCertificate(ce)) => {
+            let hint = match ce {
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. } => format!(
+                    "The certificate is not valid for the name \"{host}\": set smtp_host of \
+                     [account.{account}] to the server's DNS name (smtp.office365.com), not an \
+                     IP address or an alias."
+                ),
+                rustls::CertificateError::Expired
+                | rustls::CertificateError::ExpiredContext { .. }
+                | rustls::CertificateError::NotValidYet
+                | rustls::CertificateError::NotValidYetContext { .. } => {
+                    "Check this host's clock (timedatectl); if it is right, the server's \
+                     certificate is out of date."
+                        .to_string()
+                }
+                _ => format!(
+                    "If a firewall or proxy inspects TLS, add its CA certificate (PEM) as ca_file \
+                     in [account.{account}]; otherwise install or update this host's CA bundle \
+                     (the ca-certificates package)."
+                ),
+            };
+            Outcome::Held {
+                reason: format!(
+                    "{server}: the TLS certificate is not trusted ({ce:?}), so postern did not send \
+                     the access token. {hint} After fixing it, run `postern queue release {}`.",
+                    ctx.queue_id
+                ),
+            }
+        }
+        Some(rustls::Error::PeerIncompatible(p)) => Outcome::Held {
+            reason: format!(
+                "{server}: no common TLS version or cipher ({p:?}); postern requires TLS 1.2 or \
+                 later. Check smtp_host/smtp_port of [account.{account}] and any TLS-inspecting \
+                 firewall. After fixing it, run `postern queue release {}`.",
+                ctx.queue_id
+            ),
+        },
+        _ => Outcome::Transient {
+            reason: format!("{server}: TLS handshake after STARTTLS failed: {e}"),
+        },
+    }
+}
+
+/// The base64 XOAUTH2 initial response: `user=<mailbox>^Aauth=Bearer <token>^A^A`
+/// (microsoft-reference.md §3.3). Wrapped in [`Secret`]: it carries the token.
+pub fn xoauth2_sasl(user: &str, token: &str) -> Secret<String> {
+    let raw = Zeroizing::new(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+    Secret::new(base64::engine::general_purpose::STANDARD.encode(raw.as_bytes()))
+}
+
+/// The TLS client configuration: TLS 1.2+, aws-lc-rs, the platform's roots plus `ca_file`.
+fn client_config(
+    account: &str,
+    ca_file: Option<&Path>,
+) -> Result<Arc<ClientConfig>, UpstreamError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut extra: Vec<CertificateDer<'static>> = Vec::new();
+    if let Some(path) = ca_file {
+        let pem_err = |source| UpstreamError::CaFile {
+            account: account.to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        extra = CertificateDer::pem_file_iter(path)
+            .map_err(pem_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err)?;
+        if extra.is_empty() {
+            return Err(UpstreamError::NoCaCert {
+                account: account.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        // Check each one here, so a bad ca_file is reported as such and not as "no roots".
+        let mut probe = rustls::RootCertStore::empty();
+        for cert in &extra {
+            probe
+                .add(cert.clone())
+                .map_err(|source| UpstreamError::BadCa {
+                    account: account.to_string(),
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    let tls_err = |source| UpstreamError::Tls {
+        account: account.to_string(),
+        source,
+    };
+    let verifier: Arc<dyn ServerCertVerifier> =
+        match rustls_platform_verifier::Verifier::new_with_extra_roots(
+            extra.clone(),
+            provider.clone(),
+        ) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                // A minimal container may have no CA bundle at all; Mozilla's roots (which
+                // Microsoft's certificates chain to) keep postern working there.
+                warn!(
+                    account,
+                    "no usable system CA certificates ({e}); using the built-in Mozilla roots"
+                );
+                let mut roots = rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                };
+                for cert in extra {
+                    roots.add(cert).map_err(tls_err)?;
+                }
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?
+            }
+        };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(tls_err)?
+        // "dangerous" only because rustls cannot check a custom verifier; ours is the
+        // platform's (or WebPKI's) full verification.
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// One SMTP reply: its code and every line as received (without CRLF).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The three-digit code.
+    pub code: u16,
+    lines: Vec<String>,
+}
+
+/// An enhanced status code (RFC 3463), with Exchange's three-digit details (5.7.139).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnhancedCode {
+    /// 2, 4 or 5.
+    pub class: u8,
+    /// Subject (0–999).
+    pub subject: u16,
+    /// Detail (0–999).
+    pub detail: u16,
+}
+
+impl fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+impl Reply {
+    /// Parse a reply from its lines (each `NNN-text` or `NNN text`, the last with a space).
+    /// `None` when a line is malformed, the codes differ, or a non-last line says last.
+    pub fn from_lines<I, S>(lines: I) -> Option<Reply>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let lines: Vec<String> = lines.into_iter().map(|l| l.as_ref().to_string()).collect();
+        let n = lines.len();
+        let mut code = None;
+        for (i, l) in lines.iter().enumerate() {
+            let (c, last) = parse_line(l.as_bytes())?;
+            if *code.get_or_insert(c) != c || last != (i + 1 == n) {
+                return None;
+            }
+        }
+        Some(Reply { code: code?, lines })
+    }
+
+    /// The full reply as one line: its lines joined with a space.
+    pub fn text(&self) -> String {
+        self.lines.join(" ")
+    }
+
+    /// The lines as received.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+
+    /// 2xx.
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// The enhanced status code at the start of the first line's text, if any.
+    pub fn enhanced(&self) -> Option<EnhancedCode> {
+        let first = self.lines.first()?;
+        let text = first.get(4..)?;
+        let word = text.split(' ').next()?;
+        let mut parts = word.split('.');
+        let num = |p: Option<&str>| -> Option<u16> {
+            let p = p?;
+            if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            p.parse().ok()
+        };
+        let class = num(parts.next())?;
+        let subject = num(parts.next())?;
+        let detail = num(parts.next())?;
+        if parts.next().is_some() || !matches!(class, 2 | 4 | 5) {
+            return None;
+        }
+        Some(EnhancedCode {
+            class: class as u8,
+            subject,
+            detail,
+        })
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+/// `(code, is_last)` of one reply line; `None` when it does not start with three digits
+/// followed by a space, a hyphen or the end of the line.
+fn parse_line(l: &[u8]) -> Option<(u16, bool)> {
+    let digits = l.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let code = digits
+        .iter()
+        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    match l.get(3) {
+        None | Some(b' ') => Some((code, true)),
+        Some(b'-') => Some((code, false)),
+        _ => None,
+    }
+}
+
+/// What the server offered in EHLO.
+#[derive(Debug, Clone, Default)]
+struct Caps {
+    starttls: bool,
+    pipelining: bool,
+    /// `SIZE` (0 = no fixed limit); `None` when not offered.
+    size: Option<u64>,
+    eight_bit: bool,
+    smtputf8: bool,
+    xoauth2: bool,
+    /// The reply, for reasons.
+    text: String,
+}
+
+impl Caps {
+    /// Parse with smtp-proto's EHLO parser (the one the server side uses too).
+    fn parse(r: &Reply) -> Option<Caps> {
+        let mut raw = Vec::new();
+        for l in r.lines() {
+            raw.extend_from_slice(l.as_bytes());
+            raw.extend_from_slice(b"\r\n");
+        }
+        let e = smtp_proto::EhloResponse::<String>::parse(&mut raw.iter()).ok()?;
+        let has = |ext: u32| e.capabilities & ext != 0;
+        Some(Caps {
+            starttls: has(smtp_proto::EXT_START_TLS),
+            pipelining: has(smtp_proto::EXT_PIPELINING),
+            size: has(smtp_proto::EXT_SIZE).then_some(e.size as u64),
+            eight_bit: has(smtp_proto::EXT_8BIT_MIME),
+            smtputf8: has(smtp_proto::EXT_SMTP_UTF8),
+            xoauth2: has(smtp_proto::EXT_AUTH) && e.auth_mechanisms & smtp_proto::AUTH_XOAUTH2 != 0,
+            text: r.text(),
+        })
+    }
+}
+
+/// Dot-stuffs a message for DATA as it streams through (RFC 5321 §4.5.2): a line that starts
+/// with "." gets another "."; [`finish`](Self::finish) adds the final CRLF if needed and
+/// `.CRLF`.
+#[derive(Debug, Clone)]
+pub struct DotStuffer {
+    line_start: bool,
+    last: [u8; 2],
+    len: u64,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            line_start: true,
+            last: [0, 0],
+            len: 0,
+        }
+    }
+}
+
+impl DotStuffer {
+    /// Append `input`, stuffed, to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let mut from = 0;
+        for (i, &b) in input.iter().enumerate() {
+            if self.line_start && b == b'.' {
+                out.extend_from_slice(&input[from..i]);
+                out.push(b'.');
+                from = i;
+            }
+            self.line_start = b == b'\n';
+        }
+        out.extend_from_slice(&input[from..]);
+        match input {
+            [] => {}
+            [b] => self.last = [self.last[1], *b],
+            [.., a, b] => self.last = [*a, *b],
+        }
+        self.len += input.len() as u64;
+    }
+
+    /// Append the end of data: CRLF unless the message already ended with one, then `.CRLF`.
+    pub fn finish(&self, out: &mut Vec<u8>) {
+        if self.len > 0 && self.last != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+/// An SMTP connection: the stream plus our read buffer. Every error becomes an
+/// `Outcome::Transient` that says what we were waiting for.
+struct Conn<S> {
+    io: S,
+    buf: Vec<u8>,
+    server: String,
+    timeouts: Timeouts,
+    /// Set when the dialogue is out of step (I/O error, timeout, message half sent): then no
+    /// QUIT is sent, the connection is just closed.
+    broken: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(io: S, server: String, timeouts: Timeouts) -> Self {
+        Conn {
+            io,
+            buf: Vec::with_capacity(1024),
+            server,
+            timeouts,
+            broken: false,
+        }
+    }
+
+    fn lost(&mut self, what: String) -> Outcome {
+        self.broken = true;
+        Outcome::Transient {
+            reason: format!("{}: {what}", self.server),
+        }
+    }
+
+    /// Write `bytes` and flush; `shown` is what the trace log shows (never the token).
+    async fn write(&mut self, bytes: &[u8], shown: Option<&str>) -> Result<(), Outcome> {
+        if let Some(s) = shown {
+            trace!(server = %self.server, "C: {s}");
+        }
+        let t = self.timeouts.command;
+        match tokio::time::timeout(t, async {
+            self.io.write_all(bytes).await?;
+            self.io.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.lost(format!("connection lost while sending: {e}"))),
+            Err(_) => Err(self.lost(format!(
+                "could not send within {}",
+                humantime::format_duration(t)
+            ))),
+        }
+    }
+
+    /// Send one command line (CRLF added) and read its reply.
+    async fn command(&mut self, line: &str, stage: Stage) -> Result<Reply, Outcome> {
+        let bytes = format!("{line}\r\n");
+        self.write(bytes.as_bytes(), Some(line)).await?;
+        self.reply(stage, self.timeouts.command).await
+    }
+
+    /// Read one reply within `t`.
+    async fn reply(&mut self, stage: Stage, t: Duration) -> Result<Reply, Outcome> {
+        let what = match stage {
+            Stage::Greeting => "the greeting",
+            Stage::Ehlo => "the reply to EHLO",
+            Stage::StartTls => "the reply to STARTTLS",
+            Stage::Auth => "the reply to AUTH",
+            Stage::Mail => "the reply to MAIL FROM",
+            Stage::Rcpt => "the reply to RCPT TO",
+            Stage::Data => "the reply to DATA",
+            // The one place where a lost connection may mean "sent": say so.
+            Stage::DataEnd => {
+                "the reply after the message was sent (Exchange may have taken it; the retry can \
+                 deliver a duplicate)"
+            }
+        };
+        match tokio::time::timeout(t, self.read_reply()).await {
+            Ok(Ok(r)) => {
+                trace!(server = %self.server, "S: {}", r.text());
+                Ok(r)
+            }
+            Ok(Err(e)) => Err(self.lost(format!("{e} while waiting for {what}"))),
+            Err(_) => Err(self.lost(format!(
+                "no answer within {} while waiting for {what}",
+                humantime::format_duration(t)
+            ))),
+        }
+    }
+
+    async fn read_reply(&mut self) -> io::Result<Reply> {
+        let mut lines = Vec::new();
+        let mut code = None;
+        loop {
+            let line = self.read_line().await?;
+            let text = String::from_utf8_lossy(&line).into_owned();
+            let Some((c, last)) = parse_line(&line) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("malformed reply line {text:?}"),
+                ));
+            };
+            if *code.get_or_insert(c) != c {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("reply line {text:?} changes the reply code"),
+                ));
+            }
+            lines.push(text);
+            if last {
+                return Ok(Reply { code: c, lines });
+            }
+            if lines.len() >= MAX_REPLY_LINES {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "reply with too many lines",
+                ));
+            }
+        }
+    }
+
+    /// One line without its CRLF (a bare LF also ends a line).
+    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "reply line too long",
+                ));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.io.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by the server",
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Stream the message file as DATA content, dot-stuffed and terminated.
+    async fn send_message(
+        &mut self,
+        mut file: tokio::fs::File,
+        path: &Path,
+    ) -> Result<(), Outcome> {
+        // From here until the final reply the server is in DATA mode: any failure leaves the
+        // dialogue unusable (a QUIT would become message text), so it is marked broken and
+        // only cleared by a complete send.
+        self.broken = true;
+        let mut stuffer = DotStuffer::default();
+        let mut input = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 2);
+        let t = self.timeouts.data_block;
+        loop {
+            let n = match file.read(&mut input).await {
+                Ok(n) => n,
+                // Never send the final "." after a partial message.
+                Err(e) => return Err(cannot_read(path, &e)),
+            };
+            out.clear();
+            if n == 0 {
+                stuffer.finish(&mut out);
+            } else {
+                stuffer.push(&input[..n], &mut out);
+            }
+            let written = tokio::time::timeout(t, self.io.write_all(&out)).await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(
+                        self.lost(format!("connection lost while sending the message: {e}"))
+                    );
+                }
+                Err(_) => {
+                    return Err(self.lost(format!(
+                        "could not send a part of the message within {}",
+                        humantime::format_duration(t)
+                    )));
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        match tokio::time::timeout(t, self.io.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(self.lost(format!("connection lost while sending the message: {e}")));
+            }
+            Err(_) => return Err(self.lost("could not finish sending the message".into())),
+        }
+        debug!(server = %self.server, bytes = stuffer.len, "message sent, waiting for the reply");
+        self.broken = false;
+        Ok(())
+    }
+
+    /// After STARTTLS's 220: the raw stream. Bytes already buffered beyond the 220 would be
+    /// plain-text data injected before TLS (CVE-2011-0411 style): refuse them.
+    fn into_inner(self) -> Result<S, Outcome> {
+        if !self.buf.is_empty() {
+            return Err(Outcome::Transient {
+                reason: format!(
+                    "{}: the server sent data after its STARTTLS reply, before TLS started; \
+                     postern refuses it (possible injection) and will retry",
+                    self.server
+                ),
+            });
+        }
+        Ok(self.io)
+    }
+
+    /// Best effort: QUIT, read 221, close (TLS close_notify). Bounded by [`QUIT_TIMEOUT`].
+    async fn quit(&mut self) {
+        let _ = tokio::time::timeout(QUIT_TIMEOUT, async {
+            if !self.broken {
+                trace!(server = %self.server, "C: QUIT");
+                if self.io.write_all(b"QUIT\r\n").await.is_ok() && self.io.flush().await.is_ok() {
+                    let _ = self.read_reply().await;
+                }
+            }
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_matches_microsofts_worked_example() {
+        // microsoft-reference.md §3.3 (golden vector).
+        let s = xoauth2_sasl(
+            "test@contoso.onmicrosoft.com",
+            "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA",
+        );
+        assert_eq!(
+            s.expose(),
+            "dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0NjbFJDM0VvQUEBAQ=="
+        );
+        assert_eq!(format!("{s} {s:?}"), "[redacted] [redacted]");
+    }
+
+    #[test]
+    fn replies_keep_three_digit_enhanced_codes() {
+        let r = Reply::from_lines([
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+        ])
+        .unwrap();
+        let e = r.enhanced().unwrap();
+        assert_eq!((e.class, e.subject, e.detail), (5, 7, 139));
+        assert_eq!(e.to_string(), "5.7.139");
+        let r = Reply::from_lines(["451 4.7.500 Server busy. Please try again later."]).unwrap();
+        assert_eq!(r.enhanced().unwrap().to_string(), "4.7.500");
+        assert!(
+            Reply::from_lines(["220 host ready"])
+                .unwrap()
+                .enhanced()
+                .is_none()
+        );
+        assert!(Reply::from_lines(["250"]).unwrap().enhanced().is_none());
+        assert!(Reply::from_lines(["250-a", "251 b"]).is_none());
+        assert!(Reply::from_lines(["250 a", "250 b"]).is_none());
+        assert!(Reply::from_lines(["250-a"]).is_none());
+        assert!(Reply::from_lines(["25x a"]).is_none());
+    }
+
+    #[tokio::test]
+    async fn reader_handles_multi_line_replies_split_anywhere() {
+        let wire = b"220 SY5P282CA0097.outlook.office365.com Microsoft ESMTP MAIL Service ready at Sun, 23 Nov 2025 11:12:20 +0000 [08DE2A6028D26C22]\r\n250-SY5P282CA0097.outlook.office365.com Hello [172.105.184.101]\r\n250-SIZE 157286400\r\n250 SMTPUTF8\r\n";
+        for split in 1..wire.len() {
+            let (mut a, b) = tokio::io::duplex(64);
+            let w = wire.to_vec();
+            let writer = tokio::spawn(async move {
+                a.write_all(&w[..split]).await.unwrap();
+                tokio::task::yield_now().await;
+                a.write_all(&w[split..]).await.unwrap();
+                a
+            });
+            let mut c = Conn::new(b, "test".into(), Timeouts::default());
+            let g = c.read_reply().await.unwrap();
+            assert_eq!(g.code, 220);
+            assert_eq!(g.lines().len(), 1);
+            let e = c.read_reply().await.unwrap();
+            assert_eq!(e.code, 250);
+            assert_eq!(e.lines().len(), 3);
+            assert_eq!(e.lines()[1], "250-SIZE 157286400");
+            drop(writer.await.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn reader_rejects_garbage_and_eof() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"hello\r\n").await.unwrap();
+        let mut c = Conn::new(b, "test".into(), Timeouts::default());
+        assert!(c.read_reply().await.is_err());
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"250-partial\r\n").await.unwrap();
+        drop(a);
+        let mut c = Conn::new(b, "test".into(), Timeouts::default());
+        let e = c.read_reply().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    fn ehlo(lines: &[&str]) -> Caps {
+        Caps::parse(&Reply::from_lines(lines.iter().copied()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn exchange_ehlo_replies_parse() {
+        // microsoft-reference.md §3.2, before and after STARTTLS.
+        let before = ehlo(&[
+            "250-SY5P282CA0097.outlook.office365.com Hello [172.105.184.101]",
+            "250-SIZE 157286400",
+            "250-PIPELINING",
+            "250-DSN",
+            "250-ENHANCEDSTATUSCODES",
+            "250-STARTTLS",
+            "250-8BITMIME",
+            "250-BINARYMIME",
+            "250-CHUNKING",
+            "250 SMTPUTF8",
+        ]);
+        assert!(before.starttls && before.pipelining && before.eight_bit && before.smtputf8);
+        assert!(!before.xoauth2);
+        assert_eq!(before.size, Some(157_286_400));
+        let after = ehlo(&[
+            "250-SY5P282CA0097.outlook.office365.com Hello [172.105.184.101]",
+            "250-SIZE 157286400",
+            "250-PIPELINING",
+            "250-DSN",
+            "250-ENHANCEDSTATUSCODES",
+            "250-AUTH LOGIN XOAUTH2",
+            "250-8BITMIME",
+            "250-BINARYMIME",
+            "250-CHUNKING",
+            "250 SMTPUTF8",
+        ]);
+        assert!(!after.starttls && after.xoauth2);
+        let bare = ehlo(&["250 host.example"]);
+        assert!(!bare.starttls && !bare.pipelining && bare.size.is_none());
+    }
+
+    fn stuff_all(parts: &[&[u8]]) -> Vec<u8> {
+        let mut s = DotStuffer::default();
+        let mut out = Vec::new();
+        for p in parts {
+            s.push(p, &mut out);
+        }
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn dot_stuffing_at_every_split() {
+        let msg: &[u8] = b".starts with a dot\r\nmiddle\r\n.\r\n..two\r\nend.\r\n.";
+        let want: &[u8] = b"..starts with a dot\r\nmiddle\r\n..\r\n...two\r\nend.\r\n..\r\n.\r\n";
+        for i in 0..=msg.len() {
+            for j in i..=msg.len() {
+                assert_eq!(
+                    stuff_all(&[&msg[..i], &msg[i..j], &msg[j..]]),
+                    want,
+                    "split at {i},{j}"
+                );
+            }
+        }
+        assert_eq!(stuff_all(&[]), b".\r\n");
+        assert_eq!(stuff_all(&[b"a\r\n"]), b"a\r\n.\r\n");
+        assert_eq!(stuff_all(&[b"a\r", b"\n"]), b"a\r\n.\r\n");
+        assert_eq!(stuff_all(&[b"a"]), b"a\r\n.\r\n");
+    }
+}
