@@ -1,0 +1,3 @@
+//! In-process fakes of the Microsoft services postern talks to.
+
+pub mod exchange;
