@@ -320,6 +320,69 @@ async fn mixed_recipient_results() {
 }
 
 #[tokio::test]
+async fn without_pipelining_commands_go_one_by_one() {
+    let mut script = fake().rcpt_reply("nobody@contoso.com", replies::RECIPIENT_NOT_FOUND);
+    script.pipelining = false;
+    let fake = script.start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let m = simple(&["a@example.org", "nobody@contoso.com", "b@example.org"]);
+    let o = t.send(&m.out).await;
+    let (_, rcpts) = sent(&o);
+    let statuses: Vec<RcptStatus> = rcpts.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [RcptStatus::Sent, RcptStatus::Failed, RcptStatus::Sent]
+    );
+    assert_eq!(
+        fake.delivered()[0].rcpt_to,
+        ["a@example.org", "b@example.org"]
+    );
+}
+
+/// Even the client's trace log (every command and reply) never shows the token.
+#[tokio::test]
+async fn trace_log_never_shows_the_token() {
+    use std::io::Write;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fake = fake()
+        .auth_failure(MAILBOX, AuthFailure::MailboxDisabled)
+        .start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    held(&t.send(&simple(&["a@example.org"]).out).await);
+    fake.update(|s| s.auth_failures.clear());
+    sent(&t.send(&simple(&["a@example.org"]).out).await);
+
+    let log = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    assert!(log.contains("C: AUTH XOAUTH2 [redacted]"), "{log}");
+    assert!(
+        log.contains("S: 235 2.7.0 Authentication successful"),
+        "{log}"
+    );
+    let sasl = postern::upstream::smtp::xoauth2_sasl(MAILBOX, TOKEN);
+    assert!(!log.contains(TOKEN) && !log.contains("fake-token"), "{log}");
+    assert!(!log.contains(sasl.expose().as_str()), "{log}");
+}
+
+#[tokio::test]
 async fn no_recipient_accepted_sends_no_data() {
     let fake = fake()
         .rcpt_reply("nobody@contoso.com", replies::RECIPIENT_NOT_FOUND)

@@ -120,6 +120,8 @@ pub struct Script {
     pub cert_names: Vec<String>,
     /// Offer STARTTLS (Exchange always does).
     pub starttls: bool,
+    /// Offer PIPELINING (Exchange does).
+    pub pipelining: bool,
     /// Valid token per mailbox (lowercase).
     pub tokens: HashMap<String, String>,
     /// AUTH failure per mailbox, even with a valid token.
@@ -151,6 +153,7 @@ impl Default for Script {
             diag_host: "SY5P282CA0097.AUSP282.PROD.OUTLOOK.COM".into(),
             cert_names: vec!["localhost".into()],
             starttls: true,
+            pipelining: true,
             tokens: HashMap::new(),
             auth_failures: HashMap::new(),
             error_challenge: false,
@@ -549,10 +552,12 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut lines = vec![
                     format!("{} Hello [{}]", script.banner_host, conn.peer.ip()),
                     format!("SIZE {}", script.max_size),
-                    "PIPELINING".into(),
-                    "DSN".into(),
-                    "ENHANCEDSTATUSCODES".into(),
                 ];
+                if script.pipelining {
+                    lines.push("PIPELINING".into());
+                }
+                lines.push("DSN".into());
+                lines.push("ENHANCEDSTATUSCODES".into());
                 if tls {
                     lines.push("AUTH LOGIN XOAUTH2".into());
                 } else if script.starttls {
