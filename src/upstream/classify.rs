@@ -168,8 +168,10 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
                 "The access token was about to expire; postern gets a fresh one on the next attempt.",
             );
         }
-        Some((5, 2, 252)) if text.contains("sendasdenied") => return held(send_as(ctx)),
-        Some((5, 7, 60)) => return held(send_as(ctx)),
+        Some((5, 2, 252)) if text.contains("sendasdenied") => {
+            return held(send_as(&reply.text(), ctx));
+        }
+        Some((5, 7, 60)) => return held(send_as(&reply.text(), ctx)),
         Some((5, 2, d @ 251..=255)) => return held(throttled(d, ctx)),
         Some((4, 3, 2)) => {
             return transient(&format!(
@@ -370,16 +372,43 @@ fn auth_139(text: &str, ctx: &Context<'_>) -> String {
 }
 
 /// 554 5.2.252 SendAsDenied / 550 5.7.60 (§9 rows 10–11).
-fn send_as(ctx: &Context<'_>) -> String {
-    let mailbox = ctx.mailbox;
+fn send_as(reply: &str, ctx: &Context<'_>) -> String {
     format!(
-        "Mailbox {mailbox} may not send as the message's sender <{sender}>. Either route this \
-         sender to its own mailbox (a route without a fixed `mailbox` sends each sender as itself), \
-         or grant Send As: `Add-RecipientPermission -Identity {sender} -Trustee {mailbox} \
-         -AccessRights SendAs` (Exchange admin center > Recipients > Mailboxes > {sender} > \
-         Delegation > Send as). postern holds instead of retrying: repeated SendAsDenied errors make \
-         Exchange block {mailbox} (550 5.2.252 Sender throttled).",
-        sender = ctx.sender
+        "Mailbox {mailbox} may not send as {who}. {fix} postern holds instead of retrying: \
+         repeated SendAsDenied errors make Exchange block {mailbox} (550 5.2.252 Sender \
+         throttled).",
+        mailbox = ctx.mailbox,
+        who = send_as_target(reply, ctx)
+            .map(|a| format!("<{a}>"))
+            .unwrap_or_else(|| "the message's From address".into()),
+        fix = send_as_fix(reply, ctx)
+    )
+}
+
+/// Whom the mailbox tried to send as: Exchange names it in SendAsDenied ("A not allowed to
+/// send as B;", checked against the From header); otherwise the envelope sender when it is
+/// not the mailbox itself.
+fn send_as_target(reply: &str, ctx: &Context<'_>) -> Option<String> {
+    const MARK: &str = "not allowed to send as ";
+    if let Some(i) = reply.find(MARK) {
+        let rest = &reply[i + MARK.len()..];
+        let b = rest.split([';', ' ']).next().unwrap_or("").trim();
+        if !b.is_empty() {
+            return Some(b.to_string());
+        }
+    }
+    (!ctx.sender.eq_ignore_ascii_case(ctx.mailbox) && !ctx.sender.is_empty())
+        .then(|| ctx.sender.to_string())
+}
+
+fn send_as_fix(reply: &str, ctx: &Context<'_>) -> String {
+    let mailbox = ctx.mailbox;
+    let who = send_as_target(reply, ctx).unwrap_or_else(|| "<From address>".into());
+    format!(
+        "Either route this sender to its own mailbox (a route without a fixed `mailbox` sends \
+         each sender as itself), or grant Send As: `Add-RecipientPermission -Identity {who} \
+         -Trustee {mailbox} -AccessRights SendAs` (Exchange admin center > Recipients > \
+         Mailboxes > {who} > Delegation > Send as)."
     )
 }
 
@@ -388,26 +417,26 @@ fn throttled(detail: u16, ctx: &Context<'_>) -> String {
     let (what, fix) = match detail {
         251 => (
             "mailbox full",
-            "empty or archive Sent Items of the mailbox".to_string(),
+            "Empty or archive Sent Items of the mailbox.".to_string(),
         ),
-        252 => ("send as denied", send_as(ctx)),
+        252 => ("send as denied", send_as_fix("", ctx)),
         253 => (
             "invalid license",
-            "assign an Exchange Online licence to the mailbox".to_string(),
+            "Assign an Exchange Online licence to the mailbox.".to_string(),
         ),
         254 => (
             "too many recipients",
-            "send to fewer recipients per message (500 at most)".to_string(),
+            "Send to fewer recipients per message (500 at most).".to_string(),
         ),
         _ => (
             "invalid recipients",
-            "correct or remove the invalid recipient addresses".to_string(),
+            "Correct or remove the invalid recipient addresses.".to_string(),
         ),
     };
     format!(
         "Exchange has blocked {mailbox} from sending over SMTP AUTH for a period it chooses, after \
          repeated \"{what}\" errors; Microsoft support cannot lift it, and every retry prolongs it. \
-         Fix the cause ({fix}), wait, then release the messages.",
+         Fix the cause, then wait before releasing the messages. {fix}",
         mailbox = ctx.mailbox
     )
 }

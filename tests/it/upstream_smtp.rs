@@ -363,10 +363,19 @@ async fn trace_log_never_shows_the_token() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let fake = fake()
-        .auth_failure(MAILBOX, AuthFailure::MailboxDisabled)
-        .start();
+    let fake = fake().start();
     let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    // Tests in other threads may have registered the transport's log call sites before this
+    // subscriber existed, leaving them disabled: once every call site is registered (one
+    // warm-up delivery), rebuild their interest, then start recording.
+    sent(&t.send(&simple(&["a@example.org"]).out).await);
+    tracing::callsite::rebuild_interest_cache();
+    buf.0.lock().unwrap().clear();
+
+    fake.update(|s| {
+        s.auth_failures
+            .insert(MAILBOX.into(), AuthFailure::MailboxDisabled);
+    });
     held(&t.send(&simple(&["a@example.org"]).out).await);
     fake.update(|s| s.auth_failures.clear());
     sent(&t.send(&simple(&["a@example.org"]).out).await);
