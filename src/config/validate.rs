@@ -805,14 +805,14 @@ impl Checker<'_, '_> {
                 None
             }
         };
-        if r.dir.is_some() && !matches!(transport, Some(TransportConfig::File { .. }) | None) {
-            if let Some(d) = &r.dir {
-                self.c.at(
-                    &d.span(),
-                    &format!("{table}.dir"),
-                    "dir only applies to transport = \"file\"; remove it".to_owned(),
-                );
-            }
+        if let Some(d) = &r.dir
+            && !matches!(transport, Some(TransportConfig::File { .. }) | None)
+        {
+            self.c.at(
+                &d.span(),
+                &format!("{table}.dir"),
+                "dir only applies to transport = \"file\"; remove it".to_owned(),
+            );
         }
         if let (Some(a), Some(TransportConfig::File { .. })) = (&r.account, &transport) {
             self.c.at(&a.span(), &format!("{table}.account"), "account does not apply to transport = \"file\"; remove it, or write transport = \"smtp\"".to_owned());
