@@ -44,13 +44,14 @@ impl Config {
         )?;
         writeln!(
             o,
-            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}",
+            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}; held mailboxes retried every {}",
             d.max_concurrency,
             d.per_mailbox_concurrency,
             dur(d.retry_initial),
             dur(d.retry_max),
             dur(d.max_lifetime),
             dur(d.shutdown_grace),
+            dur(d.hold_retry),
         )?;
         for listener in &self.listeners {
             writeln!(o)?;

@@ -48,6 +48,7 @@ pub(crate) const DELIVERY_KEYS: &[&str] = &[
     "retry_max",
     "max_lifetime",
     "shutdown_grace",
+    "hold_retry",
 ];
 /// Keys allowed in `[listener.NAME]`.
 pub(crate) const LISTENER_KEYS: &[&str] = &[
@@ -166,6 +167,7 @@ pub(crate) struct RawDelivery {
     pub retry_max: Option<Spanned<String>>,
     pub max_lifetime: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub hold_retry: Option<Spanned<String>>,
 }
 
 /// `[listener.NAME]`.
@@ -334,6 +336,7 @@ fn delivery(c: &mut Collector<'_>, t: &DeTable<'_>) -> RawDelivery {
             "retry_max" => r.retry_max = duration(c, &path, v, "\"1h\""),
             "max_lifetime" => r.max_lifetime = duration(c, &path, v, "\"5d\""),
             "shutdown_grace" => r.shutdown_grace = duration(c, &path, v, "\"30s\""),
+            "hold_retry" => r.hold_retry = duration(c, &path, v, "\"5m\""),
             _ => unknown_key(c, "delivery", k, DELIVERY_KEYS),
         }
     }

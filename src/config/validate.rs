@@ -113,6 +113,7 @@ mod defaults {
     pub const RETRY_MAX: Duration = Duration::from_secs(3600);
     pub const MAX_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    pub const HOLD_RETRY: Duration = Duration::from_secs(5 * 60);
     pub const ALLOW_NETWORKS: &[&str] = &["127.0.0.0/8", "::1/128"];
     /// Exchange Online's default message size limit.
     pub const MAX_MESSAGE_SIZE: u64 = 35_000_000;
@@ -351,6 +352,12 @@ impl Checker<'_, '_> {
                 r.shutdown_grace.as_ref(),
                 defaults::SHUTDOWN_GRACE,
                 true,
+            ),
+            hold_retry: self.duration(
+                "delivery.hold_retry",
+                r.hold_retry.as_ref(),
+                defaults::HOLD_RETRY,
+                false,
             ),
         };
         // Point at whichever of the pair was written (both defaults are consistent).

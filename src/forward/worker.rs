@@ -107,6 +107,7 @@ pub async fn attempt(
             // Our configuration is at fault, not the message: give the attempt back.
             env.attempts = env.attempts.saturating_sub(1);
             env.hold_reason = Some(reason.clone());
+            env.auto_hold = true;
             env.last_error = Some(reason.clone());
             spool.write_envelope(State::Active, &env)?;
             spool.move_msg(id, State::Active, State::Hold)?;

@@ -390,6 +390,17 @@ impl Spool {
         self.write_envelope(State::Hold, &env)
     }
 
+    /// Hold a waiting message because its mailbox is paused (postern's own hold, released
+    /// automatically once the mailbox works again). The envelope is updated after the move,
+    /// so a crash in between leaves a held message that the admin can still release.
+    pub fn auto_hold(&self, id: &str, from: State, reason: &str) -> Result<(), SpoolError> {
+        self.move_msg(id, from, State::Hold)?;
+        let mut env = self.read_envelope(State::Hold, id)?;
+        env.hold_reason = Some(reason.to_string());
+        env.auto_hold = true;
+        self.write_envelope(State::Hold, &env)
+    }
+
     /// Release a held message (or retry a deferred/failed one) now: back to `incoming/`.
     pub fn requeue(&self, id: &str) -> Result<State, SpoolError> {
         let from = self
@@ -406,6 +417,7 @@ impl Spool {
         // in its old state with a harmless, cleared next_attempt.
         let mut env = self.read_envelope(from, id)?;
         env.hold_reason = None;
+        env.auto_hold = false;
         env.next_attempt = None;
         if from == State::Failed {
             env.received_at = now_secs(); // a fresh lifetime, as the admin asked for a retry

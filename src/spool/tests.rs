@@ -25,6 +25,7 @@ fn envelope(sender: &str) -> Envelope {
         next_attempt: None,
         last_error: None,
         hold_reason: None,
+        auto_hold: false,
     }
 }
 
