@@ -358,7 +358,7 @@ impl Forwarder {
                 self.waiting.entry(env.mailbox).or_default().push_back(id);
                 continue;
             }
-            if let Err(e) = self.spool.move_msg(&id, from, State::Active) {
+            if let Err(e) = self.spool.claim(&id, from) {
                 if !matches!(e, SpoolError::NotFound(_)) {
                     warn!(queue_id = %id, error = %e, "cannot claim message");
                 }

@@ -91,7 +91,7 @@ pub async fn attempt(
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
             }
             if env.pending().next().is_none() {
-                spool.remove(id, State::Active)?;
+                spool.remove_delivered(id)?;
                 return Ok(Next::Done);
             }
             let reason = env

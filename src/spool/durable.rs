@@ -4,6 +4,9 @@
 //! The rules: a file's bytes are `fdatasync`ed before the name that makes it visible is
 //! created (rename); a rename is durable only once the directories on both sides are
 //! fsynced. Nothing else in the crate calls `rename`, `sync_*` or `remove_*` on spool paths.
+//! Two renames are deliberately not synced (see `Spool::claim` and `Spool::remove_delivered`):
+//! claiming a message, because recovery treats both sides alike, and removing a delivered one,
+//! because losing that removal only resends, which at-least-once delivery already allows.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -27,13 +30,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = Path::new(&tmp);
-    // A leftover from a crash mid-write is garbage: replace it.
-    let _ = fs::remove_file(tmp);
-    write_new_synced(tmp, bytes)?;
-    fs::rename(tmp, path)?;
+    write_synced(path, bytes)?;
     fsync_dir(dir)
 }
 
@@ -75,17 +72,27 @@ pub fn create_dir_durable(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Copy `from` to `to` atomically and durably (temp file, fsync, rename, fsync dir).
-pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<u64> {
-    let dir = to
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent"))?;
-    let mut tmp = to.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = Path::new(&tmp);
-    let n = fs::copy(from, tmp)?;
-    File::open(tmp)?.sync_data()?;
-    fs::rename(tmp, to)?;
-    fsync_dir(dir)?;
+/// Copy `from` to `to` atomically (temp file, fdatasync, rename). The caller fsyncs the
+/// directory, once for several files.
+pub fn copy_synced(from: &Path, to: &Path) -> io::Result<u64> {
+    let tmp = sibling_tmp(to);
+    let n = fs::copy(from, &tmp)?;
+    File::open(&tmp)?.sync_data()?;
+    fs::rename(&tmp, to)?;
     Ok(n)
+}
+
+/// Replace `path` atomically (temp file, fdatasync, rename). The caller fsyncs the directory.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = sibling_tmp(path);
+    // A leftover from a crash mid-write is garbage: replace it.
+    let _ = fs::remove_file(&tmp);
+    write_new_synced(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
+fn sibling_tmp(path: &Path) -> std::path::PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    tmp.into()
 }

@@ -311,8 +311,41 @@ impl Spool {
         })
     }
 
-    /// Remove a message for good (after delivery, or `queue delete`). It is first renamed
-    /// into `tmp/` so a crash half-way through removal leaves nothing in a queue state.
+    /// Claim a waiting message for delivery (`incoming/` or `deferred/` → `active/`). No fsync:
+    /// after a crash a message is recovered to `incoming/` from either side of this rename, so
+    /// making the rename durable would buy nothing.
+    pub fn claim(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        if !from.can_move_to(State::Active) {
+            return Err(SpoolError::WrongState {
+                id: id.into(),
+                state: from,
+                why: "illegal move",
+            });
+        }
+        let src = self.msg_dir(from, id);
+        durable::rename_unsynced(&src, &self.msg_dir(State::Active, id)).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound(id.into())
+            } else {
+                SpoolError::io("rename", &src, e)
+            }
+        })
+    }
+
+    /// Remove a delivered message. Not fsynced, like Postfix's queue file removal: if a crash
+    /// undoes the removal, the message is sent again at restart, which is the at-least-once
+    /// window the design already accepts (crash after the upstream accepted, before we record
+    /// it), and it saves two flushes per message on the hot path.
+    pub fn remove_delivered(&self, id: &str) -> Result<(), SpoolError> {
+        let src = self.msg_dir(State::Active, id);
+        let doomed = self.msg_dir(State::Tmp, &format!("{id}.del"));
+        durable::rename_unsynced(&src, &doomed).map_err(|e| SpoolError::io("rename", &src, e))?;
+        durable::remove_dir(&doomed).map_err(|e| SpoolError::io("remove", &doomed, e))
+    }
+
+    /// Remove a message for good (`queue delete`). It is first renamed into `tmp/` durably, so
+    /// a crash half-way through removal leaves nothing in a queue state and a deleted message
+    /// never comes back.
     pub fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
         let src = self.msg_dir(from, id);
         let doomed = self.msg_dir(State::Tmp, &format!("{id}.del"));
