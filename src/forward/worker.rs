@@ -43,7 +43,7 @@ pub async fn attempt(
     transport: Option<Arc<dyn Transport>>,
     policy: RetryPolicy,
 ) -> Result<Next, SpoolError> {
-    let mut env = spool.read_envelope(State::Active, id)?;
+    let env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
             let msg = Outgoing {
@@ -59,6 +59,23 @@ pub async fn attempt(
             ),
         },
     };
+    // Recording the outcome renames and fsyncs: keep that off the async runtime's threads,
+    // where it would stall every SMTP session scheduled there.
+    let spool = spool.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || record(&spool, &id, env, outcome, policy))
+        .await
+        .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))?
+}
+
+/// Apply one attempt's outcome to the spool: per-recipient status, then the message's move.
+fn record(
+    spool: &Spool,
+    id: &str,
+    mut env: Envelope,
+    outcome: Outcome,
+    policy: RetryPolicy,
+) -> Result<Next, SpoolError> {
     env.attempts = env.attempts.saturating_add(1);
     let now = now_secs();
     match outcome {
