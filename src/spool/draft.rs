@@ -68,25 +68,28 @@ impl MessageDraft for Draft {
     }
 
     async fn commit(mut self, mut envelope: Envelope) -> Result<(), SpoolError> {
-        self.flush_buf().await?;
         envelope.id = self.id.clone();
         envelope.size = self.size;
         let json = serde_json::to_vec_pretty(&envelope)
             .map_err(|e| SpoolError::other("encode envelope", &self.dir, e))?;
-        let Some(file) = self.file.take() else {
+        let Some(mut file) = self.file.take() else {
             return Err(SpoolError::other(
                 "commit",
                 &self.dir,
                 "draft already closed",
             ));
         };
+        let buf = std::mem::take(&mut self.buf);
         let dir = self.dir.clone();
-        // Per message: the body's bytes, then the envelope, then the directory entries of
-        // both. These fsyncs run on the blocking pool so concurrent sessions overlap and the
-        // filesystem can merge them into one journal commit.
+        // Per message, in one trip to the blocking pool: the last bytes, then the body's fsync,
+        // the envelope, and the directory entries of both. These run on the blocking pool so
+        // concurrent sessions overlap and the filesystem can merge their flushes.
         tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
+            let eml = dir.join("message.eml");
+            file.write_all(&buf)
+                .map_err(|e| SpoolError::io("write", &eml, e))?;
             file.sync_data()
-                .map_err(|e| SpoolError::io("fsync", &dir.join("message.eml"), e))?;
+                .map_err(|e| SpoolError::io("fsync", &eml, e))?;
             let env_path = dir.join("envelope.json");
             durable::write_new_synced(&env_path, &json)
                 .map_err(|e| SpoolError::io("write", &env_path, e))?;
