@@ -318,7 +318,7 @@ impl Forwarder {
                 break;
             };
             // The message is in incoming/ or (when due) deferred/; read it where it is.
-            let from = if self.spool.msg_dir(State::Incoming, &id).is_dir() {
+            let from = if self.spool.msg_path(State::Incoming, &id).is_file() {
                 State::Incoming
             } else {
                 State::Deferred
@@ -408,7 +408,7 @@ impl Forwarder {
             }
         }
         // Deferred messages are in the heap with their due time; re-read on the next rescan.
-        if self.spool.msg_dir(State::Deferred, id).is_dir()
+        if self.spool.msg_path(State::Deferred, id).is_file()
             && let Ok(env) = self.spool.read_envelope(State::Deferred, id)
         {
             self.known.insert(id.to_string());

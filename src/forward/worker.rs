@@ -48,7 +48,7 @@ pub async fn attempt(
         Some(t) => {
             let msg = Outgoing {
                 envelope: env.clone(),
-                message: spool.msg_dir(State::Active, id).join("message.eml"),
+                message: spool.msg_path(State::Active, id),
             };
             t.send(&msg).await
         }

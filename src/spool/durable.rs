@@ -52,7 +52,24 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Remove a message directory that is no longer referenced by any state directory.
+/// Remove a file without making the removal durable (see `Spool::remove_delivered`).
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Remove a file and fsync its directory, so the removal survives a crash.
+pub fn remove_file_durable(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    match path.parent() {
+        Some(dir) => fsync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Remove a directory tree (leftovers in `tmp/`).
 pub fn remove_dir(path: &Path) -> io::Result<()> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -72,12 +89,14 @@ pub fn create_dir_durable(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Copy `from` to `to` atomically (temp file, fdatasync, rename). The caller fsyncs the
-/// directory, once for several files.
-pub fn copy_synced(from: &Path, to: &Path) -> io::Result<u64> {
+/// Copy everything `from` yields into `to` atomically (temp file, fdatasync, rename). The
+/// caller fsyncs the directory, once for several files.
+pub fn copy_synced(mut from: impl io::Read, to: &Path) -> io::Result<u64> {
     let tmp = sibling_tmp(to);
-    let n = fs::copy(from, &tmp)?;
-    File::open(&tmp)?.sync_data()?;
+    let mut out = File::create(&tmp)?;
+    let n = io::copy(&mut from, &mut out)?;
+    out.sync_data()?;
+    drop(out);
     fs::rename(&tmp, to)?;
     Ok(n)
 }

@@ -49,7 +49,10 @@ impl FileTransport {
         let json = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
         // Body first, then the envelope: a reader that sees <id>.json can rely on <id>.eml.
         // Both renames are made durable by one fsync of the directory.
-        durable::copy_synced(&msg.message, &self.dir.join(format!("{}.eml", env.id)))?;
+        durable::copy_synced(
+            msg.open_message()?,
+            &self.dir.join(format!("{}.eml", env.id)),
+        )?;
         durable::write_synced(&self.dir.join(format!("{}.json", env.id)), &json)?;
         durable::fsync_dir(&self.dir)?;
         Ok(pending

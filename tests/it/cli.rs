@@ -147,7 +147,7 @@ fn queue_commands_work_while_the_daemon_runs() {
         "released message delivered; log:\n{}",
         p.log_text()
     );
-    assert!(p.log_text().contains("sent"));
+    assert!(p.wait_log("event=\"sent\"", Duration::from_secs(5)));
 
     // unknown ids and bad ids
     let (code, _, err) = p.cli(&["queue", "show", "0000000000000000"]);
