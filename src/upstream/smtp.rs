@@ -168,15 +168,27 @@ impl SmtpTransport {
             sender: &env.sender,
             queue_id: &env.id,
         };
-        // Open the message first: a spool problem should not cost a connection slot.
+        // Open the message first: a spool problem should not cost a connection slot. The
+        // queue file holds the message's `envelope.size` bytes, then postern's trailers.
+        let size = env.size;
         let file = match tokio::fs::File::open(&msg.message).await {
             Ok(f) => f,
             Err(e) => return cannot_read(&msg.message, &e),
         };
-        let size = match file.metadata().await {
-            Ok(m) => m.len(),
+        match file.metadata().await {
+            Ok(m) if m.len() >= size => {}
+            Ok(m) => {
+                return Outcome::Transient {
+                    reason: format!(
+                        "queue file {} is {} bytes, shorter than the {size}-byte message its \
+                         envelope records; not sending a truncated message",
+                        msg.message.display(),
+                        m.len()
+                    ),
+                };
+            }
             Err(e) => return cannot_read(&msg.message, &e),
-        };
+        }
         let token = match self
             .tokens
             .token(&self.account, &env.mailbox, Audience::Smtp)
@@ -427,7 +439,7 @@ impl SmtpTransport {
         if r.code != 354 {
             return Err(verdict(Stage::Data, &r, ctx));
         }
-        c.send_message(file, &msg.message).await?;
+        c.send_message(file.take(size), size, &msg.message).await?;
         let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
         if !end.is_positive() {
             return Err(verdict(Stage::DataEnd, &end, ctx));
@@ -1006,10 +1018,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Stream the message file as DATA content, dot-stuffed and terminated.
+    /// Stream `size` message bytes from `file` as DATA content, dot-stuffed and terminated.
     async fn send_message(
         &mut self,
-        mut file: tokio::fs::File,
+        mut file: impl AsyncRead + Unpin,
+        size: u64,
         path: &Path,
     ) -> Result<(), Outcome> {
         // From here until the final reply the server is in DATA mode: any failure leaves the
@@ -1028,6 +1041,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             };
             out.clear();
             if n == 0 {
+                if stuffer.len != size {
+                    // Leave the server waiting for the end of DATA: it discards the partial
+                    // message when the connection closes.
+                    return Err(Outcome::Transient {
+                        reason: format!(
+                            "queue file {} ended after {} of the message's {size} bytes; \
+                             the message was not sent",
+                            path.display(),
+                            stuffer.len
+                        ),
+                    });
+                }
                 stuffer.finish(&mut out);
             } else {
                 stuffer.push(&input[..n], &mut out);

@@ -136,6 +136,7 @@ fn message(sender: &str, rcpts: &[(&str, RcptStatus)], body: &[u8]) -> Msg {
         next_attempt: None,
         last_error: None,
         hold_reason: None,
+        auto_hold: false,
     };
     Msg {
         _dir: dir,
@@ -277,6 +278,35 @@ async fn twenty_megabytes_arrive_identical() {
     let got = fake.delivered();
     assert_eq!(got.len(), 1);
     assert!(got[0].data == body, "20 MB message differs");
+}
+
+#[tokio::test]
+async fn only_the_message_part_of_the_queue_file_is_sent() {
+    let fake = fake().start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let body: &[u8] = b"From: printer@contoso.com\r\n\r\nbody\r\n";
+    let m = simple(&["a@example.org"]);
+    // The spool appends its envelope trailers after the message bytes.
+    let mut file = body.to_vec();
+    file.extend_from_slice(b"{\"version\":1}\n0000000013POSTERN1\n");
+    std::fs::write(&m.out.message, &file).unwrap();
+    let mut out = m.out.clone();
+    out.envelope.size = body.len() as u64;
+    sent(&t.send(&out).await);
+    assert_eq!(fake.delivered()[0].data, body);
+    assert_eq!(
+        fake.delivered()[0].mail_params,
+        [format!("SIZE={}", body.len())]
+    );
+
+    // A queue file shorter than the envelope says is never sent truncated.
+    out.envelope.size = file.len() as u64 + 1;
+    let reason = transient(&t.send(&out).await).to_string();
+    assert!(
+        reason.contains("not sending a truncated message"),
+        "{reason}"
+    );
+    assert_eq!(fake.messages().len(), 1);
 }
 
 #[tokio::test]
