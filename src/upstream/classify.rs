@@ -91,10 +91,7 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
     let said = format!("{} answered {what} with \"{}\"", ctx.server, reply.text());
     let held = |advice: String| {
         Verdict::Message(Outcome::Held {
-            reason: format!(
-                "{said}. {advice} After fixing it, run `postern queue release {}`.",
-                ctx.queue_id
-            ),
+            reason: format!("{said}. {advice} {}", release_hint(ctx.queue_id)),
         })
     };
     let transient = |advice: &str| {
@@ -295,6 +292,14 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
             permanent("Exchange refused the message permanently.".into())
         }
     }
+}
+
+/// The end of every Held reason: what postern does meanwhile and how to skip the wait.
+pub fn release_hint(queue_id: &str) -> String {
+    format!(
+        "postern pauses this mailbox and tries again every hold_retry; after fixing it, \
+         `postern queue release {queue_id}` tries at once."
+    )
 }
 
 /// 535 5.7.3: the token was not good enough (§9 row 1).

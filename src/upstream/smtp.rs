@@ -30,7 +30,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, trace, warn};
 use zeroize::Zeroizing;
 
-use super::classify::{Context, Stage, Verdict, classify};
+use super::classify::{Context, Stage, Verdict, classify, release_hint};
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::config::{AccountConfig, Credential};
 use crate::secret::Secret;
@@ -206,8 +206,10 @@ impl SmtpTransport {
             Err(TokenError::Configuration(e)) => {
                 return Outcome::Held {
                     reason: format!(
-                        "no access token for {} (account {}): {e}. After fixing it, run `postern queue release {}`.",
-                        env.mailbox, self.account, env.id
+                        "no access token for {} (account {}): {e}. {}",
+                        env.mailbox,
+                        self.account,
+                        release_hint(&env.id)
                     ),
                 };
             }
@@ -280,9 +282,11 @@ impl SmtpTransport {
                      access token over an unencrypted connection. Check smtp_host and smtp_port of \
                      [account.{}] (Exchange Online: smtp.office365.com, port 587). A firewall with \
                      SMTP inspection (for example Cisco ASA \"inspect esmtp\") can remove STARTTLS: \
-                     turn that inspection off for this traffic. After fixing it, run `postern queue \
-                     release {}`.",
-                    ctx.server, caps.text, self.account, ctx.queue_id
+                     turn that inspection off for this traffic. {}",
+                    ctx.server,
+                    caps.text,
+                    self.account,
+                    release_hint(ctx.queue_id)
                 ),
             });
         }
@@ -335,9 +339,11 @@ impl SmtpTransport {
                 reason: format!(
                     "{} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\"), so \
                      postern did not send the access token. Check that smtp_host of [account.{}] is \
-                     Exchange Online (smtp.office365.com). After fixing it, run `postern queue \
-                     release {}`.",
-                    ctx.server, caps.text, self.account, ctx.queue_id
+                     Exchange Online (smtp.office365.com). {}",
+                    ctx.server,
+                    caps.text,
+                    self.account,
+                    release_hint(ctx.queue_id)
                 ),
             });
         }
@@ -575,8 +581,8 @@ fn tls_failure(e: &io::Error, ctx: &Context<'_>, host: &str, account: &str) -> O
             Outcome::Held {
                 reason: format!(
                     "{server}: the TLS certificate is not trusted ({ce:?}), so postern did not send \
-                     the access token. {hint} After fixing it, run `postern queue release {}`.",
-                    ctx.queue_id
+                     the access token. {hint} {}",
+                    release_hint(ctx.queue_id)
                 ),
             }
         }
@@ -584,8 +590,8 @@ fn tls_failure(e: &io::Error, ctx: &Context<'_>, host: &str, account: &str) -> O
             reason: format!(
                 "{server}: no common TLS version or cipher ({p:?}); postern requires TLS 1.2 or \
                  later. Check smtp_host/smtp_port of [account.{account}] and any TLS-inspecting \
-                 firewall. After fixing it, run `postern queue release {}`.",
-                ctx.queue_id
+                 firewall. {}",
+                release_hint(ctx.queue_id)
             ),
         },
         _ => Outcome::Transient {
