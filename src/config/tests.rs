@@ -240,7 +240,7 @@ fn defaults_are_applied() {
     assert_eq!(c.limits.max_connections, 200);
     assert_eq!(c.limits.min_free_disk, 100_000_000);
     assert_eq!(c.limits.auth_lockout, Duration::from_secs(900));
-    assert_eq!(c.delivery.per_mailbox_concurrency, 4);
+    assert_eq!(c.delivery.per_mailbox_concurrency, 3);
     assert_eq!(c.delivery.retry_max, Duration::from_secs(3600));
     assert!(c.routes[0].mailbox.is_none());
     assert!(!c.hostname.is_empty());

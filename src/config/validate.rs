@@ -108,7 +108,8 @@ mod defaults {
     pub const AUTH_MAX_FAILURES: u32 = 5;
     pub const AUTH_LOCKOUT: Duration = Duration::from_secs(15 * 60);
     pub const MAX_CONCURRENCY: usize = 16;
-    pub const PER_MAILBOX_CONCURRENCY: usize = 4;
+    /// Exchange Online allows 3 concurrent SMTP submissions per mailbox (432 4.3.2 beyond).
+    pub const PER_MAILBOX_CONCURRENCY: usize = 3;
     pub const RETRY_INITIAL: Duration = Duration::from_secs(60);
     pub const RETRY_MAX: Duration = Duration::from_secs(3600);
     pub const MAX_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
