@@ -1,0 +1,1 @@
+//! `postern login`: sign a mailbox in (device code, or browser + PKCE) and store its refresh token.
