@@ -1,5 +1,6 @@
 //! Integration tests: the real `postern` binary, real SMTP clients, real files.
 
+mod fake;
 mod harness;
 
 mod cli;
@@ -10,3 +11,4 @@ mod load;
 mod protocol;
 mod secrets;
 mod tls;
+mod token;

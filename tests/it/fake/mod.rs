@@ -1,0 +1,3 @@
+//! In-process fakes of Microsoft services.
+
+pub mod entra;
