@@ -194,6 +194,66 @@ pub fn render(c: &Claims, now: u64) -> String {
     out
 }
 
+/// `postern token ACCOUNT [--mailbox M] [--for smtp|graph] [--show-token]`: get a fresh token
+/// and print its claims and warnings; returns the exit code (0, 64 usage, 75 temporary,
+/// 78 configuration).
+pub async fn run(
+    cfg: &crate::config::Config,
+    account: &str,
+    mailbox: Option<&str>,
+    audience: Audience,
+    show_token: bool,
+) -> u8 {
+    use super::entra::{GrantKind, grant_kind, now_secs};
+    use super::{StoreOptions, TokenError, TokenStore};
+    let Some(acct) = cfg.account(account) else {
+        eprintln!("postern: there is no [account.{account}] in {}", cfg.source);
+        return 78;
+    };
+    let delegated = grant_kind(acct) == GrantKind::Delegated;
+    if delegated && mailbox.is_none() {
+        eprintln!(
+            "postern: [account.{account}] is delegated: give the signed-in mailbox with --mailbox"
+        );
+        return 64;
+    }
+    let store = TokenStore::new(vec![acct.clone()], &cfg.state_dir, StoreOptions::default());
+    for w in store.expiry_warnings() {
+        println!("warning: {w}");
+    }
+    let t = match store
+        .refresh_now(account, mailbox.unwrap_or(""), audience)
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("postern: {e}");
+            return match e {
+                TokenError::Configuration(_) => 78,
+                TokenError::Transient(_) => 75,
+            };
+        }
+    };
+    let now = now_secs();
+    println!(
+        "account {account}{}: {audience} token acquired",
+        mailbox.map(|m| format!(" mailbox {m}")).unwrap_or_default()
+    );
+    match decode_claims(t.token.expose()) {
+        Ok(c) => {
+            print!("{}", render(&c, now));
+            for w in warnings(&c, audience, &acct.endpoints, now) {
+                println!("warning: {w}");
+            }
+        }
+        Err(e) => println!("note: {e}"),
+    }
+    if show_token {
+        println!("token: {}", t.token.expose());
+    }
+    0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

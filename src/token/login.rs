@@ -390,3 +390,80 @@ async fn respond(s: &mut TcpStream, status: &str, text: &str) {
     let _ = s.write_all(resp.as_bytes()).await;
     let _ = s.shutdown().await;
 }
+
+/// `postern login ACCOUNT --mailbox ADDRESS [--for smtp|graph] [--browser] [--shared]`;
+/// prints what happens and returns the exit code.
+pub async fn run(
+    cfg: &crate::config::Config,
+    account: &str,
+    mailbox: &str,
+    audience: Audience,
+    browser: bool,
+    shared: bool,
+) -> u8 {
+    let Some(acct) = cfg.account(account) else {
+        eprintln!(
+            "postern: there is no [account.{account}] in {}; add one (see `postern check`)",
+            cfg.source
+        );
+        return 78;
+    };
+    if super::entra::grant_kind(acct) != super::entra::GrantKind::Delegated {
+        eprintln!(
+            "postern: [account.{account}] uses app-only credentials (client secret or certificate): there is nothing to sign in; check it with `postern token {account}`"
+        );
+        return 78;
+    }
+    let client = match EntraClient::new(acct.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("postern: {e}");
+            return 78;
+        }
+    };
+    let files = TokenFiles::new(&cfg.state_dir);
+    let mut ui = TerminalUi::default();
+    let r = if browser {
+        browser_login(
+            &client,
+            &files,
+            mailbox,
+            audience,
+            shared,
+            &mut ui,
+            Duration::from_secs(300),
+        )
+        .await
+    } else {
+        device_login(&client, &files, mailbox, audience, shared, &mut ui).await
+    };
+    match r {
+        Ok(out) => {
+            let who = out.user.as_deref().unwrap_or("(unknown user)");
+            println!(
+                "Signed in as {who} for mailbox {mailbox} ({audience}); refresh token stored in {}",
+                out.path.display()
+            );
+            if let Some(u) = &out.user
+                && !u.eq_ignore_ascii_case(mailbox)
+            {
+                match audience {
+                    Audience::Graph if !shared => println!(
+                        "note: {u} is not {mailbox}: Graph needs Mail.Send.Shared to send from another mailbox; run again with --shared"
+                    ),
+                    Audience::Graph => println!(
+                        "note: {u} needs Send As or Send on Behalf on {mailbox} (Exchange admin centre → Recipients → Mailboxes → {mailbox} → Delegation)"
+                    ),
+                    Audience::Smtp => println!(
+                        "note: SMTP will authenticate as {mailbox} with {u}'s token; {u} needs Full Access on {mailbox} (Exchange admin centre → Recipients → Mailboxes → {mailbox} → Delegation)"
+                    ),
+                }
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("postern: login failed: {e}");
+            e.exit_code()
+        }
+    }
+}

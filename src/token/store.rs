@@ -424,59 +424,10 @@ impl TokenStore {
     /// Warnings about client secrets and certificates that expire within `expiry_warning`
     /// (30 days) or have expired; one line each, for `postern check` and the daily log.
     pub fn expiry_warnings(&self) -> Vec<String> {
-        let now = now_secs();
-        let horizon = now + self.opts.expiry_warning.as_secs();
-        let mut out = Vec::new();
-        let mut accounts: Vec<&AccountConfig> = self.accounts.values().map(|(a, _)| a).collect();
+        let mut accounts: Vec<AccountConfig> =
+            self.accounts.values().map(|(a, _)| a.clone()).collect();
         accounts.sort_by(|a, b| a.name.cmp(&b.name));
-        for a in accounts {
-            let (what, at, fix) = match &a.credential {
-                Credential::ClientSecret {
-                    expires: Some(e), ..
-                } => (
-                    "client secret".to_string(),
-                    *e as i64,
-                    "Entra admin centre → App registrations → the app → Certificates & secrets → New client secret; put its Value in place and update secret_expires",
-                ),
-                Credential::Certificate { cert, .. } => {
-                    match std::fs::read(cert)
-                        .map_err(|e| e.to_string())
-                        .and_then(|pem| parse_cert(&pem).map_err(|e| e.to_string()))
-                    {
-                        Ok((_, not_after, _)) => (
-                            format!("certificate {}", cert.display()),
-                            not_after,
-                            "make a new certificate, upload it under Entra admin centre → App registrations → the app → Certificates & secrets → Certificates, then replace the files",
-                        ),
-                        Err(e) => {
-                            out.push(format!(
-                                "account {}: cannot read certificate {}: {e}",
-                                a.name,
-                                cert.display()
-                            ));
-                            continue;
-                        }
-                    }
-                }
-                _ => continue,
-            };
-            let when = httpdate::fmt_http_date(
-                UNIX_EPOCH + Duration::from_secs(u64::try_from(at.max(0)).unwrap_or(0)),
-            );
-            if at <= now as i64 {
-                out.push(format!(
-                    "account {}: the {what} expired on {when}; fix: {fix}",
-                    a.name
-                ));
-            } else if at <= horizon as i64 {
-                let days = (at - now as i64) / 86_400;
-                out.push(format!(
-                    "account {}: the {what} expires on {when} (in {days} days); fix: {fix}",
-                    a.name
-                ));
-            }
-        }
-        out
+        expiry_warnings(&accounts, self.opts.expiry_warning)
     }
 
     /// The background task the daemon spawns: every `maintenance_interval` refresh idle
@@ -512,4 +463,61 @@ impl TokenSource for TokenStore {
     ) -> BoxFuture<'a, Result<AccessToken, TokenError>> {
         Box::pin(self.get(account, mailbox, audience))
     }
+}
+
+/// Warnings about the client secrets and certificates of `accounts` that expire within
+/// `horizon` or have expired (without building a store: `postern check` uses it).
+pub fn expiry_warnings(accounts: &[AccountConfig], horizon: Duration) -> Vec<String> {
+    let now = now_secs();
+    let horizon = now + horizon.as_secs();
+    let mut out = Vec::new();
+    for a in accounts {
+        let (what, at, fix) = match &a.credential {
+            Credential::ClientSecret {
+                expires: Some(e), ..
+            } => (
+                "client secret".to_string(),
+                i64::try_from(*e).unwrap_or(i64::MAX),
+                "Entra admin centre → App registrations → the app → Certificates & secrets → New client secret; put its Value in place and update secret_expires",
+            ),
+            Credential::Certificate { cert, .. } => {
+                match std::fs::read(cert)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| parse_cert(&pem).map_err(|e| e.to_string()))
+                {
+                    Ok((_, not_after, _)) => (
+                        format!("certificate {}", cert.display()),
+                        not_after,
+                        "make a new certificate, upload it under Entra admin centre → App registrations → the app → Certificates & secrets → Certificates, then replace the files",
+                    ),
+                    Err(e) => {
+                        out.push(format!(
+                            "account {}: cannot read certificate {}: {e}",
+                            a.name,
+                            cert.display()
+                        ));
+                        continue;
+                    }
+                }
+            }
+            _ => continue,
+        };
+        let when = httpdate::fmt_http_date(
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(at.max(0)).unwrap_or(0)),
+        );
+        let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+        if at <= now_i {
+            out.push(format!(
+                "account {}: the {what} expired on {when}; fix: {fix}",
+                a.name
+            ));
+        } else if at <= i64::try_from(horizon).unwrap_or(i64::MAX) {
+            let days = (at - now_i) / 86_400;
+            out.push(format!(
+                "account {}: the {what} expires on {when} (in {days} days); fix: {fix}",
+                a.name
+            ));
+        }
+    }
+    out
 }
