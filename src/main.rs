@@ -52,8 +52,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for w in cfg.warnings() {
                 println!("warning: {w}");
             }
+            // Client-secret expiry is in Config::warnings; certificates need their file read.
+            let certs: Vec<_> = cfg
+                .accounts
+                .iter()
+                .filter(|a| matches!(a.credential, config::Credential::Certificate { .. }))
+                .cloned()
+                .collect();
             let horizon = postern::token::StoreOptions::default().expiry_warning;
-            for w in postern::token::store::expiry_warnings(&cfg.accounts, horizon) {
+            for w in postern::token::store::expiry_warnings(&certs, horizon) {
                 println!("warning: {w}");
             }
             Ok(ExitCode::SUCCESS)

@@ -1065,3 +1065,357 @@ async fn pkce_mismatch_is_501481() {
         .unwrap_err();
     assert_eq!(e.aadsts(), Some(501481), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real binary: `postern token` and `postern login` against the fake.
+
+mod binary {
+    use super::*;
+    use crate::harness::{basic_config, bin};
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        config: std::path::PathBuf,
+    }
+
+    impl Setup {
+        fn state(&self) -> std::path::PathBuf {
+            self.dir.path().join("state")
+        }
+        fn files(&self) -> TokenFiles {
+            TokenFiles::new(&self.state())
+        }
+    }
+
+    /// A config with `[account.contoso]` pointing at `fake`; `auth_keys` chooses the credential.
+    fn setup(fake: &FakeEntra, auth_keys: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{}\n", fe::SECRET)).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let account = format!(
+            "[account.contoso]\ntenant = \"{}\"\nclient_id = \"{}\"\nauthority = \"{}\"\n{}\n",
+            fe::TENANT,
+            fe::CLIENT_ID,
+            fake.base,
+            auth_keys.replace("SECRET_FILE", &secret.display().to_string())
+        );
+        let cfg = basic_config("", &account)
+            .replace(
+                "spool_dir = \"spool\"",
+                &format!("spool_dir = \"{}\"", dir.path().join("spool").display()),
+            )
+            .replace(
+                "state_dir = \"state\"",
+                &format!("state_dir = \"{}\"", dir.path().join("state").display()),
+            );
+        let config = dir.path().join("postern.toml");
+        std::fs::write(&config, cfg).unwrap();
+        Setup { dir, config }
+    }
+
+    fn postern(s: &Setup, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin())
+            .arg("--config")
+            .arg(&s.config)
+            .args(args)
+            .env("POSTERN_LOG", "debug")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    #[track_caller]
+    fn no_leaks(fake: &FakeEntra, out: &str, err: &str) {
+        for s in fake.secrets() {
+            assert!(
+                !out.contains(&s) && !err.contains(&s),
+                "leaked {s}\nstdout:\n{out}\nstderr:\n{err}"
+            );
+        }
+    }
+
+    const SECRET_KEYS: &str = "auth = \"client_secret\"\nclient_secret_file = \"SECRET_FILE\"";
+
+    #[test]
+    fn token_shows_claims_never_the_token() {
+        let fake = FakeEntra::start();
+        let s = setup(&fake, SECRET_KEYS);
+        let (code, out, err) = postern(&s, &["token", "contoso", "--for", "smtp"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(
+            out.contains("aud:    https://outlook.office365.com"),
+            "{out}"
+        );
+        assert!(
+            out.contains("roles:  SMTP.SendAsApp") || out.contains("roles: SMTP.SendAsApp"),
+            "{out}"
+        );
+        assert!(out.contains(&format!("appid: {}", fe::CLIENT_ID)), "{out}");
+        assert!(!out.contains("warning"), "{out}");
+        no_leaks(&fake, &out, &err);
+
+        let (code, out, _) = postern(&s, &["token", "contoso", "--for", "graph", "--show-token"]);
+        assert_eq!(code, 0);
+        let last = fake.state().issued_access.last().unwrap().clone();
+        assert!(out.contains(&format!("token: {last}")), "{out}");
+    }
+
+    #[test]
+    fn token_config_error_exits_78_with_advice() {
+        let fake = FakeEntra::start();
+        fake.state().broken = Some(Scripted::aadsts(7000215));
+        let s = setup(&fake, SECRET_KEYS);
+        let (code, out, err) = postern(&s, &["token", "contoso"]);
+        assert_eq!(code, 78, "{out}\n{err}");
+        assert!(err.contains("AADSTS7000215"), "{err}");
+        assert!(err.contains("Value, not the Secret ID"), "{err}");
+        no_leaks(&fake, &out, &err);
+    }
+
+    #[test]
+    fn certificate_account_end_to_end() {
+        let fake = FakeEntra::start();
+        let (cert, key) = rsa_cert();
+        fake.state().register_cert(&cert);
+        let s = setup(
+            &fake,
+            "auth = \"certificate\"\ncertificate = \"CERT\"\nprivate_key_file = \"KEY\"\nassertion_alg = \"RS256\"",
+        );
+        let cp = s.dir.path().join("cert.pem");
+        let kp = s.dir.path().join("key.pem");
+        std::fs::write(&cp, &cert).unwrap();
+        std::fs::write(&kp, &key).unwrap();
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = std::fs::read_to_string(&s.config)
+            .unwrap()
+            .replace("\"CERT\"", &format!("\"{}\"", cp.display()))
+            .replace("\"KEY\"", &format!("\"{}\"", kp.display()));
+        std::fs::write(&s.config, c).unwrap();
+        let (code, out, err) = postern(&s, &["token", "contoso", "--for", "graph"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(
+            out.contains("roles:  Mail.Send") || out.contains("roles: Mail.Send"),
+            "{out}"
+        );
+        assert!(
+            fake.state()
+                .log
+                .last()
+                .unwrap()
+                .field("client_assertion")
+                .is_some()
+        );
+        no_leaks(&fake, &out, &err);
+        assert!(!err.contains(key.lines().nth(1).unwrap()));
+    }
+
+    #[test]
+    fn login_device_code_then_token() {
+        let fake = FakeEntra::start();
+        fake.state().device_plan = vec![Poll::Pending, Poll::Approve];
+        let s = setup(&fake, "auth = \"delegated\"");
+        let (code, out, err) = postern(
+            &s,
+            &["login", "contoso", "--mailbox", "scanner@contoso.com"],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains(&format!("{}/link", fake.base)), "{out}");
+        assert!(out.contains("Code: F"), "{out}");
+        assert!(out.contains("Signed in as scanner@contoso.com"), "{out}");
+        let path = s.files().path("contoso", "scanner@contoso.com");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let first = s
+            .files()
+            .load("contoso", "scanner@contoso.com")
+            .unwrap()
+            .unwrap();
+        no_leaks(&fake, &out, &err);
+
+        let (code, out, err) = postern(
+            &s,
+            &["token", "contoso", "--mailbox", "scanner@contoso.com"],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("scp:    SMTP.Send"), "{out}");
+        assert!(out.contains("upn:    scanner@contoso.com"), "{out}");
+        let second = s
+            .files()
+            .load("contoso", "scanner@contoso.com")
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            first.refresh_token, second.refresh_token,
+            "rotated token stored"
+        );
+        assert_eq!(
+            second.refresh_token.expose(),
+            fake.state().issued_refresh.last().unwrap()
+        );
+        no_leaks(&fake, &out, &err);
+
+        // A Graph token for an SMTP-only mailbox is fine (one RT, any resource); asking for
+        // SMTP claims on a Graph token is what warns: covered by inspect's unit tests.
+        let (code, _, err) = postern(&s, &["token", "contoso"]);
+        assert_eq!(code, 64, "delegated needs --mailbox: {err}");
+    }
+
+    #[test]
+    fn login_declined_exits_1_and_config_errors_78() {
+        let fake = FakeEntra::start();
+        fake.state().device_plan = vec![Poll::Decline];
+        let s = setup(&fake, "auth = \"delegated\"");
+        let (code, out, err) = postern(
+            &s,
+            &[
+                "login",
+                "contoso",
+                "--mailbox",
+                "a@contoso.com",
+                "--for",
+                "graph",
+            ],
+        );
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(err.contains("declined"), "{err}");
+        assert!(
+            s.files()
+                .load("contoso", "a@contoso.com")
+                .unwrap()
+                .is_none()
+        );
+
+        let s2 = setup(&fake, SECRET_KEYS);
+        let (code, _, err) = postern(&s2, &["login", "contoso", "--mailbox", "a@contoso.com"]);
+        assert_eq!(code, 78, "app-only account: nothing to sign in: {err}");
+        let (code, _, _) = postern(&s2, &["login", "nosuch", "--mailbox", "a@contoso.com"]);
+        assert_eq!(code, 78);
+    }
+
+    #[test]
+    fn login_browser_with_pkce() {
+        let fake = FakeEntra::start();
+        let s = setup(&fake, "auth = \"delegated\"");
+        let mut child = Command::new(bin())
+            .arg("--config")
+            .arg(&s.config)
+            .args([
+                "login",
+                "contoso",
+                "--mailbox",
+                "scanner@contoso.com",
+                "--browser",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let l = lines.next().expect("authorize URL printed").unwrap();
+            if l.contains("/oauth2/v2.0/authorize?") {
+                break l.trim().to_string();
+            }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // The "browser": follows the fake's redirect to postern's loopback listener.
+        let page = rt.block_on(async { reqwest::get(&url).await.unwrap().text().await.unwrap() });
+        assert!(page.contains("signed in"), "{page}");
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{rest:?}");
+        assert!(
+            rest.iter()
+                .any(|l| l.contains("Signed in as scanner@contoso.com")),
+            "{rest:?}"
+        );
+        assert!(
+            s.files()
+                .load("contoso", "scanner@contoso.com")
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn killed_during_refresh_token_rotation_loses_nothing() {
+        let fake = FakeEntra::start();
+        let s = setup(&fake, "auth = \"delegated\"");
+        let seeded = fake.state().seed_refresh_token();
+        s.files()
+            .save(
+                "contoso",
+                &StoredToken {
+                    mailbox: "scanner@contoso.com".into(),
+                    audience: Audience::Smtp,
+                    shared: false,
+                    refresh_token: Secret::new(seeded.clone()),
+                    saved_at: now_secs(),
+                },
+            )
+            .unwrap();
+        // Entra receives the refresh (and rotates) but answers slowly; postern dies meanwhile.
+        fake.state().delay = Duration::from_secs(5);
+        let mut child = Command::new(bin())
+            .arg("--config")
+            .arg(&s.config)
+            .args(["token", "contoso", "--mailbox", "scanner@contoso.com"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while fake.token_requests() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no refresh request");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let stored = s
+            .files()
+            .load("contoso", "scanner@contoso.com")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored.refresh_token.expose(),
+            &seeded,
+            "the old token is intact"
+        );
+        let dir = s.files().account_dir("contoso");
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["scanner@contoso.com.json"]);
+        // It still works: the next run refreshes with it and stores the newest.
+        fake.state().delay = Duration::ZERO;
+        let (code, out, err) = postern(
+            &s,
+            &["token", "contoso", "--mailbox", "scanner@contoso.com"],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        let stored = s
+            .files()
+            .load("contoso", "scanner@contoso.com")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored.refresh_token.expose(),
+            fake.state().issued_refresh.last().unwrap()
+        );
+        no_leaks(&fake, &out, &err);
+    }
+}
