@@ -1412,9 +1412,12 @@ mod binary {
             .load("contoso", "scanner@contoso.com")
             .unwrap()
             .unwrap();
-        assert_eq!(
-            stored.refresh_token.expose(),
-            fake.state().issued_refresh.last().unwrap()
+        // (The killed run's request may still be issuing a token in the fake: don't rely on order.)
+        assert_ne!(stored.refresh_token.expose(), &seeded);
+        assert!(
+            fake.state()
+                .issued_refresh
+                .contains(stored.refresh_token.expose())
         );
         no_leaks(&fake, &out, &err);
     }
