@@ -13,6 +13,7 @@ use aws_lc_rs::digest;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::Value;
+use zeroize::Zeroizing;
 
 use super::assertion::CertCredential;
 use super::{Audience, Misconfiguration, TokenError};
@@ -474,6 +475,14 @@ pub fn read_secret(src: &SecretSource) -> Result<Secret<String>, String> {
     Ok(Secret::new(trimmed.to_string()))
 }
 
+/// A form body. Every value is a [`Secret`] (so wiped after use), since several are
+/// credentials: client secret, assertion, refresh token, device code, code verifier.
+type Form = Vec<(&'static str, Secret<String>)>;
+
+fn field(k: &'static str, v: &str) -> (&'static str, Secret<String>) {
+    (k, Secret::new(v.to_string()))
+}
+
 /// How a request proves the client's identity.
 enum ClientAuth {
     None,
@@ -633,20 +642,17 @@ impl EntraClient {
     async fn post(
         &self,
         url: &str,
-        mut form: Vec<(&'static str, String)>,
+        mut form: Form,
         auth: ClientAuth,
-    ) -> Result<(u16, Vec<u8>), String> {
-        form.push(("client_id", self.account.client_id.clone()));
+    ) -> Result<(u16, Zeroizing<Vec<u8>>), String> {
+        form.push(field("client_id", &self.account.client_id));
         let mut req = self.http.post(url);
-        // The form lives in a Secret-free Vec only as long as this call; the secret values are
-        // copied into the request body and nowhere else.
-        let mut secret_fields: Vec<(&'static str, Secret<String>)> = Vec::new();
         match auth {
             ClientAuth::None => {}
-            ClientAuth::Body(s) => secret_fields.push(("client_secret", s)),
+            ClientAuth::Body(s) => form.push(("client_secret", s)),
             ClientAuth::Assertion(j) => {
-                form.push(("client_assertion_type", ASSERTION_TYPE.into()));
-                secret_fields.push(("client_assertion", j));
+                form.push(field("client_assertion_type", ASSERTION_TYPE));
+                form.push(("client_assertion", j));
             }
             ClientAuth::Basic(s) => {
                 // RFC 6749 §2.3.1: both parts form-urlencoded before base64.
@@ -671,9 +677,6 @@ impl EntraClient {
         let body = {
             let mut ser = url::form_urlencoded::Serializer::new(String::new());
             for (k, v) in &form {
-                ser.append_pair(k, v);
-            }
-            for (k, v) in &secret_fields {
                 ser.append_pair(k, v.expose());
             }
             Secret::new(ser.finish())
@@ -689,13 +692,13 @@ impl EntraClient {
             .map_err(|e| describe_reqwest(&e))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| describe_reqwest(&e))?;
-        Ok((status, bytes.to_vec()))
+        Ok((status, Zeroizing::new(bytes.to_vec())))
     }
 
     /// POST to the token endpoint; success, or a classified error.
     async fn token_request(
         &self,
-        form: Vec<(&'static str, String)>,
+        form: Form,
         mailbox: &str,
         audience: Audience,
     ) -> Result<Result<TokenResponse, EntraError>, TokenError> {
@@ -734,10 +737,15 @@ impl EntraClient {
             ));
         }
         let form = vec![
-            ("grant_type", "client_credentials".to_string()),
+            field("grant_type", "client_credentials"),
             (
                 "scope",
-                scope(&self.account.endpoints, audience, GrantKind::AppOnly, false),
+                Secret::new(scope(
+                    &self.account.endpoints,
+                    audience,
+                    GrantKind::AppOnly,
+                    false,
+                )),
             ),
         ];
         self.token_request(form, "", audience)
@@ -754,17 +762,17 @@ impl EntraClient {
         shared: bool,
     ) -> Result<TokenResponse, TokenError> {
         let form = vec![
-            ("grant_type", "refresh_token".to_string()),
+            field("grant_type", "refresh_token"),
             (
                 "scope",
-                scope(
+                Secret::new(scope(
                     &self.account.endpoints,
                     audience,
                     GrantKind::Delegated,
                     shared,
-                ),
+                )),
             ),
-            ("refresh_token", refresh_token.expose().clone()),
+            ("refresh_token", refresh_token.clone()),
         ];
         self.token_request(form, mailbox, audience)
             .await?
@@ -780,12 +788,12 @@ impl EntraClient {
     ) -> Result<DeviceCode, TokenError> {
         let form = vec![(
             "scope",
-            scope(
+            Secret::new(scope(
                 &self.account.endpoints,
                 audience,
                 GrantKind::Delegated,
                 shared,
-            ),
+            )),
         )];
         let url = &self.account.endpoints.device_code_url;
         let (status, body) = self
@@ -833,8 +841,8 @@ impl EntraClient {
         audience: Audience,
     ) -> Result<DevicePoll, TokenError> {
         let form = vec![
-            ("grant_type", DEVICE_GRANT.to_string()),
-            ("device_code", device.device_code.expose().clone()),
+            field("grant_type", DEVICE_GRANT),
+            ("device_code", device.device_code.clone()),
         ];
         match self.token_request(form, mailbox, audience).await? {
             Ok(t) => Ok(DevicePoll::Done(t)),
@@ -902,19 +910,19 @@ impl EntraClient {
         shared: bool,
     ) -> Result<TokenResponse, TokenError> {
         let form = vec![
-            ("grant_type", "authorization_code".to_string()),
+            field("grant_type", "authorization_code"),
             (
                 "scope",
-                scope(
+                Secret::new(scope(
                     &self.account.endpoints,
                     audience,
                     GrantKind::Delegated,
                     shared,
-                ),
+                )),
             ),
-            ("code", code.expose().clone()),
-            ("redirect_uri", redirect_uri.to_string()),
-            ("code_verifier", verifier.expose().clone()),
+            ("code", code.clone()),
+            field("redirect_uri", redirect_uri),
+            ("code_verifier", verifier.clone()),
         ];
         self.token_request(form, mailbox, audience)
             .await?
