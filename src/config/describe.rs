@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::{
-    AddressPattern, AuthMode, BareLfPolicy, Config, ListenerConfig, TlsMinVersion, TlsMode,
-    TransportConfig,
+    AccountConfig, AddressPattern, AssertionAlg, AuthMode, BareLfPolicy, Cloud, Config, Credential,
+    ListenerConfig, SecretSource, SecretStyle, TlsMinVersion, TlsMode, TransportConfig,
 };
 
 /// Exchange Online's largest accepted message (its EHLO advertises `SIZE 157286400`).
@@ -44,13 +44,14 @@ impl Config {
         )?;
         writeln!(
             o,
-            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}",
+            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}; held mailboxes retried every {}",
             d.max_concurrency,
             d.per_mailbox_concurrency,
             dur(d.retry_initial),
             dur(d.retry_max),
             dur(d.max_lifetime),
             dur(d.shutdown_grace),
+            dur(d.hold_retry),
         )?;
         for listener in &self.listeners {
             writeln!(o)?;
@@ -66,6 +67,10 @@ impl Config {
                 user.name,
                 patterns(&user.may_send_as)
             )?;
+        }
+        for a in &self.accounts {
+            writeln!(o)?;
+            write_account(o, a)?;
         }
         writeln!(o)?;
         for (i, route) in self.routes.iter().enumerate() {
@@ -92,6 +97,39 @@ impl Config {
     /// setting and what to change; none stops postern from starting.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        for a in &self.accounts {
+            let secret = match &a.credential {
+                Credential::ClientSecret { secret, .. } => Some(secret),
+                Credential::Delegated { secret } => secret.as_ref(),
+                Credential::Certificate { .. } => None,
+            };
+            if let Some(SecretSource::Inline(_)) = secret {
+                w.push(format!(
+                    "account.{}.client_secret: the secret is written in the configuration file itself; move it to client_secret_file (mode 0600) or a systemd credential (client_secret_credential) so the config can be shared and backed up safely",
+                    a.name
+                ));
+            }
+            if let Credential::ClientSecret {
+                expires: Some(t), ..
+            } = &a.credential
+            {
+                let now = crate::spool::now_secs();
+                if *t <= now {
+                    w.push(format!(
+                        "account.{}: the client secret expired on {} (secret_expires); create a new one in Entra admin centre → App registrations → your app → Certificates & secrets, then update the secret file",
+                        a.name,
+                        date(*t)
+                    ));
+                } else if *t - now < 30 * 86_400 {
+                    w.push(format!(
+                        "account.{}: the client secret expires on {} ({} days); create a new one in Entra admin centre → App registrations → your app → Certificates & secrets before then",
+                        a.name,
+                        date(*t),
+                        (*t - now) / 86_400
+                    ));
+                }
+            }
+        }
         for l in &self.listeners {
             let name = &l.name;
             let remote = !l.address.ip().is_loopback();
@@ -240,4 +278,83 @@ fn dur(d: Duration) -> String {
 
 fn size(bytes: u64) -> String {
     super::validate::human_size(bytes)
+}
+
+fn write_account(o: &mut String, a: &AccountConfig) -> std::fmt::Result {
+    let cloud = match a.cloud {
+        Cloud::Global => "global",
+        Cloud::UsGov => "usgov",
+        Cloud::UsGovDod => "usgov-dod",
+        Cloud::China => "china",
+    };
+    writeln!(
+        o,
+        "account {}: tenant {}, client_id {}, cloud {cloud}",
+        a.name, a.tenant, a.client_id
+    )?;
+    let cred = match &a.credential {
+        Credential::ClientSecret {
+            secret,
+            style,
+            expires,
+        } => format!(
+            "client secret from {} ({}){}",
+            source(secret),
+            match style {
+                SecretStyle::Body => "sent in the form body",
+                SecretStyle::Basic => "sent with HTTP Basic",
+            },
+            expires
+                .map(|t| format!(", expires {}", date(t)))
+                .unwrap_or_default()
+        ),
+        Credential::Certificate { cert, key, alg } => format!(
+            "certificate {} with key from {} ({})",
+            cert.display(),
+            source(key),
+            match alg {
+                AssertionAlg::Ps256 => "PS256, x5t#S256",
+                AssertionAlg::Rs256 => "RS256, x5t",
+            }
+        ),
+        Credential::Delegated { secret } => format!(
+            "delegated: one refresh token per mailbox from `postern login`{}",
+            secret
+                .as_ref()
+                .map(|s| format!("; client secret from {}", source(s)))
+                .unwrap_or_default()
+        ),
+    };
+    writeln!(o, "  credential:   {cred}")?;
+    let e = &a.endpoints;
+    writeln!(o, "  token:        {}", e.token_url)?;
+    writeln!(
+        o,
+        "  smtp:         {}:{} (STARTTLS, XOAUTH2)",
+        e.smtp_host, e.smtp_port
+    )?;
+    writeln!(o, "  graph:        {}", e.graph_url)?;
+    if let Some(ca) = &a.ca_file {
+        writeln!(o, "  extra CA:     {}", ca.display())?;
+    }
+    if let Some(p) = &a.proxy {
+        writeln!(o, "  proxy:        {p}")?;
+    }
+    Ok(())
+}
+
+/// Where a secret comes from; never the secret itself.
+fn source(s: &SecretSource) -> String {
+    match s {
+        SecretSource::File(p) => format!("file {}", p.display()),
+        SecretSource::Env(v) => format!("environment variable {v}"),
+        SecretSource::SystemdCredential(n) => format!("systemd credential {n}"),
+        SecretSource::Inline(_) => "the configuration file (inline)".to_owned(),
+    }
+}
+
+fn date(t: u64) -> String {
+    let s = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t))
+        .to_string();
+    s.get(..10).unwrap_or(&s).to_owned()
 }

@@ -385,6 +385,9 @@ pub struct DeliveryConfig {
     pub max_lifetime: Duration,
     /// On SIGTERM, how long to wait for in-flight work before exiting.
     pub shutdown_grace: Duration,
+    /// While a mailbox is held for a configuration problem, how often one of its messages is
+    /// tried again to see whether the admin fixed it.
+    pub hold_retry: Duration,
 }
 
 impl Config {

@@ -30,6 +30,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "listener",
     "user",
     "route",
+    "account",
 ];
 /// Keys allowed in `[limits]`.
 pub(crate) const LIMITS_KEYS: &[&str] = &[
@@ -47,6 +48,7 @@ pub(crate) const DELIVERY_KEYS: &[&str] = &[
     "retry_max",
     "max_lifetime",
     "shutdown_grace",
+    "hold_retry",
 ];
 /// Keys allowed in `[listener.NAME]`.
 pub(crate) const LISTENER_KEYS: &[&str] = &[
@@ -68,7 +70,34 @@ pub(crate) const LISTENER_KEYS: &[&str] = &[
 /// Keys allowed in `[user.NAME]`.
 pub(crate) const USER_KEYS: &[&str] = &["password_hash", "may_send_as"];
 /// Keys allowed in `[route.NAME]`.
-pub(crate) const ROUTE_KEYS: &[&str] = &["senders", "mailbox", "transport", "dir"];
+pub(crate) const ROUTE_KEYS: &[&str] = &["senders", "mailbox", "transport", "dir", "account"];
+/// Keys allowed in `[account.NAME]`.
+pub(crate) const ACCOUNT_KEYS: &[&str] = &[
+    "tenant",
+    "client_id",
+    "cloud",
+    "authority",
+    "token_url",
+    "device_code_url",
+    "authorize_url",
+    "graph_url",
+    "smtp_host",
+    "smtp_port",
+    "ca_file",
+    "proxy",
+    "auth",
+    "client_secret",
+    "client_secret_file",
+    "client_secret_env",
+    "client_secret_credential",
+    "secret_style",
+    "secret_expires",
+    "certificate",
+    "private_key_file",
+    "private_key_env",
+    "private_key_credential",
+    "assertion_alg",
+];
 
 /// Where each key belongs, so a key written in the wrong table can be sent to the right one.
 const SECTIONS: &[(&str, &[&str])] = &[
@@ -78,6 +107,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("a [listener.NAME] table", LISTENER_KEYS),
     ("a [user.NAME] table", USER_KEYS),
     ("a [route.NAME] table", ROUTE_KEYS),
+    ("an [account.NAME] table", ACCOUNT_KEYS),
 ];
 
 /// A size as written: a string such as `"35 MB"`, or a plain number of bytes.
@@ -111,6 +141,7 @@ pub(crate) struct RawConfig {
     pub listeners: Vec<RawListener>,
     pub users: Vec<RawUser>,
     pub routes: Vec<RawRoute>,
+    pub accounts: Vec<RawAccount>,
     /// `listener` / `route` was present but malformed (already reported), so "no listener" or
     /// "no route" would only repeat that error.
     pub listener_section_broken: bool,
@@ -136,6 +167,7 @@ pub(crate) struct RawDelivery {
     pub retry_max: Option<Spanned<String>>,
     pub max_lifetime: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub hold_retry: Option<Spanned<String>>,
 }
 
 /// `[listener.NAME]`.
@@ -178,6 +210,24 @@ pub(crate) struct RawRoute {
     pub mailbox: Option<Spanned<String>>,
     pub transport: Option<Spanned<String>>,
     pub dir: Option<Spanned<String>>,
+    pub account: Option<Spanned<String>>,
+}
+
+/// `[account.NAME]`: every value as written; which keys fit together is `validate.rs`'s job.
+#[derive(Debug, Default)]
+pub(crate) struct RawAccount {
+    pub name: String,
+    pub header: Span,
+    /// Every string-valued key with its value, in file order (`smtp_port` is the only number,
+    /// `secret_expires` may be a TOML date: both are kept as text here).
+    pub values: Vec<(String, Spanned<String>)>,
+}
+
+impl RawAccount {
+    /// The value of `key`, if written.
+    pub fn get(&self, key: &str) -> Option<&Spanned<String>> {
+        self.values.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
 }
 
 /// Parse `text` into the raw mirror. Returns `None` after syntax errors: a broken document is
@@ -245,6 +295,12 @@ pub(crate) fn parse(text: &str, c: &mut Collector<'_>) -> Option<RawConfig> {
                     raw.routes.push(route(c, name, header, t));
                 }
             }
+            "account" => {
+                let example = "[account.contoso] with tenant, client_id and auth";
+                for (name, header, t) in named_tables(c, key, v, example).0 {
+                    raw.accounts.push(account(c, name, header, t));
+                }
+            }
             _ => unknown_key(c, "", k, TOP_KEYS),
         }
     }
@@ -280,6 +336,7 @@ fn delivery(c: &mut Collector<'_>, t: &DeTable<'_>) -> RawDelivery {
             "retry_max" => r.retry_max = duration(c, &path, v, "\"1h\""),
             "max_lifetime" => r.max_lifetime = duration(c, &path, v, "\"5d\""),
             "shutdown_grace" => r.shutdown_grace = duration(c, &path, v, "\"30s\""),
+            "hold_retry" => r.hold_retry = duration(c, &path, v, "\"5m\""),
             _ => unknown_key(c, "delivery", k, DELIVERY_KEYS),
         }
     }
@@ -391,7 +448,17 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                     "write a mailbox address such as \"shared@example.com\"",
                 )
             }
-            "transport" => r.transport = string(c, &path, v, "write transport = \"file\""),
+            "transport" => {
+                r.transport = string(c, &path, v, "write transport = \"smtp\" or \"file\"")
+            }
+            "account" => {
+                r.account = string(
+                    c,
+                    &path,
+                    v,
+                    "write the name of an [account.NAME] table in quotes",
+                )
+            }
             "dir" => {
                 r.dir = string(
                     c,
@@ -404,6 +471,59 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
         }
     }
     r
+}
+
+fn account(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> RawAccount {
+    let table = format!("account.{}", key_name(&name));
+    let mut r = RawAccount {
+        name,
+        header,
+        ..RawAccount::default()
+    };
+    for (k, v) in entries(t) {
+        let key = k.get_ref().as_ref();
+        let path = format!("{table}.{key}");
+        if !ACCOUNT_KEYS.contains(&key) {
+            unknown_key(c, &table, k, ACCOUNT_KEYS);
+            continue;
+        }
+        let value = match (key, v.get_ref()) {
+            ("smtp_port", DeValue::Integer(i)) => {
+                Some(Spanned::new(v.span(), i.as_str().to_owned()))
+            }
+            ("smtp_port", other) => {
+                c.at(
+                    &v.span(),
+                    &path,
+                    format!("expected a port number, found {}; write a number without quotes such as 587", found(other)),
+                );
+                None
+            }
+            ("secret_expires", DeValue::Datetime(d)) => Some(Spanned::new(v.span(), d.to_string())),
+            _ => string(c, &path, v, &account_fix(key)),
+        };
+        if let Some(value) = value {
+            r.values.push((key.to_owned(), value));
+        }
+    }
+    r
+}
+
+/// What to write for an account key given a value of the wrong type.
+fn account_fix(key: &str) -> String {
+    match key {
+        "tenant" => "write the tenant's domain or ID such as \"contoso.onmicrosoft.com\"".into(),
+        "client_id" => "write the Application (client) ID in quotes".into(),
+        "cloud" => "write one of \"global\", \"usgov\", \"usgov-dod\", \"china\"".into(),
+        "auth" => "write one of \"client_secret\", \"certificate\", \"delegated\"".into(),
+        "secret_style" => "write \"body\" or \"basic\"".into(),
+        "assertion_alg" => "write \"PS256\" or \"RS256\"".into(),
+        "secret_expires" => "write a date such as 2027-01-31".into(),
+        k if k.ends_with("_url") || k == "authority" || k == "proxy" => {
+            "write a URL in quotes such as \"https://login.microsoftonline.com\"".into()
+        }
+        _ => "write the value in quotes".into(),
+    }
 }
 
 type Entry<'a, 'i> = (&'a Spanned<Cow<'i, str>>, &'a Spanned<DeValue<'i>>);

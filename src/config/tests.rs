@@ -5,7 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{DELIVERY_KEYS, LIMITS_KEYS, LISTENER_KEYS, ROUTE_KEYS, TOP_KEYS, USER_KEYS};
+use super::raw::{
+    ACCOUNT_KEYS, DELIVERY_KEYS, LIMITS_KEYS, LISTENER_KEYS, ROUTE_KEYS, TOP_KEYS, USER_KEYS,
+};
 use super::*;
 
 const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$cG9zdGVybi10ZXN0LXNhbHQ$vQHoBfYySye3Ul3+1wE9tIiPw+P/TYI5Er0b+aERM6c";
@@ -122,6 +124,7 @@ fn example_config_loads_and_documents_every_key() {
         .chain(LISTENER_KEYS)
         .chain(USER_KEYS)
         .chain(ROUTE_KEYS)
+        .chain(ACCOUNT_KEYS)
     {
         assert!(
             text.contains(&format!("{key} =")) || text.contains(&format!("[{key}")),
@@ -540,4 +543,139 @@ fn show_describe() {
     let c =
         load_file(&manifest_dir().join("config/postern.toml")).unwrap_or_else(|e| panic!("{e}"));
     println!("{}\n--\n{}", c.describe(), c.warnings().join("\n"));
+}
+
+#[test]
+fn accounts_load_with_cloud_endpoints_and_overrides() {
+    use crate::config::{AssertionAlg, Cloud, Credential, SecretSource, SecretStyle};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ck = rcgen::generate_simple_self_signed(vec!["postern".into()]).expect("cert");
+    fs::write(tmp.path().join("cert.pem"), ck.cert.pem()).expect("write");
+    fs::write(tmp.path().join("key.pem"), ck.signing_key.serialize_pem()).expect("write");
+    fs::write(tmp.path().join("secret"), "s3cret\n").expect("write");
+    let text = r#"
+[listener.local]
+address = "127.0.0.1:2525"
+
+[account.app]
+tenant = "contoso.onmicrosoft.com"
+client_id = "0F8FAD5B-D9CB-469F-A165-70867728950E"
+auth = "client_secret"
+client_secret_file = "secret"
+secret_style = "basic"
+secret_expires = 2027-01-31
+
+[account.cert]
+tenant = "0f8fad5b-d9cb-469f-a165-70867728950e"
+client_id = "0f8fad5b-d9cb-469f-a165-70867728950e"
+cloud = "usgov"
+auth = "certificate"
+certificate = "cert.pem"
+private_key_file = "key.pem"
+assertion_alg = "RS256"
+
+[account.fake]
+tenant = "contoso.onmicrosoft.com"
+client_id = "0f8fad5b-d9cb-469f-a165-70867728950e"
+auth = "delegated"
+authority = "http://127.0.0.1:8080/"
+graph_url = "http://127.0.0.1:8081"
+smtp_host = "localhost"
+smtp_port = 2587
+ca_file = "cert.pem"
+
+[route.m365]
+senders = ["*@contoso.com"]
+transport = "smtp"
+account = "app"
+"#;
+    let path = tmp.path().join("postern.toml");
+    fs::write(&path, text).expect("write");
+    let config = load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    let app = config.account("app").expect("app");
+    assert_eq!(app.client_id, "0f8fad5b-d9cb-469f-a165-70867728950e");
+    assert_eq!(
+        app.endpoints.token_url,
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(app.endpoints.smtp_host, "smtp.office365.com");
+    match &app.credential {
+        Credential::ClientSecret {
+            secret: SecretSource::File(p),
+            style: SecretStyle::Basic,
+            expires: Some(1_801_353_600),
+        } => {
+            assert_eq!(p, &tmp.path().join("secret"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let cert = config.account("cert").expect("cert");
+    assert_eq!(cert.cloud, Cloud::UsGov);
+    assert!(
+        cert.endpoints
+            .token_url
+            .starts_with("https://login.microsoftonline.us/")
+    );
+    assert_eq!(cert.endpoints.graph_url, "https://graph.microsoft.us");
+    assert!(matches!(
+        cert.credential,
+        Credential::Certificate {
+            alg: AssertionAlg::Rs256,
+            ..
+        }
+    ));
+    let fake = config.account("fake").expect("fake");
+    assert_eq!(
+        fake.endpoints.token_url,
+        "http://127.0.0.1:8080/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(
+        fake.endpoints.device_code_url,
+        "http://127.0.0.1:8080/contoso.onmicrosoft.com/oauth2/v2.0/devicecode"
+    );
+    assert_eq!(
+        (fake.endpoints.smtp_host.as_str(), fake.endpoints.smtp_port),
+        ("localhost", 2587)
+    );
+    assert_eq!(
+        fake.ca_file.as_deref(),
+        Some(tmp.path().join("cert.pem").as_path())
+    );
+    assert!(
+        matches!(config.routes[0].transport, crate::config::TransportConfig::Smtp { ref account } if account == "app")
+    );
+    let described = config.describe();
+    assert!(
+        described.contains("account app:") && described.contains("file "),
+        "{described}"
+    );
+    assert!(!described.contains("s3cret"));
+}
+
+#[test]
+fn inline_secret_is_accepted_with_a_warning() {
+    let text = r#"
+[listener.local]
+address = "127.0.0.1:2525"
+[account.a]
+tenant = "contoso.onmicrosoft.com"
+client_id = "0f8fad5b-d9cb-469f-a165-70867728950e"
+auth = "client_secret"
+client_secret = "inline-secret-value"
+secret_expires = 2020-01-01
+[route.r]
+senders = ["*"]
+transport = "smtp"
+account = "a"
+"#;
+    let config = load_str(text, "<test>").unwrap_or_else(|e| panic!("{e}"));
+    let w = config.warnings().join("\n");
+    assert!(
+        w.contains("client_secret_file") && w.contains("expired on 2020-01-01"),
+        "{w}"
+    );
+    assert!(
+        !format!("{config:?}").contains("inline-secret-value"),
+        "Debug must not print the secret"
+    );
 }

@@ -22,9 +22,11 @@ use super::raw::{
     Span, key_name,
 };
 use super::{
-    AddressPattern, AuthMode, BareLfPolicy, Config, DeliveryConfig, GlobalLimits, ListenerConfig,
-    RouteConfig, TlsFiles, TlsMinVersion, TlsMode, TransportConfig, UserConfig,
+    AccountConfig, AddressPattern, AuthMode, BareLfPolicy, Config, DeliveryConfig, GlobalLimits,
+    ListenerConfig, RouteConfig, TlsFiles, TlsMinVersion, TlsMode, TransportConfig, UserConfig,
 };
+
+mod account;
 
 pub use super::error::{ConfigError, ConfigErrors};
 
@@ -111,6 +113,7 @@ mod defaults {
     pub const RETRY_MAX: Duration = Duration::from_secs(3600);
     pub const MAX_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    pub const HOLD_RETRY: Duration = Duration::from_secs(5 * 60);
     pub const ALLOW_NETWORKS: &[&str] = &["127.0.0.0/8", "::1/128"];
     /// Exchange Online's default message size limit.
     pub const MAX_MESSAGE_SIZE: u64 = 35_000_000;
@@ -184,13 +187,21 @@ impl Checker<'_, '_> {
             facts.push(f);
         }
         let users: Vec<UserConfig> = raw.users.into_iter().map(|u| self.user(u)).collect();
+        // Accounts before routes: a route names its account. An account with errors is still
+        // known by name (`account_names`), so its routes don't also say "no such account".
+        let account_names: Vec<String> = raw.accounts.iter().map(|a| a.name.clone()).collect();
+        let accounts: Vec<AccountConfig> = raw
+            .accounts
+            .into_iter()
+            .filter_map(|a| self.account(a))
+            .collect();
         let route_tables = raw.routes.len();
         let (listener_section_broken, route_section_broken) =
             (raw.listener_section_broken, raw.route_section_broken);
         let routes: Vec<RouteConfig> = raw
             .routes
             .into_iter()
-            .filter_map(|r| self.route(r))
+            .filter_map(|r| self.route(r, &account_names))
             .collect();
 
         self.listener_policies(&facts, users.is_empty());
@@ -217,7 +228,7 @@ impl Checker<'_, '_> {
             listeners,
             users,
             routes,
-            accounts: Vec::new(),
+            accounts,
             delivery,
         }
     }
@@ -341,6 +352,12 @@ impl Checker<'_, '_> {
                 r.shutdown_grace.as_ref(),
                 defaults::SHUTDOWN_GRACE,
                 true,
+            ),
+            hold_retry: self.duration(
+                "delivery.hold_retry",
+                r.hold_retry.as_ref(),
+                defaults::HOLD_RETRY,
+                false,
             ),
         };
         // Point at whichever of the pair was written (both defaults are consistent).
@@ -714,7 +731,7 @@ impl Checker<'_, '_> {
     }
 
     /// `None` if the route is unusable (so "no route defined" is not also reported for it).
-    fn route(&mut self, r: RawRoute) -> Option<RouteConfig> {
+    fn route(&mut self, r: RawRoute, accounts: &[String]) -> Option<RouteConfig> {
         let table = format!("route.{}", key_name(&r.name));
         let senders = self.patterns(&r.header, &table, "senders", r.senders.as_ref(), "[\"*\"]");
         let mailbox = r.mailbox.as_ref().and_then(|m| match AddressPattern::parse(m.get_ref()) {
@@ -743,11 +760,41 @@ impl Checker<'_, '_> {
                         None
                     }
                 },
-                other @ ("smtp" | "graph") => {
+                "smtp" => match &r.account {
+                    Some(a) if accounts.contains(a.get_ref()) => Some(TransportConfig::Smtp {
+                        account: a.get_ref().clone(),
+                    }),
+                    Some(a) => {
+                        let known = if accounts.is_empty() {
+                            "no [account.NAME] table is defined; add one (see config/postern.toml)"
+                                .to_owned()
+                        } else {
+                            format!(
+                                "write one of {}",
+                                accounts
+                                    .iter()
+                                    .map(|n| format!("\"{n}\""))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        };
+                        self.c.at(
+                            &a.span(),
+                            &format!("{table}.account"),
+                            format!("there is no [account.{}]; {known}", key_name(a.get_ref())),
+                        );
+                        None
+                    }
+                    None => {
+                        self.missing(&r.header, &table, "account", "account = \"NAME\" (the [account.NAME] whose tokens transport \"smtp\" uses)");
+                        None
+                    }
+                },
+                "graph" => {
                     self.c.at(
                         &t.span(),
                         &format!("{table}.transport"),
-                        format!("transport \"{other}\" is not available in this version of postern; write transport = \"file\""),
+                        "transport \"graph\" is not available in this version of postern; write transport = \"smtp\" (Exchange Online SMTP with OAuth2) or \"file\"".to_owned(),
                     );
                     None
                 }
@@ -755,16 +802,28 @@ impl Checker<'_, '_> {
                     self.c.at(
                         &t.span(),
                         &format!("{table}.transport"),
-                        format!("unknown value \"{other}\"; write \"file\""),
+                        format!("unknown value \"{other}\"; write \"smtp\" or \"file\""),
                     );
                     None
                 }
             },
             None => {
-                self.missing(&r.header, &table, "transport", "transport = \"file\" and dir = \"...\" (\"file\" is the only transport in this version)");
+                self.missing(&r.header, &table, "transport", "transport = \"smtp\" with account = \"NAME\" (or transport = \"file\" with dir = \"...\")");
                 None
             }
         };
+        if let Some(d) = &r.dir
+            && !matches!(transport, Some(TransportConfig::File { .. }) | None)
+        {
+            self.c.at(
+                &d.span(),
+                &format!("{table}.dir"),
+                "dir only applies to transport = \"file\"; remove it".to_owned(),
+            );
+        }
+        if let (Some(a), Some(TransportConfig::File { .. })) = (&r.account, &transport) {
+            self.c.at(&a.span(), &format!("{table}.account"), "account does not apply to transport = \"file\"; remove it, or write transport = \"smtp\"".to_owned());
+        }
         // A valid route with a bad mailbox is still reported as a route, not as "no route".
         Some(RouteConfig {
             name: r.name,

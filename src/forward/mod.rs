@@ -4,6 +4,13 @@
 //! It is woken at once by every commit (the spool's channel of new ids), by the admin's queue
 //! commands (the control socket), and by the earliest `next_attempt` of deferred mail; a slow
 //! periodic rescan catches anything else that changed on disk.
+//!
+//! A `Held` outcome means our configuration is wrong for that mailbox (credentials, consent,
+//! SMTP AUTH disabled...). The mailbox is then *paused*: its waiting messages go to `hold/`
+//! without an attempt and without spending their retries. Every `hold_retry` one held message
+//! is tried again (the probe); when a probe is not held again, the mailbox is released and all
+//! its held messages are queued at once, so mail flows again by itself once the admin fixes
+//! the cause. An admin's `queue release`/`retry` makes the next probe immediate.
 
 pub mod retry;
 pub mod worker;
@@ -11,14 +18,15 @@ pub mod worker;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, TransportConfig};
+use crate::maillog;
 use crate::spool::{Spool, SpoolError, State, now_secs};
 use crate::upstream::Transport;
 use crate::upstream::file::FileTransport;
@@ -80,6 +88,17 @@ impl Kick {
     }
 }
 
+/// A mailbox whose deliveries are paused because its configuration is broken.
+#[derive(Debug)]
+struct Pause {
+    /// What is wrong and how to fix it (from the `Held` outcome).
+    reason: String,
+    /// When the next probe may start.
+    next_probe: Instant,
+    /// The message currently being tried as the probe.
+    probe: Option<String>,
+}
+
 /// The scheduler.
 pub struct Forwarder {
     spool: Spool,
@@ -92,7 +111,8 @@ pub struct Forwarder {
     known: HashSet<String>,
     waiting: HashMap<String, VecDeque<String>>,
     busy_mailboxes: HashMap<String, usize>,
-    running: JoinSet<(String, String)>,
+    paused: HashMap<String, Pause>,
+    running: JoinSet<(String, String, Option<Next>)>,
 }
 
 impl Forwarder {
@@ -115,6 +135,7 @@ impl Forwarder {
             known: HashSet::new(),
             waiting: HashMap::new(),
             busy_mailboxes: HashMap::new(),
+            paused: HashMap::new(),
             running: JoinSet::new(),
         }
     }
@@ -125,10 +146,19 @@ impl Forwarder {
         loop {
             self.dispatch();
             let next_due = self.deferred.peek().map(|Reverse((t, _))| *t);
-            let sleep_for = match next_due {
+            let mut sleep_for = match next_due {
                 Some(t) => Duration::from_secs(t.saturating_sub(now_secs())).min(RESCAN),
                 None => RESCAN,
             };
+            if let Some(p) = self
+                .paused
+                .values()
+                .filter(|p| p.probe.is_none())
+                .map(|p| p.next_probe)
+                .min()
+            {
+                sleep_for = sleep_for.min(p.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(id) = self.new_ids.recv() => {
@@ -138,21 +168,32 @@ impl Forwarder {
                 }
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     match done {
-                        Ok((id, mailbox)) => self.finished(&id, &mailbox),
+                        Ok((id, mailbox, next)) => self.finished(&id, &mailbox, next),
                         Err(e) => error!(error = %e, "delivery task panicked"),
                     }
                 }
-                _ = self.kick.0.notified() => self.rescan(),
+                _ = self.kick.0.notified() => {
+                    // The admin changed the queue (release, retry): try paused mailboxes now.
+                    let now = Instant::now();
+                    for p in self.paused.values_mut() {
+                        p.next_probe = now;
+                    }
+                    self.rescan();
+                }
                 _ = tokio::time::sleep(sleep_for) => {
-                    if next_due.is_none_or(|t| t > now_secs()) { self.rescan(); }
-                    self.promote_due();
+                    if next_due.is_none_or(|t| t > now_secs()) {
+                        self.rescan();
+                    } else {
+                        self.promote_due();
+                        self.start_probes();
+                    }
                 }
             }
         }
         // Let in-flight deliveries finish; the daemon bounds this with shutdown_grace.
         while let Some(done) = self.running.join_next().await {
-            if let Ok((id, mailbox)) = done {
-                self.finished(&id, &mailbox);
+            if let Ok((id, mailbox, next)) = done {
+                self.finished(&id, &mailbox, next);
             }
         }
     }
@@ -203,6 +244,53 @@ impl Forwarder {
             Err(e) => error!(error = %e, "cannot list deferred/"),
         }
         self.promote_due();
+        self.start_probes();
+    }
+
+    /// Messages postern itself held, per mailbox, oldest first.
+    fn auto_held(&self) -> HashMap<String, Vec<(String, String)>> {
+        let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for id in self.spool.ids(State::Hold).unwrap_or_default() {
+            if let Ok(env) = self.spool.read_envelope(State::Hold, &id)
+                && env.auto_hold
+            {
+                out.entry(env.mailbox)
+                    .or_default()
+                    .push((id, env.hold_reason.unwrap_or_default()));
+            }
+        }
+        out
+    }
+
+    /// For every paused mailbox whose probe is due (and mailboxes found held on disk, e.g.
+    /// after a restart), queue its oldest held message as the probe.
+    fn start_probes(&mut self) {
+        let now = Instant::now();
+        for (mailbox, held) in self.auto_held() {
+            let pause = self.paused.entry(mailbox.clone()).or_insert_with(|| Pause {
+                reason: held.first().map(|(_, r)| r.clone()).unwrap_or_default(),
+                next_probe: now,
+                probe: None,
+            });
+            if !(pause.probe.is_none() && pause.next_probe <= now) {
+                continue;
+            }
+            let Some((id, _)) = held.first() else {
+                continue;
+            };
+            match self.spool.requeue(id) {
+                Ok(_) => {
+                    info!(mailbox = %mailbox, queue_id = %id, "retrying one held message to see whether the mailbox works again");
+                    pause.probe = Some(id.clone());
+                    if self.known.insert(id.clone()) {
+                        self.ready.push_back(id.clone());
+                    }
+                }
+                Err(e) => {
+                    warn!(mailbox = %mailbox, queue_id = %id, error = %e, "cannot requeue held message for a retry")
+                }
+            }
+        }
     }
 
     fn is_queued_here(&self, id: &str) -> bool {
@@ -230,7 +318,7 @@ impl Forwarder {
                 break;
             };
             // The message is in incoming/ or (when due) deferred/; read it where it is.
-            let from = if self.spool.msg_dir(State::Incoming, &id).is_dir() {
+            let from = if self.spool.msg_path(State::Incoming, &id).is_file() {
                 State::Incoming
             } else {
                 State::Deferred
@@ -249,12 +337,28 @@ impl Forwarder {
                     continue;
                 }
             };
+            if let Some(p) = self.paused.get_mut(&env.mailbox) {
+                let is_probe = p.probe.as_deref() == Some(id.as_str());
+                let probe_due = p.probe.is_none() && p.next_probe <= Instant::now();
+                if !(is_probe || probe_due) {
+                    let reason = format!("mailbox {} is paused: {}", env.mailbox, p.reason);
+                    match self.spool.auto_hold(&id, from, &reason) {
+                        Ok(()) => maillog::held(&id, &env.mailbox, &reason),
+                        Err(e) => {
+                            warn!(queue_id = %id, error = %e, "cannot hold message of a paused mailbox")
+                        }
+                    }
+                    self.known.remove(&id);
+                    continue;
+                }
+                p.probe = Some(id.clone());
+            }
             let busy = self.busy_mailboxes.get(&env.mailbox).copied().unwrap_or(0);
             if busy >= per_mailbox {
                 self.waiting.entry(env.mailbox).or_default().push_back(id);
                 continue;
             }
-            if let Err(e) = self.spool.move_msg(&id, from, State::Active) {
+            if let Err(e) = self.spool.claim(&id, from) {
                 if !matches!(e, SpoolError::NotFound(_)) {
                     warn!(queue_id = %id, error = %e, "cannot claim message");
                 }
@@ -273,17 +377,21 @@ impl Forwarder {
             let spool = self.spool.clone();
             let mailbox = env.mailbox;
             self.running.spawn(async move {
-                match worker::attempt(&spool, &id, transport, policy).await {
-                    Ok(_) => {}
-                    Err(e) => error!(queue_id = %id, error = %e, "delivery bookkeeping failed; the message stays in active/ until restart"),
-                }
-                (id, mailbox)
+                let next = match worker::attempt(&spool, &id, transport, policy).await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        error!(queue_id = %id, error = %e, "delivery bookkeeping failed; the message stays in active/ until restart");
+                        None
+                    }
+                };
+                (id, mailbox, next)
             });
         }
     }
 
-    fn finished(&mut self, id: &str, mailbox: &str) {
+    fn finished(&mut self, id: &str, mailbox: &str, next: Option<Next>) {
         self.known.remove(id);
+        self.after_attempt(id, mailbox, next.as_ref());
         if let Some(n) = self.busy_mailboxes.get_mut(mailbox) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -300,7 +408,7 @@ impl Forwarder {
             }
         }
         // Deferred messages are in the heap with their due time; re-read on the next rescan.
-        if self.spool.msg_dir(State::Deferred, id).is_dir()
+        if self.spool.msg_path(State::Deferred, id).is_file()
             && let Ok(env) = self.spool.read_envelope(State::Deferred, id)
         {
             self.known.insert(id.to_string());
@@ -312,3 +420,66 @@ impl Forwarder {
 
 #[cfg(test)]
 mod tests;
+
+impl Forwarder {
+    /// Pause or release the mailbox according to the attempt's result.
+    fn after_attempt(&mut self, id: &str, mailbox: &str, next: Option<&Next>) {
+        let hold_retry = self.plan.borrow().config.delivery.hold_retry;
+        match next {
+            Some(Next::Held) => {
+                let reason = self
+                    .spool
+                    .read_envelope(State::Hold, id)
+                    .ok()
+                    .and_then(|e| e.hold_reason)
+                    .unwrap_or_else(|| "configuration problem".into());
+                let p = self.paused.entry(mailbox.to_string()).or_insert_with(|| {
+                    warn!(
+                        mailbox,
+                        reason = %reason,
+                        retry_in = %humantime::format_duration(hold_retry),
+                        "mailbox paused: its messages are held (retries not spent) until this is fixed"
+                    );
+                    Pause { reason: reason.clone(), next_probe: Instant::now(), probe: None }
+                });
+                p.reason = reason;
+                if p.probe.as_deref() == Some(id) || p.probe.is_none() {
+                    p.probe = None;
+                    p.next_probe = Instant::now() + hold_retry;
+                }
+            }
+            Some(_) => {
+                let was_probe = self
+                    .paused
+                    .get(mailbox)
+                    .is_some_and(|p| p.probe.as_deref() == Some(id));
+                if was_probe {
+                    self.paused.remove(mailbox);
+                    let mut n = 0;
+                    for (held_id, _) in self.auto_held().remove(mailbox).unwrap_or_default() {
+                        if self.spool.requeue(&held_id).is_ok() {
+                            maillog::released(&held_id);
+                            if self.known.insert(held_id.clone()) {
+                                self.ready.push_back(held_id);
+                            }
+                            n += 1;
+                        }
+                    }
+                    info!(
+                        mailbox,
+                        released = n,
+                        "mailbox works again: held messages queued for delivery"
+                    );
+                }
+            }
+            None => {
+                if let Some(p) = self.paused.get_mut(mailbox)
+                    && p.probe.as_deref() == Some(id)
+                {
+                    p.probe = None;
+                    p.next_probe = Instant::now() + hold_retry;
+                }
+            }
+        }
+    }
+}

@@ -38,33 +38,15 @@ async fn claimed(spool: &Spool, rcpts: &[&str]) -> String {
     let mut d = spool.begin().await.unwrap();
     let id = d.id().to_string();
     d.write(b"Subject: t\r\n\r\nx\r\n").await.unwrap();
-    let env = Envelope {
-        version: ENVELOPE_VERSION,
-        id: String::new(),
-        received_at: now_secs(),
-        sender: "a@example.com".into(),
-        recipients: rcpts
-            .iter()
-            .map(|r| Recipient {
-                address: r.to_string(),
-                status: RcptStatus::Pending,
-                last_reply: None,
-            })
-            .collect(),
-        client_addr: "127.0.0.1:1".into(),
-        client_helo: "t".into(),
-        auth_user: None,
-        listener: "l".into(),
-        route: "r".into(),
-        mailbox: "a@example.com".into(),
-        size: 0,
-        body_8bit: false,
-        smtputf8: false,
-        attempts: 0,
-        next_attempt: None,
-        last_error: None,
-        hold_reason: None,
-    };
+    let mut env = spool_envelope();
+    env.recipients = rcpts
+        .iter()
+        .map(|r| Recipient {
+            address: r.to_string(),
+            status: RcptStatus::Pending,
+            last_reply: None,
+        })
+        .collect();
     d.commit(env).await.unwrap();
     spool.move_msg(&id, State::Incoming, State::Active).unwrap();
     id
@@ -211,4 +193,136 @@ async fn transient_past_lifetime_fails() {
     );
     let env = spool.read_envelope(State::Failed, &id).unwrap();
     assert!(env.last_error.unwrap().contains("421 4.3.2 busy"));
+}
+
+/// The whole scheduler with a scripted transport: a mailbox whose configuration is broken is
+/// paused (its messages held without spending retries), probed every `hold_retry`, and
+/// released as a whole once a probe gets through.
+#[tokio::test(flavor = "multi_thread")]
+async fn held_mailbox_is_paused_probed_and_released() {
+    use std::collections::HashMap;
+
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Forwarder, Kick, Plan};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::config::load_str(
+        &format!(
+            "spool_dir = \"{0}/spool\"\nstate_dir = \"{0}/state\"\n[delivery]\nhold_retry = \"1s\"\nretry_initial = \"1s\"\n[listener.l]\naddress = \"127.0.0.1:0\"\n[route.r]\nsenders = [\"*\"]\ntransport = \"file\"\ndir = \"{0}/out\"\n",
+            dir.path().display()
+        ),
+        "<test>",
+    )
+    .unwrap();
+    let spool = Spool::open_exclusive(&cfg.spool_dir).unwrap();
+    let held = || Outcome::Held {
+        reason: "AADSTS7000222: the client secret expired".into(),
+    };
+    let sent = || Outcome::Sent {
+        relay: "r".into(),
+        reply: "250 ok".into(),
+        recipients: vec![rcpt("x@x.test", RcptStatus::Sent, "250 ok")],
+    };
+    // First attempt held, first probe held, second probe (after the "fix") sent, then the rest.
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![held(), held(), sent(), sent(), sent()]),
+        asked: Mutex::new(vec![]),
+    });
+    let mut routes: HashMap<String, Arc<dyn Transport>> = HashMap::new();
+    routes.insert("r".into(), t.clone());
+    let plan = Plan {
+        routes,
+        config: Arc::new(cfg),
+    };
+    let (_tx, rx) = watch::channel(plan);
+    let shutdown = CancellationToken::new();
+    let new_ids = spool.take_new_messages().unwrap();
+    let fwd = tokio::spawn(
+        Forwarder::new(
+            spool.clone(),
+            rx,
+            new_ids,
+            Kick::default(),
+            shutdown.clone(),
+        )
+        .run(),
+    );
+
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut d = spool.begin().await.unwrap();
+        ids.push(d.id().to_string());
+        d.write(b"Subject: t\r\n\r\nx\r\n").await.unwrap();
+        let mut env = spool_envelope();
+        env.route = "r".into();
+        d.commit(env).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // All three end up held by postern, none with an attempt spent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.ids(State::Hold).unwrap().len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &ids {
+        let env = spool.read_envelope(State::Hold, id).unwrap();
+        assert!(env.auto_hold && env.attempts == 0, "{env:?}");
+        assert!(env.hold_reason.unwrap().contains("AADSTS7000222"));
+    }
+    assert_eq!(
+        t.asked.lock().unwrap().len(),
+        1,
+        "only one attempt before the mailbox paused"
+    );
+    // Probes every second: the first is held again, the second gets through and releases all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !spool.list().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        spool.list().unwrap().is_empty(),
+        "all delivered: {:?}",
+        spool
+            .list()
+            .unwrap()
+            .iter()
+            .map(|l| l.state)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        t.asked.lock().unwrap().len(),
+        5,
+        "1 attempt + 2 probes + 2 released"
+    );
+    shutdown.cancel();
+    fwd.await.unwrap();
+}
+
+fn spool_envelope() -> Envelope {
+    Envelope {
+        version: ENVELOPE_VERSION,
+        id: String::new(),
+        received_at: now_secs(),
+        sender: "a@example.com".into(),
+        recipients: vec![Recipient {
+            address: "x@x.test".into(),
+            status: RcptStatus::Pending,
+            last_reply: None,
+        }],
+        client_addr: "127.0.0.1:1".into(),
+        client_helo: "t".into(),
+        auth_user: None,
+        listener: "l".into(),
+        route: "r".into(),
+        mailbox: "a@example.com".into(),
+        size: 0,
+        body_8bit: false,
+        smtputf8: false,
+        attempts: 0,
+        next_attempt: None,
+        last_error: None,
+        hold_reason: None,
+        auto_hold: false,
+    }
 }

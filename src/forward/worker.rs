@@ -43,12 +43,12 @@ pub async fn attempt(
     transport: Option<Arc<dyn Transport>>,
     policy: RetryPolicy,
 ) -> Result<Next, SpoolError> {
-    let mut env = spool.read_envelope(State::Active, id)?;
+    let env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
             let msg = Outgoing {
                 envelope: env.clone(),
-                message: spool.msg_dir(State::Active, id).join("message.eml"),
+                message: spool.msg_path(State::Active, id),
             };
             t.send(&msg).await
         }
@@ -59,6 +59,23 @@ pub async fn attempt(
             ),
         },
     };
+    // Recording the outcome renames and fsyncs: keep that off the async runtime's threads,
+    // where it would stall every SMTP session scheduled there.
+    let spool = spool.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || record(&spool, &id, env, outcome, policy))
+        .await
+        .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))?
+}
+
+/// Apply one attempt's outcome to the spool: per-recipient status, then the message's move.
+fn record(
+    spool: &Spool,
+    id: &str,
+    mut env: Envelope,
+    outcome: Outcome,
+    policy: RetryPolicy,
+) -> Result<Next, SpoolError> {
     env.attempts = env.attempts.saturating_add(1);
     let now = now_secs();
     match outcome {
@@ -91,7 +108,7 @@ pub async fn attempt(
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
             }
             if env.pending().next().is_none() {
-                spool.remove(id, State::Active)?;
+                spool.remove_delivered(id)?;
                 return Ok(Next::Done);
             }
             let reason = env
@@ -107,6 +124,7 @@ pub async fn attempt(
             // Our configuration is at fault, not the message: give the attempt back.
             env.attempts = env.attempts.saturating_sub(1);
             env.hold_reason = Some(reason.clone());
+            env.auto_hold = true;
             env.last_error = Some(reason.clone());
             spool.write_envelope(State::Active, &env)?;
             spool.move_msg(id, State::Active, State::Hold)?;

@@ -730,6 +730,7 @@ impl Session {
             next_attempt: None,
             last_error: None,
             hold_reason: None,
+            auto_hold: false,
         }))
     }
 }

@@ -105,6 +105,7 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
             retry_max: Duration::from_secs(3600),
             max_lifetime: Duration::from_secs(86400),
             shutdown_grace: Duration::from_secs(5),
+            hold_retry: Duration::from_secs(300),
         },
     }
 }

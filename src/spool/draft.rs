@@ -1,12 +1,12 @@
-//! A message being received: bytes stream into `tmp/<id>/message.eml` in bounded chunks;
-//! `commit` makes it durable and moves it into `incoming/`.
+//! A message being received: bytes stream into `tmp/<id>` in bounded chunks; `commit` appends
+//! the envelope, makes the file durable and moves it into `incoming/`.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Envelope, Inner, SpoolError, durable};
+use super::{Envelope, Inner, SpoolError, durable, msgfile};
 use crate::smtp::MessageDraft;
 
 /// Bytes buffered in memory before they are written out (bounds RSS per connection).
@@ -15,7 +15,7 @@ const CHUNK: usize = 64 * 1024;
 /// A message being received into `tmp/`.
 pub struct Draft {
     pub(super) id: String,
-    pub(super) dir: PathBuf,
+    pub(super) path: PathBuf,
     pub(super) file: Option<File>,
     pub(super) buf: Vec<u8>,
     pub(super) size: u64,
@@ -36,12 +36,12 @@ impl Draft {
         let Some(mut file) = self.file.take() else {
             return Err(SpoolError::other(
                 "write",
-                &self.dir,
+                &self.path,
                 "draft already closed",
             ));
         };
         let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        let path = self.dir.join("message.eml");
+        let path = self.path.clone();
         let (file, res) = tokio::task::spawn_blocking(move || {
             let r = file.write_all(&buf);
             (file, r)
@@ -68,32 +68,30 @@ impl MessageDraft for Draft {
     }
 
     async fn commit(mut self, mut envelope: Envelope) -> Result<(), SpoolError> {
-        self.flush_buf().await?;
         envelope.id = self.id.clone();
         envelope.size = self.size;
-        let json = serde_json::to_vec_pretty(&envelope)
-            .map_err(|e| SpoolError::other("encode envelope", &self.dir, e))?;
-        let Some(file) = self.file.take() else {
+        let trailer = msgfile::trailer(&envelope)
+            .map_err(|e| SpoolError::other("encode envelope", &self.path, e))?;
+        let Some(mut file) = self.file.take() else {
             return Err(SpoolError::other(
                 "commit",
-                &self.dir,
+                &self.path,
                 "draft already closed",
             ));
         };
-        let dir = self.dir.clone();
-        // Per message: the body's bytes, then the envelope, then the directory entries of
-        // both. These fsyncs run on the blocking pool so concurrent sessions overlap and the
-        // filesystem can merge them into one journal commit.
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(&trailer);
+        let path = self.path.clone();
+        // Per message, in one trip to the blocking pool: the last bytes and the envelope, then
+        // one fdatasync. Concurrent sessions' flushes overlap on the blocking pool.
         tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
+            file.write_all(&buf)
+                .map_err(|e| SpoolError::io("write", &path, e))?;
             file.sync_data()
-                .map_err(|e| SpoolError::io("fsync", &dir.join("message.eml"), e))?;
-            let env_path = dir.join("envelope.json");
-            durable::write_new_synced(&env_path, &json)
-                .map_err(|e| SpoolError::io("write", &env_path, e))?;
-            durable::fsync_dir(&dir).map_err(|e| SpoolError::io("fsync", &dir, e))
+                .map_err(|e| SpoolError::io("fsync", &path, e))
         })
         .await
-        .map_err(|e| SpoolError::other("commit", &self.dir, e))??;
+        .map_err(|e| SpoolError::other("commit", &self.path, e))??;
         // The rename into incoming/ and the fsync of incoming/ and tmp/ are shared by every
         // message committed at about the same time (group commit).
         self.spool.committer.commit(self.id.clone()).await?;
@@ -105,8 +103,8 @@ impl MessageDraft for Draft {
     async fn discard(mut self) {
         self.done = true;
         self.file = None;
-        let dir = self.dir.clone();
-        let _ = tokio::task::spawn_blocking(move || durable::remove_dir(&dir)).await;
+        let path = self.path.clone();
+        let _ = tokio::task::spawn_blocking(move || durable::remove_file(&path)).await;
     }
 }
 
@@ -115,7 +113,7 @@ impl Drop for Draft {
         if !self.done {
             // Never acknowledged: leave nothing behind (start-up wipes tmp/ too, after a crash).
             self.file = None;
-            let _ = durable::remove_dir(&self.dir);
+            let _ = durable::remove_file(&self.path);
         }
     }
 }

@@ -4,6 +4,9 @@
 //! The rules: a file's bytes are `fdatasync`ed before the name that makes it visible is
 //! created (rename); a rename is durable only once the directories on both sides are
 //! fsynced. Nothing else in the crate calls `rename`, `sync_*` or `remove_*` on spool paths.
+//! Two renames are deliberately not synced (see `Spool::claim` and `Spool::remove_delivered`):
+//! claiming a message, because recovery treats both sides alike, and removing a delivered one,
+//! because losing that removal only resends, which at-least-once delivery already allows.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -27,13 +30,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = Path::new(&tmp);
-    // A leftover from a crash mid-write is garbage: replace it.
-    let _ = fs::remove_file(tmp);
-    write_new_synced(tmp, bytes)?;
-    fs::rename(tmp, path)?;
+    write_synced(path, bytes)?;
     fsync_dir(dir)
 }
 
@@ -55,7 +52,24 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Remove a message directory that is no longer referenced by any state directory.
+/// Remove a file without making the removal durable (see `Spool::remove_delivered`).
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Remove a file and fsync its directory, so the removal survives a crash.
+pub fn remove_file_durable(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    match path.parent() {
+        Some(dir) => fsync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Remove a directory tree (leftovers in `tmp/`).
 pub fn remove_dir(path: &Path) -> io::Result<()> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -75,17 +89,29 @@ pub fn create_dir_durable(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Copy `from` to `to` atomically and durably (temp file, fsync, rename, fsync dir).
-pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<u64> {
-    let dir = to
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent"))?;
-    let mut tmp = to.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = Path::new(&tmp);
-    let n = fs::copy(from, tmp)?;
-    File::open(tmp)?.sync_data()?;
-    fs::rename(tmp, to)?;
-    fsync_dir(dir)?;
+/// Copy everything `from` yields into `to` atomically (temp file, fdatasync, rename). The
+/// caller fsyncs the directory, once for several files.
+pub fn copy_synced(mut from: impl io::Read, to: &Path) -> io::Result<u64> {
+    let tmp = sibling_tmp(to);
+    let mut out = File::create(&tmp)?;
+    let n = io::copy(&mut from, &mut out)?;
+    out.sync_data()?;
+    drop(out);
+    fs::rename(&tmp, to)?;
     Ok(n)
+}
+
+/// Replace `path` atomically (temp file, fdatasync, rename). The caller fsyncs the directory.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = sibling_tmp(path);
+    // A leftover from a crash mid-write is garbage: replace it.
+    let _ = fs::remove_file(&tmp);
+    write_new_synced(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
+fn sibling_tmp(path: &Path) -> std::path::PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    tmp.into()
 }

@@ -77,6 +77,10 @@ pub struct Envelope {
     /// Why the message is held (admin, or broken credentials), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_reason: Option<String>,
+    /// Held by postern itself because its mailbox's configuration is broken (not by the
+    /// admin): released automatically once a retry of the mailbox succeeds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_hold: bool,
 }
 
 impl Envelope {

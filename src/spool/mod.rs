@@ -1,17 +1,18 @@
-//! The spool: one directory per message (`message.eml` + `envelope.json`), moved between
-//! state directories by atomic renames, like Postfix's queue directories.
+//! The spool: one queue file per message (the message bytes followed by its envelope, see
+//! `msgfile.rs`), moved between state directories by atomic renames, like Postfix's queue.
 //!
-//! The only path to "250": stream the body into `tmp/<id>/` → fsync it; write the envelope →
-//! fsync; fsync the message directory; rename into `incoming/`; fsync `incoming/` and `tmp/`
-//! (shared by concurrent commits, see `commit.rs`); wake the forwarder. Start-up recovery wipes
-//! `tmp/`, moves `active/` back to `incoming/` and quarantines anything unreadable in
-//! `corrupt/`. All raw filesystem writes live in `durable.rs`.
+//! The only path to "250": stream the body into `tmp/<id>`, append the envelope, fdatasync;
+//! rename into `incoming/`; fsync `incoming/` and `tmp/` (shared by every commit of the same
+//! moment, see `commit.rs`); wake the forwarder. Start-up recovery wipes `tmp/`, moves
+//! `active/` back to `incoming/`, cuts torn envelope appends and quarantines anything
+//! unreadable in `corrupt/`. All raw filesystem writes live in `durable.rs` and `msgfile.rs`.
 
 mod commit;
 mod draft;
 pub mod durable;
 mod envelope;
 mod id;
+pub mod msgfile;
 mod state;
 
 use std::fs::File;
@@ -176,8 +177,9 @@ impl Spool {
         self.inner.root.join(s.dir())
     }
 
-    /// Path of a message's directory in a state.
-    pub fn msg_dir(&self, s: State, id: &str) -> PathBuf {
+    /// Path of a message's queue file in a state. Its first `envelope.size` bytes are the
+    /// message; what follows is envelope bookkeeping (see `msgfile.rs`).
+    pub fn msg_path(&self, s: State, id: &str) -> PathBuf {
         self.state_dir(s).join(id)
     }
 
@@ -196,15 +198,15 @@ impl Spool {
         free_bytes(&self.inner.root)
     }
 
-    /// Start-up recovery: wipe `tmp/`, move `active/` back to `incoming/`, quarantine what
-    /// cannot be read. Run before the forwarder and listeners start.
+    /// Start-up recovery: wipe `tmp/`, move `active/` back to `incoming/`, cut torn envelope
+    /// appends, quarantine what cannot be read. Run before the forwarder and listeners start.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
         let mut r = Recovery::default();
         let tmp = self.state_dir(State::Tmp);
         for name in list_names(&tmp)? {
             let p = tmp.join(&name);
-            durable::remove_dir(&p)
-                .or_else(|_| std::fs::remove_file(&p))
+            std::fs::remove_file(&p)
+                .or_else(|_| durable::remove_dir(&p))
                 .map_err(|e| SpoolError::io("remove", &p, e))?;
             r.drafts_removed += 1;
         }
@@ -229,31 +231,28 @@ impl Spool {
         if !is_valid_id(name) {
             return Err("name is not a queue id".into());
         }
-        let dir = self.msg_dir(s, name);
-        let env = self.read_envelope_at(&dir).map_err(|e| e.to_string())?;
+        let path = self.msg_path(s, name);
+        if !path.is_file() {
+            return Err("not a queue file".into());
+        }
+        // A crash during an envelope append leaves a torn tail: cut it; the previous envelope
+        // stays in force.
+        msgfile::repair(&path).map_err(|e| e.to_string())?;
+        let env = self.read_envelope_at(&path).map_err(|e| e.to_string())?;
         if env.id != name {
             return Err(format!(
-                "envelope says id {} but directory is {name}",
+                "envelope says id {} but the file is {name}",
                 env.id
             ));
         }
-        let size = std::fs::metadata(dir.join("message.eml"))
-            .map_err(|e| format!("message.eml: {e}"))?
-            .len();
-        if size != env.size {
-            return Err(format!(
-                "message.eml has {size} bytes, envelope says {}",
-                env.size
-            ));
-        }
-        Ok(())
+        msgfile::check_size(&path, &env)
     }
 
     fn quarantine(&self, s: State, name: &str, why: &str) -> Result<(), SpoolError> {
-        let from = self.msg_dir(s, name);
-        let mut to = self.msg_dir(State::Corrupt, name);
+        let from = self.msg_path(s, name);
+        let mut to = self.msg_path(State::Corrupt, name);
         if to.exists() {
-            to = self.msg_dir(State::Corrupt, &format!("{name}.{}", new_id()));
+            to = self.msg_path(State::Corrupt, &format!("{name}.{}", new_id()));
         }
         warn!(path = %from.display(), reason = why, "unreadable message moved to corrupt/");
         durable::rename_durable(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
@@ -261,33 +260,24 @@ impl Spool {
 
     /// Read the envelope of a message in a state.
     pub fn read_envelope(&self, s: State, id: &str) -> Result<Envelope, SpoolError> {
-        self.read_envelope_at(&self.msg_dir(s, id))
+        self.read_envelope_at(&self.msg_path(s, id))
     }
 
-    fn read_envelope_at(&self, dir: &Path) -> Result<Envelope, SpoolError> {
-        let p = dir.join("envelope.json");
-        let bytes = std::fs::read(&p).map_err(|e| SpoolError::io("read", &p, e))?;
-        let env: Envelope =
-            serde_json::from_slice(&bytes).map_err(|e| SpoolError::other("decode", &p, e))?;
-        if env.version != ENVELOPE_VERSION {
-            return Err(SpoolError::other(
-                "decode",
-                &p,
-                format!(
-                    "envelope version {} is not supported (this postern reads {ENVELOPE_VERSION})",
-                    env.version
-                ),
-            ));
-        }
-        Ok(env)
+    fn read_envelope_at(&self, path: &Path) -> Result<Envelope, SpoolError> {
+        msgfile::read(path).map(|(env, _)| env)
     }
 
-    /// Rewrite a message's envelope atomically in place.
+    /// Record a new envelope for a message: appended to its queue file and fdatasynced.
     pub fn write_envelope(&self, s: State, env: &Envelope) -> Result<(), SpoolError> {
-        let p = self.msg_dir(s, &env.id).join("envelope.json");
-        let json =
-            serde_json::to_vec_pretty(env).map_err(|e| SpoolError::other("encode", &p, e))?;
-        durable::write_atomic(&p, &json).map_err(|e| SpoolError::io("write", &p, e))
+        msgfile::append(&self.msg_path(s, &env.id), env)
+    }
+
+    fn rename_err(id: &str, path: &Path, e: io::Error) -> SpoolError {
+        if e.kind() == io::ErrorKind::NotFound {
+            SpoolError::NotFound(id.into())
+        } else {
+            SpoolError::io("rename", path, e)
+        }
     }
 
     /// Move a message between states durably. `NotFound` means someone else moved it first
@@ -300,30 +290,40 @@ impl Spool {
                 why: "illegal move",
             });
         }
-        let src = self.msg_dir(from, id);
-        let dst = self.msg_dir(to, id);
-        durable::rename_durable(&src, &dst).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                SpoolError::NotFound(id.into())
-            } else {
-                SpoolError::io("rename", &src, e)
-            }
-        })
+        let src = self.msg_path(from, id);
+        durable::rename_durable(&src, &self.msg_path(to, id))
+            .map_err(|e| Self::rename_err(id, &src, e))
     }
 
-    /// Remove a message for good (after delivery, or `queue delete`). It is first renamed
-    /// into `tmp/` so a crash half-way through removal leaves nothing in a queue state.
+    /// Claim a waiting message for delivery (`incoming/` or `deferred/` → `active/`). No fsync:
+    /// after a crash a message is recovered to `incoming/` from either side of this rename, so
+    /// making the rename durable would buy nothing.
+    pub fn claim(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        if !from.can_move_to(State::Active) {
+            return Err(SpoolError::WrongState {
+                id: id.into(),
+                state: from,
+                why: "illegal move",
+            });
+        }
+        let src = self.msg_path(from, id);
+        durable::rename_unsynced(&src, &self.msg_path(State::Active, id))
+            .map_err(|e| Self::rename_err(id, &src, e))
+    }
+
+    /// Remove a delivered message. Not fsynced, like Postfix's queue file removal: if a crash
+    /// undoes the removal, the message is sent again at restart, which is the at-least-once
+    /// window the design already accepts (crash after the upstream accepted, before we record
+    /// it), and it saves a flush per message on the hot path.
+    pub fn remove_delivered(&self, id: &str) -> Result<(), SpoolError> {
+        let path = self.msg_path(State::Active, id);
+        durable::remove_file(&path).map_err(|e| SpoolError::io("remove", &path, e))
+    }
+
+    /// Remove a message for good (`queue delete`), durably: a deleted message never comes back.
     pub fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        let src = self.msg_dir(from, id);
-        let doomed = self.msg_dir(State::Tmp, &format!("{id}.del"));
-        durable::rename_durable(&src, &doomed).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                SpoolError::NotFound(id.into())
-            } else {
-                SpoolError::io("rename", &src, e)
-            }
-        })?;
-        durable::remove_dir(&doomed).map_err(|e| SpoolError::io("remove", &doomed, e))
+        let path = self.msg_path(from, id);
+        durable::remove_file_durable(&path).map_err(|e| Self::rename_err(id, &path, e))
     }
 
     /// Ids in a state directory, oldest first.
@@ -343,7 +343,7 @@ impl Spool {
         }
         State::QUEUED
             .into_iter()
-            .find(|s| self.msg_dir(*s, id).is_dir())
+            .find(|s| self.msg_path(*s, id).is_file())
     }
 
     /// Every queued message with its envelope, oldest first.
@@ -387,6 +387,18 @@ impl Spool {
         self.move_msg(id, from, State::Hold)?;
         let mut env = self.read_envelope(State::Hold, id)?;
         env.hold_reason = Some(reason.to_string());
+        env.auto_hold = false;
+        self.write_envelope(State::Hold, &env)
+    }
+
+    /// Hold a waiting message because its mailbox is paused (postern's own hold, released
+    /// automatically once the mailbox works again). The envelope is updated after the move,
+    /// so a crash in between leaves a held message that the admin can still release.
+    pub fn auto_hold(&self, id: &str, from: State, reason: &str) -> Result<(), SpoolError> {
+        self.move_msg(id, from, State::Hold)?;
+        let mut env = self.read_envelope(State::Hold, id)?;
+        env.hold_reason = Some(reason.to_string());
+        env.auto_hold = true;
         self.write_envelope(State::Hold, &env)
     }
 
@@ -406,9 +418,17 @@ impl Spool {
         // in its old state with a harmless, cleared next_attempt.
         let mut env = self.read_envelope(from, id)?;
         env.hold_reason = None;
+        env.auto_hold = false;
         env.next_attempt = None;
         if from == State::Failed {
             env.received_at = now_secs(); // a fresh lifetime, as the admin asked for a retry
+            for r in env
+                .recipients
+                .iter_mut()
+                .filter(|r| r.status == RcptStatus::Failed)
+            {
+                r.status = RcptStatus::Pending;
+            }
         }
         self.write_envelope(from, &env)?;
         self.move_msg(id, from, State::Incoming)?;
@@ -449,18 +469,16 @@ impl MessageSink for Spool {
             let tmp = inner.root.join("tmp");
             loop {
                 let id = new_id();
-                let dir = tmp.join(&id);
-                match std::fs::create_dir(&dir) {
-                    Ok(()) => {
-                        let p = dir.join("message.eml");
-                        let file = std::fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .open(&p)
-                            .map_err(|e| SpoolError::io("create", &p, e))?;
+                let path = tmp.join(&id);
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                {
+                    Ok(file) => {
                         return Ok(Draft {
                             id,
-                            dir,
+                            path,
                             file: Some(file),
                             buf: Vec::new(),
                             size: 0,
@@ -469,7 +487,7 @@ impl MessageSink for Spool {
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(SpoolError::io("create", &dir, e)),
+                    Err(e) => return Err(SpoolError::io("create", &path, e)),
                 }
             }
         })

@@ -25,6 +25,7 @@ fn envelope(sender: &str) -> Envelope {
         next_attempt: None,
         last_error: None,
         hold_reason: None,
+        auto_hold: false,
     }
 }
 
@@ -48,8 +49,16 @@ async fn commit_moves_to_incoming_with_envelope_and_notifies() {
     let env = spool.read_envelope(State::Incoming, &id).unwrap();
     assert_eq!(env.id, id);
     assert_eq!(env.size, 200_000);
-    let stored = std::fs::read(spool.msg_dir(State::Incoming, &id).join("message.eml")).unwrap();
+    let mut stored = Vec::new();
+    use std::io::Read;
+    msgfile::open_message(&spool.msg_path(State::Incoming, &id), env.size)
+        .unwrap()
+        .read_to_end(&mut stored)
+        .unwrap();
     assert_eq!(stored, body);
+    // one file per message: the body, then the envelope trailer
+    let raw = std::fs::read(spool.msg_path(State::Incoming, &id)).unwrap();
+    assert!(raw.ends_with(b"POSTERN1\n") && raw.starts_with(&body));
     assert!(spool.ids(State::Tmp).unwrap().is_empty());
 }
 
@@ -107,16 +116,21 @@ async fn recovery_wipes_tmp_requeues_active_and_quarantines_corrupt() {
         b = queue_one(&spool, b"b").await;
         c = queue_one(&spool, b"c").await;
         spool.move_msg(&a, State::Incoming, State::Active).unwrap();
-        // c: envelope truncated, as a disk error might leave it
-        std::fs::write(
-            spool.msg_dir(State::Incoming, &c).join("envelope.json"),
-            b"{\"vers",
-        )
-        .unwrap();
+        // c: its envelope trailer destroyed, as a disk error might leave it
+        let p = spool.msg_path(State::Incoming, &c);
+        let len = std::fs::metadata(&p).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len - 30)
+            .unwrap();
+        // b: a torn envelope append, as a crash during a deferral leaves it: repaired, kept
+        let p = spool.msg_path(State::Incoming, &b);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut f, b"{\"version\":1,\"id\":\"").unwrap();
         // an abandoned draft, as a crash mid-DATA leaves it
-        let abandoned = spool.state_dir(State::Tmp).join(new_id());
-        std::fs::create_dir(&abandoned).unwrap();
-        std::fs::write(abandoned.join("message.eml"), b"partial").unwrap();
+        std::fs::write(spool.state_dir(State::Tmp).join(new_id()), b"partial").unwrap();
         // junk
         std::fs::create_dir(spool.state_dir(State::Deferred).join("junk")).unwrap();
     }
@@ -133,7 +147,8 @@ async fn recovery_wipes_tmp_requeues_active_and_quarantines_corrupt() {
     assert_eq!(spool.find(&a), Some(State::Incoming));
     assert_eq!(spool.find(&b), Some(State::Incoming));
     assert_eq!(spool.find(&c), None);
-    assert!(spool.msg_dir(State::Corrupt, &c).is_dir());
+    assert!(spool.msg_path(State::Corrupt, &c).is_file());
+    assert_eq!(spool.read_envelope(State::Incoming, &b).unwrap().id, b);
     assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
 }
 
@@ -142,9 +157,12 @@ async fn size_mismatch_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open_exclusive(dir.path()).unwrap();
     let id = queue_one(&spool, b"hello").await;
+    // a trailer claiming more message bytes than the file holds
+    let mut env = spool.read_envelope(State::Incoming, &id).unwrap();
+    env.size = 1_000_000;
     std::fs::write(
-        spool.msg_dir(State::Incoming, &id).join("message.eml"),
-        b"hel",
+        spool.msg_path(State::Incoming, &id),
+        msgfile::trailer(&env).unwrap(),
     )
     .unwrap();
     assert_eq!(spool.recover().unwrap().quarantined, 1);
@@ -220,7 +238,11 @@ fn envelope_roundtrip_and_unknown_version() {
     let spool = Spool::open_shared(dir.path()).unwrap();
     let mut env = envelope("a@example.com");
     env.id = new_id();
-    std::fs::create_dir(spool.msg_dir(State::Deferred, &env.id)).unwrap();
+    env.size = 2;
+    let mut bytes = b"hi".to_vec();
+    bytes.extend(msgfile::trailer(&env).unwrap());
+    std::fs::write(spool.msg_path(State::Deferred, &env.id), bytes).unwrap();
+    env.attempts = 3;
     spool.write_envelope(State::Deferred, &env).unwrap();
     assert_eq!(spool.read_envelope(State::Deferred, &env.id).unwrap(), env);
     env.version = 99;

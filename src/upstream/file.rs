@@ -48,8 +48,13 @@ impl FileTransport {
         };
         let json = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
         // Body first, then the envelope: a reader that sees <id>.json can rely on <id>.eml.
-        durable::copy_atomic(&msg.message, &self.dir.join(format!("{}.eml", env.id)))?;
-        durable::write_atomic(&self.dir.join(format!("{}.json", env.id)), &json)?;
+        // Both renames are made durable by one fsync of the directory.
+        durable::copy_synced(
+            msg.open_message()?,
+            &self.dir.join(format!("{}.eml", env.id)),
+        )?;
+        durable::write_synced(&self.dir.join(format!("{}.json", env.id)), &json)?;
+        durable::fsync_dir(&self.dir)?;
         Ok(pending
             .into_iter()
             .map(|a| RcptResult {

@@ -20,8 +20,16 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct Outgoing {
     /// The envelope (recipients with their status; only `Pending` ones are to be sent).
     pub envelope: Envelope,
-    /// Path of `message.eml`.
+    /// Path of the queue file. Only its first `envelope.size` bytes are the message (after
+    /// them comes postern's bookkeeping): read it with [`Outgoing::open_message`].
     pub message: PathBuf,
+}
+
+impl Outgoing {
+    /// A reader of exactly the message bytes (our `Received:` header plus what the client sent).
+    pub fn open_message(&self) -> std::io::Result<std::io::Take<std::fs::File>> {
+        crate::spool::msgfile::open_message(&self.message, self.envelope.size)
+    }
 }
 
 /// The result for one recipient.

@@ -147,7 +147,7 @@ fn queue_commands_work_while_the_daemon_runs() {
         "released message delivered; log:\n{}",
         p.log_text()
     );
-    assert!(p.log_text().contains("sent"));
+    assert!(p.wait_log("event=\"sent\"", Duration::from_secs(5)));
 
     // unknown ids and bad ids
     let (code, _, err) = p.cli(&["queue", "show", "0000000000000000"]);
@@ -196,4 +196,54 @@ fn queue_delete_and_retry_all() {
         !p.path("blocked/sub").join(format!("{a}.json")).exists(),
         "deleted message never delivered"
     );
+}
+
+#[test]
+fn json_logs_have_one_object_per_line_with_queue_ids() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, basic_config("", "")).unwrap();
+    let mut child = Command::new(bin())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(rest) = line.trim().strip_prefix("postern: listening on local ") {
+            addr = rest.parse::<std::net::SocketAddr>().ok();
+        }
+        if line.trim() == "postern: ready" {
+            break;
+        }
+        line.clear();
+    }
+    let addr = addr.expect("listening line");
+    let id = queued_id(&send_mail(
+        addr,
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: j\r\n\r\nx",
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let mut events = Vec::new();
+    for l in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
+        if v["queue_id"] == id.as_str() {
+            events.push(v["event"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(events, vec!["queued", "sent"], "{err}");
 }

@@ -62,7 +62,7 @@ async fn lettre_sends_and_file_transport_delivers() {
     assert_eq!(meta["sender"], "printer@example.com");
     assert_eq!(meta["recipients"][0], "boss@example.org");
     assert!(
-        p.log_text().contains("queued"),
+        p.wait_log("event=\"queued\"", Duration::from_secs(5)),
         "maillog line: {}",
         p.log_text()
     );

@@ -41,8 +41,7 @@ fn transient_failures_back_off_and_then_deliver() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut attempts = 0;
     while attempts < 2 && Instant::now() < deadline {
-        if let Ok(b) = std::fs::read(p.path("spool/deferred").join(&id).join("envelope.json")) {
-            let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+        if let Some(v) = queue_envelope(&p.path("spool/deferred").join(&id)) {
             attempts = v["attempts"].as_u64().unwrap_or(0);
             if attempts >= 1 {
                 assert!(v["next_attempt"].as_u64().is_some());
@@ -55,7 +54,7 @@ fn transient_failures_back_off_and_then_deliver() {
         "retried with backoff (retry_initial 1s); log:\n{}",
         p.log_text()
     );
-    assert!(p.log_text().contains("deferred"));
+    assert!(p.wait_log("event=\"deferred\"", Duration::from_secs(5)));
     std::fs::remove_file(p.path("blocked")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !p.path("blocked/sub").join(format!("{id}.json")).exists() && Instant::now() < deadline {
@@ -84,16 +83,17 @@ fn lifetime_exceeded_goes_to_failed_with_reason() {
     while !p.path("spool/failed").join(&id).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let env: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(p.path("spool/failed").join(&id).join("envelope.json")).unwrap(),
-    )
-    .unwrap();
+    let env = queue_envelope(&p.path("spool/failed").join(&id)).expect("envelope");
     assert!(
         env["last_error"].as_str().unwrap().contains("max_lifetime"),
         "{env}"
     );
     assert_eq!(env["recipients"][0]["status"], "failed");
-    assert!(p.log_text().contains("failed"));
+    assert!(
+        p.wait_log("event=\"failed\"", Duration::from_secs(5)),
+        "{}",
+        p.log_text()
+    );
 }
 
 #[test]

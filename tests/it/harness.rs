@@ -170,6 +170,18 @@ impl Postern {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Wait until some log line contains `needle` (log lines trail the spool's renames).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Wait until `n` messages were delivered into `delivered/`; returns their ids.
     pub fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<String> {
         let deadline = Instant::now() + timeout;
@@ -313,4 +325,19 @@ pub fn send_mail(addr: SocketAddr, from: &str, to: &[&str], body: &[u8]) -> Stri
 /// Extract the queue id from "250 2.0.0 Ok: queued as ID".
 pub fn queued_id(reply: &str) -> String {
     reply.rsplit(' ').next().unwrap_or("").trim().to_string()
+}
+
+/// The newest envelope of a queue file (its last trailer: JSON, "\n", 10-digit length,
+/// "POSTERN1\n"), read the way an admin's script would, without the library.
+pub fn queue_envelope(path: &Path) -> Option<serde_json::Value> {
+    let raw = std::fs::read(path).ok()?;
+    let footer = raw.len().checked_sub(20)?;
+    if &raw[footer + 11..] != b"POSTERN1\n" {
+        return None;
+    }
+    let len: usize = std::str::from_utf8(&raw[footer + 1..footer + 11])
+        .ok()?
+        .parse()
+        .ok()?;
+    serde_json::from_slice(&raw[footer.checked_sub(len)?..footer]).ok()
 }

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Send one large message over plain SMTP, streaming the body (the client never holds it).
+
+    send_big.py HOST PORT SIZE_MB
+
+The body is SIZE_MB MiB of 78-byte CRLF lines (no line starts with '.', so no dot-stuffing
+is needed). Exits 0 only if the server answers 250 to the end of DATA; prints the reply
+and the time taken.
+"""
+import socket
+import sys
+import time
+
+
+def main():
+    host, port, size_mb = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    s = socket.create_connection((host, port), timeout=300)
+    f = s.makefile("rb")
+
+    def reply():
+        lines = []
+        while True:
+            line = f.readline()
+            if not line:
+                raise SystemExit("send_big: connection closed")
+            lines.append(line.decode(errors="replace").rstrip())
+            if len(line) < 4 or line[3:4] != b"-":
+                return int(lines[-1][:3]), " | ".join(lines)
+
+    def cmd(c, want):
+        s.sendall(c.encode() + b"\r\n")
+        code, text = reply()
+        if code != want:
+            raise SystemExit(f"send_big: {c!r} -> {text}")
+        return text
+
+    code, text = reply()
+    if code != 220:
+        raise SystemExit(f"send_big: greeting {text}")
+    cmd("EHLO bench.example", 250)
+    cmd("MAIL FROM:<from@example.com>", 250)
+    cmd("RCPT TO:<to@example.org>", 250)
+    cmd("DATA", 354)
+    t0 = time.monotonic()
+    s.sendall(b"From: <from@example.com>\r\nTo: <to@example.org>\r\n"
+              b"Subject: big\r\n\r\n")
+    line = b"x" * 76 + b"\r\n"
+    block = line * (1024 * 1024 // len(line))
+    total = int(size_mb * 1024 * 1024)
+    sent = 0
+    while sent < total:
+        s.sendall(block)
+        sent += len(block)
+    s.sendall(b".\r\n")
+    code, text = reply()
+    t1 = time.monotonic()
+    print(f"sent {sent} bytes in {t1 - t0:.2f}s: {text}")
+    try:
+        cmd("QUIT", 221)
+    except SystemExit:
+        pass
+    s.close()
+    sys.exit(0 if code == 250 else 1)
+
+
+if __name__ == "__main__":
+    main()
