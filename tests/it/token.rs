@@ -1345,6 +1345,39 @@ mod binary {
     }
 
     #[test]
+    fn check_warns_about_a_certificate_that_expires_soon() {
+        let fake = FakeEntra::start();
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["soon".into()]).unwrap();
+        params.not_after =
+            (std::time::SystemTime::now() + Duration::from_secs(12 * 86_400 + 100)).into();
+        let cert = params.self_signed(&kp).unwrap();
+        let s = setup(
+            &fake,
+            "auth = \"certificate\"\ncertificate = \"CERT\"\nprivate_key_file = \"KEY\"",
+        );
+        let cp = s.dir.path().join("cert.pem");
+        let kp_path = s.dir.path().join("key.pem");
+        std::fs::write(&cp, cert.pem()).unwrap();
+        std::fs::write(&kp_path, kp.serialize_pem()).unwrap();
+        std::fs::set_permissions(&kp_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = std::fs::read_to_string(&s.config)
+            .unwrap()
+            .replace("\"CERT\"", &format!("\"{}\"", cp.display()))
+            .replace("\"KEY\"", &format!("\"{}\"", kp_path.display()));
+        std::fs::write(&s.config, c).unwrap();
+        let (code, out, err) = postern(&s, &["check"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(
+            out.lines().any(
+                |l| l.starts_with("warning: account contoso: the certificate")
+                    && l.contains("in 12 days")
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn killed_during_refresh_token_rotation_loses_nothing() {
         let fake = FakeEntra::start();
         let s = setup(&fake, "auth = \"delegated\"");
