@@ -147,9 +147,14 @@ impl TokenFiles {
             "saved_at": token.saved_at,
             "refresh_token": token.refresh_token.expose(),
         });
-        let mut bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
         let mut doc = doc;
+        let bytes = serde_json::to_vec_pretty(&doc);
         wipe(&mut doc);
+        // Never write an empty file over a good token.
+        let mut bytes = bytes.map_err(|e| FileError::Corrupt {
+            path: path.clone(),
+            why: format!("cannot encode: {e}"),
+        })?;
         let r = write_private_atomic(&path, &bytes);
         bytes.zeroize();
         r
