@@ -53,8 +53,59 @@ pub enum Command {
     /// Read a password (from the terminal without echo, or from standard input) and print its
     /// argon2id hash for a [user.NAME] password_hash.
     HashPassword,
+    /// Sign a mailbox in to Microsoft Entra once (device code, or --browser) and store its
+    /// refresh token, for accounts with auth = "delegated".
+    Login(LoginArgs),
+    /// Get an access token now and show its claims (audience, permissions, user, expiry), with
+    /// warnings when they cannot work; never prints the token unless --show-token.
+    Token(TokenArgs),
     /// Print the version.
     Version,
+}
+
+/// Which Microsoft API a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Api {
+    /// Exchange Online SMTP AUTH (XOAUTH2).
+    Smtp,
+    /// Microsoft Graph sendMail.
+    Graph,
+}
+
+/// `postern login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The [account.NAME] to sign in with.
+    pub account: String,
+    /// The mailbox this sign-in is for (the signed-in user's, or one it may send as).
+    #[arg(long, value_name = "ADDRESS")]
+    pub mailbox: String,
+    /// Which API the tokens are for.
+    #[arg(long = "for", value_enum, default_value = "smtp")]
+    pub api: Api,
+    /// Sign in in a browser on this machine (authorization code + PKCE, loopback redirect)
+    /// instead of with a device code.
+    #[arg(long)]
+    pub browser: bool,
+    /// The mailbox is not the signed-in user's own (Graph: adds Mail.Send.Shared).
+    #[arg(long)]
+    pub shared: bool,
+}
+
+/// `postern token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The [account.NAME].
+    pub account: String,
+    /// The mailbox (required for delegated accounts).
+    #[arg(long, value_name = "ADDRESS")]
+    pub mailbox: Option<String>,
+    /// Which API the token is for.
+    #[arg(long = "for", value_enum, default_value = "smtp")]
+    pub api: Api,
+    /// Also print the access token itself (it is a credential: handle with care).
+    #[arg(long)]
+    pub show_token: bool,
 }
 
 /// Queue subcommands.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use postern::cli::{Cli, Command, LogFormat, QueueCommand};
+use postern::cli::{Api, Cli, Command, LogFormat, QueueCommand};
 use postern::config::{self, Config, ConfigErrors};
 use postern::spool::{Spool, SpoolError};
 use postern::{admin, control, daemon, maillog};
@@ -52,6 +52,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for w in cfg.warnings() {
                 println!("warning: {w}");
             }
+            // Client-secret expiry is in Config::warnings; certificates need their file read.
+            let certs: Vec<_> = cfg
+                .accounts
+                .iter()
+                .filter(|a| matches!(a.credential, config::Credential::Certificate { .. }))
+                .cloned()
+                .collect();
+            let horizon = postern::token::StoreOptions::default().expiry_warning;
+            for w in postern::token::store::expiry_warnings(&certs, horizon) {
+                println!("warning: {w}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve => {
@@ -70,11 +81,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rt.block_on(daemon::run(cfg, Box::new(reload)))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Login(a) => {
+            let cfg = ConfigSource::resolve(cli.config.as_deref()).load()?;
+            let code = runtime()?.block_on(postern::token::login::run(
+                &cfg,
+                &a.account,
+                &a.mailbox,
+                audience(a.api),
+                a.browser,
+                a.shared,
+            ));
+            Ok(ExitCode::from(code))
+        }
+        Command::Token(a) => {
+            let cfg = ConfigSource::resolve(cli.config.as_deref()).load()?;
+            let code = runtime()?.block_on(postern::token::inspect::run(
+                &cfg,
+                &a.account,
+                a.mailbox.as_deref(),
+                audience(a.api),
+                a.show_token,
+            ));
+            Ok(ExitCode::from(code))
+        }
         Command::Queue(q) => {
             let source = ConfigSource::resolve(cli.config.as_deref());
             let cfg = source.load()?;
             queue(&cfg, q)
         }
+    }
+}
+
+/// A small runtime for one-shot commands that talk to Entra.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn audience(api: Api) -> postern::token::Audience {
+    match api {
+        Api::Smtp => postern::token::Audience::Smtp,
+        Api::Graph => postern::token::Audience::Graph,
     }
 }
 

@@ -11,4 +11,5 @@ mod load;
 mod protocol;
 mod secrets;
 mod tls;
+mod token;
 mod upstream_smtp;

@@ -55,7 +55,12 @@ impl TokenSource for Tokens {
                     expires_at: u64::MAX,
                 }),
                 Some(Err(e)) => Err(e.clone()),
-                None => Err(TokenError::Configuration(format!("no token for {mailbox}"))),
+                None => Err(TokenError::local(
+                    "test",
+                    mailbox,
+                    format!("no token for {mailbox}"),
+                    "script one in the test".into(),
+                )),
             }
         })
     }
@@ -772,8 +777,11 @@ async fn token_errors_map_to_transient_and_held_without_connecting() {
 
     let tokens = Tokens::with(
         MAILBOX,
-        Err(TokenError::Configuration(
-            "AADSTS7000222: the client secret has expired; create a new one".into(),
+        Err(TokenError::local(
+            "test",
+            MAILBOX,
+            "AADSTS7000222: the client secret has expired".into(),
+            "create a new one".into(),
         )),
     );
     let t = transport(&fake, tokens.clone());

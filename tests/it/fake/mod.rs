@@ -1,3 +1,4 @@
 //! In-process fakes of the Microsoft services postern talks to.
 
+pub mod entra;
 pub mod exchange;
