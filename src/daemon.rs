@@ -1,5 +1,5 @@
-//! Start-up order (config → spool recovery → forwarder → listeners), signals, reload and
-//! graceful stop.
+//! Start-up order (config → spool recovery → token store → forwarder → listeners), signals,
+//! reload and graceful stop.
 //!
 //! SIGTERM/SIGINT: listeners stop accepting, idle connections get 421, transactions in
 //! progress finish, deliveries in flight finish, all bounded by `delivery.shutdown_grace`;
@@ -26,6 +26,7 @@ use crate::smtp::conn::ListenerContext;
 use crate::smtp::server::{ConnLimiter, run_listener};
 use crate::smtp::tls;
 use crate::spool::{Spool, SpoolError};
+use crate::token::store::TokenStore;
 
 /// Re-reads the configuration (on SIGHUP).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>;
@@ -83,7 +84,10 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let shutdown = CancellationToken::new();
     let conns = TaskTracker::new();
     let kick = Kick::default();
-    let (plan_tx, plan_rx) = watch::channel(Plan::from_config(config.clone()));
+    // The token store: one per configuration generation (a reload may change accounts and
+    // secrets); refresh tokens live on disk, so a new store loses nothing.
+    let mut tokens = start_tokens(&config, &shutdown);
+    let (plan_tx, plan_rx) = watch::channel(Plan::from_config(config.clone(), tokens.0.clone()));
     let new_ids = spool
         .take_new_messages()
         .ok_or_else(|| SpoolError::other("start", spool.root(), "forwarder already started"))?;
@@ -161,7 +165,9 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                                 spool.set_min_free(new.limits.min_free_disk);
                                 shared.limiter.set_limits(new.limits.max_connections, new.limits.max_connections_per_ip);
                                 shared.auth_guard.set_limits(new.limits.auth_max_failures, new.limits.auth_lockout);
-                                let _ = plan_tx.send(Plan::from_config(new.clone()));
+                                tokens.1.cancel();
+                                tokens = start_tokens(&new, &shutdown);
+                                let _ = plan_tx.send(Plan::from_config(new.clone(), tokens.0.clone()));
                                 kick.kick();
                                 current = new;
                                 info!(config = %current.source, "configuration reloaded");
@@ -191,6 +197,23 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
     info!("postern stopped");
     Ok(())
+}
+
+/// A token store for `config` and the cancel handle of its maintenance task (weekly refresh of
+/// idle delegated tokens, daily expiry warnings).
+fn start_tokens(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> (Arc<TokenStore>, CancellationToken) {
+    let store = Arc::new(TokenStore::from_config(config));
+    for w in store.expiry_warnings() {
+        warn!("{w}");
+    }
+    let cancel = shutdown.child_token();
+    if !config.accounts.is_empty() {
+        tokio::spawn(store.clone().run_maintenance(cancel.clone()));
+    }
+    (store, cancel)
 }
 
 struct Shared {

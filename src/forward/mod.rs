@@ -28,8 +28,10 @@ use tracing::{error, info, warn};
 use crate::config::{Config, TransportConfig};
 use crate::maillog;
 use crate::spool::{Spool, SpoolError, State, now_secs};
-use crate::upstream::Transport;
+use crate::token::TokenSource;
 use crate::upstream::file::FileTransport;
+use crate::upstream::smtp::SmtpTransport;
+use crate::upstream::{Transport, Unavailable};
 pub use worker::{Next, RetryPolicy};
 
 /// How often the whole queue is rescanned even without a wake-up.
@@ -45,19 +47,16 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Build the transports for every route of `config`.
-    pub fn from_config(config: Arc<Config>) -> Self {
+    /// Build the transports for every route of `config`; Microsoft transports get their
+    /// tokens from `tokens`.
+    pub fn from_config(config: Arc<Config>, tokens: Arc<dyn TokenSource>) -> Self {
         let routes = config
             .routes
             .iter()
             .map(|r| {
                 let t: Arc<dyn Transport> = match &r.transport {
                     TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
-                    // Replaced by the XOAUTH2 transport when it lands; config validation does
-                    // not produce this variant yet.
-                    TransportConfig::Smtp { .. } => {
-                        Arc::new(FileTransport::new(config.spool_dir.join("unreachable")))
-                    }
+                    TransportConfig::Smtp { account } => smtp_transport(&config, account, &tokens),
                 };
                 (r.name.clone(), t)
             })
@@ -65,6 +64,8 @@ impl Plan {
         Self { routes, config }
     }
 
+    /// The transport for a message routed through `route` (or, if that route was removed by a
+    /// reload, through whichever route now accepts `sender`).
     fn transport_for(&self, route: &str, sender: &str) -> Option<Arc<dyn Transport>> {
         self.routes
             .get(route)
@@ -74,6 +75,27 @@ impl Plan {
                     .and_then(|r| self.routes.get(&r.name))
             })
             .cloned()
+    }
+}
+
+/// The XOAUTH2 transport of a route; one that cannot be built holds its messages with the
+/// reason (config validation makes that rare: e.g. a CA file that vanished since `check`).
+fn smtp_transport(
+    config: &Config,
+    account: &str,
+    tokens: &Arc<dyn TokenSource>,
+) -> Arc<dyn Transport> {
+    let Some(acc) = config.account(account) else {
+        return Arc::new(Unavailable(format!(
+            "account \"{account}\" is not configured"
+        )));
+    };
+    match SmtpTransport::new(acc, tokens.clone(), config.hostname.clone()) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            error!(account, error = %e, "the smtp transport cannot be set up; its messages are held");
+            Arc::new(Unavailable(e.to_string()))
+        }
     }
 }
 

@@ -392,14 +392,15 @@ impl Spool {
     }
 
     /// Hold a waiting message because its mailbox is paused (postern's own hold, released
-    /// automatically once the mailbox works again). The envelope is updated after the move,
-    /// so a crash in between leaves a held message that the admin can still release.
+    /// automatically once the mailbox works again).
     pub fn auto_hold(&self, id: &str, from: State, reason: &str) -> Result<(), SpoolError> {
-        self.move_msg(id, from, State::Hold)?;
-        let mut env = self.read_envelope(State::Hold, id)?;
+        // Envelope first, then the move: whoever sees the message in hold/ sees why. (Only the
+        // forwarder, which owns waiting messages, calls this.)
+        let mut env = self.read_envelope(from, id)?;
         env.hold_reason = Some(reason.to_string());
         env.auto_hold = true;
-        self.write_envelope(State::Hold, &env)
+        self.write_envelope(from, &env)?;
+        self.move_msg(id, from, State::Hold)
     }
 
     /// Release a held message (or retry a deferred/failed one) now: back to `incoming/`.

@@ -136,12 +136,17 @@ impl TokenStore {
         }
     }
 
-    /// A store for every account of `cfg`, with default options.
+    /// A store for every account of `cfg`. A configuration error is retried every
+    /// `delivery.hold_retry`, the pace at which the forwarder re-tries a paused mailbox, so the
+    /// two knobs cannot disagree; a reload (SIGHUP) builds a new store and retries at once.
     pub fn from_config(cfg: &Config) -> TokenStore {
         TokenStore::new(
             cfg.accounts.clone(),
             &cfg.state_dir,
-            StoreOptions::default(),
+            StoreOptions {
+                config_retry: cfg.delivery.hold_retry,
+                ..StoreOptions::default()
+            },
         )
     }
 

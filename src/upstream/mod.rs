@@ -138,3 +138,21 @@ pub enum UpstreamError {
         source: rustls::Error,
     },
 }
+
+/// A route whose transport could not be set up: every message is held with the reason, so
+/// nothing is lost and the admin is told what to fix.
+pub struct Unavailable(pub String);
+
+impl Transport for Unavailable {
+    fn describe(&self) -> String {
+        "unavailable".into()
+    }
+
+    fn send<'a>(&'a self, _msg: &'a Outgoing) -> BoxFuture<'a, Outcome> {
+        let reason = format!(
+            "the route's transport cannot be set up: {}; fix the configuration and reload (systemctl reload postern)",
+            self.0
+        );
+        Box::pin(async move { Outcome::Held { reason } })
+    }
+}

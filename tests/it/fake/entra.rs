@@ -378,6 +378,28 @@ impl FakeEntra {
         self.state().token_requests()
     }
 
+    /// A check that a token was issued by this fake for Exchange Online SMTP (its `aud` is an
+    /// outlook resource), for the fake Exchange's `accept_tokens`.
+    pub fn smtp_token_check(&self) -> crate::fake::exchange::TokenCheck {
+        let state = self.state.clone();
+        Arc::new(move |_mailbox: &str, token: &str| {
+            let issued = state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .issued_access
+                .iter()
+                .any(|t| t == token);
+            let aud = token
+                .split('.')
+                .nth(1)
+                .and_then(|c| B64URL.decode(c).ok())
+                .and_then(|c| serde_json::from_slice::<Value>(&c).ok())
+                .and_then(|c| c["aud"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            issued && aud.starts_with("https://outlook.office")
+        })
+    }
+
     /// Every secret value the fake knows or issued (for leak checks).
     pub fn secrets(&self) -> Vec<String> {
         let s = self.state();

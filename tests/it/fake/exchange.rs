@@ -109,9 +109,14 @@ impl AuthFailure {
     }
 }
 
+/// Decides whether a (mailbox, token) pair authenticates, e.g. "the fake Entra issued it".
+pub type TokenCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 /// What the fake does; built before `start()`, changeable later with [`FakeExchange::update`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Script {
+    /// Tokens accepted besides `tokens` (end-to-end tests: whatever the fake Entra issued).
+    pub token_check: Option<TokenCheck>,
     /// Host name in the banner and EHLO (`SY5P282CA0097.outlook.office365.com`).
     pub banner_host: String,
     /// Host in diagnostic suffixes (`SY5P282CA0097.AUSP282.PROD.OUTLOOK.COM`).
@@ -149,6 +154,7 @@ pub struct Script {
 impl Default for Script {
     fn default() -> Self {
         Script {
+            token_check: None,
             banner_host: "SY5P282CA0097.outlook.office365.com".into(),
             diag_host: "SY5P282CA0097.AUSP282.PROD.OUTLOOK.COM".into(),
             cert_names: vec!["localhost".into()],
@@ -177,6 +183,11 @@ impl Script {
     /// `token` is valid for `mailbox`.
     pub fn token(mut self, mailbox: &str, token: &str) -> Self {
         self.tokens.insert(mailbox.to_lowercase(), token.into());
+        self
+    }
+    /// Accept any token `check(mailbox, token)` approves.
+    pub fn accept_tokens(mut self, check: TokenCheck) -> Self {
+        self.token_check = Some(check);
         self
     }
     /// AUTH as `mailbox` fails with `f`.
@@ -683,7 +694,12 @@ async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
         unsuccessful.clone()
     } else if let Some(f) = script.auth_failures.get(&user.to_lowercase()) {
         f.line(&diag(script))
-    } else if script.tokens.get(&user.to_lowercase()) == Some(&token) {
+    } else if script.tokens.get(&user.to_lowercase()) == Some(&token)
+        || script
+            .token_check
+            .as_ref()
+            .is_some_and(|check| check(&user, &token))
+    {
         "235 2.7.0 Authentication successful".into()
     } else {
         unsuccessful.clone()
