@@ -137,6 +137,12 @@ impl TokenFiles {
         let dir = self.account_dir(account);
         make_private_dir(&self.root)?;
         make_private_dir(&dir)?;
+        // `postern login` usually runs as root, the daemon as the service user: files written
+        // by root are handed to whoever owns the state directory, so the daemon can read them.
+        let owner = self.service_owner();
+        for d in [&self.root, &dir] {
+            give_to(d, owner)?;
+        }
         let path = self.path(account, &token.mailbox);
         let doc = serde_json::json!({
             "version": VERSION,
@@ -155,9 +161,32 @@ impl TokenFiles {
             path: path.clone(),
             why: format!("cannot encode: {e}"),
         })?;
-        let r = write_private_atomic(&path, &bytes);
+        let r = write_private_atomic(&path, &bytes, owner);
         bytes.zeroize();
         r
+    }
+
+    /// The owner (uid, gid) token files must have when we run as root: the state directory's,
+    /// if that is not root. `None` means "leave ownership as created".
+    fn service_owner(&self) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let state_dir = self.root.parent()?;
+        let m = fs::metadata(state_dir).ok()?;
+        (m.uid() != 0).then_some((m.uid(), m.gid()))
+    }
+}
+
+/// chown `path` to `owner` (see `TokenFiles::service_owner`).
+fn give_to(path: &Path, owner: Option<(u32, u32)>) -> Result<(), FileError> {
+    match owner {
+        Some((uid, gid)) => {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io_err(path))
+        }
+        None => Ok(()),
     }
 }
 
@@ -205,7 +234,11 @@ fn make_private_dir(dir: &Path) -> Result<(), FileError> {
 }
 
 /// Temp file (0600, created new) → write → fsync → rename → fsync dir.
-fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+fn write_private_atomic(
+    path: &Path,
+    bytes: &[u8],
+    owner: Option<(u32, u32)>,
+) -> Result<(), FileError> {
     let dir = path.parent().ok_or_else(|| FileError::Io {
         path: path.to_path_buf(),
         source: io::Error::other("no parent directory"),
@@ -224,7 +257,12 @@ fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
-    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    let written = match owner {
+        Some((uid, gid)) => std::os::unix::fs::fchown(&f, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
+    .and_then(|()| f.write_all(bytes))
+    .and_then(|()| f.sync_all());
     drop(f);
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
@@ -305,6 +343,30 @@ mod tests {
             shared: true,
             refresh_token: Secret::new(rt.into()),
             saved_at: 42,
+        }
+    }
+
+    #[test]
+    fn root_hands_token_files_to_the_state_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root (as `postern login` usually runs)");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(state.path(), Some(65534), Some(65534)).unwrap();
+        let files = TokenFiles::new(state.path());
+        files
+            .save("contoso", &tok("a@contoso.com", "rt-1"))
+            .unwrap();
+        for p in [
+            files.root.clone(),
+            files.account_dir("contoso"),
+            files.path("contoso", "a@contoso.com"),
+        ] {
+            let m = fs::metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", p.display());
         }
     }
 
