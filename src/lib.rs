@@ -2,13 +2,21 @@
 //! SMTP, spools it durably, and forwards it to Microsoft 365 with OAuth2.
 //!
 //! # Layout
-//! - [`config`]: the TOML file → typed, validated [`config::Config`].
-//! - [`smtp`]: the SMTP server: sans-IO session, connection driver, DATA reader, AUTH, policy.
-//! - [`spool`]: every byte on disk and every state change (atomic renames, fsync order).
-//! - [`forward`]: the scheduler that claims due messages and runs deliveries.
-//! - [`upstream`]: transports that send a spooled message (`file` today; SMTP and Graph next).
-//! - [`token`]: the token-store seam the forwarder asks for OAuth2 access tokens.
+//! - [`config`]: the TOML file → typed, validated [`config::Config`] (listeners, users, routes,
+//!   Entra accounts), every error with file:line:key and a fix.
+//! - [`smtp`]: the SMTP server: sans-IO session, connection driver, DATA reader, AUTH, policy,
+//!   accept loop, TLS.
+//! - [`spool`]: every byte on disk and every state change: one queue file per message (body and
+//!   appended envelope), atomic renames, fsync order, group commit, recovery.
+//! - [`forward`]: the scheduler that claims due messages, runs deliveries, and pauses mailboxes
+//!   whose configuration is broken.
+//! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2,
+//!   and `file`; `classify` turns every upstream reply into an outcome and advice.
+//! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
+//!   single-flight), refresh-token files, `postern login` and `postern token`.
 //! - [`daemon`]: start-up order, signals, reload and graceful stop.
+//! - [`control`]: the socket through which queue commands wake the daemon.
+//! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
 
