@@ -17,6 +17,15 @@ struct World {
 }
 
 fn world(mailbox_line: &str) -> World {
+    world_with(
+        mailbox_line,
+        "auth = \"client_secret\"\nclient_secret_file = \"SECRET_FILE\"",
+    )
+}
+
+/// A world whose account signs in with `auth_lines` (`SECRET_FILE` is replaced by the path of
+/// a file holding the fake's client secret).
+fn world_with(mailbox_line: &str, auth_lines: &str) -> World {
     let entra = FakeEntra::start();
     let exchange = Script::new()
         .accept_tokens(entra.smtp_token_check())
@@ -41,8 +50,7 @@ allow_networks = ["127.0.0.0/8"]
 [account.contoso]
 tenant = "{TENANT}"
 client_id = "{CLIENT_ID}"
-auth = "client_secret"
-client_secret_file = "{secret}"
+{auth}
 authority = "{authority}"
 smtp_host = "localhost"
 smtp_port = {port}
@@ -54,7 +62,7 @@ senders = ["*@contoso.com"]
 transport = "smtp"
 account = "contoso"
 "#,
-        secret = secret.display(),
+        auth = auth_lines.replace("SECRET_FILE", &secret.display().to_string()),
         authority = entra.base,
         port = exchange.addr().port(),
         ca = exchange.ca_pem().display(),
@@ -291,4 +299,81 @@ fn smtp_auth_disabled_for_the_mailbox_is_held_with_the_exchange_fix() {
         "log:\n{}",
         w.postern.log_text()
     );
+}
+
+#[test]
+fn delegated_mailbox_logs_in_once_then_delivers_with_rotated_refresh_tokens() {
+    let w = world_with("", "auth = \"delegated\"");
+    // Before `postern login`, mail for the mailbox is held with the fix in the reason.
+    let first = queued_id(&send_mail(
+        w.postern.addr(),
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"Subject: before login\r\n\r\nx\r\n",
+    ));
+    assert!(
+        wait_until(Duration::from_secs(15), || w
+            .postern
+            .path("spool/hold")
+            .join(&first)
+            .exists()),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let reason = queue_envelope(&w.postern.path("spool/hold").join(&first)).unwrap()["hold_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("postern login"), "{reason}");
+    // The admin signs the mailbox in with the device code flow (the fake approves on the
+    // second poll), while the daemon runs.
+    let (code, out, err) = w.postern.cli(&["login", "contoso", "--mailbox", MAILBOX]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The held message goes out on the next probe, with a delegated token for that mailbox.
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 1),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let r = send_mail(
+        w.postern.addr(),
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"Subject: after login\r\n\r\nx\r\n",
+    );
+    expect(&r, "250");
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 2),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    assert!(w.exchange.delivered().iter().all(|m| m.mailbox == MAILBOX));
+    let st = w.entra.state();
+    let refresh = st
+        .log
+        .iter()
+        .filter(|r| r.field("grant_type") == Some("refresh_token"))
+        .collect::<Vec<_>>();
+    assert!(
+        !refresh.is_empty(),
+        "the daemon used the stored refresh token"
+    );
+    assert_eq!(
+        refresh[0].field("scope"),
+        Some("https://outlook.office.com/SMTP.Send offline_access")
+    );
+    // The rotated refresh token was saved: the file holds the newest one the fake issued.
+    let stored = std::fs::read_to_string(
+        w.postern
+            .path("state/tokens/contoso/scanner@contoso.com.json"),
+    )
+    .unwrap();
+    assert!(
+        stored.contains(st.issued_refresh.last().unwrap()),
+        "rotated refresh token stored"
+    );
+    drop(st);
+    assert_no_secret_in_logs(&w);
 }
