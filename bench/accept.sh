@@ -5,7 +5,8 @@
 #   For each cell (message size 2 KB and 100 KB) x (1 and 10 concurrent SMTP clients),
 #   MSGS messages (default 5000) are sent with Postfix's `smtp-source` (one message per
 #   connection, as legacy devices do) to
-#     - postern (target/release/postern, file transport) on 127.0.0.1:$PX_PORT, and
+#     - postern (target/release/postern; transport = "discard" like Postfix's, or "file"
+#       with PX_TRANSPORT=file) on 127.0.0.1:$PX_PORT, and
 #     - Postfix (a relay with its normal durable queue; default_transport = discard)
 #       on 127.0.0.1:$PF_PORT,
 #   alternating the two servers within each cell for ROUNDS rounds (odd rounds postern
@@ -32,7 +33,8 @@
 #   bench/accept.sh                  # full run: 5000 msgs/cell, 3 rounds (~10-20 min)
 #   QUICK=1 bench/accept.sh          # development: 500 msgs/cell, 1 round
 #   Knobs (env): MSGS, ROUNDS, CEIL_SECS, BENCH_DIR (scratch, default /tmp/bench/accept),
-#   POSTERN_BIN, PX_PORT (2526), PF_PORT (2527), PROFILE (1), KEEP (0: wipe scratch at end).
+#   POSTERN_BIN, PX_PORT (2526), PF_PORT (2527), PROFILE (1), KEEP (0: wipe scratch at end),
+#   PX_TRANSPORT (discard | file).
 #   Output: a Markdown report on stdout and in bench/results/accept-<date>.md, raw
 #   measurements in bench/results/accept-<date>.jsonl.
 #
@@ -58,6 +60,7 @@ POSTERN_BIN=${POSTERN_BIN:-$REPO/target/release/postern}
 PX_PORT=${PX_PORT:-2526}
 PF_PORT=${PF_PORT:-2527}
 PROFILE=${PROFILE:-1}
+PX_TRANSPORT=${PX_TRANSPORT:-discard}
 KEEP=${KEEP:-0}
 SIZES=(2048 102400)
 CONCS=(1 10)
@@ -257,9 +260,15 @@ max_connections = 500
 max_connections_per_ip = 500
 [route.default]
 senders = ["*"]
-transport = "file"
-dir = "$PX/delivered"
 EOF
+  # Both servers drop what they accepted after it went through their durable queue:
+  # Postfix's discard, postern's discard. PX_TRANSPORT=file measures postern writing every
+  # message out again (two more durable files per message).
+  if [[ $PX_TRANSPORT == file ]]; then
+    printf 'transport = "file"\ndir = "%s/delivered"\n' "$PX" >>"$PX/postern.toml"
+  else
+    printf 'transport = "discard"\n' >>"$PX/postern.toml"
+  fi
 }
 
 start_postern() {
@@ -281,7 +290,13 @@ px_empty() { # nothing received-but-not-delivered in the spool
     [[ -z $(find "$PX/spool/$d" -mindepth 1 -maxdepth 1 -print -quit) ]] || return 1
   done
 }
-px_delivered() { if [[ -d $PX/delivered ]]; then find "$PX/delivered" -type f -name '*.eml' | wc -l; else echo 0; fi; }
+px_delivered() {
+  if [[ $PX_TRANSPORT == file ]]; then
+    if [[ -d $PX/delivered ]]; then find "$PX/delivered" -type f -name '*.eml' | wc -l; else echo 0; fi
+  else
+    grep -c 'event="sent"' "$PX/postern.log" 2>/dev/null || true
+  fi
+}
 px_wipe() { rm -rf "$PX/delivered"/* 2>/dev/null || true; }
 
 # ---------------------------------------------------------------- measurements -------
@@ -306,7 +321,7 @@ run_cell() { # run_cell SERVER SIZE CONC ROUND CEILING
   if [[ $server == postern ]]; then
     port=$PX_PORT pid=$PX_PID extra=(--reset-hwm)
     drain="$(declare -f px_empty); PX='$PX' px_empty"
-    before=0
+    before=$(px_delivered)
   else
     port=$PF_PORT pid=$PF_PID
     drain="$(declare -f pf_empty); PF='$PF' pf_empty"
@@ -442,6 +457,6 @@ if [[ $PROFILE == 1 ]]; then
   strace_profile postfix
 fi
 
-python3 "$HERE/report.py" "$JSONL" >"$REPORT"
+PX_TRANSPORT="$PX_TRANSPORT" python3 "$HERE/report.py" "$JSONL" >"$REPORT"
 cat "$REPORT"
 log "report: $REPORT"

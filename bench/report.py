@@ -4,6 +4,7 @@
     report.py results/accept-<date>.jsonl
 """
 import json
+import os
 import statistics
 import sys
 
@@ -100,7 +101,7 @@ def main():
     p("")
     p("msg/s: messages / wall time of smtp-source (every message got 250). CPU: user+system "
       "time of the server's whole process tree from the start of the load until its queue "
-      "had drained (both servers deliver locally: postern's file transport, Postfix's "
+      f"had drained (both servers deliver locally: postern's {os.environ.get('PX_TRANSPORT', 'discard')} transport, Postfix's "
       "discard), per message. postern peak RSS: VmHWM, reset before each run. Postfix "
       "peak RSS: peak of Σ Pss over its processes (master, smtpd×N, cleanup×N, qmgr, "
       "trivial-rewrite, discard, postlogd, ...) sampled every 100 ms; Σ VmRSS, which counts "

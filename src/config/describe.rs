@@ -77,6 +77,7 @@ impl Config {
             let transport = match &route.transport {
                 TransportConfig::File { dir } => format!("file {}", dir.display()),
                 TransportConfig::Smtp { account } => format!("smtp (XOAUTH2, account {account})"),
+                TransportConfig::Discard => "discard (accepted and dropped)".to_owned(),
             };
             let mailbox = match &route.mailbox {
                 Some(m) => format!("as mailbox {m}"),

@@ -169,6 +169,9 @@ pub enum TransportConfig {
         /// Target directory.
         dir: PathBuf,
     },
+    /// Accept and drop (logged as sent to `discard`), like Postfix's discard transport: for
+    /// black-holing a noisy device's status mail, and for benchmarks.
+    Discard,
     /// Exchange Online SMTP with AUTH XOAUTH2, tokens from `account`.
     Smtp {
         /// Name of the `[account.NAME]` whose tokens are used.

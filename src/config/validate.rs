@@ -761,6 +761,7 @@ impl Checker<'_, '_> {
                         None
                     }
                 },
+                "discard" => Some(TransportConfig::Discard),
                 "smtp" => match &r.account {
                     Some(a) if accounts.contains(a.get_ref()) => Some(TransportConfig::Smtp {
                         account: a.get_ref().clone(),
@@ -803,7 +804,9 @@ impl Checker<'_, '_> {
                     self.c.at(
                         &t.span(),
                         &format!("{table}.transport"),
-                        format!("unknown value \"{other}\"; write \"smtp\" or \"file\""),
+                        format!(
+                            "unknown value \"{other}\"; write \"smtp\", \"file\" or \"discard\""
+                        ),
                     );
                     None
                 }
@@ -822,8 +825,10 @@ impl Checker<'_, '_> {
                 "dir only applies to transport = \"file\"; remove it".to_owned(),
             );
         }
-        if let (Some(a), Some(TransportConfig::File { .. })) = (&r.account, &transport) {
-            self.c.at(&a.span(), &format!("{table}.account"), "account does not apply to transport = \"file\"; remove it, or write transport = \"smtp\"".to_owned());
+        if let (Some(a), Some(TransportConfig::File { .. } | TransportConfig::Discard)) =
+            (&r.account, &transport)
+        {
+            self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\"; remove it, or write transport = \"smtp\"".to_owned());
         }
         // A valid route with a bad mailbox is still reported as a route, not as "no route".
         Some(RouteConfig {

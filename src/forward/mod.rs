@@ -31,7 +31,7 @@ use crate::spool::{Spool, SpoolError, State, now_secs};
 use crate::token::TokenSource;
 use crate::upstream::file::FileTransport;
 use crate::upstream::smtp::SmtpTransport;
-use crate::upstream::{Transport, Unavailable};
+use crate::upstream::{Discard, Transport, Unavailable};
 pub use worker::{Next, RetryPolicy};
 
 /// How often the whole queue is rescanned even without a wake-up.
@@ -57,6 +57,7 @@ impl Plan {
                 let t: Arc<dyn Transport> = match &r.transport {
                     TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
                     TransportConfig::Smtp { account } => smtp_transport(&config, account, &tokens),
+                    TransportConfig::Discard => Arc::new(Discard),
                 };
                 (r.name.clone(), t)
             })

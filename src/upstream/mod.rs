@@ -156,3 +156,32 @@ impl Transport for Unavailable {
         Box::pin(async move { Outcome::Held { reason } })
     }
 }
+
+/// The `discard` transport: every pending recipient counts as delivered and the message is
+/// dropped (logged as sent with relay `discard`), like Postfix's `discard:`.
+pub struct Discard;
+
+impl Transport for Discard {
+    fn describe(&self) -> String {
+        "discard".into()
+    }
+
+    fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome> {
+        let recipients = msg
+            .envelope
+            .pending()
+            .map(|r| RcptResult {
+                address: r.address.clone(),
+                status: RcptStatus::Sent,
+                reply: "250 2.0.0 discarded".into(),
+            })
+            .collect();
+        Box::pin(async move {
+            Outcome::Sent {
+                relay: "discard".into(),
+                reply: "250 2.0.0 discarded".into(),
+                recipients,
+            }
+        })
+    }
+}

@@ -162,3 +162,44 @@ fn sighup_reloads_routes_and_listener_settings_without_losing_the_queue() {
     let mut c = Raw::connect(p.addr());
     expect(&c.reply(), "220");
 }
+
+#[test]
+fn discard_route_accepts_and_drops_with_a_log_line() {
+    let cfg = basic_config(
+        "",
+        "[route.noise]\nsenders = [\"status@printer.example\"]\ntransport = \"discard\"\n",
+    );
+    let p = Postern::start(&cfg);
+    let id = queued_id(&send_mail(
+        p.addr(),
+        "status@printer.example",
+        &["ops@example.org"],
+        b"Subject: toner low\r\n\r\nx",
+    ));
+    assert!(p.wait_log(&format!("queue_id=\"{id}\""), Duration::from_secs(5)));
+    assert!(
+        p.wait_log("relay=\"discard\"", Duration::from_secs(5)),
+        "{}",
+        p.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.cli(&["queue", "list"]).1.contains(&id) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !p.cli(&["queue", "list"]).1.contains(&id),
+        "dropped from the queue"
+    );
+    assert!(
+        delivered_ids(&p.path("delivered")).is_empty(),
+        "nothing written by the file route"
+    );
+    // other senders still go through the file route
+    send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: real\r\n\r\nx",
+    );
+    assert_eq!(p.wait_delivered(1, Duration::from_secs(5)).len(), 1);
+}
