@@ -1164,6 +1164,66 @@ mod binary {
         assert!(out.contains(&format!("token: {last}")), "{out}");
     }
 
+    /// The secret from an environment variable, and from a systemd credential
+    /// (`LoadCredential=` puts it in `$CREDENTIALS_DIRECTORY/NAME`), never from the config.
+    #[test]
+    fn secret_from_environment_and_systemd_credential() {
+        let fake = FakeEntra::start();
+        for (keys, env) in [
+            (
+                "auth = \"client_secret\"\nclient_secret_env = \"CONTOSO_SECRET\"",
+                "env",
+            ),
+            (
+                "auth = \"client_secret\"\nclient_secret_credential = \"contoso-secret\"",
+                "cred",
+            ),
+        ] {
+            let s = setup(&fake, keys);
+            let creds = s.dir.path().join("creds");
+            std::fs::create_dir(&creds).unwrap();
+            std::fs::write(creds.join("contoso-secret"), format!("{}\n", fe::SECRET)).unwrap();
+            let mut cmd = Command::new(bin());
+            cmd.arg("--config")
+                .arg(&s.config)
+                .args(["token", "contoso"]);
+            if env == "env" {
+                cmd.env("CONTOSO_SECRET", fe::SECRET);
+            } else {
+                cmd.env("CREDENTIALS_DIRECTORY", &creds);
+            }
+            let out = cmd.output().unwrap();
+            let (o, e) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            assert_eq!(out.status.code(), Some(0), "{env}: {o}\n{e}");
+            assert!(o.contains("roles: SMTP.SendAsApp"), "{o}");
+            assert_eq!(
+                fake.state().log.last().unwrap().field("client_secret"),
+                Some(fe::SECRET)
+            );
+            no_leaks(&fake, &o, &e);
+            // Without the variable the error says what to add, and nothing is sent to Entra.
+            let before = fake.token_requests();
+            let out = Command::new(bin())
+                .arg("--config")
+                .arg(&s.config)
+                .args(["token", "contoso"])
+                .env_remove("CONTOSO_SECRET")
+                .env_remove("CREDENTIALS_DIRECTORY")
+                .output()
+                .unwrap();
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{e}");
+            assert!(
+                e.contains("CONTOSO_SECRET") || e.contains("LoadCredential"),
+                "{e}"
+            );
+            assert_eq!(fake.token_requests(), before);
+        }
+    }
+
     #[test]
     fn token_config_error_exits_78_with_advice() {
         let fake = FakeEntra::start();
