@@ -13,6 +13,24 @@ use crate::config::{
 };
 use crate::secret::Secret;
 
+/// Keys of a client secret (auth = "client_secret", or "delegated" for confidential apps).
+const SECRET_KEYS: &[&str] = &[
+    "client_secret",
+    "client_secret_file",
+    "client_secret_env",
+    "client_secret_credential",
+    "secret_style",
+    "secret_expires",
+];
+/// Keys of a certificate credential (auth = "certificate").
+const CERTIFICATE_KEYS: &[&str] = &[
+    "certificate",
+    "private_key_file",
+    "private_key_env",
+    "private_key_credential",
+    "assertion_alg",
+];
+
 /// Tenant names that are not one tenant: client credentials need a real tenant (AADSTS50194).
 const MULTI_TENANT: &[&str] = &["common", "organizations", "consumers"];
 
@@ -191,48 +209,17 @@ impl Checker<'_, '_> {
         )?;
         // Keys that belong to another kind of credential are errors: they usually mean the
         // admin changed `auth` and forgot the rest, or the other way round.
-        let allowed: &[&str] = match auth {
-            0 => &[
-                "client_secret",
-                "client_secret_file",
-                "client_secret_env",
-                "client_secret_credential",
-                "secret_style",
-                "secret_expires",
-            ],
-            1 => &[
-                "certificate",
-                "private_key_file",
-                "private_key_env",
-                "private_key_credential",
-                "assertion_alg",
-            ],
-            _ => &[
-                "client_secret",
-                "client_secret_file",
-                "client_secret_env",
-                "client_secret_credential",
-                "secret_style",
-                "secret_expires",
-            ],
+        let allowed = if auth == 1 {
+            CERTIFICATE_KEYS
+        } else {
+            SECRET_KEYS
         };
-        let credential_keys = [
-            "client_secret",
-            "client_secret_file",
-            "client_secret_env",
-            "client_secret_credential",
-            "secret_style",
-            "secret_expires",
-            "certificate",
-            "private_key_file",
-            "private_key_env",
-            "private_key_credential",
-            "assertion_alg",
-        ];
         let auth_word = ["client_secret", "certificate", "delegated"][auth as usize];
         let mut ok = true;
         for (k, v) in &r.values {
-            if credential_keys.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
+            let is_credential_key =
+                SECRET_KEYS.contains(&k.as_str()) || CERTIFICATE_KEYS.contains(&k.as_str());
+            if is_credential_key && !allowed.contains(&k.as_str()) {
                 self.c.at(
                     &v.span(),
                     &key(k),
