@@ -5,28 +5,6 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// CI installs every tool; on a developer machine without one, say so loudly rather than
-/// pass silently.
-fn require(tool: &str) -> bool {
-    if have(tool) {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{tool} is not installed but CI must run this test"
-    );
-    eprintln!("SKIPPED: {tool} not installed");
-    false
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn lettre_sends_and_file_transport_delivers() {
     use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -155,22 +133,12 @@ fn curl_smtp_sends() {
         "From: app@example.com\r\nTo: x@example.org\r\nSubject: curl\r\n\r\nhello from curl\r\n",
     )
     .unwrap();
-    let out = Command::new("curl")
-        .args(["-sS", "--url", &format!("smtp://{}", p.addr())])
-        .args([
-            "--mail-from",
-            "app@example.com",
-            "--mail-rcpt",
-            "x@example.org",
-            "--upload-file",
-        ])
-        .arg(&mail)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    curl_send(
+        &format!("smtp://{}", p.addr()),
+        &[],
+        "app@example.com",
+        "x@example.org",
+        &mail,
     );
     let ids = p.wait_delivered(1, Duration::from_secs(10));
     let eml = std::fs::read_to_string(p.path("delivered").join(format!("{}.eml", ids[0]))).unwrap();

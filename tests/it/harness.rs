@@ -341,3 +341,43 @@ pub fn queue_envelope(path: &Path) -> Option<serde_json::Value> {
         .ok()?;
     serde_json::from_slice(&raw[footer.checked_sub(len)?..footer]).ok()
 }
+
+/// Is `tool` on the PATH?
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// CI installs every tool; on a developer machine without one, say so loudly rather than
+/// pass silently.
+pub fn require(tool: &str) -> bool {
+    if have(tool) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{tool} is not installed but CI must run this test"
+    );
+    eprintln!("SKIPPED: {tool} not installed");
+    false
+}
+
+/// Send the file `mail` with `curl` to `url` (smtp:// or smtps://) from `from` to `rcpt`;
+/// `extra` are more curl options (TLS, credentials). Panics with curl's stderr on failure.
+pub fn curl_send(url: &str, extra: &[&str], from: &str, rcpt: &str, mail: &Path) {
+    let out = Command::new("curl")
+        .args(["-sS", "--url", url])
+        .args(extra)
+        .args(["--mail-from", from, "--mail-rcpt", rcpt, "--upload-file"])
+        .arg(mail)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

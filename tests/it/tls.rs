@@ -62,12 +62,7 @@ print("ok")
         String::from_utf8_lossy(&out.stderr)
     );
 
-    if Command::new("sh")
-        .args(["-c", "command -v swaks"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
+    if have("swaks") {
         let out = Command::new("swaks")
             .args([
                 "--server",
@@ -96,38 +91,14 @@ print("ok")
 
     let mail = p.path("m.txt");
     std::fs::write(&mail, "Subject: curl tls\r\n\r\nhi\r\n").unwrap();
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "-k",
-            "--ssl-reqd",
-            "--url",
-            &format!("smtp://{}", p.addr()),
-            "--user",
-            "printer:tls-pass",
-        ])
-        .args([
-            "--mail-from",
-            "printer@example.com",
-            "--mail-rcpt",
-            "c@example.org",
-            "--upload-file",
-        ])
-        .arg(&mail)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
+    curl_send(
+        &format!("smtp://{}", p.addr()),
+        &["-k", "--ssl-reqd", "--user", "printer:tls-pass"],
+        "printer@example.com",
+        "c@example.org",
+        &mail,
     );
-    let expected = if std::env::var_os("CI").is_some()
-        || Command::new("sh")
-            .args(["-c", "command -v swaks"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    {
+    let expected = if std::env::var_os("CI").is_some() || have("swaks") {
         3
     } else {
         2
@@ -168,29 +139,12 @@ print("ok")
     );
     let mail = p.path("m.txt");
     std::fs::write(&mail, "Subject: curl smtps\r\n\r\nhi\r\n").unwrap();
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "-k",
-            "--url",
-            &format!("smtps://{}", p.addr()),
-            "--user",
-            "printer:tls-pass",
-        ])
-        .args([
-            "--mail-from",
-            "printer@example.com",
-            "--mail-rcpt",
-            "c@example.org",
-            "--upload-file",
-        ])
-        .arg(&mail)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
+    curl_send(
+        &format!("smtps://{}", p.addr()),
+        &["-k", "--user", "printer:tls-pass"],
+        "printer@example.com",
+        "c@example.org",
+        &mail,
     );
     assert_eq!(p.wait_delivered(2, Duration::from_secs(10)).len(), 2);
 }
