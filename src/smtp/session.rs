@@ -366,6 +366,8 @@ impl Session {
             (s, Command::Rcpt(addr)) => self.rcpt(s, addr),
             (s, Command::Data) => {
                 let reply = match s {
+                    // The disk may have filled since MAIL: refuse before the body arrives.
+                    State::Rcpt(_) if !has_room(0) => Reply::insufficient_storage(),
                     State::Rcpt(t) => {
                         self.state = State::Data(t, DataKind::Data);
                         return Step::Data;
@@ -941,6 +943,22 @@ mod tests {
             assert_eq!(code(&step), want_code, "{from:?} + {line}: {step:?}");
             assert_eq!(s.state, want_state, "{from:?} + {line}");
         }
+    }
+
+    #[test]
+    fn disk_full_at_data_is_452_and_the_transaction_survives() {
+        let mut s = session_in(State::Rcpt(tx(&["a@t"])));
+        let step = s.handle(parse(b"DATA"), &|_| false);
+        assert!(
+            matches!(&step, Step::Reply(r) if r.to_string() == "452 4.3.1 Insufficient system storage"),
+            "{step:?}"
+        );
+        assert_eq!(
+            s.state,
+            State::Rcpt(tx(&["a@t"])),
+            "the client may retry DATA or RSET"
+        );
+        assert!(matches!(s.handle(parse(b"DATA"), &|_| true), Step::Data));
     }
 
     #[test]
