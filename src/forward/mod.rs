@@ -135,6 +135,8 @@ pub struct Forwarder {
     waiting: HashMap<String, VecDeque<String>>,
     busy_mailboxes: HashMap<String, usize>,
     paused: HashMap<String, Pause>,
+    /// Ids of the deliveries in `running`.
+    in_flight: HashSet<String>,
     running: JoinSet<(String, String, Option<Next>)>,
 }
 
@@ -159,6 +161,7 @@ impl Forwarder {
             waiting: HashMap::new(),
             busy_mailboxes: HashMap::new(),
             paused: HashMap::new(),
+            in_flight: HashSet::new(),
             running: JoinSet::new(),
         }
     }
@@ -228,16 +231,10 @@ impl Forwarder {
 
     /// Re-read the queue directories: new incoming mail and every deferred message's due time.
     fn rescan(&mut self) {
-        let in_flight: HashSet<String> = self
-            .known
-            .iter()
-            .filter(|id| !self.is_queued_here(id))
-            .cloned()
-            .collect();
         self.ready.clear();
         self.deferred.clear();
         self.waiting.clear();
-        self.known = in_flight;
+        self.known = self.in_flight.clone();
         match self.spool.ids(State::Incoming) {
             Ok(ids) => {
                 for id in ids {
@@ -314,12 +311,6 @@ impl Forwarder {
                 }
             }
         }
-    }
-
-    fn is_queued_here(&self, id: &str) -> bool {
-        self.ready.iter().any(|x| x == id)
-            || self.deferred.iter().any(|Reverse((_, x))| x == id)
-            || self.waiting.values().any(|q| q.iter().any(|x| x == id))
     }
 
     fn promote_due(&mut self) {
@@ -399,6 +390,7 @@ impl Forwarder {
             };
             let spool = self.spool.clone();
             let mailbox = env.mailbox;
+            self.in_flight.insert(id.clone());
             self.running.spawn(async move {
                 let next = match worker::attempt(&spool, &id, transport, policy).await {
                     Ok(n) => Some(n),
@@ -414,6 +406,7 @@ impl Forwarder {
 
     fn finished(&mut self, id: &str, mailbox: &str, next: Option<Next>) {
         self.known.remove(id);
+        self.in_flight.remove(id);
         self.after_attempt(id, mailbox, next.as_ref());
         if let Some(n) = self.busy_mailboxes.get_mut(mailbox) {
             *n = n.saturating_sub(1);
