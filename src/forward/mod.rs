@@ -137,7 +137,9 @@ pub struct Forwarder {
     paused: HashMap<String, Pause>,
     /// Ids of the deliveries in `running`.
     in_flight: HashSet<String>,
-    running: JoinSet<(String, String, Option<Next>)>,
+    /// (queue id, mailbox) of each delivery task, so a task that panicked is still accounted for.
+    tasks: HashMap<tokio::task::Id, (String, String)>,
+    running: JoinSet<Option<Next>>,
 }
 
 impl Forwarder {
@@ -162,6 +164,7 @@ impl Forwarder {
             busy_mailboxes: HashMap::new(),
             paused: HashMap::new(),
             in_flight: HashSet::new(),
+            tasks: HashMap::new(),
             running: JoinSet::new(),
         }
     }
@@ -192,11 +195,8 @@ impl Forwarder {
                         self.ready.push_back(id);
                     }
                 }
-                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
-                    match done {
-                        Ok((id, mailbox, next)) => self.finished(&id, &mailbox, next),
-                        Err(e) => error!(error = %e, "delivery task panicked"),
-                    }
+                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    self.joined(done);
                 }
                 _ = self.kick.0.notified() => {
                     // The admin changed the queue (release, retry): try paused mailboxes now.
@@ -217,10 +217,23 @@ impl Forwarder {
             }
         }
         // Let in-flight deliveries finish; the daemon bounds this with shutdown_grace.
-        while let Some(done) = self.running.join_next().await {
-            if let Ok((id, mailbox, next)) = done {
-                self.finished(&id, &mailbox, next);
+        while let Some(done) = self.running.join_next_with_id().await {
+            self.joined(done);
+        }
+    }
+
+    /// A delivery task ended (or panicked: a bug, logged; its message stays in active/ until
+    /// the next start, and its mailbox's slot is freed).
+    fn joined(&mut self, done: Result<(tokio::task::Id, Option<Next>), tokio::task::JoinError>) {
+        let (task, next) = match done {
+            Ok((task, next)) => (task, next),
+            Err(e) => {
+                error!(error = %e, "delivery task panicked");
+                (e.id(), None)
             }
+        };
+        if let Some((id, mailbox)) = self.tasks.remove(&task) {
+            self.finished(&id, &mailbox, next);
         }
     }
 
@@ -391,16 +404,17 @@ impl Forwarder {
             let spool = self.spool.clone();
             let mailbox = env.mailbox;
             self.in_flight.insert(id.clone());
-            self.running.spawn(async move {
-                let next = match worker::attempt(&spool, &id, transport, policy).await {
+            let queue_id = id.clone();
+            let task = self.running.spawn(async move {
+                match worker::attempt(&spool, &queue_id, transport, policy).await {
                     Ok(n) => Some(n),
                     Err(e) => {
-                        error!(queue_id = %id, error = %e, "delivery bookkeeping failed; the message stays in active/ until restart");
+                        error!(queue_id = %queue_id, error = %e, "delivery bookkeeping failed; the message stays in active/ until restart");
                         None
                     }
-                };
-                (id, mailbox, next)
+                }
             });
+            self.tasks.insert(task.id(), (id, mailbox));
         }
     }
 
