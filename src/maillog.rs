@@ -80,3 +80,8 @@ pub fn failed(id: &str, mailbox: &str, reason: &str) {
 pub fn deleted(id: &str) {
     info!(target: "postern::maillog", event = "deleted", queue_id = id, "deleted");
 }
+
+/// A delivery status notification about a failed message was queued for its sender.
+pub fn bounced(id: &str, report_id: &str, to: &str) {
+    info!(target: "postern::maillog", event = "bounced", queue_id = id, report = report_id, to, "bounced");
+}

@@ -12,6 +12,7 @@
 //! its held messages are queued at once, so mail flows again by itself once the admin fixes
 //! the cause. An admin's `queue release`/`retry` makes the next probe immediate.
 
+pub mod bounce;
 pub mod retry;
 pub mod worker;
 
@@ -405,8 +406,9 @@ impl Forwarder {
             let mailbox = env.mailbox;
             self.in_flight.insert(id.clone());
             let queue_id = id.clone();
+            let hostname = plan.config.hostname.clone();
             let task = self.running.spawn(async move {
-                match worker::attempt(&spool, &queue_id, transport, policy).await {
+                match worker::attempt(&spool, &queue_id, transport, policy, &hostname).await {
                     Ok(n) => Some(n),
                     Err(e) => {
                         error!(queue_id = %queue_id, error = %e, "delivery bookkeeping failed; the message stays in active/ until restart");

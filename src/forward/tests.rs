@@ -84,7 +84,7 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
         ]),
         asked: Mutex::new(vec![]),
     });
-    let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY)
+    let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
         .await
         .unwrap();
     let Next::Deferred(at) = next else {
@@ -100,9 +100,26 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     assert_eq!(env.recipients[1].status, RcptStatus::Failed);
     assert_eq!(env.recipients[2].status, RcptStatus::Pending);
     assert_eq!(env.last_error.as_deref(), Some("452 4.5.3 try later"));
+    // The refused recipient is reported to the sender at once, not when the rest is done.
+    let (report_env, report) = only_report(&spool);
+    assert_eq!(report_env.sender, "");
+    assert_eq!(report_env.recipients[0].address, "a@example.com");
+    assert!(
+        report
+            .contains("Final-Recipient: rfc822; bad@x.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("later@x.test"),
+        "pending recipients are not reported"
+    );
+    assert!(
+        report.contains("Subject: t\r\n"),
+        "the original's header is attached"
+    );
     spool.move_msg(&id, State::Deferred, State::Active).unwrap();
     assert_eq!(
-        worker::attempt(&spool, &id, Some(t.clone()), POLICY)
+        worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
             .await
             .unwrap(),
         Next::Done
@@ -135,7 +152,7 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     });
     let a = claimed(&spool, &["x@x.test"]).await;
     assert_eq!(
-        worker::attempt(&spool, &a, Some(t.clone()), POLICY)
+        worker::attempt(&spool, &a, Some(t.clone()), POLICY, "relay.test")
             .await
             .unwrap(),
         Next::Failed
@@ -143,10 +160,13 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     let env = spool.read_envelope(State::Failed, &a).unwrap();
     assert_eq!(env.recipients[0].status, RcptStatus::Failed);
     assert_eq!(env.last_error.as_deref(), Some("554 5.6.0 rejected"));
+    let (_, report) = only_report(&spool);
+    assert!(report.contains("Status: 5.6.0"), "{report}");
+    remove_reports(&spool);
 
     let b = claimed(&spool, &["x@x.test"]).await;
     assert_eq!(
-        worker::attempt(&spool, &b, Some(t.clone()), POLICY)
+        worker::attempt(&spool, &b, Some(t.clone()), POLICY, "relay.test")
             .await
             .unwrap(),
         Next::Held
@@ -160,7 +180,9 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
 
     let c = claimed(&spool, &["x@x.test"]).await;
     assert_eq!(
-        worker::attempt(&spool, &c, None, POLICY).await.unwrap(),
+        worker::attempt(&spool, &c, None, POLICY, "relay.test")
+            .await
+            .unwrap(),
         Next::Held
     );
     assert!(
@@ -171,6 +193,30 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
             .unwrap()
             .contains("no longer exists")
     );
+    assert!(
+        spool.ids(State::Incoming).unwrap().is_empty(),
+        "holds are not reported"
+    );
+}
+
+/// The one report queued in incoming/: its envelope and text.
+fn only_report(spool: &Spool) -> (Envelope, String) {
+    let ids = spool.ids(State::Incoming).unwrap();
+    assert_eq!(ids.len(), 1, "one report queued");
+    let env = spool.read_envelope(State::Incoming, &ids[0]).unwrap();
+    let mut text = String::new();
+    use std::io::Read;
+    crate::spool::msgfile::open_message(&spool.msg_path(State::Incoming, &ids[0]), env.size)
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    (env, text)
+}
+
+fn remove_reports(spool: &Spool) {
+    for id in spool.ids(State::Incoming).unwrap() {
+        spool.delete(&id).unwrap();
+    }
 }
 
 #[tokio::test]
@@ -188,11 +234,18 @@ async fn transient_past_lifetime_fails() {
         asked: Mutex::new(vec![]),
     });
     assert_eq!(
-        worker::attempt(&spool, &id, Some(t), POLICY).await.unwrap(),
+        worker::attempt(&spool, &id, Some(t), POLICY, "relay.test")
+            .await
+            .unwrap(),
         Next::Failed
     );
     let env = spool.read_envelope(State::Failed, &id).unwrap();
     assert!(env.last_error.unwrap().contains("421 4.3.2 busy"));
+    let (_, report) = only_report(&spool);
+    assert!(
+        report.contains("Status: 4.4.7") && report.contains("max_lifetime"),
+        "{report}"
+    );
 }
 
 /// The whole scheduler with a scripted transport: a mailbox whose configuration is broken is

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use super::bounce::Bounce;
 use super::retry;
 use crate::maillog;
 use crate::spool::{Envelope, RcptStatus, Spool, SpoolError, State, now_secs};
@@ -42,6 +43,7 @@ pub async fn attempt(
     id: &str,
     transport: Option<Arc<dyn Transport>>,
     policy: RetryPolicy,
+    hostname: &str,
 ) -> Result<Next, SpoolError> {
     let env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
@@ -61,11 +63,22 @@ pub async fn attempt(
     };
     // Recording the outcome renames and fsyncs: keep that off the async runtime's threads,
     // where it would stall every SMTP session scheduled there.
-    let spool = spool.clone();
-    let id = id.to_owned();
-    tokio::task::spawn_blocking(move || record(&spool, &id, env, outcome, policy))
-        .await
-        .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))?
+    let blocking_spool = spool.clone();
+    let owned_id = id.to_owned();
+    let (next, bounces) = tokio::task::spawn_blocking(move || {
+        record(&blocking_spool, &owned_id, env, outcome, policy)
+    })
+    .await
+    .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))??;
+    for b in bounces {
+        match b.queue(spool, hostname).await {
+            Ok(report) => maillog::bounced(id, &report, &b.original.sender),
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot queue the delivery status notification")
+            }
+        }
+    }
+    Ok(next)
 }
 
 /// Apply one attempt's outcome to the spool: per-recipient status, then the message's move.
@@ -75,7 +88,7 @@ fn record(
     mut env: Envelope,
     outcome: Outcome,
     policy: RetryPolicy,
-) -> Result<Next, SpoolError> {
+) -> Result<(Next, Vec<Bounce>), SpoolError> {
     env.attempts = env.attempts.saturating_add(1);
     let now = now_secs();
     match outcome {
@@ -85,6 +98,7 @@ fn record(
             recipients,
         } => {
             let mut sent = Vec::new();
+            let mut refused = Vec::new();
             for r in recipients {
                 if let Some(e) = env
                     .recipients
@@ -95,11 +109,14 @@ fn record(
                     e.last_reply = Some(r.reply.clone());
                     match r.status {
                         RcptStatus::Sent => sent.push(r.address),
-                        RcptStatus::Failed => maillog::failed(
-                            id,
-                            &env.mailbox,
-                            &format!("<{}>: {}", r.address, r.reply),
-                        ),
+                        RcptStatus::Failed => {
+                            maillog::failed(
+                                id,
+                                &env.mailbox,
+                                &format!("<{}>: {}", r.address, r.reply),
+                            );
+                            refused.push((r.address, r.reply));
+                        }
                         RcptStatus::Pending => {}
                     }
                 }
@@ -107,19 +124,26 @@ fn record(
             if !sent.is_empty() {
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
             }
+            // The report needs the original's header, so it is built before the file goes.
+            let mut bounces: Vec<Bounce> =
+                Bounce::for_failed(&env, refused, &spool.msg_path(State::Active, id), false)
+                    .into_iter()
+                    .collect();
             if env.pending().next().is_none() {
                 spool.remove_delivered(id)?;
-                return Ok(Next::Done);
+                return Ok((Next::Done, bounces));
             }
             let reason = env
                 .pending()
                 .filter_map(|r| r.last_reply.clone())
                 .next()
                 .unwrap_or_else(|| reply.clone());
-            defer(spool, env, reason, now, policy)
+            let (next, more) = defer(spool, env, reason, now, policy)?;
+            bounces.extend(more);
+            Ok((next, bounces))
         }
         Outcome::Transient { reason } => defer(spool, env, reason, now, policy),
-        Outcome::Permanent { reason } => fail(spool, env, reason),
+        Outcome::Permanent { reason } => fail(spool, env, reason, false),
         Outcome::Held { reason } => {
             // Our configuration is at fault, not the message: give the attempt back.
             env.attempts = env.attempts.saturating_sub(1);
@@ -129,7 +153,7 @@ fn record(
             spool.write_envelope(State::Active, &env)?;
             spool.move_msg(id, State::Active, State::Hold)?;
             maillog::held(id, &env.mailbox, &reason);
-            Ok(Next::Held)
+            Ok((Next::Held, Vec::new()))
         }
     }
 }
@@ -140,13 +164,13 @@ fn defer(
     reason: String,
     now: u64,
     policy: RetryPolicy,
-) -> Result<Next, SpoolError> {
+) -> Result<(Next, Vec<Bounce>), SpoolError> {
     if retry::expired(env.received_at, now, policy.lifetime) {
         let why = format!(
             "message outlived max_lifetime ({}); last error: {reason}",
             humantime::format_duration(policy.lifetime)
         );
-        return fail(spool, env, why);
+        return fail(spool, env, why, true);
     }
     let delay = retry::backoff(
         env.attempts,
@@ -166,21 +190,35 @@ fn defer(
         env.attempts,
         delay.as_secs(),
     );
-    Ok(Next::Deferred(next))
+    Ok((Next::Deferred(next), Vec::new()))
 }
 
-fn fail(spool: &Spool, mut env: Envelope, reason: String) -> Result<Next, SpoolError> {
+/// Fail the message's pending recipients for good (`expired`: it outlived its lifetime).
+fn fail(
+    spool: &Spool,
+    mut env: Envelope,
+    reason: String,
+    expired: bool,
+) -> Result<(Next, Vec<Bounce>), SpoolError> {
+    let mut failed = Vec::new();
     for r in env
         .recipients
         .iter_mut()
         .filter(|r| r.status == RcptStatus::Pending)
     {
         r.status = RcptStatus::Failed;
+        failed.push((r.address.clone(), reason.clone()));
     }
+    let bounce = Bounce::for_failed(
+        &env,
+        failed,
+        &spool.msg_path(State::Active, &env.id),
+        expired,
+    );
     env.last_error = Some(reason.clone());
     env.next_attempt = None;
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Failed)?;
     maillog::failed(&env.id, &env.mailbox, &reason);
-    Ok(Next::Failed)
+    Ok((Next::Failed, bounce.into_iter().collect()))
 }

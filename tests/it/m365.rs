@@ -377,3 +377,53 @@ fn delegated_mailbox_logs_in_once_then_delivers_with_rotated_refresh_tokens() {
     drop(st);
     assert_no_secret_in_logs(&w);
 }
+
+#[test]
+fn a_refused_recipient_is_reported_to_the_sender_through_the_same_mailbox() {
+    let w = world("");
+    w.exchange.update(|s| {
+        s.rcpt_replies.insert(
+            "nobody@fabrikam.com".into(),
+            crate::fake::exchange::replies::RECIPIENT_NOT_FOUND.into(),
+        );
+    });
+    let r = send_mail(
+        w.postern.addr(),
+        MAILBOX,
+        &["boss@fabrikam.com", "nobody@fabrikam.com"],
+        b"From: scanner@contoso.com\r\nSubject: Scan 7\r\n\r\nx\r\n",
+    );
+    expect(&r, "250");
+    // The original reaches the good recipient; then the report reaches the sender, sent as the
+    // same mailbox with the null sender.
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 2),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let msgs = w.exchange.delivered();
+    assert_eq!(msgs[0].rcpt_to, vec!["boss@fabrikam.com"]);
+    let report = &msgs[1];
+    assert_eq!(report.mail_from, "", "reports use the null sender");
+    assert_eq!(report.mailbox, MAILBOX);
+    assert_eq!(report.rcpt_to, vec![MAILBOX]);
+    let text = String::from_utf8_lossy(&report.data);
+    assert!(
+        text.contains("multipart/report; report-type=delivery-status"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@fabrikam.com"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.10"), "{text}");
+    assert!(
+        text.contains("Subject: Scan 7"),
+        "the original's header is attached: {text}"
+    );
+    assert!(
+        w.postern
+            .wait_log("event=\"bounced\"", Duration::from_secs(5))
+    );
+}
