@@ -723,6 +723,32 @@ impl EntraClient {
         }
     }
 
+    /// The `scope` form field for `audience` and the kind of grant (microsoft-reference §2).
+    fn scope_field(
+        &self,
+        audience: Audience,
+        kind: GrantKind,
+        shared: bool,
+    ) -> (&'static str, Secret<String>) {
+        (
+            "scope",
+            Secret::new(scope(&self.account.endpoints, audience, kind, shared)),
+        )
+    }
+
+    /// A token request whose Entra errors are classified (every grant but device polling,
+    /// which treats some of them as "keep waiting").
+    async fn grant(
+        &self,
+        form: Form,
+        mailbox: &str,
+        audience: Audience,
+    ) -> Result<TokenResponse, TokenError> {
+        self.token_request(form, mailbox, audience)
+            .await?
+            .map_err(|e| classify(&e, &self.cx(mailbox, audience)))
+    }
+
     /// Client credentials grant (§1.1, §1.2): an app-only token for `audience`.
     pub async fn client_credentials(
         &self,
@@ -738,19 +764,9 @@ impl EntraClient {
         }
         let form = vec![
             field("grant_type", "client_credentials"),
-            (
-                "scope",
-                Secret::new(scope(
-                    &self.account.endpoints,
-                    audience,
-                    GrantKind::AppOnly,
-                    false,
-                )),
-            ),
+            self.scope_field(audience, GrantKind::AppOnly, false),
         ];
-        self.token_request(form, "", audience)
-            .await?
-            .map_err(|e| classify(&e, &self.cx("", audience)))
+        self.grant(form, "", audience).await
     }
 
     /// Refresh token grant (§1.3). The caller must store the rotated refresh token.
@@ -763,20 +779,10 @@ impl EntraClient {
     ) -> Result<TokenResponse, TokenError> {
         let form = vec![
             field("grant_type", "refresh_token"),
-            (
-                "scope",
-                Secret::new(scope(
-                    &self.account.endpoints,
-                    audience,
-                    GrantKind::Delegated,
-                    shared,
-                )),
-            ),
+            self.scope_field(audience, GrantKind::Delegated, shared),
             ("refresh_token", refresh_token.clone()),
         ];
-        self.token_request(form, mailbox, audience)
-            .await?
-            .map_err(|e| classify(&e, &self.cx(mailbox, audience)))
+        self.grant(form, mailbox, audience).await
     }
 
     /// Start the device code flow (§1.4).
@@ -786,15 +792,7 @@ impl EntraClient {
         audience: Audience,
         shared: bool,
     ) -> Result<DeviceCode, TokenError> {
-        let form = vec![(
-            "scope",
-            Secret::new(scope(
-                &self.account.endpoints,
-                audience,
-                GrantKind::Delegated,
-                shared,
-            )),
-        )];
+        let form = vec![self.scope_field(audience, GrantKind::Delegated, shared)];
         let url = &self.account.endpoints.device_code_url;
         let (status, body) = self
             .post(url, form, ClientAuth::None)
@@ -911,22 +909,12 @@ impl EntraClient {
     ) -> Result<TokenResponse, TokenError> {
         let form = vec![
             field("grant_type", "authorization_code"),
-            (
-                "scope",
-                Secret::new(scope(
-                    &self.account.endpoints,
-                    audience,
-                    GrantKind::Delegated,
-                    shared,
-                )),
-            ),
+            self.scope_field(audience, GrantKind::Delegated, shared),
             ("code", code.clone()),
             field("redirect_uri", redirect_uri),
             ("code_verifier", verifier.clone()),
         ];
-        self.token_request(form, mailbox, audience)
-            .await?
-            .map_err(|e| classify(&e, &self.cx(mailbox, audience)))
+        self.grant(form, mailbox, audience).await
     }
 }
 
