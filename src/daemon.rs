@@ -76,6 +76,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     info!(
         spool = %config.spool_dir.display(),
         drafts_removed = r.drafts_removed,
+        restored = r.restored,
         requeued = r.requeued,
         quarantined = r.quarantined,
         "spool recovered"
@@ -195,6 +196,18 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         warn!(grace = %humantime::format_duration(grace), "shutdown grace period over; unfinished work stays in the spool for the next start");
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
+    // Leave every queued message durable as a queue file of its own, so the next start has
+    // nothing to replay from the journal.
+    let s = spool.clone();
+    match tokio::task::spawn_blocking(move || s.checkpoint()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "final journal checkpoint failed; the next start replays the journal")
+        }
+        Err(e) => {
+            warn!(error = %e, "final journal checkpoint failed; the next start replays the journal")
+        }
+    }
     info!("postern stopped");
     Ok(())
 }

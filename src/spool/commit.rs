@@ -1,17 +1,44 @@
-//! Group commit: one thread renames every ready draft from `tmp/` into `incoming/` and then
-//! fsyncs both directories once for the whole batch. Sessions that commit while a batch is
-//! being synced form the next batch, so under load one pair of directory fsyncs covers many
-//! messages instead of one fsync chain per message in sequence.
+//! Group commit and checkpoints.
+//!
+//! One committer thread takes every message that is ready at about the same moment as one
+//! batch. Small messages go through the intake journal (`journal.rs`): one `pwrite` and one
+//! `fdatasync` for the whole batch; then their queue files are written into `tmp/` and renamed
+//! into `incoming/` without a flush (the journal holds them), the forwarder is woken and the
+//! sessions get their answer. Large messages arrive already written and fdatasynced in
+//! `tmp/`; they are renamed into `incoming/` and both directories are fsynced once per batch.
+//!
+//! A checkpoint thread retires sealed journal segments: it `fdatasync`s the queue files that
+//! segment still owes (messages not yet delivered), fsyncs every state directory, then bumps
+//! the segment's generation. Segments are sealed when full or 5 s after their first record.
 
-use std::path::PathBuf;
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, mpsc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tracing::{error, warn};
 
-use super::{SpoolError, durable};
+use super::journal::Journal;
+use super::{SpoolError, State, durable};
+
+/// How long a journal segment takes records before it is sealed and checkpointed.
+const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
+
+/// What a session hands over at commit.
+pub(super) enum Payload {
+    /// A small message, only in memory so far: its whole queue file.
+    Memory(Vec<u8>),
+    /// Written to `tmp/<id>`; `journal` holds its bytes when it is small enough for the
+    /// journal, otherwise the file is already fdatasynced.
+    File { journal: Option<Vec<u8>> },
+}
 
 struct Request {
     id: String,
+    payload: Payload,
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
@@ -20,23 +47,52 @@ pub(super) struct Committer {
     tx: mpsc::Sender<Request>,
 }
 
+/// What the committer and checkpoint threads share.
+struct Ctx {
+    root: PathBuf,
+    journal: Option<Arc<Journal>>,
+    /// Held for reading by every rename the daemon makes and for writing while a checkpoint
+    /// opens the files it must flush, so a message cannot slip between two directories unseen.
+    moves: Arc<RwLock<()>>,
+    new_tx: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
 impl Committer {
-    /// Start the committer thread for the spool at `root`.
-    pub(super) fn start(root: PathBuf) -> std::io::Result<Self> {
+    /// Start the committer (and, with a journal, the checkpoint) thread for the spool at `root`.
+    pub(super) fn start(
+        root: PathBuf,
+        journal: Option<Arc<Journal>>,
+        moves: Arc<RwLock<()>>,
+        new_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Request>();
+        let (ckpt_tx, ckpt_rx) = mpsc::channel::<usize>();
+        let ctx = Arc::new(Ctx {
+            root,
+            journal,
+            moves,
+            new_tx,
+        });
+        if ctx.journal.is_some() {
+            let c = ctx.clone();
+            std::thread::Builder::new()
+                .name("spool-checkpoint".into())
+                .spawn(move || checkpointer(&c, ckpt_rx))?;
+        }
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || run(root, rx))?;
+            .spawn(move || run(&ctx, rx, ckpt_tx))?;
         Ok(Self { tx })
     }
 
-    /// Move `tmp/<id>` into `incoming/` durably; returns once it is on disk.
-    pub(super) async fn commit(&self, id: String) -> Result<(), SpoolError> {
+    /// Make a message durable and queue it in `incoming/`; returns once it may be acknowledged.
+    pub(super) async fn commit(&self, id: String, payload: Payload) -> Result<(), SpoolError> {
         let (done, rx) = oneshot::channel();
         let gone = || SpoolError::other("commit", &PathBuf::from(&id), "spool committer stopped");
         self.tx
             .send(Request {
                 id: id.clone(),
+                payload,
                 done,
             })
             .map_err(|_| gone())?;
@@ -44,47 +100,252 @@ impl Committer {
     }
 }
 
-fn run(root: PathBuf, rx: mpsc::Receiver<Request>) {
-    let tmp = root.join("tmp");
-    let incoming = root.join("incoming");
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+fn io_err(op: &'static str, path: &Path, e: &io::Error) -> SpoolError {
+    SpoolError::io(op, path, io::Error::new(e.kind(), e.to_string()))
+}
+
+fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
+    let tmp = ctx.root.join("tmp");
+    let incoming = ctx.root.join("incoming");
+    // Journaled messages whose queue file could not be written yet (they are safe in the
+    // journal; retried until it works, and recovered from the journal after a restart).
+    let mut pending: VecDeque<(String, Payload)> = VecDeque::new();
+    loop {
+        let first = if pending.is_empty() {
+            match rx.recv() {
+                Ok(r) => Some(r),
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        let mut batch: Vec<Request> = first.into_iter().collect();
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let mut moved = Vec::with_capacity(batch.len());
-        for req in batch {
-            let from = tmp.join(&req.id);
-            let to = incoming.join(&req.id);
-            match durable::rename_unsynced(&from, &to) {
+        let (journaled, classic): (Vec<Request>, Vec<Request>) =
+            batch.into_iter().partition(|r| match &r.payload {
+                Payload::Memory(_) => true,
+                Payload::File { journal } => journal.is_some(),
+            });
+
+        // 1. The journal: one write and one flush for every small message of the batch.
+        let jres: Result<(), SpoolError> = match (&ctx.journal, journaled.is_empty()) {
+            (_, true) => Ok(()),
+            (None, false) => Err(SpoolError::other(
+                "commit",
+                &ctx.root,
+                "this spool handle has no journal",
+            )),
+            (Some(j), false) => {
+                let msgs: Vec<(&str, &[u8])> = journaled
+                    .iter()
+                    .map(|r| {
+                        let bytes: &[u8] = match &r.payload {
+                            Payload::Memory(b) => b,
+                            Payload::File { journal } => journal.as_deref().unwrap_or_default(),
+                        };
+                        (r.id.as_str(), bytes)
+                    })
+                    .collect();
+                match j.append(&msgs) {
+                    Ok((files, sealed)) => {
+                        for s in sealed {
+                            let _ = ckpt_tx.send(s);
+                        }
+                        files
+                            .iter()
+                            .try_for_each(|f| f.sync_data())
+                            .map_err(|e| io_err("fdatasync", &ctx.root.join("journal"), &e))
+                    }
+                    Err(e) => Err(io_err("write", &ctx.root.join("journal"), &e)),
+                }
+            }
+        };
+
+        // 2. Large messages: already flushed; rename, then fsync both directories once.
+        let mut moved = Vec::with_capacity(classic.len());
+        for req in classic {
+            let (from, to) = (tmp.join(&req.id), incoming.join(&req.id));
+            let r = {
+                let _g = ctx.moves.read().unwrap_or_else(|p| p.into_inner());
+                durable::rename_unsynced(&from, &to)
+            };
+            match r {
                 Ok(()) => moved.push(req),
                 Err(e) => {
                     let _ = req.done.send(Err(SpoolError::io("rename", &from, e)));
                 }
             }
         }
-        if moved.is_empty() {
-            continue;
-        }
-        let synced = durable::fsync_dir(&incoming)
-            .map_err(|e| (incoming.clone(), e))
-            .and_then(|()| durable::fsync_dir(&tmp).map_err(|e| (tmp.clone(), e)));
-        for req in moved {
-            let res = match &synced {
-                Ok(()) => Ok(()),
-                Err((p, e)) => {
-                    // Not acknowledged, so take it back out of incoming/ if we still can;
-                    // if that fails too, recovery will see a complete message, which is
-                    // harmless (at-least-once).
+        if !moved.is_empty() {
+            let synced = durable::fsync_dir(&incoming)
+                .map_err(|e| io_err("fsync", &incoming, &e))
+                .and_then(|()| durable::fsync_dir(&tmp).map_err(|e| io_err("fsync", &tmp, &e)));
+            for req in moved {
+                if let Err(e) = &synced {
+                    // Not acknowledged, so take it back out of incoming/ if we still can; if
+                    // that fails too, recovery will see a complete message (at-least-once).
                     let _ = durable::rename_unsynced(&incoming.join(&req.id), &tmp.join(&req.id));
-                    Err(SpoolError::io(
-                        "fsync",
-                        p,
-                        std::io::Error::new(e.kind(), e.to_string()),
-                    ))
+                    let _ = req.done.send(Err(SpoolError::other("commit", &tmp, e)));
+                } else {
+                    let _ = req.done.send(Ok(()));
+                    let _ = ctx.new_tx.send(req.id);
                 }
-            };
-            let _ = req.done.send(res);
+            }
+        }
+
+        // 3. Make the journaled messages' queue files visible, then answer their sessions, so
+        //    a queue id in a 250 can be looked up at once.
+        for req in journaled {
+            match &jres {
+                Ok(()) => {
+                    if make_visible(ctx, &tmp, &incoming, &req.id, &req.payload) {
+                        let _ = req.done.send(Ok(()));
+                    } else {
+                        // Durable in the journal, so acknowledged all the same.
+                        let _ = req.done.send(Ok(()));
+                        pending.push_back((req.id, req.payload));
+                    }
+                }
+                Err(e) => {
+                    if let Some(j) = &ctx.journal {
+                        j.done(&req.id); // never acknowledged: recovery must not replay it
+                    }
+                    let _ = req
+                        .done
+                        .send(Err(SpoolError::other("commit", &ctx.root, e)));
+                }
+            }
+        }
+        let retry = std::mem::take(&mut pending);
+        for (id, payload) in retry {
+            if !make_visible(ctx, &tmp, &incoming, &id, &payload) {
+                pending.push_back((id, payload));
+            }
         }
     }
+}
+
+/// Materialize a journaled message and wake the forwarder; false (logged) if that failed.
+fn make_visible(ctx: &Ctx, tmp: &Path, incoming: &Path, id: &str, payload: &Payload) -> bool {
+    match materialize(ctx, tmp, incoming, id, payload) {
+        Ok(()) => {
+            if let Some(j) = &ctx.journal {
+                j.materialized(id);
+            }
+            let _ = ctx.new_tx.send(id.to_string());
+            true
+        }
+        Err(e) => {
+            error!(id = %id, error = %e, "cannot write the queue file of an accepted message; it is safe in the journal, retrying");
+            false
+        }
+    }
+}
+
+/// Put a journaled message's queue file into `incoming/` (no flush: the journal holds it).
+fn materialize(
+    ctx: &Ctx,
+    tmp: &Path,
+    incoming: &Path,
+    id: &str,
+    payload: &Payload,
+) -> Result<(), SpoolError> {
+    let from = tmp.join(id);
+    if let Payload::Memory(bytes) = payload {
+        durable::write_new_unsynced(&from, bytes).or_else(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                // A retry after a failed rename: the file is complete already.
+                Ok(())
+            } else {
+                Err(SpoolError::io("write", &from, e))
+            }
+        })?;
+    }
+    let _g = ctx.moves.read().unwrap_or_else(|p| p.into_inner());
+    durable::rename_unsynced(&from, &incoming.join(id))
+        .map_err(|e| SpoolError::io("rename", &from, e))
+}
+
+/// The checkpoint thread: retire sealed segments, and seal the active one once it is old.
+fn checkpointer(ctx: &Ctx, rx: mpsc::Receiver<usize>) {
+    let Some(journal) = &ctx.journal else { return };
+    let mut sealed: VecDeque<usize> = VecDeque::new();
+    loop {
+        let wait = if sealed.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(50)
+        };
+        match rx.recv_timeout(wait) {
+            Ok(s) => sealed.push_back(s),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        while let Ok(s) = rx.try_recv() {
+            sealed.push_back(s);
+        }
+        match journal.rotate_if_older(CHECKPOINT_AGE) {
+            Ok(Some(s)) => sealed.push_back(s),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot seal the journal segment"),
+        }
+        while let Some(&s) = sealed.front() {
+            match checkpoint(ctx, journal, s) {
+                Ok(true) => {
+                    sealed.pop_front();
+                }
+                Ok(false) => break, // a queue file is still being written; shortly
+                Err(e) => {
+                    warn!(error = %e, "journal checkpoint failed; will retry");
+                    std::thread::sleep(Duration::from_secs(1));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Make the messages a sealed segment still owes durable as queue files, then retire it.
+/// `Ok(false)`: not yet (a queue file is still being written).
+pub(super) fn checkpoint_segment(
+    root: &Path,
+    journal: &Journal,
+    moves: &RwLock<()>,
+    seg: usize,
+) -> Result<bool, SpoolError> {
+    let Some(ids) = journal.owed(seg) else {
+        return Ok(false);
+    };
+    let files: Vec<File> = {
+        let _g = moves.write().unwrap_or_else(|p| p.into_inner());
+        ids.iter()
+            .filter_map(|id| {
+                State::QUEUED
+                    .iter()
+                    .find_map(|s| File::open(root.join(s.dir()).join(id)).ok())
+            })
+            .collect()
+    };
+    for f in &files {
+        f.sync_data()
+            .map_err(|e| SpoolError::io("fdatasync", root, e))?;
+    }
+    for s in State::ALL {
+        let d = root.join(s.dir());
+        durable::fsync_dir(&d).map_err(|e| SpoolError::io("fsync", &d, e))?;
+    }
+    journal
+        .retire(seg, root)
+        .map_err(|e| SpoolError::io("retire journal segment", &root.join("journal"), e))?;
+    Ok(true)
+}
+
+fn checkpoint(ctx: &Ctx, journal: &Journal, seg: usize) -> Result<bool, SpoolError> {
+    checkpoint_segment(&ctx.root, journal, &ctx.moves, seg)
 }

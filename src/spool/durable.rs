@@ -1,9 +1,11 @@
-//! The only code that writes, renames or fsyncs spool paths, so the crash-safety argument can
-//! be reviewed in one file.
+//! The only code that writes, renames or fsyncs spool paths (besides the intake journal's own
+//! segment files in `journal.rs`), so the crash-safety argument can be reviewed in two files.
 //!
 //! The rules: a file's bytes are `fdatasync`ed before the name that makes it visible is
-//! created (rename); a rename is durable only once the directories on both sides are
-//! fsynced. Nothing else in the crate calls `rename`, `sync_*` or `remove_*` on spool paths.
+//! created (rename), unless they are already in a flushed journal record (small new messages,
+//! see `journal.rs`; the checkpoint in `commit.rs` flushes those files before the record is
+//! retired); a rename is durable only once the directories on both sides are fsynced.
+//! Nothing else in the crate calls `rename`, `sync_*` or `remove_*` on spool paths.
 //! Two renames are deliberately not synced (see `Spool::claim` and `Spool::remove_delivered`):
 //! claiming a message, because recovery treats both sides alike, and removing a delivered one,
 //! because losing that removal only resends, which at-least-once delivery already allows.
@@ -22,6 +24,15 @@ pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.write_all(bytes)?;
     f.sync_data()
+}
+
+/// Create `path` (it must not exist) with `bytes`, without a flush (the intake journal holds
+/// the bytes; see `journal.rs`). A partial file is removed again on failure.
+pub fn write_new_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes).inspect_err(|_| {
+        let _ = fs::remove_file(path);
+    })
 }
 
 /// Replace `path` atomically: write a sibling temp file, fsync it, rename it over `path`,

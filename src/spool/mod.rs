@@ -1,17 +1,23 @@
 //! The spool: one queue file per message (the message bytes followed by its envelope, see
 //! `msgfile.rs`), moved between state directories by atomic renames, like Postfix's queue.
 //!
-//! The only path to "250": stream the body into `tmp/<id>`, append the envelope, fdatasync;
-//! rename into `incoming/`; fsync `incoming/` and `tmp/` (shared by every commit of the same
-//! moment, see `commit.rs`); wake the forwarder. Start-up recovery wipes `tmp/`, moves
-//! `active/` back to `incoming/`, cuts torn envelope appends and quarantines anything
-//! unreadable in `corrupt/`. All raw filesystem writes live in `durable.rs` and `msgfile.rs`.
+//! The path to "250" for a message up to 1 MiB (queue file: body, then envelope): append it to
+//! the intake journal and flush that once for every message committed at the same moment
+//! (`journal.rs`, `commit.rs`); then write the queue file into `tmp/` and rename it into
+//! `incoming/` without a flush, and wake the forwarder. A checkpoint flushes the queue files
+//! the journal still owes before it retires a segment. Larger messages stream into `tmp/<id>`,
+//! are fdatasynced, renamed into `incoming/`, and `incoming/` and `tmp/` are fsynced (shared
+//! by every commit of the same moment). Start-up recovery rewrites from the journal whatever
+//! a crash took, wipes `tmp/`, moves `active/` back to `incoming/`, cuts torn envelope appends
+//! and quarantines anything unreadable in `corrupt/`. All raw filesystem writes live in
+//! `durable.rs`, `msgfile.rs` and `journal.rs`.
 
 mod commit;
 mod draft;
 pub mod durable;
 mod envelope;
 mod id;
+mod journal;
 pub mod msgfile;
 mod state;
 
@@ -19,7 +25,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -101,6 +107,8 @@ pub struct Recovery {
     pub requeued: usize,
     /// Messages moved to `corrupt/`.
     pub quarantined: usize,
+    /// Acknowledged messages whose queue file a crash took, written again from the journal.
+    pub restored: usize,
 }
 
 /// A message as listed by `queue list`.
@@ -115,15 +123,20 @@ pub struct Listed {
 pub(crate) struct Inner {
     root: PathBuf,
     committer: commit::Committer,
+    /// The intake journal; only the daemon's (exclusive) handle has one.
+    journal: Option<Arc<journal::Journal>>,
+    /// Shared by the daemon's renames, exclusive for a checkpoint (see `commit.rs`).
+    moves: Arc<RwLock<()>>,
     min_free: AtomicU64,
-    new_tx: mpsc::UnboundedSender<String>,
+    /// Bytes that drafts may still hold in memory beyond their first chunk (see draft.rs).
+    draft_memory: AtomicU64,
     new_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     _lock: Option<File>,
 }
 
 impl Inner {
-    fn notify_new(&self, id: &str) {
-        let _ = self.new_tx.send(id.to_string());
+    fn moving(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.moves.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -152,15 +165,27 @@ impl Spool {
             durable::create_dir_durable(&d).map_err(|e| SpoolError::io("create", &d, e))?;
         }
         let lock = if exclusive { Some(lock(root)?) } else { None };
-        let committer = commit::Committer::start(root.to_path_buf())
-            .map_err(|e| SpoolError::io("start committer", root, e))?;
+        // Admin commands never accept mail, so only the daemon opens the journal.
+        let journal = if exclusive {
+            let j = journal::Journal::open(root)
+                .map_err(|e| SpoolError::io("open journal", &root.join("journal"), e))?;
+            Some(Arc::new(j))
+        } else {
+            None
+        };
+        let moves = Arc::new(RwLock::new(()));
         let (new_tx, new_rx) = mpsc::unbounded_channel();
+        let committer =
+            commit::Committer::start(root.to_path_buf(), journal.clone(), moves.clone(), new_tx)
+                .map_err(|e| SpoolError::io("start committer", root, e))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 committer,
+                journal,
+                moves,
                 min_free: AtomicU64::new(0),
-                new_tx,
+                draft_memory: AtomicU64::new(draft::MEMORY_BUDGET),
                 new_rx: Mutex::new(Some(new_rx)),
                 _lock: lock,
             }),
@@ -198,13 +223,40 @@ impl Spool {
         free_bytes(&self.inner.root)
     }
 
-    /// Start-up recovery: wipe `tmp/`, move `active/` back to `incoming/`, cut torn envelope
-    /// appends, quarantine what cannot be read. Run before the forwarder and listeners start.
+    /// Start-up recovery: write again from the journal every acknowledged message whose queue
+    /// file a crash took, wipe `tmp/`, move `active/` back to `incoming/`, cut torn envelope
+    /// appends, quarantine what cannot be read, then checkpoint and reset the journal. Run
+    /// before the forwarder and listeners start.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
         let mut r = Recovery::default();
+        let root = self.inner.root.clone();
+        let jpath = root.join("journal");
+        let owed = match &self.inner.journal {
+            Some(j) => j
+                .scan(&root)
+                .map_err(|e| SpoolError::io("read", &jpath, e))?,
+            None => Vec::new(),
+        };
+        if let Some(j) = &self.inner.journal {
+            for f in &owed {
+                let bytes = j.read(f).map_err(|e| SpoolError::io("read", &jpath, e))?;
+                if self.restore(&f.id, &bytes)? {
+                    r.restored += 1;
+                }
+            }
+        }
         let tmp = self.state_dir(State::Tmp);
+        let queued = self.queued_inodes()?;
         for name in list_names(&tmp)? {
             let p = tmp.join(&name);
+            // After a power loss on a filesystem without a journal, a draft's old name can
+            // survive beside its new one: unlinking it would free the queued message's inode.
+            if let Ok(m) = std::fs::symlink_metadata(&p)
+                && queued.contains(&std::os::unix::fs::MetadataExt::ino(&m))
+            {
+                warn!(path = %p.display(), "second link to a queued message left by a crash; left alone (run fsck)");
+                continue;
+            }
             std::fs::remove_file(&p)
                 .or_else(|_| durable::remove_dir(&p))
                 .map_err(|e| SpoolError::io("remove", &p, e))?;
@@ -224,7 +276,99 @@ impl Spool {
                 }
             }
         }
+        if let Some(j) = &self.inner.journal {
+            // Everything the journal owed is now a queue file: flush those, then the journal
+            // can start empty.
+            for f in &owed {
+                if let Some(s) = self.find(&f.id) {
+                    let p = self.msg_path(s, &f.id);
+                    File::open(&p)
+                        .and_then(|file| file.sync_data())
+                        .map_err(|e| SpoolError::io("fdatasync", &p, e))?;
+                }
+            }
+            for s in State::ALL {
+                let d = self.state_dir(s);
+                durable::fsync_dir(&d).map_err(|e| SpoolError::io("fsync", &d, e))?;
+            }
+            j.reset(&root)
+                .map_err(|e| SpoolError::io("reset", &jpath, e))?;
+        }
         Ok(r)
+    }
+
+    /// Make sure the journaled message `id` exists as a queue file starting with `bytes`;
+    /// returns true when it had to be put back (from `tmp/` or from the journal).
+    fn restore(&self, id: &str, bytes: &[u8]) -> Result<bool, SpoolError> {
+        if !is_valid_id(id) {
+            return Ok(false);
+        }
+        let mut intact = false;
+        for s in State::QUEUED {
+            let p = self.msg_path(s, id);
+            if !p.exists() {
+                continue;
+            }
+            if starts_with(&p, bytes) {
+                intact = true;
+            } else {
+                warn!(path = %p.display(), "queue file damaged by a crash; writing it again from the journal");
+                durable::remove_file_durable(&p).map_err(|e| SpoolError::io("remove", &p, e))?;
+            }
+        }
+        if intact {
+            return Ok(false);
+        }
+        let t = self.msg_path(State::Tmp, id);
+        let to = self.msg_path(State::Incoming, id);
+        if !(t.exists() && starts_with(&t, bytes)) {
+            durable::remove_file(&t).map_err(|e| SpoolError::io("remove", &t, e))?;
+            durable::write_new_synced(&t, bytes).map_err(|e| SpoolError::io("write", &t, e))?;
+        }
+        durable::rename_durable(&t, &to).map_err(|e| SpoolError::io("rename", &t, e))?;
+        Ok(true)
+    }
+
+    /// Inode numbers of every file in the queue's state directories.
+    fn queued_inodes(&self) -> Result<std::collections::HashSet<u64>, SpoolError> {
+        use std::os::unix::fs::DirEntryExt;
+        let mut set = std::collections::HashSet::new();
+        for s in State::QUEUED {
+            let d = self.state_dir(s);
+            let rd = std::fs::read_dir(&d).map_err(|e| SpoolError::io("list", &d, e))?;
+            for e in rd.flatten() {
+                set.insert(e.ino());
+            }
+        }
+        Ok(set)
+    }
+
+    /// Checkpoint the whole journal (at shutdown): afterwards every queued message is durable
+    /// as a queue file of its own and the journal owes nothing.
+    pub fn checkpoint(&self) -> Result<(), SpoolError> {
+        let Some(j) = &self.inner.journal else {
+            return Ok(());
+        };
+        let jpath = self.inner.root.join("journal");
+        for seg in j
+            .seal_all()
+            .map_err(|e| SpoolError::io("seal", &jpath, e))?
+        {
+            // A segment waits only for queue files the committer is writing right now.
+            let mut tries = 0;
+            while !commit::checkpoint_segment(&self.inner.root, j, &self.inner.moves, seg)? {
+                tries += 1;
+                if tries > 500 {
+                    return Err(SpoolError::other(
+                        "checkpoint",
+                        &jpath,
+                        "queue files still being written after 5 s; the journal keeps them",
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        Ok(())
     }
 
     fn check_message(&self, s: State, name: &str) -> Result<(), String> {
@@ -291,6 +435,7 @@ impl Spool {
             });
         }
         let src = self.msg_path(from, id);
+        let _g = self.inner.moving();
         durable::rename_durable(&src, &self.msg_path(to, id))
             .map_err(|e| Self::rename_err(id, &src, e))
     }
@@ -307,6 +452,7 @@ impl Spool {
             });
         }
         let src = self.msg_path(from, id);
+        let _g = self.inner.moving();
         durable::rename_unsynced(&src, &self.msg_path(State::Active, id))
             .map_err(|e| Self::rename_err(id, &src, e))
     }
@@ -316,12 +462,23 @@ impl Spool {
     /// window the design already accepts (crash after the upstream accepted, before we record
     /// it), and it saves a flush per message on the hot path.
     pub fn remove_delivered(&self, id: &str) -> Result<(), SpoolError> {
+        if let Some(j) = &self.inner.journal {
+            j.done(id);
+        }
         let path = self.msg_path(State::Active, id);
         durable::remove_file(&path).map_err(|e| SpoolError::io("remove", &path, e))
     }
 
     /// Remove a message for good (`queue delete`), durably: a deleted message never comes back.
     pub fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        // The tombstone first: whatever happens next, recovery will not bring it back from
+        // the journal.
+        journal::tombstone(&self.inner.root, id).map_err(|e| {
+            SpoolError::io("tombstone", &journal::tombstone_dir(&self.inner.root), e)
+        })?;
+        if let Some(j) = &self.inner.journal {
+            j.done(id);
+        }
         let path = self.msg_path(from, id);
         durable::remove_file_durable(&path).map_err(|e| Self::rename_err(id, &path, e))
     }
@@ -465,36 +622,29 @@ impl MessageSink for Spool {
     }
 
     async fn begin(&self) -> Result<Draft, SpoolError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let tmp = inner.root.join("tmp");
-            loop {
-                let id = new_id();
-                let path = tmp.join(&id);
-                match std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                {
-                    Ok(file) => {
-                        return Ok(Draft {
-                            id,
-                            path,
-                            file: Some(file),
-                            buf: Vec::new(),
-                            size: 0,
-                            spool: inner,
-                            done: false,
-                        });
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(SpoolError::io("create", &path, e)),
-                }
-            }
+        // No I/O yet: a small message never touches tmp/ (see draft.rs).
+        let id = new_id();
+        Ok(Draft {
+            path: self.inner.root.join(State::Tmp.dir()).join(&id),
+            id,
+            file: None,
+            buf: Vec::new(),
+            reserved: 0,
+            size: 0,
+            spool: self.inner.clone(),
+            done: false,
         })
-        .await
-        .map_err(|e| SpoolError::other("begin", Path::new("tmp"), e))?
     }
+}
+
+/// Does the file at `path` start with `bytes`?
+fn starts_with(path: &Path, bytes: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut buf = vec![0u8; bytes.len()];
+    f.read_exact_at(&mut buf, 0).is_ok() && buf == bytes
 }
 
 /// Seconds since the Unix epoch.

@@ -216,3 +216,60 @@ fn sigkill_mid_delivery_redelivers_after_restart() {
         "{partial:?}"
     );
 }
+
+/// What a power cut can do to queue files that were only in the page cache (the intake
+/// journal's bargain, see src/spool/journal.rs): gone, or the right length but zeroes. The
+/// daemon is killed before its checkpoint, the files are damaged that way, and every
+/// acknowledged message must still be delivered once, intact, from the journal.
+#[test]
+fn queue_files_a_power_cut_took_come_back_from_the_journal() {
+    let mut p = Postern::start(&basic_config("", ""));
+    // While `delivered` is a plain file, deliveries fail and the mail stays queued.
+    std::fs::write(p.path("delivered"), b"not a directory").unwrap();
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let body = format!(
+            "Subject: cut {i}\r\nX-Tag: cut{i}\r\n\r\n{}\r\n",
+            "z".repeat(100 * i)
+        );
+        let r = send_mail(
+            p.addr(),
+            "a@example.com",
+            &["b@example.org"],
+            body.as_bytes(),
+        );
+        expect(&r, "250 2.0.0");
+        sent.push((queued_id(&r), body));
+    }
+    p.kill9(); // well inside the 5 s before a checkpoint
+    for (n, (id, _)) in sent.iter().enumerate() {
+        for dir in ["incoming", "active", "deferred"] {
+            let f = p.path("spool").join(dir).join(id);
+            if let Ok(m) = std::fs::metadata(&f) {
+                if n % 2 == 0 {
+                    std::fs::remove_file(&f).unwrap();
+                } else {
+                    std::fs::write(&f, vec![0u8; m.len() as usize]).unwrap();
+                }
+            }
+        }
+    }
+    std::fs::remove_file(p.path("delivered")).unwrap();
+    p.spawn();
+    let ids = p.wait_delivered(20, Duration::from_secs(30));
+    assert_eq!(ids.len(), 20, "delivered: {ids:?}");
+    for (id, body) in &sent {
+        let eml = std::fs::read(p.path("delivered").join(format!("{id}.eml"))).unwrap();
+        let text = String::from_utf8_lossy(&eml);
+        assert!(
+            text.contains(body.as_str()) && text.contains("Received: from client.test"),
+            "{id} arrived damaged: {text:?}"
+        );
+    }
+    assert!(
+        p.wait_log("restored=20", Duration::from_secs(5)),
+        "{}",
+        p.log_text()
+    );
+    assert_eq!(count(p.path("spool/corrupt")), 0);
+}
