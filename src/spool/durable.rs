@@ -12,7 +12,13 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Mode of every file postern creates in the spool: mail is private to the service user.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory postern creates in the spool.
+pub const DIR_MODE: u32 = 0o700;
 
 /// fsync a directory so the entries created, renamed or removed in it are on disk.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -21,7 +27,11 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Create `path` (it must not exist), write `bytes` and `fdatasync` it.
 pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_data()
 }
@@ -29,7 +39,11 @@ pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Create `path` (it must not exist) with `bytes`, without a flush (the intake journal holds
 /// the bytes; see `journal.rs`). A partial file is removed again on failure.
 pub fn write_new_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
     f.write_all(bytes).inspect_err(|_| {
         let _ = fs::remove_file(path);
     })
@@ -93,7 +107,10 @@ pub fn create_dir_durable(path: &Path) -> io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
-    fs::create_dir_all(path)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)?;
     if let Some(p) = path.parent() {
         fsync_dir(p)?;
     }
@@ -104,7 +121,12 @@ pub fn create_dir_durable(path: &Path) -> io::Result<()> {
 /// caller fsyncs the directory, once for several files.
 pub fn copy_synced(mut from: impl io::Read, to: &Path) -> io::Result<u64> {
     let tmp = sibling_tmp(to);
-    let mut out = File::create(&tmp)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(&tmp)?;
     let n = io::copy(&mut from, &mut out)?;
     out.sync_data()?;
     drop(out);

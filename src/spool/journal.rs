@@ -35,7 +35,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -186,6 +186,7 @@ fn create_segment(path: &Path, generation: u64) -> io::Result<File> {
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(durable::FILE_MODE)
         .open(&tmp)?;
     let zeros = vec![0u8; 1 << 20];
     let mut off = 0;

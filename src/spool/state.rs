@@ -5,7 +5,7 @@ use std::fmt;
 /// Where a message is in its life; each state is a directory under the spool root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
-    /// Being received; wiped at start-up (never acknowledged).
+    /// Being received; wiped at start-up, after recovery queued what the journal vouches for.
     Tmp,
     /// Committed and acknowledged, not yet claimed by a delivery.
     Incoming,

@@ -60,6 +60,12 @@ async fn commit_moves_to_incoming_with_envelope_and_notifies() {
     let raw = std::fs::read(spool.msg_path(State::Incoming, &id)).unwrap();
     assert!(raw.ends_with(b"POSTERN1\n") && raw.starts_with(&body));
     assert!(spool.ids(State::Tmp).unwrap().is_empty());
+    // Mail is private to the service user, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&spool.msg_path(State::Incoming, &id)), 0o600);
+    assert_eq!(mode(&spool.state_dir(State::Incoming)), 0o700);
+    assert_eq!(mode(&dir.path().join("journal/0000")), 0o600);
 }
 
 #[tokio::test]
@@ -402,4 +408,68 @@ async fn journal_refuses_records_before_recovery() {
     assert!(d.commit(envelope("a@example.com")).await.is_err());
     spool.recover().unwrap();
     queue_one(&spool, b"z\r\n").await;
+}
+
+/// More than a segment's worth of mail: the journal rotates, the checkpoint retires what it
+/// sealed, and every message is intact.
+#[tokio::test]
+async fn journal_rotates_and_checkpoints_a_full_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let mut rx = spool.take_new_messages().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..40u8 {
+        ids.push((queue_one(&spool, &vec![b'a' + i % 26; 900_000]).await, i));
+        rx.recv().await.unwrap();
+    }
+    spool.checkpoint().unwrap();
+    let segments = list_names(&dir.path().join("journal"))
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.len() == 4)
+        .count();
+    assert!(segments >= 2, "{segments} segments");
+    for (id, i) in &ids {
+        let raw = std::fs::read(spool.msg_path(State::Incoming, id)).unwrap();
+        assert!(raw.starts_with(&vec![b'a' + i % 26; 900_000]), "{id}");
+    }
+    drop(spool);
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let r = spool.recover().unwrap();
+    assert_eq!((r.restored, r.quarantined), (0, 0), "{r:?}");
+    assert_eq!(spool.ids(State::Incoming).unwrap().len(), 40);
+}
+
+/// Drafts keep bodies in memory only while the shared budget lasts; past it they spill to
+/// tmp/ (bounded RSS however many clients send at once), and both kinds commit intact.
+#[tokio::test]
+async fn drafts_spill_to_disk_when_the_memory_budget_is_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let body = vec![b'q'; 200_000];
+    let mut drafts = Vec::new();
+    for _ in 0..80 {
+        let mut d = spool.begin().await.unwrap();
+        d.write(&body).await.unwrap();
+        drafts.push(d);
+    }
+    let spilled = list_names(&spool.state_dir(State::Tmp)).unwrap().len();
+    let per_draft = super::journal::MAX_RECORD - 64 * 1024;
+    let in_memory = (draft::MEMORY_BUDGET / per_draft) as usize;
+    assert_eq!(spilled, 80 - in_memory, "drafts written to tmp/");
+    let mut ids = Vec::new();
+    for d in drafts {
+        ids.push(d.id().to_string());
+        d.commit(envelope("a@example.com")).await.unwrap();
+    }
+    for id in &ids {
+        let raw = std::fs::read(spool.msg_path(State::Incoming, id)).unwrap();
+        assert!(raw.starts_with(&body), "{id}");
+    }
+    assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
+    // Every reservation was given back.
+    assert_eq!(
+        spool.inner.draft_memory.load(Ordering::Relaxed),
+        draft::MEMORY_BUDGET
+    );
 }
