@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use super::journal::Journal;
+use super::recycle::{FREE_DIR, FreeFiles};
 use super::{SpoolError, State, durable};
 
 /// How long a journal segment takes records before it is sealed and checkpointed.
@@ -55,6 +56,8 @@ struct Ctx {
     /// opens the files it must flush, so a message cannot slip between two directories unseen.
     moves: Arc<RwLock<()>>,
     new_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Emptied queue files to write new ones over.
+    free: Arc<FreeFiles>,
 }
 
 impl Committer {
@@ -64,6 +67,7 @@ impl Committer {
         journal: Option<Arc<Journal>>,
         moves: Arc<RwLock<()>>,
         new_tx: tokio::sync::mpsc::UnboundedSender<String>,
+        free: Arc<FreeFiles>,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Request>();
         let (ckpt_tx, ckpt_rx) = mpsc::channel::<usize>();
@@ -72,6 +76,7 @@ impl Committer {
             journal,
             moves,
             new_tx,
+            free,
         });
         if ctx.journal.is_some() {
             let c = ctx.clone();
@@ -257,19 +262,17 @@ fn materialize(
     payload: &Payload,
 ) -> Result<(), SpoolError> {
     let from = tmp.join(id);
-    if let Payload::Memory(bytes) = payload {
-        durable::write_new_unsynced(&from, bytes).or_else(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                // A retry after a failed rename: the file is complete already.
-                Ok(())
-            } else {
-                Err(SpoolError::io("write", &from, e))
-            }
-        })?;
-    }
+    let to = incoming.join(id);
     let _g = ctx.moves.read().unwrap_or_else(|p| p.into_inner());
-    durable::rename_unsynced(&from, &incoming.join(id))
-        .map_err(|e| SpoolError::io("rename", &from, e))
+    match payload {
+        Payload::Memory(bytes) => ctx
+            .free
+            .write_as(bytes, &from, &to)
+            .map_err(|e| SpoolError::io("write", &to, e)),
+        Payload::File { .. } => {
+            durable::rename_unsynced(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
+        }
+    }
 }
 
 /// The checkpoint thread: retire sealed segments, and seal the active one once it is old.
@@ -322,7 +325,22 @@ pub(super) fn checkpoint_segment(
     let Some(ids) = journal.owed(seg) else {
         return Ok(false);
     };
+    flush_queue_files(root, &ids, moves)?;
+    journal
+        .retire(seg, root)
+        .map_err(|e| SpoolError::io("retire journal segment", &root.join("journal"), e))?;
+    Ok(true)
+}
+
+/// fdatasync the queue files of `ids` wherever they are queued, then fsync every spool
+/// directory: afterwards those messages no longer need the journal.
+pub(super) fn flush_queue_files(
+    root: &Path,
+    ids: &[String],
+    moves: &RwLock<()>,
+) -> Result<(), SpoolError> {
     let files: Vec<File> = {
+        // Opened while no rename of ours can move a file between two directories we look in.
         let _g = moves.write().unwrap_or_else(|p| p.into_inner());
         ids.iter()
             .filter_map(|id| {
@@ -336,14 +354,16 @@ pub(super) fn checkpoint_segment(
         f.sync_data()
             .map_err(|e| SpoolError::io("fdatasync", root, e))?;
     }
-    for s in State::ALL {
-        let d = root.join(s.dir());
-        durable::fsync_dir(&d).map_err(|e| SpoolError::io("fsync", &d, e))?;
+    for d in State::ALL
+        .iter()
+        .map(|s| root.join(s.dir()))
+        .chain([root.join(FREE_DIR)])
+    {
+        if d.is_dir() {
+            durable::fsync_dir(&d).map_err(|e| SpoolError::io("fsync", &d, e))?;
+        }
     }
-    journal
-        .retire(seg, root)
-        .map_err(|e| SpoolError::io("retire journal segment", &root.join("journal"), e))?;
-    Ok(true)
+    Ok(())
 }
 
 fn checkpoint(ctx: &Ctx, journal: &Journal, seg: usize) -> Result<bool, SpoolError> {

@@ -19,6 +19,7 @@ mod envelope;
 mod id;
 mod journal;
 pub mod msgfile;
+mod recycle;
 mod state;
 
 use std::fs::File;
@@ -127,6 +128,8 @@ pub(crate) struct Inner {
     journal: Option<Arc<journal::Journal>>,
     /// Shared by the daemon's renames, exclusive for a checkpoint (see `commit.rs`).
     moves: Arc<RwLock<()>>,
+    /// Queue files of delivered mail, kept to be written over (daemon only, see `recycle.rs`).
+    free: Option<Arc<recycle::FreeFiles>>,
     min_free: AtomicU64,
     /// Bytes that drafts may still hold in memory beyond their first chunk (see draft.rs).
     draft_memory: AtomicU64,
@@ -174,16 +177,27 @@ impl Spool {
             None
         };
         let moves = Arc::new(RwLock::new(()));
+        let free = Arc::new(recycle::FreeFiles::new(root));
+        if exclusive {
+            let d = root.join(recycle::FREE_DIR);
+            durable::create_dir_durable(&d).map_err(|e| SpoolError::io("create", &d, e))?;
+        }
         let (new_tx, new_rx) = mpsc::unbounded_channel();
-        let committer =
-            commit::Committer::start(root.to_path_buf(), journal.clone(), moves.clone(), new_tx)
-                .map_err(|e| SpoolError::io("start committer", root, e))?;
+        let committer = commit::Committer::start(
+            root.to_path_buf(),
+            journal.clone(),
+            moves.clone(),
+            new_tx,
+            free.clone(),
+        )
+        .map_err(|e| SpoolError::io("start committer", root, e))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 committer,
                 journal,
                 moves,
+                free: exclusive.then_some(free),
                 min_free: AtomicU64::new(0),
                 draft_memory: AtomicU64::new(draft::MEMORY_BUDGET),
                 new_rx: Mutex::new(Some(new_rx)),
@@ -246,9 +260,16 @@ impl Spool {
             }
         }
         let tmp = self.state_dir(State::Tmp);
+        let free = root.join(recycle::FREE_DIR);
         let queued = self.queued_inodes()?;
-        for name in list_names(&tmp)? {
-            let p = tmp.join(&name);
+        let leftovers = [&tmp, &free]
+            .into_iter()
+            .filter(|d| d.is_dir())
+            .map(|d| {
+                list_names(d).map(|names| names.into_iter().map(|n| d.join(n)).collect::<Vec<_>>())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for p in leftovers.into_iter().flatten() {
             // After a power loss on a filesystem without a journal, a draft's old name can
             // survive beside its new one: unlinking it would free the queued message's inode.
             if let Ok(m) = std::fs::symlink_metadata(&p)
@@ -260,7 +281,9 @@ impl Spool {
             std::fs::remove_file(&p)
                 .or_else(|_| durable::remove_dir(&p))
                 .map_err(|e| SpoolError::io("remove", &p, e))?;
-            r.drafts_removed += 1;
+            if p.starts_with(&tmp) {
+                r.drafts_removed += 1;
+            }
         }
         durable::fsync_dir(&tmp).map_err(|e| SpoolError::io("fsync", &tmp, e))?;
         for id in list_names(&self.state_dir(State::Active))? {
@@ -279,18 +302,8 @@ impl Spool {
         if let Some(j) = &self.inner.journal {
             // Everything the journal owed is now a queue file: flush those, then the journal
             // can start empty.
-            for f in &owed {
-                if let Some(s) = self.find(&f.id) {
-                    let p = self.msg_path(s, &f.id);
-                    File::open(&p)
-                        .and_then(|file| file.sync_data())
-                        .map_err(|e| SpoolError::io("fdatasync", &p, e))?;
-                }
-            }
-            for s in State::ALL {
-                let d = self.state_dir(s);
-                durable::fsync_dir(&d).map_err(|e| SpoolError::io("fsync", &d, e))?;
-            }
+            let ids: Vec<String> = owed.into_iter().map(|f| f.id).collect();
+            commit::flush_queue_files(&root, &ids, &self.inner.moves)?;
             j.reset(&root)
                 .map_err(|e| SpoolError::io("reset", &jpath, e))?;
         }
@@ -460,13 +473,18 @@ impl Spool {
     /// Remove a delivered message. Not fsynced, like Postfix's queue file removal: if a crash
     /// undoes the removal, the message is sent again at restart, which is the at-least-once
     /// window the design already accepts (crash after the upstream accepted, before we record
-    /// it), and it saves a flush per message on the hot path.
+    /// it), and it saves a flush per message on the hot path. The journal gets a done record
+    /// first; the file goes into the recycling pool (`recycle.rs`) when the daemon has one.
     pub fn remove_delivered(&self, id: &str) -> Result<(), SpoolError> {
         if let Some(j) = &self.inner.journal {
             j.done(id);
         }
         let path = self.msg_path(State::Active, id);
-        durable::remove_file(&path).map_err(|e| SpoolError::io("remove", &path, e))
+        match &self.inner.free {
+            Some(free) => free.put(&path, id),
+            None => durable::remove_file(&path),
+        }
+        .map_err(|e| SpoolError::io("remove", &path, e))
     }
 
     /// Remove a message for good (`queue delete`), durably: a deleted message never comes back.

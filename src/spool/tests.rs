@@ -473,3 +473,42 @@ async fn drafts_spill_to_disk_when_the_memory_budget_is_spent() {
         draft::MEMORY_BUDGET
     );
 }
+
+/// A delivered message's queue file is written over by the next message (same inode, no new
+/// one), the new content is exact, and start-up wipes the pool, but never a second link to a
+/// queued message that a power cut can leave there.
+#[tokio::test]
+async fn delivered_queue_files_are_recycled() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let free = dir.path().join("free");
+    let (first, second);
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        first = queue_one(&spool, &vec![b'1'; 5000]).await;
+        let ino = std::fs::metadata(spool.msg_path(State::Incoming, &first))
+            .unwrap()
+            .ino();
+        spool.claim(&first, State::Incoming).unwrap();
+        spool.remove_delivered(&first).unwrap();
+        assert_eq!(spool.find(&first), None);
+        assert_eq!(list_names(&free).unwrap(), vec![first.clone()]);
+        second = queue_one(&spool, b"short\r\n").await;
+        let p = spool.msg_path(State::Incoming, &second);
+        assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino, "inode reused");
+        let raw = std::fs::read(&p).unwrap();
+        assert!(raw.starts_with(b"short\r\n") && raw.ends_with(b"POSTERN1\n"));
+        assert_eq!(
+            spool.read_envelope(State::Incoming, &second).unwrap().size,
+            7
+        );
+        assert!(list_names(&free).unwrap().is_empty());
+        // What a power cut can leave: the pool's old name beside the queued one.
+        std::fs::hard_link(&p, free.join("stale")).unwrap();
+        std::fs::write(free.join("spare"), b"old mail").unwrap();
+    }
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    spool.recover().unwrap();
+    assert_eq!(list_names(&free).unwrap(), vec!["stale".to_string()]);
+    assert_eq!(spool.find(&second), Some(State::Incoming));
+}
