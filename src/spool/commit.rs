@@ -209,13 +209,12 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
         for req in journaled {
             match &jres {
                 Ok(()) => {
-                    if make_visible(ctx, &tmp, &incoming, &req.id, &req.payload) {
-                        let _ = req.done.send(Ok(()));
-                    } else {
-                        // Durable in the journal, so acknowledged all the same.
-                        let _ = req.done.send(Ok(()));
-                        pending.push_back((req.id, req.payload));
+                    // Durable in the journal, so acknowledged even if the queue file has to
+                    // wait for a retry.
+                    if !make_visible(ctx, &tmp, &incoming, &req.id, &req.payload) {
+                        pending.push_back((req.id.clone(), req.payload));
                     }
+                    let _ = req.done.send(Ok(()));
                 }
                 Err(e) => {
                     if let Some(j) = &ctx.journal {

@@ -341,15 +341,7 @@ impl Journal {
             s.status = Status::Free;
         }
         while st.segs.len() < 2 {
-            let n = st.segs.len();
-            let path = self.dir.join(format!("{n:04}"));
-            let generation = next_generation(0);
-            let file = create_segment(&path, generation)?;
-            st.segs.push(Segment {
-                file: Arc::new(file),
-                generation,
-                status: Status::Free,
-            });
+            self.add_segment(&mut st)?;
         }
         st.segs[0].status = Status::Active;
         st.active = 0;
@@ -362,23 +354,25 @@ impl Journal {
         clear_tombstones(spool_root, |_| true)
     }
 
+    /// Create the next segment file, free; returns its index.
+    fn add_segment(&self, st: &mut JState) -> io::Result<usize> {
+        let n = st.segs.len();
+        let generation = next_generation(0);
+        let file = create_segment(&self.dir.join(format!("{n:04}")), generation)?;
+        st.segs.push(Segment {
+            file: Arc::new(file),
+            generation,
+            status: Status::Free,
+        });
+        Ok(n)
+    }
+
     /// Seal the active segment and switch to a free one (creating one if none is free).
     /// Returns the sealed segment, which now needs a checkpoint.
     fn rotate(&self, st: &mut JState) -> io::Result<usize> {
         let next = match st.segs.iter().position(|s| s.status == Status::Free) {
             Some(i) => i,
-            None => {
-                let n = st.segs.len();
-                let path = self.dir.join(format!("{n:04}"));
-                let generation = next_generation(0);
-                let file = create_segment(&path, generation)?;
-                st.segs.push(Segment {
-                    file: Arc::new(file),
-                    generation,
-                    status: Status::Free,
-                });
-                n
-            }
+            None => self.add_segment(st)?,
         };
         let old = st.active;
         st.segs[old].status = Status::Sealed;
