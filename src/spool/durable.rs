@@ -1,4 +1,4 @@
-//! The only code that writes, renames or fsyncs spool paths (besides the intake journal's own
+//! The only code that renames, removes or fsyncs spool paths (besides the intake journal's own
 //! segment files in `journal.rs`), so the crash-safety argument can be reviewed in two files.
 //!
 //! The rules: a file's bytes are `fdatasync`ed before the name that makes it visible is

@@ -10,7 +10,7 @@
 //! by every commit of the same moment). Start-up recovery rewrites from the journal whatever
 //! a crash took, wipes `tmp/`, moves `active/` back to `incoming/`, cuts torn envelope appends
 //! and quarantines anything unreadable in `corrupt/`. All raw filesystem writes live in
-//! `durable.rs`, `msgfile.rs` and `journal.rs`.
+//! `durable.rs`, `msgfile.rs`, `journal.rs` and `recycle.rs`.
 
 mod commit;
 mod draft;

@@ -6,11 +6,13 @@
 //! (perf, bench/). The pool is small and bounded, lives only in memory, and `free/` is wiped
 //! at start-up: a file there holds nothing anybody is owed.
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use super::durable;
 
 /// The pool's directory under the spool root.
 pub(super) const FREE_DIR: &str = "free";
@@ -41,7 +43,7 @@ impl FreeFiles {
     pub(super) fn put(&self, path: &Path, name: &str) -> io::Result<()> {
         let mut names = self.names();
         if names.len() < MAX_FREE {
-            match fs::rename(path, self.dir.join(name)) {
+            match durable::rename_unsynced(path, &self.dir.join(name)) {
                 Ok(()) => {
                     names.push(name.to_string());
                     return Ok(());
@@ -51,10 +53,7 @@ impl FreeFiles {
             }
         }
         drop(names);
-        match fs::remove_file(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            r => r,
-        }
+        durable::remove_file(path)
     }
 
     /// Write `bytes` as the new file `to`, over a pooled file when there is one (no inode
@@ -70,15 +69,15 @@ impl FreeFiles {
                     f.write_all_at(bytes, 0)?;
                     f.set_len(bytes.len() as u64)
                 })
-                .and_then(|()| fs::rename(&p, to));
+                .and_then(|()| durable::rename_unsynced(&p, to));
             match ok {
                 Ok(()) => return Ok(()),
                 Err(_) => {
-                    let _ = fs::remove_file(&p); // a damaged pool file is not worth keeping
+                    let _ = durable::remove_file(&p); // a damaged pool file is not worth keeping
                 }
             }
         }
-        super::durable::write_new_unsynced(fallback, bytes).or_else(|e| {
+        durable::write_new_unsynced(fallback, bytes).or_else(|e| {
             // A retry after a failed rename: the file is complete already.
             if e.kind() == io::ErrorKind::AlreadyExists {
                 Ok(())
@@ -86,6 +85,6 @@ impl FreeFiles {
                 Err(e)
             }
         })?;
-        fs::rename(fallback, to)
+        durable::rename_unsynced(fallback, to)
     }
 }
