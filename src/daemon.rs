@@ -38,7 +38,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
     /// A listener could not be bound.
-    #[error("listener \"{name}\": cannot listen on {address}: {source}")]
+    #[error(
+        "listener \"{name}\": cannot listen on {address}: {source}{}",
+        bind_advice(source, address)
+    )]
     Bind {
         /// Listener name.
         name: String,
@@ -55,6 +58,56 @@ pub enum DaemonError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// What to do about a bind error the operator meets on a fresh install.
+fn bind_advice(e: &std::io::Error, addr: &SocketAddr) -> String {
+    let port = addr.port();
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => format!(
+            "; another program already listens on port {port} (often another mail server: \
+             Postfix, Exim, sendmail). `ss -ltnp 'sport = :{port}'` shows which; stop it, or give \
+             this listener another address or port"
+        ),
+        Some(libc::EACCES) if port < 1024 => format!(
+            "; ports below 1024 need root or the CAP_NET_BIND_SERVICE capability: the systemd \
+             unit grants it (AmbientCapabilities=CAP_NET_BIND_SERVICE); by hand, \
+             `setcap cap_net_bind_service=+ep $(command -v postern)`, or use a port above 1023 \
+             such as 2525"
+        ),
+        Some(libc::EADDRNOTAVAIL) => format!(
+            "; no network interface of this machine has the address {}: listen on an address \
+             that `ip -brief address` shows, or on 0.0.0.0",
+            addr.ip()
+        ),
+        Some(libc::EAFNOSUPPORT) => {
+            "; IPv6 is disabled on this machine: remove this listener or enable IPv6".into()
+        }
+        _ => String::new(),
+    }
+}
+
+static JSON_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Print the ready lines on standard output as JSON objects (with `--log-format json`), so a
+/// JSON log has no plain lines.
+pub fn set_json_stdout(on: bool) {
+    JSON_STDOUT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A line on standard output for scripts and tests: `postern: listening on NAME ADDR` and
+/// `postern: ready`, or the same as JSON.
+fn announce(listener: Option<(&str, SocketAddr)>) {
+    let json = JSON_STDOUT.load(std::sync::atomic::Ordering::Relaxed);
+    match (listener, json) {
+        (Some((name, addr)), false) => println!("postern: listening on {name} {addr}"),
+        (Some((name, addr)), true) => println!(
+            "{}",
+            serde_json::json!({"event": "listening", "listener": name, "address": addr.to_string()})
+        ),
+        (None, false) => println!("postern: ready"),
+        (None, true) => println!("{}", serde_json::json!({"event": "ready"})),
+    }
 }
 
 /// Live listeners of one configuration generation.
@@ -124,10 +177,11 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let mut live = shared.start_listeners(&config, &HashMap::new())?;
     for (l, addr) in config.listeners.iter().zip(&live.bound) {
         // The ready lines on stdout are how scripts and tests learn the bound ports.
-        println!("postern: listening on {} {}", l.name, addr);
+        announce(Some((&l.name, *addr)));
     }
-    println!("postern: ready");
+    announce(None);
     sd_notify("READY=1");
+    let mut watchdog = watchdog_interval().map(tokio::time::interval);
     info!(config = %config.source, "postern started");
 
     let mut current = config;
@@ -144,6 +198,19 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     };
     loop {
         tokio::select! {
+            // Alive means: this loop turns, and the forwarder has not died.
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(w) => { w.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            }, if watchdog.is_some() => {
+                if !forwarder.is_finished() {
+                    sd_notify("WATCHDOG=1");
+                } else {
+                    error!("the forwarder has stopped; not pinging the watchdog, so systemd restarts postern");
+                }
+            }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
@@ -315,12 +382,30 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Tell systemd (Type=notify) about our state; a no-op outside systemd.
 fn sd_notify(state: &str) {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let path = std::path::PathBuf::from(path);
-        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
-            let _ = sock.send_to(state.as_bytes(), &path);
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    // "@name" is a socket in the abstract namespace.
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    if let (Ok(sock), Ok(addr)) = (std::os::unix::net::UnixDatagram::unbound(), addr) {
+        let _ = sock.send_to_addr(state.as_bytes(), &addr);
+    }
+}
+
+/// Half the watchdog timeout systemd gave us (WatchdogSec=), if it is meant for this process.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok() {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
         }
     }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Each connection costs a descriptor; raise the soft limit to the hard one (as Postfix

@@ -19,6 +19,8 @@
 //! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
+//! - [`sendmail`]: `postern sendmail` / the `sendmail` command: submits a message from standard
+//!   input to the running daemon over SMTP, with sendmail's options.
 
 pub mod admin;
 pub mod cli;
@@ -28,6 +30,7 @@ pub mod daemon;
 pub mod forward;
 pub mod maillog;
 pub mod secret;
+pub mod sendmail;
 pub mod smtp;
 pub mod spool;
 pub mod token;

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 mod address;
 mod describe;
+pub mod env;
 mod error;
 mod raw;
 #[cfg(test)]
@@ -23,7 +24,7 @@ pub mod validate;
 
 pub use address::AddressPattern;
 pub use error::{ConfigError, ConfigErrors};
-pub use validate::{EMBEDDED_SOURCE, load_default, load_file, load_str};
+pub use validate::{EMBEDDED_SOURCE, load_default, load_default_in, load_file, load_str};
 
 /// The embedded default configuration used when no config file exists.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");

@@ -71,6 +71,12 @@ pub fn load_default() -> Result<Config, ConfigErrors> {
     load_str(super::EMBEDDED_DEFAULT, EMBEDDED_SOURCE)
 }
 
+/// The embedded default with its relative paths resolved against `dir` (the directory its
+/// daemon was started in) instead of the current one.
+pub fn load_default_in(dir: &Path) -> Result<Config, ConfigErrors> {
+    load(super::EMBEDDED_DEFAULT, EMBEDDED_SOURCE, dir)
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

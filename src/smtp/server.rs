@@ -120,7 +120,8 @@ impl Drop for ConnPermit {
 /// live connections go on.
 pub async fn run_listener<S: MessageSink>(tcp: TcpListener, ctx: Arc<ListenerContext<S>>) {
     let local = tcp.local_addr().ok();
-    info!(target: "postern::smtp", listener = %ctx.listener.name, address = ?local, "listening");
+    let address = local.map(|a| a.to_string()).unwrap_or_default();
+    info!(target: "postern::smtp", listener = %ctx.listener.name, address, "listening");
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => break,
@@ -168,7 +169,10 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 target: "postern::smtp",
                 client = %peer,
                 listener = %ctx.listener.name,
-                limit = ?which,
+                limit = match which {
+                    LimitExceeded::Total => "max_connections",
+                    LimitExceeded::PerIp => "max_connections_per_ip",
+                },
                 end = %ConnEnd::TooManyConnections,
                 "refused: too many connections"
             );
