@@ -196,7 +196,13 @@ fn sendmail_main(args: Vec<OsString>, config: Option<PathBuf>) -> u8 {
         Ok(o) => o,
         Err(code) => return code,
     };
-    let given = opts.config.as_ref().map(PathBuf::from).or(config);
+    // Run as `sendmail`, clap did not read $POSTERN_CONFIG: do it here.
+    let given = opts
+        .config
+        .as_ref()
+        .map(PathBuf::from)
+        .or(config)
+        .or_else(|| std::env::var_os("POSTERN_CONFIG").map(PathBuf::from));
     let source = ConfigSource::resolve(given.as_deref());
     if opts.mode == sendmail::Mode::ListQueue {
         return match source

@@ -18,6 +18,11 @@ pub struct Postern {
     pub listeners: HashMap<String, SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
+    /// Extra arguments after `serve --config FILE`, and extra environment variables.
+    pub extra_args: Vec<String>,
+    pub envs: Vec<(String, String)>,
+    /// What the daemon printed on standard output, line by line.
+    pub stdout_lines: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn bin() -> &'static str {
@@ -54,6 +59,11 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
+        Self::start_with(config, &[], &[])
+    }
+
+    /// Like [`start`](Self::start), with more `serve` arguments and environment variables.
+    pub fn start_with(config: &str, args: &[&str], envs: &[(&str, &str)]) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -63,6 +73,12 @@ impl Postern {
             listeners: HashMap::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            stdout_lines: Arc::new(Mutex::new(Vec::new())),
         };
         p.spawn();
         p
@@ -73,7 +89,9 @@ impl Postern {
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&self.config_path)
+            .args(&self.extra_args)
             .env("POSTERN_LOG", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -88,10 +106,13 @@ impl Postern {
             }
         });
         let (tx, rx) = std::sync::mpsc::channel();
+        let out_lines = self.stdout_lines.clone();
         std::thread::spawn(move || {
+            let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+                out_lines.lock().unwrap().push(line.clone());
+                if tx.as_ref().is_some_and(|t| t.send(line).is_err()) {
+                    tx = None;
                 }
             }
         });
@@ -100,12 +121,20 @@ impl Postern {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line == "postern: ready" => break,
+                Ok(line) if line == "postern: ready" || line == r#"{"event":"ready"}"# => break,
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("postern: listening on ") {
                         let (name, addr) = rest.split_once(' ').expect("listening line");
                         self.listeners
                             .insert(name.to_string(), addr.parse().expect("addr"));
+                    } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                        && v["event"] == "listening"
+                    {
+                        let (name, addr) = (&v["listener"], &v["address"]);
+                        self.listeners.insert(
+                            name.as_str().expect("listener").to_string(),
+                            addr.as_str().expect("address").parse().expect("addr"),
+                        );
                     }
                 }
                 Err(_) => {

@@ -11,6 +11,7 @@ mod load;
 mod m365;
 mod protocol;
 mod secrets;
+mod sendmail;
 mod tls;
 mod token;
 mod upstream_smtp;
