@@ -21,7 +21,7 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Log format.
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[arg(long, value_enum, env = "POSTERN_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
     /// Log filter, e.g. "info", "debug" or "postern=debug".

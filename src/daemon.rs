@@ -115,8 +115,8 @@ struct Listeners {
     stop: CancellationToken,
     /// Listening sockets by their bound address (reused by a reload).
     sockets: HashMap<SocketAddr, std::net::TcpListener>,
-    /// Bound address of each configured listener, in config order.
-    bound: Vec<SocketAddr>,
+    /// Name and bound address of each listener that listens, in config order.
+    bound: Vec<(String, SocketAddr)>,
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -175,9 +175,9 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         limiter,
     };
     let mut live = shared.start_listeners(&config, &HashMap::new())?;
-    for (l, addr) in config.listeners.iter().zip(&live.bound) {
+    for (name, addr) in &live.bound {
         // The ready lines on stdout are how scripts and tests learn the bound ports.
-        announce(Some((&l.name, *addr)));
+        announce(Some((name, *addr)));
     }
     announce(None);
     sd_notify("READY=1");
@@ -315,6 +315,7 @@ impl Shared {
         let mut sockets = HashMap::new();
         let mut bound = Vec::new();
         let mut prepared = Vec::new();
+        let mut skipped = None;
         for l in &config.listeners {
             let tls = match &l.tls_files {
                 Some(files) if l.tls != crate::config::TlsMode::None => {
@@ -333,13 +334,27 @@ impl Shared {
             // Port 0 means "any free port": never reuse for it.
             let std_sock = match old.get(&l.address).filter(|_| l.address.port() != 0) {
                 Some(s) => s.try_clone().map_err(bind_err)?,
-                None => bind(l.address).map_err(bind_err)?,
+                None => match bind(l.address) {
+                    Ok(s) => s,
+                    // A host (or container) without IPv6 cannot listen on [::1] or [::]: the
+                    // packaged configuration listens on both 127.0.0.1 and [::1], and must
+                    // start there too. Any other listener failing is fatal.
+                    Err(e) if ipv6_unavailable(&e, l.address) => {
+                        warn!(listener = %l.name, address = %l.address, error = %e, "IPv6 is not available on this machine; this listener is skipped");
+                        skipped.get_or_insert(bind_err(e));
+                        continue;
+                    }
+                    Err(e) => return Err(bind_err(e)),
+                },
             };
             let addr = std_sock.local_addr().map_err(bind_err)?;
             let clone = std_sock.try_clone().map_err(bind_err)?;
             sockets.insert(addr, std_sock);
-            bound.push(addr);
+            bound.push((l.name.clone(), addr));
             prepared.push((l.clone(), tls, clone));
+        }
+        if let (true, Some(e)) = (prepared.is_empty(), skipped) {
+            return Err(e);
         }
         for (l, tls, sock) in prepared {
             let tcp =
@@ -367,6 +382,15 @@ impl Shared {
             bound,
         })
     }
+}
+
+/// The error of binding an IPv6 address on a machine where IPv6 is off.
+fn ipv6_unavailable(e: &std::io::Error, addr: SocketAddr) -> bool {
+    addr.is_ipv6()
+        && matches!(
+            e.raw_os_error(),
+            Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+        )
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

@@ -116,6 +116,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check { config } => {
             let source = ConfigSource::resolve(config_path(&config, &cli.config).as_deref());
             let cfg = source.load()?;
+            if let Some(w) = source.ignored_warning() {
+                println!("warning: {w}");
+            }
             println!("{}: configuration OK", cfg.source);
             print!("{}", cfg.describe());
             for w in cfg.warnings() {
@@ -150,12 +153,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ),
                 _ => {}
             }
+            if let Some(w) = source.ignored_warning() {
+                tracing::warn!("{w}");
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             let reload = move || source.load();
-            rt.block_on(daemon::run(cfg, Box::new(reload)))?;
+            let result = rt.block_on(daemon::run(cfg, Box::new(reload)));
+            // Everything that matters is done (the spool is checkpointed). Do not wait for a
+            // blocking task still running, such as a DNS lookup of the token endpoint that the
+            // resolver cannot cancel: it would delay the exit by seconds past "stopped".
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Login(a) => {
@@ -317,8 +328,9 @@ enum ConfigSource {
     File(PathBuf),
     /// `POSTERN_*` variables (the Docker sidecar), with the ones that are set.
     Env(Vec<&'static str>),
-    /// Both the default file and `POSTERN_*` variables: ambiguous, refused.
-    Both(Vec<&'static str>),
+    /// The default file, and `POSTERN_*` variables that it makes ignored (a file, when there
+    /// is one, is the configuration; `serve` and `check` say which variables are ignored).
+    FileIgnoringEnv(Vec<&'static str>),
     Default,
 }
 
@@ -327,7 +339,9 @@ impl ConfigSource {
         let vars = config::env::present();
         match given {
             Some(p) => Self::File(p.to_path_buf()),
-            None if Path::new(DEFAULT_CONFIG).exists() && !vars.is_empty() => Self::Both(vars),
+            None if Path::new(DEFAULT_CONFIG).exists() && !vars.is_empty() => {
+                Self::FileIgnoringEnv(vars)
+            }
             None if Path::new(DEFAULT_CONFIG).exists() => Self::File(DEFAULT_CONFIG.into()),
             None if !vars.is_empty() => Self::Env(vars),
             None => Self::Default,
@@ -338,18 +352,20 @@ impl ConfigSource {
         match self {
             Self::File(p) => config::load_file(p),
             Self::Env(_) => config::env::load_env(),
-            Self::Both(vars) => Err(ConfigErrors(vec![config::ConfigError {
-                file: DEFAULT_CONFIG.into(),
-                line: None,
-                column: None,
-                key: String::new(),
-                message: format!(
-                    "both this file and the environment ({}) configure postern; remove one, or \
-                     name the file with --config (which ignores the variables)",
-                    vars.join(", ")
-                ),
-            }])),
+            Self::FileIgnoringEnv(_) => config::load_file(Path::new(DEFAULT_CONFIG)),
             Self::Default => config::load_default(),
+        }
+    }
+
+    /// The warning for variables a configuration file makes ignored.
+    fn ignored_warning(&self) -> Option<String> {
+        match self {
+            Self::FileIgnoringEnv(vars) => Some(format!(
+                "{DEFAULT_CONFIG} exists, so it is the configuration and these environment \
+                 variables are ignored: {}",
+                vars.join(", ")
+            )),
+            _ => None,
         }
     }
 

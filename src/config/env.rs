@@ -26,6 +26,10 @@ pub const VARIABLES: &[(&str, &str)] = &[
         "POSTERN_MAX_MESSAGE_SIZE",
         "largest message accepted [35 MB]",
     ),
+    (
+        "POSTERN_SHUTDOWN_GRACE",
+        "delivery.shutdown_grace [8s: inside docker stop's 10 s]",
+    ),
     ("POSTERN_SPOOL_DIR", "spool directory [/var/spool/postern]"),
     ("POSTERN_STATE_DIR", "state directory [/var/lib/postern]"),
     ("POSTERN_TENANT", "Entra tenant (domain or Tenant ID)"),
@@ -106,6 +110,11 @@ fn toml_text(get: &dyn Fn(&str) -> Option<String>) -> String {
         quote(&get("POSTERN_SPOOL_DIR").unwrap_or_else(|| "/var/spool/postern".into()))
     ));
     line(format!("state_dir = {}", quote(&state)));
+    line("[delivery]".into());
+    line(format!(
+        "shutdown_grace = {}",
+        quote(&get("POSTERN_SHUTDOWN_GRACE").unwrap_or_else(|| "8s".into()))
+    ));
     let listen = get("POSTERN_LISTEN").unwrap_or_else(|| "0.0.0.0:25".into());
     let networks = get("POSTERN_ALLOW_NETWORKS").unwrap_or_else(|| {
         "127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 fc00::/7".into()
@@ -201,6 +210,7 @@ fn variable_for(key: &str) -> &'static str {
         ("route", "dir") => "POSTERN_FILE_DIR",
         ("route", _) => "POSTERN_TRANSPORT",
         ("hostname", _) => "POSTERN_HOSTNAME",
+        ("delivery", _) => "POSTERN_SHUTDOWN_GRACE",
         ("spool_dir", _) => "POSTERN_SPOOL_DIR",
         ("state_dir", _) => "POSTERN_STATE_DIR",
         _ => "POSTERN_*",
