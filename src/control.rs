@@ -37,19 +37,20 @@ pub async fn serve(path: PathBuf, kick: Kick, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             conn = listener.accept() => match conn {
                 Ok((mut s, _)) => {
-                    let mut buf = [0u8; 128];
-                    let n = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut buf))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or(0);
-                    let line = String::from_utf8_lossy(&buf[..n]);
-                    let answer = handle(line.trim(), &kick);
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        s.write_all(answer.as_bytes()),
-                    )
-                    .await;
+                    // A task per request, so a slow client never holds up the next one.
+                    let kick = kick.clone();
+                    tokio::spawn(async move {
+                        let wait = std::time::Duration::from_secs(5);
+                        let mut buf = [0u8; 128];
+                        let n = tokio::time::timeout(wait, s.read(&mut buf))
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or(0);
+                        let line = String::from_utf8_lossy(&buf[..n]);
+                        let answer = handle(line.trim(), &kick);
+                        let _ = tokio::time::timeout(wait, s.write_all(answer.as_bytes())).await;
+                    });
                 }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             }

@@ -429,11 +429,20 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         if matches!(cmd, Command::Auth { .. }) {
             line.zeroize();
         }
-        let name = cmd.name();
+        let mut name = cmd.name();
         debug!(target: "postern::smtp", client = %self.client, command = name, "command");
         let (from, rcpt) = match &cmd {
             Command::Mail(m) => (Some(m.address.clone()), None),
             Command::Rcpt(a) => (self.session.sender().map(str::to_string), Some(a.clone())),
+            // A RCPT refused for its syntax is still logged as a RCPT, with the address as the
+            // client wrote it: that is what the admin searches the log for.
+            _ if refused_rcpt_address(&line).is_some() => {
+                name = "RCPT";
+                (
+                    self.session.sender().map(str::to_string),
+                    refused_rcpt_address(&line),
+                )
+            }
             _ => (self.session.sender().map(str::to_string), None),
         };
         let ctx = self.ctx;
@@ -1689,4 +1698,30 @@ pub(crate) mod tests {
         assert!(sink.committed().is_empty());
         assert_eq!(sink.discarded(), 1);
     }
+}
+
+/// The argument of a `RCPT TO:` line as the client wrote it (for the log), control characters
+/// replaced and cut at 256 characters; `None` if the line is not a RCPT.
+fn refused_rcpt_address(line: &[u8]) -> Option<String> {
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"RCPT") {
+        return None;
+    }
+    let rest = String::from_utf8_lossy(&line[4..]);
+    let rest = rest.trim_start();
+    let arg = match rest.get(..3) {
+        Some(to) if to.eq_ignore_ascii_case("TO:") => &rest[3..],
+        _ => rest,
+    };
+    let arg = arg.trim();
+    let arg = match arg.find('>') {
+        Some(end) if arg.starts_with('<') => &arg[..=end],
+        _ => arg.split(' ').next().unwrap_or(""),
+    };
+    Some(
+        arg.chars()
+            .take(256)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
+    )
 }

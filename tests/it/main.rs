@@ -8,6 +8,7 @@ mod clients;
 mod crash;
 mod delivery;
 mod load;
+mod operations;
 mod m365;
 mod protocol;
 mod secrets;

@@ -15,6 +15,31 @@ mkdir -p "$WORK"
 start=$(date +%s)
 phase() { echo "--- $1 ($(( $(date +%s) - start )) s)"; }
 
+# The Debian root downloads while the release binary compiles (one waits on the network, the
+# other on the CPU).
+make_root() {
+  local root=$WORK/bookworm-root
+  rm -rf "$root"
+  # php-cli: PHP's mail() through the packaged sendmail; libphp-phpmailer: WordPress's mailer,
+  # for the Docker test's client; ca-certificates: a dependency of the .deb.
+  debootstrap --variant=minbase --include=php-cli,libphp-phpmailer,ca-certificates \
+      bookworm "$root" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
+    && tar -C "$root" -c . | docker import - "$DEBIAN_IMAGE" >/dev/null
+  local rc=$?
+  rm -rf "$root"
+  return $rc
+}
+root_pid=""
+if ! have debootstrap || ! have docker; then
+  skip debian-root "debootstrap or docker missing (apt-get install debootstrap docker.io)"
+elif docker image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1 && [ -n "${POSTERN_KEEP_ROOT:-}" ]; then
+  echo "reusing the image $DEBIAN_IMAGE"
+else
+  phase "Debian 12 root (debootstrap, in the background)"
+  make_root &
+  root_pid=$!
+fi
+
 phase "release binary"
 if ! cargo build --release --locked --bin postern >"$WORK/release-build.log" 2>&1; then
   tail -30 "$WORK/release-build.log" >&2
@@ -24,25 +49,14 @@ fi
 phase "systemd unit"
 bash tests/packaging/systemd.sh
 
-phase "Debian 12 root (debootstrap)"
-if ! have debootstrap || ! have docker; then
-  skip debian-root "debootstrap or docker missing (apt-get install debootstrap docker.io)"
-elif docker image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1 && [ -n "${POSTERN_KEEP_ROOT:-}" ]; then
-  echo "reusing the image $DEBIAN_IMAGE"
-else
-  root=$WORK/bookworm-root
-  rm -rf "$root"
-  # php-cli: PHP's mail() through the packaged sendmail; libphp-phpmailer: WordPress's mailer,
-  # for the Docker test's client; ca-certificates: a dependency of the .deb.
-  if debootstrap --variant=minbase --include=php-cli,libphp-phpmailer,ca-certificates \
-      bookworm "$root" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
-     && tar -C "$root" -c . | docker import - "$DEBIAN_IMAGE" >/dev/null; then
+if [ -n "$root_pid" ]; then
+  phase "waiting for the Debian 12 root"
+  if wait "$root_pid"; then
     ok debian-root
   else
     tail -20 "$WORK/debootstrap.log" >&2
     fail debian-root "debootstrap or docker import failed"
   fi
-  rm -rf "$root"
 fi
 
 phase "Debian package"
