@@ -214,11 +214,13 @@ fn json_logs_have_one_object_per_line_with_queue_ids() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut addr = None;
     let mut line = String::new();
+    // In JSON mode the ready lines on stdout are JSON objects too.
     while out.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some(rest) = line.trim().strip_prefix("postern: listening on local ") {
-            addr = rest.parse::<std::net::SocketAddr>().ok();
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("a JSON ready line");
+        if v["event"] == "listening" && v["listener"] == "local" {
+            addr = v["address"].as_str().and_then(|a| a.parse::<std::net::SocketAddr>().ok());
         }
-        if line.trim() == "postern: ready" {
+        if v["event"] == "ready" {
             break;
         }
         line.clear();
