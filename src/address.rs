@@ -257,6 +257,17 @@ impl fmt::Display for ForwardPath {
     }
 }
 
+/// An address as the spool stored it (empty for `<>`), as it must be written on the wire
+/// between angle brackets, in the XOAUTH2 `user=` or in a report: read back through
+/// [`Address::from_spool`] and written in RFC 5321 form. Refused when it cannot be written
+/// safely (text an older version let through).
+pub fn wire_form(stored: &str) -> Result<String, AddressError> {
+    if stored.is_empty() {
+        return Ok(String::new());
+    }
+    Address::from_spool(stored).map(|a| a.to_string())
+}
+
 enum Path {
     Null,
     Postmaster,
@@ -711,6 +722,9 @@ mod tests {
         assert!(Address::from_spool("bob@").is_err());
         assert!(Address::from_spool("a@b\r\nRSET").is_err());
         assert!(Address::from_spool("nodomain").is_err());
+        assert_eq!(wire_form("").unwrap(), "");
+        assert_eq!(wire_form("a b@example.com").unwrap(), "\"a b\"@example.com");
+        assert!(wire_form("a\r\nRSET@example.com").is_err());
     }
 
     fn any_local() -> impl Strategy<Value = String> {

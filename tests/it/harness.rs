@@ -18,6 +18,8 @@ pub struct Postern {
     pub listeners: HashMap<String, SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
+    /// More arguments for `postern serve` (e.g. `--log-format json`).
+    pub serve_args: Vec<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -54,6 +56,11 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
+        Self::start_with(config, &[])
+    }
+
+    /// [`Postern::start`] with more arguments for `postern serve`.
+    pub fn start_with(config: &str, serve_args: &[&str]) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -63,6 +70,7 @@ impl Postern {
             listeners: HashMap::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         p.spawn();
         p
@@ -73,6 +81,7 @@ impl Postern {
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&self.config_path)
+            .args(&self.serve_args)
             .env("POSTERN_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -9,14 +9,16 @@ use crate::harness::*;
 
 const MAILBOX: &str = "scanner@contoso.com";
 
-struct World {
-    entra: FakeEntra,
-    exchange: FakeExchange,
-    postern: Postern,
+pub(crate) struct World {
+    pub(crate) entra: FakeEntra,
+    pub(crate) exchange: FakeExchange,
+    pub(crate) postern: Postern,
     _secret_dir: tempfile::TempDir,
 }
 
-fn world(mailbox_line: &str) -> World {
+/// A fake Entra and Exchange and a postern whose route `m365` (`*@contoso.com`) has
+/// `mailbox_line`.
+pub(crate) fn world(mailbox_line: &str) -> World {
     world_with(
         mailbox_line,
         "auth = \"client_secret\"\nclient_secret_file = \"SECRET_FILE\"",
@@ -76,7 +78,7 @@ account = "contoso"
     }
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f() {
