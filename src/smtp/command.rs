@@ -17,7 +17,7 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
 use zeroize::Zeroizing;
 
 use super::reply::Reply;
-use crate::address::{ForwardPath, ReversePath};
+use crate::address::{AddressError, ForwardPath, ReversePath};
 
 /// RFC 1870: `size-value ::= 1*20DIGIT`. BDAT's chunk size is held to the same bound.
 const MAX_DIGITS: usize = 20;
@@ -177,10 +177,10 @@ pub fn parse(line: &[u8]) -> Command {
     }
 
     if verb.eq_ignore_ascii_case(b"MAIL") {
-        return mail(&line[verb_end..]);
+        return mail(&line[verb_end..]).unwrap_or_else(Command::Invalid);
     }
     if verb.eq_ignore_ascii_case(b"RCPT") {
-        return rcpt(&line[verb_end..]);
+        return rcpt(&line[verb_end..]).unwrap_or_else(Command::Invalid);
     }
     if verb.eq_ignore_ascii_case(b"BDAT") {
         return bdat(&line[verb_end..]);
@@ -249,24 +249,53 @@ fn number(digits: &str) -> Option<u64> {
     Some(u64::try_from(n).unwrap_or(u64::MAX))
 }
 
-const MAIL_SYNTAX: &str = "MAIL FROM:<address> [SIZE=n] [BODY=8BITMIME] [SMTPUTF8]";
-const RCPT_SYNTAX: &str = "RCPT TO:<address>";
+/// `MAIL` or `RCPT` with everything it needs to parse its arguments.
+struct PathCommand<P> {
+    /// `FROM` or `TO`.
+    keyword: &'static str,
+    /// The usage shown on a syntax error.
+    usage: &'static str,
+    /// The path parser (reverse- or forward-path).
+    parse: fn(&str) -> Result<(P, &str), AddressError>,
+    /// The refusal of an address, given what the client sent.
+    refuse: fn(&AddressError, &str) -> Reply,
+    /// The refusal of a line that is not UTF-8.
+    not_utf8: fn() -> Reply,
+}
+
+type Params<'a> = Vec<(&'a str, Option<&'a str>)>;
+
+impl<P> PathCommand<P> {
+    /// `<keyword>:<path> [parameters]` → the path and the parameters.
+    fn split<'a>(&self, rest: &'a [u8]) -> Result<(P, Params<'a>), Reply> {
+        let args = arguments(rest).ok_or_else(self.not_utf8)?;
+        let path = after_keyword(args, self.keyword).ok_or_else(|| Reply::syntax(self.usage))?;
+        let (p, rest) = (self.parse)(path).map_err(|e| (self.refuse)(&e, path))?;
+        let params = parameters(rest).map_err(|()| Reply::syntax(self.usage))?;
+        Ok((p, params))
+    }
+}
+
+const MAIL: PathCommand<ReversePath> = PathCommand {
+    keyword: "FROM",
+    usage: "MAIL FROM:<address> [SIZE=n] [BODY=8BITMIME] [SMTPUTF8]",
+    parse: ReversePath::parse,
+    refuse: Reply::bad_sender,
+    not_utf8: Reply::bad_sender_syntax,
+};
+
+const RCPT: PathCommand<ForwardPath> = PathCommand {
+    keyword: "TO",
+    usage: "RCPT TO:<address>",
+    parse: ForwardPath::parse,
+    refuse: Reply::bad_recipient,
+    not_utf8: Reply::bad_recipient_syntax,
+};
+
 const BDAT_SYNTAX: &str = "BDAT chunk-size [LAST] (chunk-size: 1 to 20 digits)";
 
-fn mail(rest: &[u8]) -> Command {
-    let Some(args) = arguments(rest) else {
-        return Command::Invalid(Reply::bad_sender_syntax());
-    };
-    let Some(path) = after_keyword(args, "FROM") else {
-        return Command::Invalid(Reply::syntax(MAIL_SYNTAX));
-    };
-    let (sender, rest) = match ReversePath::parse(path) {
-        Ok(p) => p,
-        Err(e) => return Command::Invalid(Reply::bad_sender(&e, path)),
-    };
-    let Ok(params) = parameters(rest) else {
-        return Command::Invalid(Reply::syntax(MAIL_SYNTAX));
-    };
+fn mail(rest: &[u8]) -> Result<Command, Reply> {
+    let (sender, params) = MAIL.split(rest)?;
     let mut m = MailFrom {
         sender,
         size: None,
@@ -276,48 +305,31 @@ fn mail(rest: &[u8]) -> Command {
     for (key, value) in params {
         let key = key.to_ascii_uppercase();
         match (key.as_str(), value) {
-            ("SIZE", Some(v)) => match number(v) {
-                Some(n) => m.size = Some(n),
-                None => return Command::Invalid(Reply::bad_size()),
-            },
+            ("SIZE", Some(v)) => m.size = Some(number(v).ok_or_else(Reply::bad_size)?),
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => m.body = Body::EightBitMime,
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => m.body = Body::SevenBit,
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("BINARYMIME") => {
-                return Command::Invalid(Reply::unsupported_parameter("BODY=BINARYMIME"));
+                return Err(Reply::unsupported_parameter("BODY=BINARYMIME"));
             }
             ("SMTPUTF8", None) => m.smtputf8 = true,
             // RFC 4954 §5: clients that saw AUTH may name the submitter; nothing to do with it.
             ("AUTH", Some(v)) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()) => {}
             ("SIZE" | "BODY" | "SMTPUTF8" | "AUTH", _) => {
-                return Command::Invalid(Reply::invalid_parameter(&key));
+                return Err(Reply::invalid_parameter(&key));
             }
             // Not advertised (DSN's RET and ENVID among them): RFC 5321 §4.1.1.11.
-            _ => return Command::Invalid(Reply::unsupported_parameter(&key)),
+            _ => return Err(Reply::unsupported_parameter(&key)),
         }
     }
-    Command::Mail(m)
+    Ok(Command::Mail(m))
 }
 
-fn rcpt(rest: &[u8]) -> Command {
-    let Some(args) = arguments(rest) else {
-        return Command::Invalid(Reply::bad_recipient_syntax());
-    };
-    let Some(path) = after_keyword(args, "TO") else {
-        return Command::Invalid(Reply::syntax(RCPT_SYNTAX));
-    };
-    let (to, rest) = match ForwardPath::parse(path) {
-        Ok(p) => p,
-        Err(e) => return Command::Invalid(Reply::bad_recipient(&e, path)),
-    };
-    match parameters(rest) {
-        Err(()) => Command::Invalid(Reply::syntax(RCPT_SYNTAX)),
-        Ok(params) => match params.first() {
-            None => Command::Rcpt(to),
-            // We advertise no RCPT parameters (no DSN: NOTIFY, ORCPT).
-            Some((key, _)) => {
-                Command::Invalid(Reply::unsupported_parameter(&key.to_ascii_uppercase()))
-            }
-        },
+fn rcpt(rest: &[u8]) -> Result<Command, Reply> {
+    let (to, params) = RCPT.split(rest)?;
+    match params.first() {
+        None => Ok(Command::Rcpt(to)),
+        // We advertise no RCPT parameters (no DSN: NOTIFY, ORCPT).
+        Some((key, _)) => Err(Reply::unsupported_parameter(&key.to_ascii_uppercase())),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use postern::escape::needs_escape;
 
 use crate::harness::*;
-use crate::m365::{wait_until, world};
+use crate::m365::world;
 
 /// Characters that must never be printed raw (a line break ends a line, so it may stay).
 fn raw_controls(text: &str) -> String {
@@ -41,15 +41,7 @@ fn quoted_addresses_reach_exchange_quoted_and_intact_never_as_parameters() {
     expect(&c.reply(), "250 2.0.0");
     c.cmd("QUIT");
 
-    assert!(
-        wait_until(Duration::from_secs(15), || !w
-            .exchange
-            .delivered()
-            .is_empty()),
-        "log:\n{}",
-        w.postern.log_text()
-    );
-    let m = &w.exchange.delivered()[0];
+    let m = &w.first_delivered();
     assert_eq!(m.mailbox, "scanner@contoso.com", "XOAUTH2 user=");
     assert_eq!(m.mail_from, r#""x> RET=HDRS ENVID=evil"@contoso.com"#);
     assert!(
@@ -102,15 +94,7 @@ fn a_version_1_spool_from_before_the_address_type_is_delivered_quoted() {
     std::fs::write(w.postern.path("spool/incoming").join(id), file).unwrap();
     w.postern.spawn();
 
-    assert!(
-        wait_until(Duration::from_secs(15), || !w
-            .exchange
-            .delivered()
-            .is_empty()),
-        "log:\n{}",
-        w.postern.log_text()
-    );
-    let m = &w.exchange.delivered()[0];
+    let m = &w.first_delivered();
     assert_eq!(m.mail_from, r#""a b"@contoso.com"#);
     assert_eq!(
         m.rcpt_to,

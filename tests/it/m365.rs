@@ -16,6 +16,21 @@ pub(crate) struct World {
     _secret_dir: tempfile::TempDir,
 }
 
+impl World {
+    /// The first message the fake Exchange accepted, waiting up to 15 s for it.
+    pub(crate) fn first_delivered(&self) -> crate::fake::exchange::Message {
+        assert!(
+            wait_until(Duration::from_secs(15), || !self
+                .exchange
+                .delivered()
+                .is_empty()),
+            "nothing delivered; log:\n{}",
+            self.postern.log_text()
+        );
+        self.exchange.delivered().swap_remove(0)
+    }
+}
+
 /// A fake Entra and Exchange and a postern whose route `m365` (`*@contoso.com`) has
 /// `mailbox_line`.
 pub(crate) fn world(mailbox_line: &str) -> World {
