@@ -331,32 +331,28 @@ impl Reply {
     /// A reverse-path refused by the address parser; `sent` (what the client wrote) goes to
     /// the log.
     pub fn bad_sender(e: &AddressError, sent: &str) -> Self {
-        Self::bad_address(e, sent, "5.1.7", "sender")
+        Self::bad_address(e, sent, "5.1.7", ["Sender", "sender"])
     }
 
     /// A forward-path refused by the address parser; `sent` goes to the log.
     pub fn bad_recipient(e: &AddressError, sent: &str) -> Self {
-        Self::bad_address(e, sent, "5.1.3", "recipient")
+        Self::bad_address(e, sent, "5.1.3", ["Recipient", "recipient"])
     }
 
-    fn bad_address(e: &AddressError, sent: &str, status: &'static str, what: &str) -> Self {
+    fn bad_address(
+        e: &AddressError,
+        sent: &str,
+        status: &'static str,
+        [what, w]: [&str; 2],
+    ) -> Self {
+        let why = printable(&e.to_string());
+        // RFC 5321: 553 is "mailbox name not allowed", 501 a syntax error.
         let reply = if e.is_unsafe() {
-            // RFC 5321: 553 "mailbox name not allowed".
-            let mut w = what.to_string();
-            w[..1].make_ascii_uppercase();
-            Self::one(
-                553,
-                status,
-                format!("{w} address rejected: {}", printable(&e.to_string())),
-            )
+            Self::one(553, status, format!("{what} address rejected: {why}"))
         } else {
-            Self::one(
-                501,
-                status,
-                format!("Bad {what} address syntax: {}", printable(&e.to_string())),
-            )
+            Self::one(501, status, format!("Bad {w} address syntax: {why}"))
         };
-        reply.with_detail(format!("{what} as sent: {sent}"))
+        reply.with_detail(format!("{w} as sent: {sent}"))
     }
 
     // ---- sequence ----

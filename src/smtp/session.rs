@@ -592,9 +592,11 @@ impl Session {
             ForwardPath::Mailbox(a) => Ok(a),
             // RFC 5321 §4.5.1: <postmaster> must be accepted. postern has no local mailboxes;
             // the mailbox this transaction sends as is the one an admin of this relay reads.
-            ForwardPath::Postmaster => Address::parse(&t.mailbox).map_err(|e| {
-                Reply::bad_recipient(&e, "<postmaster>")
-                    .with_detail(format!("<postmaster> goes to the mailbox {}", t.mailbox))
+            ForwardPath::Postmaster => Address::from_spool(&t.mailbox).map_err(|e| {
+                Reply::bad_recipient(&e, "<postmaster>").with_detail(format!(
+                    "<postmaster> goes to the route's mailbox {}, which cannot be used: {e}",
+                    t.mailbox
+                ))
             }),
         };
         let reply = match &addr {
