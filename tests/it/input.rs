@@ -78,8 +78,8 @@ fn quoted_addresses_reach_exchange_quoted_and_intact_never_as_parameters() {
 #[test]
 fn a_version_1_spool_from_before_the_address_type_is_delivered_quoted() {
     let mut w = world("mailbox = \"scanner@contoso.com\"");
-    w.postern.signal("TERM");
-    assert_eq!(w.postern.wait_exit(Duration::from_secs(20)), Some(0));
+    // Stopped hard: the spool's recovery at the next start picks the file up either way.
+    w.postern.kill9();
     // A queue file as postern wrote it before: the local parts of `"a b"@contoso.com` and
     // `"x> NOTIFY=NEVER"@fabrikam.com` without their quotes.
     let id = "0000000000001ABC";
