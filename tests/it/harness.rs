@@ -18,6 +18,8 @@ pub struct Postern {
     pub listeners: HashMap<String, SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
+    /// The umask the daemon starts with (None: inherited).
+    pub umask: Option<u32>,
 }
 
 pub fn bin() -> &'static str {
@@ -63,6 +65,24 @@ impl Postern {
             listeners: HashMap::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
+            umask: None,
+        };
+        p.spawn();
+        p
+    }
+
+    /// Like `start`, with the daemon's umask set to `umask`.
+    pub fn start_with_umask(config: &str, umask: u32) -> Postern {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("postern.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut p = Postern {
+            dir,
+            child: None,
+            listeners: HashMap::new(),
+            logs: Arc::new(Mutex::new(Vec::new())),
+            config_path,
+            umask: Some(umask),
         };
         p.spawn();
         p
@@ -70,14 +90,23 @@ impl Postern {
 
     /// Start (again) the daemon on the same directory.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(bin())
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--config"])
             .arg(&self.config_path)
             .env("POSTERN_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn postern");
+            .stderr(Stdio::piped());
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn postern");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let logs = self.logs.clone();
