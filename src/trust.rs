@@ -490,14 +490,15 @@ impl Checker {
                 Some(format!("chmod u+rwx {}", d.display())),
             );
         }
-        if self.findings.len() == before && self.same_user {
-            if let Err(e) = access(d, libc::R_OK | libc::W_OK | libc::X_OK) {
-                self.refuse(
-                    d,
-                    format!("{key}: {} cannot write it ({e})", self.user),
-                    None,
-                );
-            }
+        if self.findings.len() == before
+            && self.same_user
+            && let Err(e) = access(d, libc::R_OK | libc::W_OK | libc::X_OK)
+        {
+            self.refuse(
+                d,
+                format!("{key}: {} cannot write it ({e})", self.user),
+                None,
+            );
         }
         if self.findings.len() == before && mode & 0o077 != 0 {
             let problem = if tighten {
@@ -651,12 +652,12 @@ fn state_tree(cfg: &Config) -> Tree<'_> {
 /// Every secret file the configuration names, with what it is.
 fn secret_files(cfg: &Config) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
+    // systemd credentials are not checked: systemd keeps them on a private, unswappable
+    // filesystem and grants the service user read access by ACL, whose mask shows as
+    // group bits.
     let file = |s: &SecretSource| match s {
         SecretSource::File(p) => Some(p.clone()),
-        SecretSource::SystemdCredential(n) => {
-            std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| Path::new(&d).join(n))
-        }
-        SecretSource::Env(_) | SecretSource::Inline(_) => None,
+        SecretSource::SystemdCredential(_) | SecretSource::Env(_) | SecretSource::Inline(_) => None,
     };
     let mut inline = false;
     for a in &cfg.accounts {

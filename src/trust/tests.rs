@@ -194,7 +194,7 @@ fn check_says_when_the_service_user_cannot_use_the_spool() {
     let spool = d.path().join("spool");
     assert!(
         r.iter().any(|f| f.contains("spool_dir does not exist")
-            && f.contains(&format!("install -d -o nobody -g "))
+            && f.contains("install -d -o nobody -g ")
             && f.contains(&format!("-m 0700 {}", spool.display()))),
         "{r:?}"
     );
@@ -205,7 +205,7 @@ fn check_says_when_the_service_user_cannot_use_the_spool() {
     assert!(
         r.iter().any(
             |f| f.contains("owned by root (uid 0), but postern runs as nobody")
-                && f.contains(&format!("chown -R nobody:"))
+                && f.contains("chown -R nobody:")
         ),
         "{r:?}"
     );
