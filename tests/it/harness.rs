@@ -56,23 +56,15 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("postern.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let mut p = Postern {
-            dir,
-            child: None,
-            listeners: HashMap::new(),
-            logs: Arc::new(Mutex::new(Vec::new())),
-            config_path,
-            umask: None,
-        };
-        p.spawn();
-        p
+        Self::start_inner(config, None)
     }
 
     /// Like `start`, with the daemon's umask set to `umask`.
     pub fn start_with_umask(config: &str, umask: u32) -> Postern {
+        Self::start_inner(config, Some(umask))
+    }
+
+    fn start_inner(config: &str, umask: Option<u32>) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -82,7 +74,7 @@ impl Postern {
             listeners: HashMap::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
-            umask: Some(umask),
+            umask,
         };
         p.spawn();
         p
@@ -181,18 +173,7 @@ impl Postern {
     /// Wait for the process to exit after a signal; returns its exit status code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut c, timeout)
     }
 
     pub fn log_text(&self) -> String {
@@ -242,6 +223,22 @@ impl Postern {
 impl Drop for Postern {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Wait for `c` to exit; killed after `timeout` (returns None then).
+pub fn wait_child(c: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

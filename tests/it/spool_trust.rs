@@ -37,18 +37,7 @@ fn run_until_exit(config: &Path, args: &[&str]) -> (Option<i32>, String, String)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn postern");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let code = wait_child(&mut child, Duration::from_secs(20));
     (
         code,
         std::fs::read_to_string(o).unwrap_or_default(),
@@ -118,22 +107,12 @@ fn serve_and_check_refuse_a_spool_others_can_write_and_say_how_to_fix_it() {
 /// the modes of its queue, and the daemon runs.
 #[test]
 fn an_existing_0755_spool_is_set_to_0700() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("spool/incoming")).unwrap();
-    chmod(&dir.path().join("spool"), 0o755);
-    chmod(&dir.path().join("spool/incoming"), 0o755);
-    let cfg = basic_config("", "");
-    std::fs::write(dir.path().join("postern.toml"), &cfg).unwrap();
-    let mut p = Postern {
-        dir,
-        child: None,
-        listeners: Default::default(),
-        logs: Default::default(),
-        config_path: PathBuf::new(),
-        umask: None,
-    };
-    p.config_path = p.path("postern.toml");
-    p.spawn();
+    let mut p = Postern::start(&basic_config("", ""));
+    let (spool, incoming) = (p.path("spool"), p.path("spool/incoming"));
+    restart_after(&mut p, || {
+        chmod(&spool, 0o755);
+        chmod(&incoming, 0o755);
+    });
     assert_eq!(mode(&p.path("spool")), 0o700);
     assert_eq!(mode(&p.path("spool/incoming")), 0o700);
     assert!(
@@ -266,6 +245,21 @@ fn only_control_message_delivered(p: &Postern, forged: &str) {
     assert!(!ids.iter().any(|i| i == forged), "{forged} was delivered");
 }
 
+/// Stop the daemon, let `plant` put something into its spool, start it again.
+fn restart_after(p: &mut Postern, plant: impl FnOnce()) {
+    p.signal("TERM");
+    p.wait_exit(Duration::from_secs(20));
+    plant();
+    p.spawn();
+}
+
+/// Assert that a warning says `path` (`what`, e.g. its owner) was moved to corrupt/.
+#[track_caller]
+fn assert_set_aside(p: &Postern, path: &Path, what: &str) {
+    let needles = ["moved to corrupt/", &path.display().to_string(), what];
+    assert!(wait_log_all(p, &needles), "{what}: {}", p.log_text());
+}
+
 /// Wait for a log line containing all of `needles`.
 fn wait_log_all(p: &Postern, needles: &[&str]) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -300,20 +294,9 @@ fn symlinks_and_fifos_in_the_queue_are_never_delivered() {
     let (code, _, _) = p.cli(&["queue", "retry", "--all"]);
     assert_eq!(code, 0);
     for (path, what) in [(&link, "a symbolic link"), (&fifo, "a FIFO")] {
-        assert!(
-            wait_log_all(
-                &p,
-                &[
-                    "moved to corrupt/",
-                    &path.display().to_string(),
-                    what,
-                    "owner="
-                ]
-            ),
-            "{what}: {}",
-            p.log_text()
-        );
+        assert_set_aside(&p, path, what);
     }
+    assert!(p.log_text().contains("owner="), "{}", p.log_text());
     assert!(p.path("spool/corrupt").join(&id).symlink_metadata().is_ok());
     assert!(
         p.path("spool/corrupt")
@@ -329,23 +312,11 @@ fn symlinks_and_fifos_in_the_queue_are_never_delivered() {
     );
 
     // The same, found at start-up.
-    p.signal("TERM");
-    p.wait_exit(Duration::from_secs(20));
     let link2 = p.path("spool/deferred").join(&id);
-    std::os::unix::fs::symlink(&outside, &link2).unwrap();
-    p.spawn();
-    assert!(
-        wait_log_all(
-            &p,
-            &[
-                "moved to corrupt/",
-                &link2.display().to_string(),
-                "a symbolic link"
-            ]
-        ),
-        "{}",
-        p.log_text()
-    );
+    restart_after(&mut p, || {
+        std::os::unix::fs::symlink(&outside, &link2).unwrap();
+    });
+    assert_set_aside(&p, &link2, "a symbolic link");
     only_control_message_delivered(&p, &id);
 }
 
@@ -366,38 +337,13 @@ fn queue_files_of_another_user_are_never_delivered() {
     std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
     let (code, _, _) = p.cli(&["queue", "retry", "--all"]);
     assert_eq!(code, 0);
-    assert!(
-        wait_log_all(
-            &p,
-            &[
-                "moved to corrupt/",
-                &planted.display().to_string(),
-                "nobody (uid 65534)"
-            ]
-        ),
-        "{}",
-        p.log_text()
-    );
+    assert_set_aside(&p, &planted, "nobody (uid 65534)");
     let moved = p.path("spool/corrupt").join(&id);
     assert_eq!(std::fs::metadata(&moved).unwrap().uid(), 65534);
     // At start-up too.
-    p.signal("TERM");
-    p.wait_exit(Duration::from_secs(20));
     let planted = p.path("spool/deferred").join(&id);
-    std::fs::rename(&moved, &planted).unwrap();
-    p.spawn();
-    assert!(
-        wait_log_all(
-            &p,
-            &[
-                "moved to corrupt/",
-                &planted.display().to_string(),
-                "nobody (uid 65534)"
-            ]
-        ),
-        "{}",
-        p.log_text()
-    );
+    restart_after(&mut p, || std::fs::rename(&moved, &planted).unwrap());
+    assert_set_aside(&p, &planted, "nobody (uid 65534)");
     only_control_message_delivered(&p, &id);
 }
 
