@@ -318,7 +318,7 @@ impl Checker {
                 Ok(m) if m.file_type().is_symlink() || !m.is_dir() => self.refuse(
                     d,
                     format!(
-                        "is {}, where postern keeps a directory of its own (nothing in {} may be a link)",
+                        "is {}, where postern keeps a directory of its own in {} (it must be a real directory)",
                         crate::spool::msgfile::kind(&m.file_type()),
                         t.key
                     ),
