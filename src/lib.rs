@@ -19,6 +19,7 @@
 //! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
+//! - [`trust`]: who may touch postern's files: the start-up checks of `serve` and `check`.
 //! - [`address`]: the envelope address type: parsed once, written back in RFC 5321 form.
 //! - [`escape`]: client and upstream text made safe to print (controls, bidi).
 
@@ -35,4 +36,5 @@ pub mod secret;
 pub mod smtp;
 pub mod spool;
 pub mod token;
+pub mod trust;
 pub mod upstream;
