@@ -21,12 +21,17 @@
 //! - [`secret`]: a wrapper that never prints its contents.
 //! - [`sendmail`]: `postern sendmail` / the `sendmail` command: submits a message from standard
 //!   input to the running daemon over SMTP, with sendmail's options.
+//! - [`trust`]: who may touch postern's files: the start-up checks of `serve` and `check`.
+//! - [`address`]: the envelope address type: parsed once, written back in RFC 5321 form.
+//! - [`escape`]: client and upstream text made safe to print (controls, bidi).
 
+pub mod address;
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod escape;
 pub mod forward;
 pub mod maillog;
 pub mod secret;
@@ -34,4 +39,5 @@ pub mod sendmail;
 pub mod smtp;
 pub mod spool;
 pub mod token;
+pub mod trust;
 pub mod upstream;

@@ -49,7 +49,11 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("postern: {text}");
             }
-            if e.downcast_ref::<ConfigErrors>().is_some() {
+            let untrusted = matches!(
+                e.downcast_ref::<daemon::DaemonError>(),
+                Some(daemon::DaemonError::Untrusted(_))
+            );
+            if e.downcast_ref::<ConfigErrors>().is_some() || untrusted {
                 ExitCode::from(EX_CONFIG)
             } else {
                 ExitCode::from(EX_SOFTWARE)
@@ -135,7 +139,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for w in postern::token::store::expiry_warnings(&certs, horizon) {
                 println!("warning: {w}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(check_files(&cfg))
         }
         Command::Serve { config, .. } => {
             let source = ConfigSource::resolve(config_path(&config, &cli.config).as_deref());
@@ -308,6 +312,29 @@ fn remember_default_dir() {
     }
 }
 
+/// `check`: who may touch the spool, state and secret files (exit 78 on a refusal).
+fn check_files(cfg: &Config) -> ExitCode {
+    let report = postern::trust::check(cfg);
+    println!("files checked for {}, {}", report.user, report.basis);
+    for f in &report.findings {
+        match f.severity {
+            postern::trust::Severity::Warning => println!("warning: {f}"),
+            postern::trust::Severity::Refusal => println!("error: {f}"),
+        }
+    }
+    if !report.refused() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "postern: {}: files and directories are not safe to use; fix with (as root):",
+        cfg.source
+    );
+    for c in postern::trust::fix_commands(&report.findings) {
+        eprintln!("  {c}");
+    }
+    ExitCode::from(EX_CONFIG)
+}
+
 /// A small runtime for one-shot commands that talk to Entra.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -388,19 +415,28 @@ impl ConfigSource {
 }
 
 fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
-    if !cfg.spool_dir.is_dir() {
-        if cfg.source == config::EMBEDDED_SOURCE {
+    match std::fs::read_dir(&cfg.spool_dir) {
+        Ok(_) => {}
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && cfg.source == config::EMBEDDED_SOURCE =>
+        {
             bail!(
                 "spool directory {} does not exist: the embedded default keeps its spool in \
-                 ./postern-data of the directory `postern serve` runs in, and no daemon on it has \
-                 run as this user yet; start one, or pass --config",
+             ./postern-data of the directory `postern serve` runs in, and no daemon on it has \
+             run as this user yet; start one, or pass --config",
                 cfg.spool_dir.display()
-            );
+            )
         }
-        bail!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "spool directory {} does not exist (has postern ever run with this configuration?)",
             cfg.spool_dir.display()
-        );
+        ),
+        Err(e) => bail!(
+            "cannot read the spool directory {}: {e}; run queue commands as root or as the user postern runs as (the owner of {})",
+            cfg.spool_dir.display(),
+            cfg.spool_dir.display()
+        ),
     }
     let spool = Spool::open_shared(&cfg.spool_dir)?;
     let changed = |what: &str| {
@@ -551,9 +587,17 @@ fn init_logging(cli: &Cli) -> bool {
     let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = format == Some(LogFormat::Json);
     postern::daemon::set_json_stdout(json);
+    // Every line passes through the escaping writer: client text can carry control and
+    // bidi characters, and the JSON formatter leaves C1 and bidi characters raw.
+    let ansi = std::io::stderr().is_terminal();
+    let format = if json {
+        postern::escape::LogFormat::Json
+    } else {
+        postern::escape::LogFormat::Human { ansi }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(postern::escape::LogWriter::new(format));
     if json {
         builder
             .json()
@@ -561,7 +605,7 @@ fn init_logging(cli: &Cli) -> bool {
             .with_current_span(false)
             .init();
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        builder.with_ansi(ansi).init();
     }
     json
 }

@@ -218,7 +218,9 @@ fn json_logs_have_one_object_per_line_with_queue_ids() {
     while out.read_line(&mut line).unwrap_or(0) > 0 {
         let v: serde_json::Value = serde_json::from_str(line.trim()).expect("a JSON ready line");
         if v["event"] == "listening" && v["listener"] == "local" {
-            addr = v["address"].as_str().and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+            addr = v["address"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
         }
         if v["event"] == "ready" {
             break;

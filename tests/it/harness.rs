@@ -18,8 +18,11 @@ pub struct Postern {
     pub listeners: HashMap<String, SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
-    /// Extra arguments after `serve --config FILE`, and extra environment variables.
-    pub extra_args: Vec<String>,
+    /// The umask the daemon starts with (None: inherited).
+    pub umask: Option<u32>,
+    /// More arguments for `postern serve` (e.g. `--log-format json`).
+    pub serve_args: Vec<String>,
+    /// More environment variables for the daemon.
     pub envs: Vec<(String, String)>,
     /// What the daemon printed on standard output, line by line.
     pub stdout_lines: Arc<Mutex<Vec<String>>>,
@@ -59,11 +62,30 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
-        Self::start_with(config, &[], &[])
+        Self::start_inner(config, None, &[], &[])
     }
 
-    /// Like [`start`](Self::start), with more `serve` arguments and environment variables.
-    pub fn start_with(config: &str, args: &[&str], envs: &[(&str, &str)]) -> Postern {
+    /// Like `start`, with the daemon's umask set to `umask`.
+    pub fn start_with_umask(config: &str, umask: u32) -> Postern {
+        Self::start_inner(config, Some(umask), &[], &[])
+    }
+
+    /// Like `start`, with more arguments for `postern serve`.
+    pub fn start_with(config: &str, serve_args: &[&str]) -> Postern {
+        Self::start_inner(config, None, serve_args, &[])
+    }
+
+    /// Like `start`, with more arguments and environment variables for `postern serve`.
+    pub fn start_with_env(config: &str, serve_args: &[&str], envs: &[(&str, &str)]) -> Postern {
+        Self::start_inner(config, None, serve_args, envs)
+    }
+
+    fn start_inner(
+        config: &str,
+        umask: Option<u32>,
+        serve_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -73,7 +95,8 @@ impl Postern {
             listeners: HashMap::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            umask,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             envs: envs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -86,16 +109,25 @@ impl Postern {
 
     /// Start (again) the daemon on the same directory.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(bin())
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--config"])
             .arg(&self.config_path)
-            .args(&self.extra_args)
+            .args(&self.serve_args)
             .env("POSTERN_LOG", "info")
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn postern");
+            .stderr(Stdio::piped());
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn postern");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let logs = self.logs.clone();
@@ -181,18 +213,7 @@ impl Postern {
     /// Wait for the process to exit after a signal; returns its exit status code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut c, timeout)
     }
 
     pub fn log_text(&self) -> String {
@@ -242,6 +263,22 @@ impl Postern {
 impl Drop for Postern {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Wait for `c` to exit; killed after `timeout` (returns None then).
+pub fn wait_child(c: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

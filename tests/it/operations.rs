@@ -26,8 +26,13 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn json_log_mode_has_only_json_lines_and_no_rust_debug_text() {
-    let mut p = Postern::start_with(&basic_config("", ""), &["--log-format", "json"], &[]);
-    let r = send_mail(p.addr(), "a@example.com", &["b@example.org"], b"Subject: j\r\n\r\nx");
+    let mut p = Postern::start_with(&basic_config("", ""), &["--log-format", "json"]);
+    let r = send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: j\r\n\r\nx",
+    );
     expect(&r, "250");
     // A refused command, a reload and a stop: every kind of line the daemon prints.
     let mut c = Raw::connect(p.addr());
@@ -44,8 +49,8 @@ fn json_log_mode_has_only_json_lines_and_no_rust_debug_text() {
     let stderr = p.log_text();
     let stdout = p.stdout_lines.lock().unwrap().join("\n");
     for line in stderr.lines().chain(stdout.lines()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         assert!(v.is_object(), "{line}");
         assert!(!line.contains("Some("), "Rust debug text: {line}");
     }
@@ -83,7 +88,10 @@ fn refused_recipients_are_logged_with_their_address() {
     c.cmd("QUIT");
     assert!(p.wait_log("second@example.org", Duration::from_secs(5)));
     let log = p.log_text();
-    let refused: Vec<&str> = log.lines().filter(|l| l.contains("event=\"rejected\"")).collect();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("event=\"rejected\""))
+        .collect();
     assert!(
         refused
             .iter()
@@ -103,7 +111,12 @@ fn queue_commands_are_logged_by_the_daemon() {
     let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#);
     let p = Postern::start(&cfg);
     std::fs::write(p.path("blocked"), b"not a directory").unwrap();
-    let id = queued_id(&send_mail(p.addr(), "a@example.com", &["b@example.org"], b"x"));
+    let id = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"x",
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !p.path("spool/deferred").join(&id).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -168,13 +181,22 @@ fn bad_log_level_is_a_usage_error_and_help_is_per_subcommand() {
     assert!(queue_list.contains("--json") && queue_list.contains("--config"));
     assert!(!queue_list.contains("--log-format"), "{queue_list}");
     let version = help(&["version", "--help"]);
-    assert!(!version.contains("--config") && !version.contains("--log-level"), "{version}");
+    assert!(
+        !version.contains("--config") && !version.contains("--log-level"),
+        "{version}"
+    );
     let serve = help(&["serve", "--help"]);
-    assert!(serve.contains("--config") && serve.contains("--log-format"), "{serve}");
+    assert!(
+        serve.contains("--config") && serve.contains("--log-format"),
+        "{serve}"
+    );
     let hash = help(&["hash-password", "--help"]);
     assert!(!hash.contains("--config"), "{hash}");
     let sendmail = help(&["sendmail", "--help"]);
-    assert!(sendmail.contains("-t") && sendmail.contains("EX_TEMPFAIL"), "{sendmail}");
+    assert!(
+        sendmail.contains("-t") && sendmail.contains("EX_TEMPFAIL"),
+        "{sendmail}"
+    );
     // The top level still takes the global options before the subcommand.
     assert!(help(&["--help"]).contains("Exit codes"));
 }
@@ -192,7 +214,10 @@ fn address_in_use_is_explained_once() {
     .unwrap();
     let (code, _, err) = run(&["serve", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 70, "{err}");
-    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
     assert!(err.contains("ss -ltnp"), "{err}");
     assert_eq!(err.matches("(os error 98)").count(), 1, "{err}");
 }
@@ -201,7 +226,10 @@ fn address_in_use_is_explained_once() {
 fn sigterm_exits_within_the_grace_with_an_account_and_a_stuck_token_request() {
     // A token endpoint that accepts and never answers: the delivery hangs in flight.
     let stuck = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://127.0.0.1:{}/token", stuck.local_addr().unwrap().port());
+    let url = format!(
+        "http://127.0.0.1:{}/token",
+        stuck.local_addr().unwrap().port()
+    );
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = accepted.clone();
     std::thread::spawn(move || {
@@ -235,14 +263,21 @@ token_url = "{url}"
     while !accepted.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst), "no token request");
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        "no token request"
+    );
     let t = Instant::now();
     p.signal("TERM");
     let code = p.wait_exit(Duration::from_secs(15));
     let took = t.elapsed();
     assert_eq!(code, Some(0), "{}", p.log_text());
     // The grace (2 s) plus the final checkpoint; generous for a loaded machine.
-    assert!(took < Duration::from_secs(8), "took {took:?}:\n{}", p.log_text());
+    assert!(
+        took < Duration::from_secs(8),
+        "took {took:?}:\n{}",
+        p.log_text()
+    );
     assert!(p.log_text().contains("postern stopped"));
 }
 
@@ -257,10 +292,14 @@ fn systemd_notify_ready_watchdog_and_stopping() {
             (UnixDatagram::bind_addr(&addr).unwrap(), format!("@{name}"))
         } else {
             let path = dir.path().join("notify.sock");
-            (UnixDatagram::bind(&path).unwrap(), path.display().to_string())
+            (
+                UnixDatagram::bind(&path).unwrap(),
+                path.display().to_string(),
+            )
         };
-        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut p = Postern::start_with(
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut p = Postern::start_with_env(
             &basic_config("", ""),
             &[],
             &[("NOTIFY_SOCKET", &name), ("WATCHDOG_USEC", "200000")],
@@ -275,11 +314,15 @@ fn systemd_notify_ready_watchdog_and_stopping() {
             got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         assert_eq!(got.first().map(String::as_str), Some("READY=1"), "{got:?}");
-        assert!(got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 3, "{got:?}");
+        assert!(
+            got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 3,
+            "{got:?}"
+        );
         p.signal("TERM");
         assert_eq!(p.wait_exit(Duration::from_secs(15)), Some(0));
         let mut rest = Vec::new();
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         while let Ok(n) = sock.recv(&mut buf) {
             rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
@@ -304,7 +347,10 @@ fn health_says_whether_the_daemon_answers() {
     p.wait_exit(Duration::from_secs(15));
     let (code, _, err) = p.cli(&["health"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("unhealthy") && err.contains("no daemon answers"), "{err}");
+    assert!(
+        err.contains("unhealthy") && err.contains("no daemon answers"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -331,7 +377,10 @@ fn queue_commands_find_the_embedded_default_spool_from_any_directory() {
     let out = cli(elsewhere.path(), &["queue", "list"]);
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("embedded default") && err.contains("postern-data"), "{err}");
+    assert!(
+        err.contains("embedded default") && err.contains("postern-data"),
+        "{err}"
+    );
     // `serve` on the embedded default (127.0.0.1:2525; if another test or program holds the
     // port it stops at once, after noting where it runs and creating its spool).
     let mut daemon = Command::new(bin())
@@ -348,9 +397,7 @@ fn queue_commands_find_the_embedded_default_spool_from_any_directory() {
     let stdout = daemon.stdout.take().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut lines = BufReader::new(stdout).lines();
-    while Instant::now() < deadline
-        && !started_in.path().join("postern-data/spool").is_dir()
-    {
+    while Instant::now() < deadline && !started_in.path().join("postern-data/spool").is_dir() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = Command::new("kill")
@@ -394,7 +441,12 @@ fn configuration_from_environment_variables_through_the_binary() {
         }
     }
     let addr = addr.expect("listening line");
-    let r = send_mail(addr, "app@example.com", &["x@example.org"], b"Subject: env\r\n\r\nx");
+    let r = send_mail(
+        addr,
+        "app@example.com",
+        &["x@example.org"],
+        b"Subject: env\r\n\r\nx",
+    );
     expect(&r, "250");
     let id = queued_id(&r);
     let delivered = state.join("delivered").join(format!("{id}.json"));
