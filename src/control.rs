@@ -151,9 +151,10 @@ fn request(path: &Path, line: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    s.write_all(line.as_bytes())?;
-    s.write_all(b"\n")?;
-    s.shutdown(std::net::Shutdown::Write)?;
+    // One write: the daemon answers as soon as it has read the request, and a second write
+    // could then meet a closed socket.
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut answer = String::new();
     s.take(64).read_to_string(&mut answer)?;
     Ok(answer.trim().to_string())
