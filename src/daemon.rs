@@ -75,12 +75,13 @@ fn bind_advice(e: &std::io::Error, addr: &SocketAddr) -> String {
              Postfix, Exim, sendmail). `ss -ltnp 'sport = :{port}'` shows which; stop it, or give \
              this listener another address or port"
         ),
-        Some(libc::EACCES) if port < 1024 => format!(
+        Some(libc::EACCES) if port < 1024 => {
             "; ports below 1024 need root or the CAP_NET_BIND_SERVICE capability: the systemd \
              unit grants it (AmbientCapabilities=CAP_NET_BIND_SERVICE); by hand, \
              `setcap cap_net_bind_service=+ep $(command -v postern)`, or use a port above 1023 \
              such as 2525"
-        ),
+                .into()
+        }
         Some(libc::EADDRNOTAVAIL) => format!(
             "; no network interface of this machine has the address {}: listen on an address \
              that `ip -brief address` shows, or on 0.0.0.0",
@@ -434,10 +435,10 @@ fn sd_notify(state: &str) {
 /// Half the watchdog timeout systemd gave us (WatchdogSec=), if it is meant for this process.
 fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok() {
-        if pid.parse::<u32>().ok() != Some(std::process::id()) {
-            return None;
-        }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
     }
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }

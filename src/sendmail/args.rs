@@ -93,8 +93,7 @@ impl Options {
                 options_done = true;
                 continue;
             }
-            let mut chars = arg[1..].char_indices();
-            while let Some((at, c)) = chars.next() {
+            for (at, c) in arg[1..].char_indices() {
                 if WITH_VALUE.contains(&c) {
                     let rest = &arg[1 + at + c.len_utf8()..];
                     let value = if !rest.is_empty() {
@@ -166,11 +165,7 @@ impl Options {
             // -oi is -i; the other -o options (-oem, -oep, -odb, -om...) only tune how
             // sendmail reports errors or queues, and postern always reports errors on standard
             // error with the exit status, so they are accepted and ignored, as Postfix does.
-            'o' => {
-                if value == "i" {
-                    self.ignore_dots = true;
-                }
-            }
+            'o' if value == "i" => self.ignore_dots = true,
             // -A, -L, -N, -O, -R, -V, -X, -e, -h, -p: accepted and ignored (Postfix ignores
             // most of them too).
             _ => {}

@@ -801,6 +801,32 @@ impl<'a, S: MessageSink> Conn<'a, S> {
     }
 }
 
+/// The argument of a `RCPT TO:` line as the client wrote it (for the log), control characters
+/// replaced and cut at 256 characters; `None` if the line is not a RCPT.
+fn refused_rcpt_address(line: &[u8]) -> Option<String> {
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"RCPT") {
+        return None;
+    }
+    let rest = String::from_utf8_lossy(&line[4..]);
+    let rest = rest.trim_start();
+    let arg = match rest.get(..3) {
+        Some(to) if to.eq_ignore_ascii_case("TO:") => &rest[3..],
+        _ => rest,
+    };
+    let arg = arg.trim();
+    let arg = match arg.find('>') {
+        Some(end) if arg.starts_with('<') => &arg[..=end],
+        _ => arg.split(' ').next().unwrap_or(""),
+    };
+    Some(
+        arg.chars()
+            .take(256)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1711,30 +1737,4 @@ pub(crate) mod tests {
         assert!(sink.committed().is_empty());
         assert_eq!(sink.discarded(), 1);
     }
-}
-
-/// The argument of a `RCPT TO:` line as the client wrote it (for the log), control characters
-/// replaced and cut at 256 characters; `None` if the line is not a RCPT.
-fn refused_rcpt_address(line: &[u8]) -> Option<String> {
-    let verb = line.get(..4)?;
-    if !verb.eq_ignore_ascii_case(b"RCPT") {
-        return None;
-    }
-    let rest = String::from_utf8_lossy(&line[4..]);
-    let rest = rest.trim_start();
-    let arg = match rest.get(..3) {
-        Some(to) if to.eq_ignore_ascii_case("TO:") => &rest[3..],
-        _ => rest,
-    };
-    let arg = arg.trim();
-    let arg = match arg.find('>') {
-        Some(end) if arg.starts_with('<') => &arg[..=end],
-        _ => arg.split(' ').next().unwrap_or(""),
-    };
-    Some(
-        arg.chars()
-            .take(256)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect(),
-    )
 }

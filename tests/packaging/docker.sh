@@ -71,7 +71,7 @@ if WAIT=60 wait_for health; then ok docker-healthy; else
   fail docker-healthy "$(docker inspect -f '{{json .State.Health}}' "$cid") $(dc logs postern | tail -5)"
 fi
 user=$(docker inspect -f '{{.Config.User}}' "$cid")
-uid=$(docker exec "$cid" /usr/bin/postern --version >/dev/null && docker top "$cid" -o uid | tail -1 | tr -d ' ')
+uid=$(docker top "$cid" -o pid,uid | awk 'NR == 2 { print $2 }')
 if [ -n "$user" ] && [ "${user%%:*}" != 0 ] && [ "${user%%:*}" != root ] && [ "$uid" != 0 ]; then
   ok "docker-non-root ($user, uid $uid)"
 else

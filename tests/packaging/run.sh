@@ -21,8 +21,9 @@ make_root() {
   local root=$WORK/bookworm-root
   rm -rf "$root"
   # php-cli: PHP's mail() through the packaged sendmail; libphp-phpmailer: WordPress's mailer,
-  # for the Docker test's client; ca-certificates: a dependency of the .deb.
-  debootstrap --variant=minbase --include=php-cli,libphp-phpmailer,ca-certificates \
+  # for the Docker test's client; ca-certificates and systemd-standalone-sysusers: dependencies of
+  # the .deb (a container has no systemd).
+  debootstrap --variant=minbase --include=php-cli,libphp-phpmailer,ca-certificates,systemd-standalone-sysusers \
       bookworm "$root" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
     && tar -C "$root" -c . | docker import - "$DEBIAN_IMAGE" >/dev/null
   local rc=$?
