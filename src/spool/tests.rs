@@ -151,6 +151,7 @@ async fn recovery_wipes_tmp_requeues_active_and_quarantines_corrupt() {
             requeued: 1,
             quarantined: 2,
             restored: 0,
+            delivered_removed: 0,
         }
     );
     assert_eq!(spool.find(&a), Some(State::Incoming));

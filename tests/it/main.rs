@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod load;
 mod m365;
+mod powercut;
 mod protocol;
 mod secrets;
 mod tls;

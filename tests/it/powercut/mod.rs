@@ -1,0 +1,861 @@
+//! Power-cut safety, tested the way crash-consistency research does it (ALICE, CrashMonkey).
+//!
+//! 1. **Record.** The real binary runs real SMTP traffic under an `LD_PRELOAD` shim
+//!    (tests/powercut/shim.c, built here with `cc`) that logs every file-system operation
+//!    postern makes in its spool, and every `250 ... queued as ID` it sends, in one ordered
+//!    log. The run covers accepting (small messages through the intake journal, > 1 MiB ones
+//!    the POSIX way, several clients at once so group commit batches), checkpoints (every
+//!    300 ms via `POSTERN_TEST_CHECKPOINT_MS`), delivery to the file transport, failed
+//!    deliveries (deferred, envelope appends), recycled queue files (`free/`), `queue delete`,
+//!    a SIGKILL and the next start's recovery, and a clean shutdown.
+//! 2. **Build crash states.** `model.rs` replays the log and builds the states a power cut
+//!    could leave after any operation (the persistence model is described there): for each
+//!    crash point it keeps everything made durable by then and chooses which unsynced
+//!    operations and sectors reached the disk: all of them, none, metadata only, data only,
+//!    an in-order prefix, all but one, only one, and seeded random subsets with torn writes.
+//!    Identical states are explored once.
+//! 3. **Recover and check.** postern starts on each state and delivers to the file transport;
+//!    every message acknowledged before the crash point must be delivered (or have been
+//!    delivered before it) with its bytes intact, nothing else may be delivered but mail a
+//!    client sent, a deleted message stays deleted, postern must start without panicking, and
+//!    `corrupt/` may hold no acknowledged message.
+//!
+//! `POWERCUT_STATES` (default 1100) sets how many states are checked and `POWERCUT_SEED`
+//! the seed; `scripts/powercut` runs a larger exploration.
+
+mod model;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use model::{Fs, Log, MOp};
+
+/// Build the recorder shim into the test's scratch directory.
+fn build_shim() -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("powercut-shim.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/powercut/shim.c");
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "cc failed to build {}", src.display());
+    out
+}
+
+/// The log file, shared with the shim's lock protocol (flock), so the test can write marks
+/// in order and stop every recorded process between two operations.
+struct LogFile {
+    f: std::fs::File,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> LogFile {
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .expect("open log");
+        LogFile { f }
+    }
+
+    fn lock(&self) {
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(self.f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    }
+
+    fn unlock(&self) {
+        // SAFETY: as above.
+        unsafe { libc::flock(self.f.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// Write a mark while holding the lock (the caller holds it).
+    fn mark_locked(&mut self, text: &str) {
+        writeln!(self.f, "M {} test {text}", std::process::id()).expect("write mark");
+    }
+
+    fn mark(&mut self, text: &str) {
+        self.lock();
+        self.mark_locked(text);
+        self.unlock();
+    }
+}
+
+/// A postern process and what it printed.
+struct Daemon {
+    child: Child,
+    addr: Option<SocketAddr>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Start `postern serve`; Err with its output when it does not become ready.
+    fn start(config: &Path, env: &[(&str, &str)]) -> Result<Daemon, String> {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("POSTERN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if l == "postern: ready" => break,
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix("postern: listening on ") {
+                        addr = rest.split(' ').nth(1).and_then(|a| a.parse().ok());
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(50));
+                    return Err(format!(
+                        "postern did not start:\n{}",
+                        stderr.lock().unwrap()
+                    ));
+                }
+            }
+        }
+        Ok(Daemon {
+            child,
+            addr,
+            stderr,
+        })
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn config(spool: &Path, state: &Path, delivered: &Path) -> String {
+    format!(
+        r#"hostname = "relay.test"
+spool_dir = "{}"
+state_dir = "{}"
+
+[delivery]
+retry_initial = "1s"
+retry_max = "2s"
+
+[listener.local]
+address = "127.0.0.1:0"
+allow_networks = ["127.0.0.0/8"]
+max_message_size = "10 MB"
+
+[route.default]
+senders = ["*"]
+transport = "file"
+dir = "{}"
+"#,
+        spool.display(),
+        state.display(),
+        delivered.display()
+    )
+}
+
+/// A message body of about `size` bytes: headers naming `tag`, then lines of varied text
+/// (no line starts with a dot, none is longer than 998 bytes).
+fn body(tag: &str, size: usize) -> Vec<u8> {
+    let mut b = format!("Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n").into_bytes();
+    let mut n: u64 = tag.bytes().fold(7, |a, c| a.wrapping_mul(31).wrapping_add(c as u64));
+    while b.len() < size {
+        n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let line = format!("{tag} line {} {:016x}{:016x}\r\n", b.len(), n, n.rotate_left(17));
+        b.extend_from_slice(line.as_bytes());
+    }
+    b
+}
+
+/// What the recording produced.
+struct Recording {
+    log: Log,
+    /// Client bytes of each acknowledged message.
+    sent: HashMap<String, Vec<u8>>,
+    /// What the file transport delivered in the recording, per id (the reference).
+    reference: HashMap<String, Vec<u8>>,
+}
+
+/// Send messages from several clients at once; returns (queue id, body) of each.
+fn burst(addr: SocketAddr, label: &str, clients: usize, per: usize, sizes: &[usize]) -> Vec<(String, Vec<u8>)> {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    for c in 0..clients {
+        let out = out.clone();
+        let sizes = sizes.to_vec();
+        let label = label.to_string();
+        threads.push(std::thread::spawn(move || {
+            for m in 0..per {
+                let tag = format!("{label}-c{c}-m{m}");
+                let b = body(&tag, sizes[(c + m) % sizes.len()]);
+                let r = send_mail(addr, "dev@example.com", &["rcpt@example.org"], &b);
+                expect(&r, "250 2.0.0");
+                let mut stored = b.clone();
+                stored.extend_from_slice(b"\r\n");
+                out.lock().unwrap().push((queued_id(&r), stored));
+            }
+        }));
+    }
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    Arc::try_unwrap(out).unwrap().into_inner().unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn json_ids(dir: &Path) -> HashSet<String> {
+    delivered_ids(dir).into_iter().collect()
+}
+
+/// Run the traffic under the recorder and resolve the log.
+fn record(base: &Path, shim: &Path) -> Recording {
+    let root = base.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let log_path = base.join("ops.log");
+    let spool = root.join("spool");
+    let delivered = root.join("delivered");
+    let parked = root.join("delivered-1");
+    let cfg = base.join("postern.toml");
+    std::fs::write(&cfg, config(&spool, &base.join("state"), &delivered)).unwrap();
+    let env = [
+        ("LD_PRELOAD", shim.to_str().unwrap()),
+        ("POWERCUT_LOG", log_path.to_str().unwrap()),
+        ("POWERCUT_ROOT", root.to_str().unwrap()),
+        ("POSTERN_TEST_CHECKPOINT_MS", "300"),
+    ];
+    let root_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&root).unwrap());
+    let mut logf = LogFile::open(&log_path);
+    let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
+    let small = [900, 6_000, 30_000, 120_000];
+    let large = [1_300_000];
+
+    // 1. Accept with delivery flowing: journal batches, recycled files, one large message.
+    let mut d = Daemon::start(&cfg, &env).expect("recorded postern starts");
+    let addr = d.addr.unwrap();
+    logf.mark("phase accept");
+    let big = std::thread::spawn(move || burst(addr, "big1", 1, 1, &large));
+    sent.extend(burst(addr, "a", 3, 4, &small));
+    sent.extend(big.join().unwrap());
+    wait_for("first deliveries", Duration::from_secs(30), || json_ids(&delivered).len() >= sent.len());
+    sent.extend(burst(addr, "b", 3, 2, &small)); // written over recycled queue files
+    wait_for("second deliveries", Duration::from_secs(30), || json_ids(&delivered).len() >= sent.len());
+    std::thread::sleep(Duration::from_millis(700)); // a checkpoint retires the done records
+
+    // 2. Delivery fails (the transport's directory is a file): deferred, envelope appends,
+    //    checkpoints that flush queued files.
+    logf.mark("phase blocked");
+    std::fs::rename(&delivered, &parked).unwrap();
+    std::fs::write(&delivered, b"not a directory").unwrap();
+    let big = std::thread::spawn(move || burst(addr, "big2", 1, 1, &large));
+    let blocked = burst(addr, "c", 3, 3, &small);
+    sent.extend(blocked.iter().cloned());
+    sent.extend(big.join().unwrap());
+    let spool2 = spool.clone();
+    wait_for("deferrals", Duration::from_secs(30), || {
+        std::fs::read_dir(spool2.join("deferred")).map(|d| d.count()).unwrap_or(0) >= 4
+    });
+    std::thread::sleep(Duration::from_millis(700));
+
+    // 3. The admin deletes a deferred message.
+    let victim = blocked
+        .iter()
+        .map(|(id, _)| id.clone())
+        .find(|id| spool.join("deferred").join(id).exists())
+        .expect("a deferred message");
+    logf.mark(&format!("delete-start {victim}"));
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["queue", "delete", &victim])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "queue delete: {}", String::from_utf8_lossy(&out.stderr));
+    logf.mark(&format!("delete-end {victim}"));
+
+    // 4. More mail, then SIGKILL before its checkpoint: the journal owes it at the restart.
+    sent.extend(burst(addr, "d", 2, 2, &small));
+    logf.lock();
+    logf.mark_locked("kill");
+    d.kill9();
+    logf.unlock();
+
+    // 5. Recovery, then delivery works again and more mail arrives over recycled files.
+    logf.mark("recovery-start");
+    let mut d = Daemon::start(&cfg, &env).expect("recorded postern restarts");
+    logf.mark("recovery-end");
+    let addr = d.addr.unwrap();
+    std::fs::remove_file(&delivered).unwrap();
+    sent.extend(burst(addr, "e", 2, 3, &small));
+    let want: HashSet<String> = sent.iter().map(|(id, _)| id.clone()).filter(|id| *id != victim).collect();
+    wait_for("every delivery", Duration::from_secs(60), || {
+        let mut got = json_ids(&delivered);
+        got.extend(json_ids(&parked));
+        want.is_subset(&got)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    logf.mark("shutdown");
+    let pid = d.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.alive() {
+        assert!(Instant::now() < deadline, "postern did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+
+    let mut reference = HashMap::new();
+    for dir in [&parked, &delivered] {
+        for id in json_ids(dir) {
+            reference.insert(id.clone(), std::fs::read(dir.join(format!("{id}.eml"))).unwrap());
+        }
+    }
+    for (id, b) in &sent {
+        if let Some(r) = reference.get(id) {
+            assert!(r.ends_with(b) && r.starts_with(b"Received: "), "recording delivered {id} damaged");
+        }
+    }
+    let recs = model::parse(&std::fs::read(&log_path).unwrap());
+    let log = Log::resolve(recs, &root, root_ino, None);
+    // The recorder's self-check: replaying every operation must give what is on disk.
+    let all = log.crash_state(log.ops.len() - 1, &|_, _| true);
+    let diff = model::diff(&all, log.spool_in(&all), &spool);
+    assert!(diff.is_empty(), "the recorded log does not replay to the spool on disk (the shim misses an operation):\n{}", diff.join("\n"));
+    Recording {
+        log,
+        sent: sent.into_iter().collect(),
+        reference,
+    }
+}
+
+/// Which part of postern's life a crash point falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Phase {
+    Accept,
+    Checkpoint,
+    Recycle,
+    Delivery,
+    Delete,
+    Recovery,
+}
+
+/// Classify the op after which the power goes.
+fn phases(rec: &Recording) -> Vec<Option<Phase>> {
+    let log = &rec.log;
+    let mut out = Vec::with_capacity(log.ops.len());
+    // The first start (creating the spool) counts as a recovery of an empty spool.
+    let mut in_recovery = true;
+    let mut deleting = false;
+    for (j, r) in log.recs.iter().enumerate() {
+        if r.op == 'M' {
+            in_recovery = match r.arg.as_str() {
+                "recovery-start" => true,
+                "recovery-end" | "phase accept" => false,
+                _ => in_recovery,
+            };
+            if r.arg.starts_with("delete-start") {
+                deleting = true;
+            }
+            if r.arg.starts_with("delete-end") {
+                deleting = false;
+            }
+        }
+        let p = if r.op == 'A' {
+            Some(Phase::Accept)
+        } else if matches!(log.ops[j], MOp::Nothing) {
+            None
+        } else if in_recovery {
+            Some(Phase::Recovery)
+        } else if deleting && r.comm == "postern" {
+            Some(Phase::Delete)
+        } else if r.comm == "spool-checkpoin" {
+            Some(Phase::Checkpoint)
+        } else if log.paths[j].contains("free/") || log.paths[j].starts_with("free") {
+            Some(Phase::Recycle)
+        } else if r.comm == "spool-commit" || log.paths[j].starts_with("tmp/") || log.paths[j].starts_with("journal/000") {
+            if r.comm == "spool-commit" || !log.paths[j].starts_with("journal/") {
+                Some(Phase::Accept)
+            } else {
+                Some(Phase::Delivery) // a done record
+            }
+        } else {
+            Some(Phase::Delivery)
+        };
+        out.push(p);
+    }
+    out
+}
+
+/// What must hold after recovering from a crash right after op `k`.
+struct Expect {
+    /// Acknowledged by then, not delivered before the crash, not being deleted.
+    must: HashSet<String>,
+    /// Delivered before the crash (resending them is a duplicate, allowed).
+    before: HashSet<String>,
+    /// Deleted by the admin before the crash: must not come back.
+    deleted: HashSet<String>,
+    /// Acknowledged by then.
+    acked: HashSet<String>,
+}
+
+/// What the log says happened outside the spool, by op index.
+enum Event {
+    Acked(String),
+    Delivered(String),
+    Deleting(String),
+    Deleted(String),
+}
+
+fn events(rec: &Recording) -> Vec<(usize, Event)> {
+    let delivered = format!("{}/delivered/", rec.log.spool_abs().trim_end_matches("/spool"));
+    let mut out = Vec::new();
+    for (j, r) in rec.log.recs.iter().enumerate() {
+        let e = match r.op {
+            'A' => Event::Acked(r.arg.clone()),
+            'R' => match r.arg.split_once('\t').and_then(|(_, to)| to.strip_prefix(&delivered)?.strip_suffix(".json")) {
+                Some(id) => Event::Delivered(id.to_string()),
+                None => continue,
+            },
+            'M' => match (r.arg.strip_prefix("delete-start "), r.arg.strip_prefix("delete-end ")) {
+                (Some(id), _) => Event::Deleting(id.to_string()),
+                (_, Some(id)) => Event::Deleted(id.to_string()),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        out.push((j, e));
+    }
+    out
+}
+
+fn expectations(events: &[(usize, Event)], k: usize) -> Expect {
+    let mut acked = HashSet::new();
+    let mut before = HashSet::new();
+    let mut deleting = HashSet::new();
+    let mut deleted = HashSet::new();
+    for (_, e) in events.iter().take_while(|(j, _)| *j <= k) {
+        match e {
+            Event::Acked(id) => acked.insert(id.clone()),
+            Event::Delivered(id) => before.insert(id.clone()),
+            Event::Deleting(id) => deleting.insert(id.clone()),
+            Event::Deleted(id) => deleted.insert(id.clone()),
+        };
+    }
+    let must = acked
+        .iter()
+        .filter(|id| !before.contains(*id) && !deleting.contains(*id))
+        .cloned()
+        .collect();
+    Expect {
+        must,
+        before,
+        deleted,
+        acked,
+    }
+}
+
+/// How a crash state chooses which unsynced operations reached the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Strat {
+    /// Every operation (what SIGKILL leaves).
+    All,
+    /// Only what was made durable.
+    None,
+    /// Directory operations, no data.
+    MetaOnly,
+    /// Directory operations and size changes, no data (files full of zeroes).
+    MetaSize,
+    /// Data, no directory operations.
+    DataOnly,
+    /// Unsynced operations up to and including op `n`, in order.
+    Prefix(usize),
+    /// Everything but op `n`.
+    DropOne(usize),
+    /// Nothing unsynced but op `n`.
+    OnlyOne(usize),
+    /// Each op with probability 1/2; a kept write torn (random sectors) one time in four.
+    Random(u64),
+}
+
+fn mix(a: u64, b: u64, c: u64) -> u64 {
+    let mut x = a ^ b.wrapping_mul(0x9E3779B97F4A7C15) ^ c.wrapping_mul(0xC2B2AE3D27D4EB4F);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ceb9fe1a85ec53);
+    x ^ (x >> 33)
+}
+
+fn keep(log: &Log, s: Strat, j: usize, part: usize) -> bool {
+    let meta = matches!(log.ops[j], MOp::Entry { .. } | MOp::Rename { .. });
+    match s {
+        Strat::All => true,
+        Strat::None => false,
+        Strat::MetaOnly => meta,
+        Strat::MetaSize => meta || matches!(log.ops[j], MOp::Trunc { .. }) || part == 0,
+        Strat::DataOnly => !meta,
+        Strat::Prefix(n) => j <= n,
+        Strat::DropOne(n) => j != n,
+        Strat::OnlyOne(n) => j == n,
+        Strat::Random(seed) => {
+            if mix(seed, j as u64, 0) & 1 == 0 {
+                return false;
+            }
+            if part == 0 || mix(seed, j as u64, 1) % 4 != 0 {
+                return true;
+            }
+            mix(seed, j as u64, part as u64 + 2) & 1 == 0
+        }
+    }
+}
+
+/// A crash state chosen for exploration.
+#[derive(Debug, Clone, Copy)]
+struct Pick {
+    k: usize,
+    strat: Strat,
+    phase: Phase,
+}
+
+fn build(log: &Log, p: &Pick) -> Fs {
+    log.crash_state(p.k, &|j, part| keep(log, p.strat, j, part))
+}
+
+/// Choose up to `quota` distinct crash states per phase (seeded, so runs are reproducible).
+fn choose(rec: &Recording, quotas: &BTreeMap<Phase, usize>, seed: u64) -> (Vec<Pick>, usize) {
+    let log = &rec.log;
+    let ph = phases(rec);
+    let mut points: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
+    for (k, p) in ph.iter().enumerate() {
+        if let Some(p) = p {
+            points.entry(*p).or_default().push(k);
+        }
+    }
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut fs_seen: HashSet<u64> = HashSet::new();
+    let mut picks = Vec::new();
+    let events = events(rec);
+    for (phase, ks) in &mut points {
+        let quota = quotas.get(phase).copied().unwrap_or(0);
+        // a seeded shuffle
+        let mut order: Vec<(u64, usize)> = ks.iter().map(|&k| (mix(seed, k as u64, 99), k)).collect();
+        order.sort();
+        let mut got = 0;
+        let mut pending_at: HashMap<usize, Vec<usize>> = HashMap::new();
+        'rounds: for round in 0..40u64 {
+            let mut progress = false;
+            for &(_, k) in &order {
+                if got >= quota {
+                    break 'rounds;
+                }
+                let pending = pending_at
+                    .entry(k)
+                    .or_insert_with(|| (0..=k).filter(|&j| log.pending(j, k)).collect());
+                let r = mix(seed, k as u64, round);
+                let pick_pending = || pending[(r as usize) % pending.len()];
+                let strat = match round {
+                    0 => Strat::All,
+                    _ if pending.is_empty() => continue,
+                    1 => Strat::None,
+                    2 => Strat::MetaOnly,
+                    3 => Strat::MetaSize,
+                    4 => Strat::DataOnly,
+                    5 | 9 => Strat::Prefix(pick_pending()),
+                    6 | 10 => Strat::DropOne(pick_pending()),
+                    7 | 11 => Strat::OnlyOne(pick_pending()),
+                    _ => Strat::Random(r),
+                };
+                let pick = Pick { k, strat, phase: *phase };
+                let fs = build(log, &pick);
+                let h = fs.hash(log.spool_in(&fs));
+                let e = expectations(&events, k);
+                let mut must: Vec<&String> = e.must.iter().collect();
+                must.sort();
+                let mut eh = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&must, &mut eh);
+                std::hash::Hash::hash(&e.deleted.len(), &mut eh);
+                if seen.insert((h, std::hash::Hasher::finish(&eh))) {
+                    fs_seen.insert(h);
+                    picks.push(pick);
+                    got += 1;
+                    progress = true;
+                }
+            }
+            if !progress && round > 12 {
+                break;
+            }
+        }
+    }
+    (picks, fs_seen.len())
+}
+
+/// Result of recovering one crash state.
+#[derive(Default)]
+struct Outcome {
+    duplicates: usize,
+    restored: usize,
+    quarantined_delivered: usize,
+}
+
+fn ids_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Materialize a crash state, start postern on it, let it deliver, check the invariants.
+fn check(rec: &Recording, pick: &Pick, dir: &Path) -> Result<Outcome, String> {
+    let log = &rec.log;
+    let fs = build(log, pick);
+    let spool = dir.join("spool");
+    let delivered = dir.join("delivered");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    fs.materialize(log.spool_in(&fs), &spool).map_err(|e| format!("materialize: {e}"))?;
+    let cfg = dir.join("postern.toml");
+    std::fs::write(&cfg, config(&spool, &dir.join("state"), &delivered)).unwrap();
+    let e = expectations(&events(rec), pick.k);
+    let mut d = Daemon::start(&cfg, &[])?;
+    let queue = ["incoming", "active", "deferred"];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = json_ids(&delivered);
+        let idle = queue.iter().all(|q| ids_in(&spool.join(q)).is_empty());
+        if idle && e.must.iter().all(|id| got.contains(id)) {
+            break;
+        }
+        if !d.alive() {
+            return Err(format!("postern died:\n{}", d.log()));
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<_> = e.must.iter().filter(|id| !got.contains(*id)).collect();
+            return Err(format!(
+                "acknowledged but not delivered after 30 s: {missing:?}; queue: {:?}\n{}",
+                queue.iter().map(|q| (q, ids_in(&spool.join(q)))).collect::<Vec<_>>(),
+                d.log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    let text = d.log();
+    d.kill9();
+    if text.contains("panicked") {
+        return Err(format!("postern panicked:\n{text}"));
+    }
+    let mut out = Outcome::default();
+    for id in json_ids(&delivered) {
+        let eml = std::fs::read(delivered.join(format!("{id}.eml"))).map_err(|e| e.to_string())?;
+        if !rec.sent.contains_key(&id) {
+            return Err(format!("delivered {id}, which no client was ever told was queued"));
+        }
+        if e.deleted.contains(&id) {
+            return Err(format!("delivered {id}, which `queue delete` had deleted"));
+        }
+        let intact = match rec.reference.get(&id) {
+            Some(r) => eml == *r,
+            None => rec.sent.get(&id).is_some_and(|b| eml.ends_with(b) && eml.starts_with(b"Received: ")),
+        };
+        if !intact {
+            return Err(format!("delivered {id} damaged ({} bytes)", eml.len()));
+        }
+        if e.before.contains(&id) {
+            out.duplicates += 1;
+        }
+    }
+    for name in ids_in(&spool.join("corrupt")) {
+        let id: String = name.chars().take(16).collect();
+        if e.acked.contains(&id) {
+            if e.before.contains(&id) {
+                out.quarantined_delivered += 1;
+            } else {
+                return Err(format!("acknowledged message {id} moved to corrupt/ ({name})"));
+            }
+        }
+    }
+    if let Some(n) = text
+        .lines()
+        .find(|l| l.contains("spool recovered"))
+        .and_then(|l| l.split("restored=").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+    {
+        out.restored = n;
+    }
+    Ok(out)
+}
+
+fn scratch() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { PathBuf::from(env!("CARGO_TARGET_TMPDIR")) };
+    let d = base.join(format!("postern-powercut-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn power_cuts_lose_no_acknowledged_mail() {
+    if !require("cc") {
+        return;
+    }
+    let started = Instant::now();
+    let total: usize = std::env::var("POWERCUT_STATES").ok().and_then(|v| v.parse().ok()).unwrap_or(1100);
+    let seed: u64 = std::env::var("POWERCUT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let workers: usize = std::env::var("POWERCUT_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let shim = build_shim();
+    let base = tempfile::tempdir().unwrap();
+    let rec = record(base.path(), &shim);
+    let recorded = started.elapsed();
+    let share = |n: usize| total * n / 100;
+    let quotas: BTreeMap<Phase, usize> = [
+        (Phase::Accept, share(30)),
+        (Phase::Checkpoint, share(20)),
+        (Phase::Recycle, share(15)),
+        (Phase::Delivery, share(20)),
+        (Phase::Delete, share(3)),
+        (Phase::Recovery, share(12)),
+    ]
+    .into_iter()
+    .collect();
+    let (picks, distinct_fs) = choose(&rec, &quotas, seed);
+    let chosen = started.elapsed();
+    let scratch = scratch();
+    let next = AtomicUsize::new(0);
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let stats: Mutex<BTreeMap<Phase, (usize, usize, usize, usize)>> = Mutex::new(BTreeMap::new());
+    std::thread::scope(|s| {
+        for w in 0..workers {
+            let (rec, picks, next, failures, stats, scratch) = (&rec, &picks, &next, &failures, &stats, &scratch);
+            s.spawn(move || {
+                let dir = scratch.join(format!("w{w}"));
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = picks.get(i) else { break };
+                    match check(rec, p, &dir) {
+                        Ok(o) => {
+                            let mut st = stats.lock().unwrap();
+                            let e = st.entry(p.phase).or_default();
+                            e.0 += 1;
+                            e.1 += o.duplicates;
+                            e.2 += o.restored;
+                            e.3 += o.quarantined_delivered;
+                        }
+                        Err(why) => {
+                            let keep = scratch.join(format!("failed-{i}"));
+                            let _ = std::fs::rename(&dir, &keep);
+                            failures.lock().unwrap().push(format!(
+                                "{:?} crash after op {} ({:?}: {}) with {:?}, kept in {}: {why}",
+                                p.phase,
+                                p.k,
+                                rec.log.recs[p.k].op,
+                                rec.log.paths[p.k],
+                                p.strat,
+                                keep.display()
+                            ));
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    let stats = stats.into_inner().unwrap();
+    eprintln!(
+        "powercut: {} ops recorded in {:.1}s, {} crash states chosen ({} distinct spools) in {:.1}s, explored in {:.1}s",
+        rec.log.ops.len(),
+        recorded.as_secs_f64(),
+        picks.len(),
+        distinct_fs,
+        (chosen - recorded).as_secs_f64(),
+        (started.elapsed() - chosen).as_secs_f64()
+    );
+    for (p, (n, dups, restored, q)) in &stats {
+        eprintln!("powercut: {p:?}: {n} states passed, {dups} resends of mail delivered before the cut, {restored} queue files restored from the journal, {q} delivered messages' leftovers quarantined");
+    }
+    if failures.is_empty() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    } else {
+        // Keep the recording, with a readable listing of the log, for the post-mortem.
+        let kept = base.keep();
+        let mut txt = String::new();
+        for (j, (r, op)) in rec.log.recs.iter().zip(&rec.log.ops).enumerate() {
+            let op = match op {
+                MOp::Write { node, off, len, data } => format!("Write node {node} {off}+{len}{}", if data.is_none() { " zeroes" } else { "" }),
+                other => format!("{other:?}"),
+            };
+            txt.push_str(&format!(
+                "{j} {} {} {} ino={} {} | {op} | durable at {} (source {})\n",
+                r.op, r.pid, r.comm, r.ino, r.arg, rec.log.durable_at[j] as i64, rec.log.src_durable_at[j] as i64
+            ));
+        }
+        std::fs::write(kept.join("ops.txt"), txt).unwrap();
+        std::fs::write(scratch.join("failures.txt"), failures.join("\n")).unwrap();
+        eprintln!("powercut: failing states in {}, the recording in {}", scratch.display(), kept.display());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} crash states failed:\n{}",
+        failures.len(),
+        picks.len(),
+        failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(picks.len() >= total * 9 / 10, "only {} distinct crash states found", picks.len());
+}
