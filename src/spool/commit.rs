@@ -21,9 +21,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
+use super::durable::Moves;
 use super::journal::Journal;
 use super::recycle::{FREE_DIR, FreeFiles};
-use super::durable::Moves;
 use super::{SpoolError, State, durable};
 
 /// How long a journal segment takes records before it is sealed and checkpointed.
@@ -311,7 +311,9 @@ fn checkpointer(ctx: &Ctx, rx: mpsc::Receiver<usize>) {
     let mut sealed: VecDeque<usize> = VecDeque::new();
     loop {
         let wait = if sealed.is_empty() {
-            Duration::from_secs(1).min(age / 2).max(Duration::from_millis(10))
+            Duration::from_secs(1)
+                .min(age / 2)
+                .max(Duration::from_millis(10))
         } else {
             Duration::from_millis(50)
         };

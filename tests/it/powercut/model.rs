@@ -79,7 +79,10 @@ pub fn parse(raw: &[u8]) -> Vec<Rec> {
             len: 0,
             data: None,
         };
-        let num = |s: &str| -> u64 { s.parse().unwrap_or_else(|_| panic!("bad number {s:?} in {line:?}")) };
+        let num = |s: &str| -> u64 {
+            s.parse()
+                .unwrap_or_else(|_| panic!("bad number {s:?} in {line:?}"))
+        };
         match op {
             'A' | 'M' => r.arg = rest,
             'Y' => {}
@@ -202,7 +205,7 @@ impl FileData {
         if len < self.size {
             let first_gone = len.div_ceil(PAGE);
             self.pages.retain(|&p, _| p < first_gone);
-            if len % PAGE != 0
+            if !len.is_multiple_of(PAGE)
                 && let Some(page) = self.pages.get_mut(&(len / PAGE))
             {
                 page[(len % PAGE) as usize..].fill(0);
@@ -368,7 +371,12 @@ impl Log {
     /// state then: `root` empty, or the files of a crash state being recovered).
     /// `root_ino` is the inode of `root` when the log began. Only `<root>/spool` is modelled;
     /// everything else under `root` is the upstream's and shows up as records only.
-    pub fn resolve(recs: Vec<Rec>, root: &Path, root_ino: u64, initial_spool: Option<&Path>) -> Log {
+    pub fn resolve(
+        recs: Vec<Rec>,
+        root: &Path,
+        root_ino: u64,
+        initial_spool: Option<&Path>,
+    ) -> Log {
         let root_abs = root.to_string_lossy().into_owned();
         let spool_abs = format!("{root_abs}/spool");
         let mut fs = Fs::default();
@@ -384,7 +392,10 @@ impl Log {
             inos.insert(std::fs::metadata(sp).unwrap().ino(), node);
             fs.dirs.insert(node, BTreeMap::new());
             fs.load(node, sp, &mut next, &mut inos);
-            fs.dirs.get_mut(&root_node).unwrap().insert("spool".into(), node);
+            fs.dirs
+                .get_mut(&root_node)
+                .unwrap()
+                .insert("spool".into(), node);
         }
         let initial = fs.clone();
         // Live namespace while resolving: absolute path -> node.
@@ -398,9 +409,14 @@ impl Log {
             let (d, n) = p.rsplit_once('/').unwrap();
             (d.to_string(), n.to_string())
         };
-        let rel = |p: &str| p.strip_prefix(&format!("{spool_abs}/")).unwrap_or("").to_string();
+        let rel = |p: &str| {
+            p.strip_prefix(&format!("{spool_abs}/"))
+                .unwrap_or("")
+                .to_string()
+        };
         // Inodes outside the model (the upstream's files) map to None.
-        let mut ino_node: HashMap<u64, Option<usize>> = inos.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let mut ino_node: HashMap<u64, Option<usize>> =
+            inos.into_iter().map(|(k, v)| (k, Some(v))).collect();
         let mut node_path: HashMap<usize, String> = HashMap::new();
         for (p, &n) in &names {
             node_path.insert(n, p.clone());
@@ -412,7 +428,9 @@ impl Log {
             let fd_node = |ino: u64| -> Option<usize> {
                 match ino_node.get(&ino) {
                     Some(n) => *n,
-                    None => panic!("the shim saw an operation on inode {ino} that it never saw created or opened: {r:?}"),
+                    None => panic!(
+                        "the shim saw an operation on inode {ino} that it never saw created or opened: {r:?}"
+                    ),
                 }
             };
             let (op, path) = match r.op {
@@ -428,7 +446,14 @@ impl Log {
                         if r.op == 'D' {
                             dir_nodes.insert(node);
                         }
-                        (MOp::Entry { dir, name: n, target: Some(node) }, rel(&r.arg))
+                        (
+                            MOp::Entry {
+                                dir,
+                                name: n,
+                                target: Some(node),
+                            },
+                            rel(&r.arg),
+                        )
                     } else {
                         ino_node.insert(r.ino, None);
                         (MOp::Nothing, String::new())
@@ -436,7 +461,12 @@ impl Log {
                 }
                 'W' | 'Z' => match fd_node(r.ino) {
                     Some(node) => (
-                        MOp::Write { node, off: r.off, len: r.len, data: r.data.clone() },
+                        MOp::Write {
+                            node,
+                            off: r.off,
+                            len: r.len,
+                            data: r.data.clone(),
+                        },
                         rel(node_path.get(&node).map(String::as_str).unwrap_or("")),
                     ),
                     None => (MOp::Nothing, String::new()),
@@ -453,7 +483,10 @@ impl Log {
                     None => (MOp::Nothing, String::new()),
                 },
                 'F' => match fd_node(r.ino) {
-                    Some(node) => (MOp::Barrier(node), rel(node_path.get(&node).map(String::as_str).unwrap_or(""))),
+                    Some(node) => (
+                        MOp::Barrier(node),
+                        rel(node_path.get(&node).map(String::as_str).unwrap_or("")),
+                    ),
                     None => (MOp::Nothing, String::new()),
                 },
                 'Y' => (MOp::SyncAll, String::new()),
@@ -462,7 +495,14 @@ impl Log {
                         let (d, n) = split(&r.arg);
                         let node = names.remove(&r.arg);
                         let _ = node;
-                        (MOp::Entry { dir: names[&d], name: n, target: None }, rel(&r.arg))
+                        (
+                            MOp::Entry {
+                                dir: names[&d],
+                                name: n,
+                                target: None,
+                            },
+                            rel(&r.arg),
+                        )
                     } else {
                         (MOp::Nothing, String::new())
                     }
@@ -493,13 +533,31 @@ impl Log {
                             names.insert(to.to_string(), node);
                             node_path.insert(node, to.to_string());
                             if r.op == 'R' {
-                                (MOp::Rename { sdir, sname: sn, ddir, dname: dn, node }, format!("{} -> {}", rel(from), rel(to)))
+                                (
+                                    MOp::Rename {
+                                        sdir,
+                                        sname: sn,
+                                        ddir,
+                                        dname: dn,
+                                        node,
+                                    },
+                                    format!("{} -> {}", rel(from), rel(to)),
+                                )
                             } else {
-                                (MOp::Entry { dir: ddir, name: dn, target: Some(node) }, rel(to))
+                                (
+                                    MOp::Entry {
+                                        dir: ddir,
+                                        name: dn,
+                                        target: Some(node),
+                                    },
+                                    rel(to),
+                                )
                             }
                         }
                         (false, false) => (MOp::Nothing, String::new()),
-                        _ => panic!("a rename into or out of the spool is outside the model: {r:?}"),
+                        _ => {
+                            panic!("a rename into or out of the spool is outside the model: {r:?}")
+                        }
                     }
                 }
                 _ => (MOp::Nothing, String::new()),
@@ -514,7 +572,13 @@ impl Log {
         let mut next_barrier: HashMap<usize, usize> = HashMap::new();
         let mut next_all = usize::MAX;
         for j in (0..n).rev() {
-            let nb = |node: usize| next_barrier.get(&node).copied().unwrap_or(usize::MAX).min(next_all);
+            let nb = |node: usize| {
+                next_barrier
+                    .get(&node)
+                    .copied()
+                    .unwrap_or(usize::MAX)
+                    .min(next_all)
+            };
             match &ops[j] {
                 MOp::Barrier(node) => {
                     next_barrier.insert(*node, j);
@@ -561,7 +625,12 @@ impl Log {
             let forced = self.durable_at[j] <= k;
             match &self.ops[j] {
                 MOp::Nothing | MOp::Barrier(_) | MOp::SyncAll => {}
-                MOp::Write { node, off, len, data } => {
+                MOp::Write {
+                    node,
+                    off,
+                    len,
+                    data,
+                } => {
                     let f = fs.files.entry(*node).or_default();
                     if forced {
                         f.write(*off, data.as_deref(), *len);
@@ -575,7 +644,9 @@ impl Log {
                     while pos < end {
                         let n = (SECTOR - pos % SECTOR).min(end - pos);
                         if keep(j, piece) {
-                            let d = data.as_ref().map(|d| &d[(pos - off) as usize..(pos - off + n) as usize]);
+                            let d = data
+                                .as_ref()
+                                .map(|d| &d[(pos - off) as usize..(pos - off + n) as usize]);
                             f.write(pos, d, n);
                         }
                         pos += n;
@@ -608,7 +679,13 @@ impl Log {
                         }
                     }
                 }
-                MOp::Rename { sdir, sname, ddir, dname, node } => {
+                MOp::Rename {
+                    sdir,
+                    sname,
+                    ddir,
+                    dname,
+                    node,
+                } => {
                     let whole = keep(j, 0);
                     if whole || self.src_durable_at[j] <= k {
                         let d = fs.dirs.entry(*sdir).or_default();
@@ -617,7 +694,10 @@ impl Log {
                         }
                     }
                     if whole || forced {
-                        fs.dirs.entry(*ddir).or_default().insert(dname.clone(), *node);
+                        fs.dirs
+                            .entry(*ddir)
+                            .or_default()
+                            .insert(dname.clone(), *node);
                     }
                 }
             }
@@ -644,7 +724,10 @@ impl Log {
 
     /// Is op `j` still not durable at crash point `k`?
     pub fn pending(&self, j: usize, k: usize) -> bool {
-        j <= k && self.parts(j) > 0 && (self.durable_at[j] > k || matches!(self.ops[j], MOp::Rename { .. } if self.src_durable_at[j] > k))
+        j <= k
+            && self.parts(j) > 0
+            && (self.durable_at[j] > k
+                || matches!(self.ops[j], MOp::Rename { .. } if self.src_durable_at[j] > k))
     }
 }
 
@@ -655,7 +738,14 @@ pub fn diff(fs: &Fs, dir: Option<usize>, real: &Path) -> Vec<String> {
     let mut model: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     if let Some(d) = dir {
         for (p, node, is_dir) in fs.walk(d) {
-            model.insert(p, if is_dir { None } else { Some(fs.files.get(&node).map(|f| f.bytes()).unwrap_or_default()) });
+            model.insert(
+                p,
+                if is_dir {
+                    None
+                } else {
+                    Some(fs.files.get(&node).map(|f| f.bytes()).unwrap_or_default())
+                },
+            );
         }
     }
     let mut disk: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
