@@ -6,6 +6,11 @@
 //! (perf, bench/). The pool is small and bounded, lives only in memory, and `free/` is wiped
 //! at start-up: a file there holds nothing anybody is owed.
 //!
+//! A pooled file is written over only if it is still the plain file we put there: opened
+//! without following a symlink, a regular file of ours with no second link. Anything else
+//! (someone swapped in a symlink or a hard link to a file outside the spool) is unlinked and
+//! never written.
+//!
 //! The move into `free/` is not flushed, so after a power cut the delivered message's old
 //! name may come back, and it names the same inode that a new message was written over: a
 //! mix of the new message's sectors and the old one's tail that would be delivered as the old
@@ -24,11 +29,13 @@
 //! [`Spool::remove_delivered`]: super::Spool::remove_delivered
 
 use std::collections::VecDeque;
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use tracing::warn;
 
 use super::durable;
 
@@ -47,16 +54,32 @@ struct Pool {
 /// The pool of emptied queue files.
 pub(super) struct FreeFiles {
     dir: PathBuf,
+    /// The uid every pooled file must belong to (the service user).
+    owner: u32,
     pool: Mutex<Pool>,
 }
 
 impl FreeFiles {
-    /// An empty pool over `<spool_root>/free`.
-    pub(super) fn new(spool_root: &Path) -> Self {
+    /// An empty pool over `<spool_root>/free` of files owned by `owner`.
+    pub(super) fn new(spool_root: &Path, owner: u32) -> Self {
         Self {
             dir: spool_root.join(FREE_DIR),
+            owner,
             pool: Mutex::new(Pool::default()),
         }
+    }
+
+    /// Open a pooled file for writing if it is still the plain file of ours we put there.
+    fn open_pooled(&self, p: &Path) -> io::Result<File> {
+        let f = durable::open_existing(p, true)?;
+        let m = f.metadata()?;
+        if !m.file_type().is_file() || m.uid() != self.owner || m.nlink() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "not the plain file postern put there",
+            ));
+        }
+        Ok(f)
     }
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -109,9 +132,14 @@ impl FreeFiles {
         };
         if let Some(name) = reused {
             let p = self.dir.join(&name);
-            let ok = OpenOptions::new()
-                .write(true)
-                .open(&p)
+            let opened = self.open_pooled(&p);
+            if let Err(e) = &opened
+                && (e.raw_os_error() == Some(libc::ELOOP)
+                    || e.kind() == io::ErrorKind::PermissionDenied)
+            {
+                warn!(path = %p.display(), error = %e, "recycled queue file was replaced (a symlink, a hard link or another user's file); removed, not written");
+            }
+            let ok = opened
                 .and_then(|f| {
                     f.write_all_at(bytes, 0)?;
                     f.set_len(bytes.len() as u64)
