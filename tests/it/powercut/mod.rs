@@ -743,6 +743,7 @@ fn choose(rec: &Recording, quotas: &BTreeMap<Phase, usize>, seed: u64) -> (Vec<P
 struct Outcome {
     duplicates: usize,
     restored: usize,
+    delivered_removed: usize,
     quarantined_delivered: usize,
 }
 
@@ -835,15 +836,16 @@ fn check(rec: &Recording, pick: &Pick, dir: &Path) -> Result<Outcome, String> {
             }
         }
     }
-    if let Some(n) = text
-        .lines()
-        .find(|l| l.contains("spool recovered"))
-        .and_then(|l| l.split("restored=").nth(1))
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-    {
-        out.restored = n;
-    }
+    let recovered = |key: &str| -> usize {
+        text.lines()
+            .find(|l| l.contains("spool recovered"))
+            .and_then(|l| l.split(&format!(" {key}=")).nth(1))
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    out.restored = recovered("restored");
+    out.delivered_removed = recovered("delivered_removed");
     Ok(out)
 }
 
@@ -904,7 +906,7 @@ fn power_cuts_lose_no_acknowledged_mail() {
     let scratch = scratch();
     let next = AtomicUsize::new(0);
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let stats: Mutex<BTreeMap<Phase, (usize, usize, usize, usize)>> = Mutex::new(BTreeMap::new());
+    let stats: Mutex<BTreeMap<Phase, [usize; 5]>> = Mutex::new(BTreeMap::new());
     std::thread::scope(|s| {
         for w in 0..workers {
             let (rec, picks, next, failures, stats, scratch) =
@@ -918,10 +920,15 @@ fn power_cuts_lose_no_acknowledged_mail() {
                         Ok(o) => {
                             let mut st = stats.lock().unwrap();
                             let e = st.entry(p.phase).or_default();
-                            e.0 += 1;
-                            e.1 += o.duplicates;
-                            e.2 += o.restored;
-                            e.3 += o.quarantined_delivered;
+                            for (slot, n) in e.iter_mut().zip([
+                                1,
+                                o.duplicates,
+                                o.restored,
+                                o.delivered_removed,
+                                o.quarantined_delivered,
+                            ]) {
+                                *slot += n;
+                            }
                         }
                         Err(why) => {
                             let keep = scratch.join(format!("failed-{i}"));
@@ -953,9 +960,9 @@ fn power_cuts_lose_no_acknowledged_mail() {
         (chosen - recorded).as_secs_f64(),
         (started.elapsed() - chosen).as_secs_f64()
     );
-    for (p, (n, dups, restored, q)) in &stats {
+    for (p, [n, dups, restored, removed, q]) in &stats {
         eprintln!(
-            "powercut: {p:?}: {n} states passed, {dups} resends of mail delivered before the cut, {restored} queue files restored from the journal, {q} delivered messages' leftovers quarantined"
+            "powercut: {p:?}: {n} states passed; {dups} resends of mail delivered before the cut, {restored} queue files restored from the journal, {removed} delivered messages' files removed, {q} quarantined"
         );
     }
     if failures.is_empty() {
