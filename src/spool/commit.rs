@@ -257,7 +257,9 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
     }
 }
 
-/// Materialize a journaled message and wake the forwarder; false (logged) if that failed.
+/// Put a journaled message's queue file into `incoming/` (no flush: the journal holds it) and
+/// wake the forwarder; false (logged) if that failed. A pooled file older than `ticket` may
+/// be written over (see recycle.rs).
 fn make_visible(
     ctx: &Ctx,
     tmp: &Path,
@@ -266,7 +268,20 @@ fn make_visible(
     payload: &Payload,
     ticket: u64,
 ) -> bool {
-    match materialize(ctx, tmp, incoming, id, payload, ticket) {
+    let (from, to) = (tmp.join(id), incoming.join(id));
+    let r = {
+        let _g = ctx.moves.read();
+        match payload {
+            Payload::Memory(bytes) => ctx
+                .free
+                .write_as(bytes, &from, &to, ticket)
+                .map_err(|e| SpoolError::io("write", &to, e)),
+            Payload::File { .. } => {
+                durable::rename_unsynced(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
+            }
+        }
+    };
+    match r {
         Ok(()) => {
             if let Some(j) = &ctx.journal {
                 j.materialized(id);
@@ -277,29 +292,6 @@ fn make_visible(
         Err(e) => {
             error!(id = %id, error = %e, "cannot write the queue file of an accepted message; it is safe in the journal, retrying");
             false
-        }
-    }
-}
-
-/// Put a journaled message's queue file into `incoming/` (no flush: the journal holds it).
-fn materialize(
-    ctx: &Ctx,
-    tmp: &Path,
-    incoming: &Path,
-    id: &str,
-    payload: &Payload,
-    ticket: u64,
-) -> Result<(), SpoolError> {
-    let from = tmp.join(id);
-    let to = incoming.join(id);
-    let _g = ctx.moves.read();
-    match payload {
-        Payload::Memory(bytes) => ctx
-            .free
-            .write_as(bytes, &from, &to, ticket)
-            .map_err(|e| SpoolError::io("write", &to, e)),
-        Payload::File { .. } => {
-            durable::rename_unsynced(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
         }
     }
 }

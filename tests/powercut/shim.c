@@ -388,44 +388,29 @@ static void look_for_ack(int fd, const void *buf, size_t n) {
     }
 }
 
-ssize_t write(int fd, const void *buf, size_t n) {
-    if (!in_shim && fd_ino(fd)) {
-        in_shim = 1;
-        lock();
-        unsigned long long ino = fd_ino(fd);
-        int fl = fcntl(fd, F_GETFL);
-        off_t off = (fl >= 0 && (fl & O_APPEND)) ? lseek(fd, 0, SEEK_END) : lseek(fd, 0, SEEK_CUR);
-        ssize_t r = real_write(fd, buf, n);
-        int saved = errno;
-        if (r > 0 && ino)
-            record_write(ino, (long long)off, buf, (size_t)r);
-        unlock();
-        in_shim = 0;
-        errno = saved;
-        return r;
-    }
-    look_for_ack(fd, buf, n);
-    return real_write(fd, buf, n);
+/* Where a write(2) or writev(2) on fd lands. */
+static long long cur_off(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    return (long long)((fl >= 0 && (fl & O_APPEND)) ? lseek(fd, 0, SEEK_END) : lseek(fd, 0, SEEK_CUR));
 }
 
-static ssize_t do_pwrite(int fd, const void *buf, size_t n, off_t off, int is64) {
-    if (!in_shim && fd_ino(fd)) {
-        in_shim = 1;
-        lock();
-        unsigned long long ino = fd_ino(fd);
-        ssize_t r = is64 ? real_pwrite64(fd, buf, n, off) : real_pwrite(fd, buf, n, off);
-        int saved = errno;
-        if (r > 0 && ino)
-            record_write(ino, (long long)off, buf, (size_t)r);
-        unlock();
-        in_shim = 0;
-        errno = saved;
-        return r;
+/* A write of any kind to a tracked fd: run `call` under the lock, then `rec` (which sees
+ * ino, off and r) if it wrote anything, and return its result. */
+#define TRACKED_WRITE(fd, offset, call, rec)    \
+    if (!in_shim && fd_ino(fd)) {                \
+        in_shim = 1;                             \
+        lock();                                  \
+        unsigned long long ino = fd_ino(fd);     \
+        long long off = (offset);                \
+        ssize_t r = call;                        \
+        int saved = errno;                       \
+        if (r > 0 && ino)                        \
+            rec;                                 \
+        unlock();                                \
+        in_shim = 0;                             \
+        errno = saved;                           \
+        return r;                                \
     }
-    return is64 ? real_pwrite64(fd, buf, n, off) : real_pwrite(fd, buf, n, off);
-}
-ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) { return do_pwrite(fd, buf, n, off, 0); }
-ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) { return do_pwrite(fd, buf, n, off, 1); }
 
 /* Vectored writes: logged as one write record per iovec, in order. */
 static void record_iov(unsigned long long ino, long long off, const struct iovec *iov, int cnt, ssize_t r) {
@@ -439,45 +424,38 @@ static void record_iov(unsigned long long ino, long long off, const struct iovec
     }
 }
 
+ssize_t write(int fd, const void *buf, size_t n) {
+    TRACKED_WRITE(fd, cur_off(fd), real_write(fd, buf, n), record_write(ino, off, buf, (size_t)r))
+    look_for_ack(fd, buf, n);
+    return real_write(fd, buf, n);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t o) {
+    TRACKED_WRITE(fd, o, real_pwrite(fd, buf, n, o), record_write(ino, off, buf, (size_t)r))
+    return real_pwrite(fd, buf, n, o);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t n, off_t o) {
+    TRACKED_WRITE(fd, o, real_pwrite64(fd, buf, n, o), record_write(ino, off, buf, (size_t)r))
+    return real_pwrite64(fd, buf, n, o);
+}
+
 ssize_t writev(int fd, const struct iovec *iov, int cnt) {
-    if (!in_shim && fd_ino(fd)) {
-        in_shim = 1;
-        lock();
-        unsigned long long ino = fd_ino(fd);
-        int fl = fcntl(fd, F_GETFL);
-        off_t off = (fl >= 0 && (fl & O_APPEND)) ? lseek(fd, 0, SEEK_END) : lseek(fd, 0, SEEK_CUR);
-        ssize_t r = real_writev(fd, iov, cnt);
-        int saved = errno;
-        if (r > 0 && ino)
-            record_iov(ino, (long long)off, iov, cnt, r);
-        unlock();
-        in_shim = 0;
-        errno = saved;
-        return r;
-    }
+    TRACKED_WRITE(fd, cur_off(fd), real_writev(fd, iov, cnt), record_iov(ino, off, iov, cnt, r))
     for (int i = 0; i < cnt && !in_shim; i++)
         look_for_ack(fd, iov[i].iov_base, iov[i].iov_len);
     return real_writev(fd, iov, cnt);
 }
 
-static ssize_t do_pwritev(int fd, const struct iovec *iov, int cnt, off_t off, int is64) {
-    if (!in_shim && fd_ino(fd)) {
-        in_shim = 1;
-        lock();
-        unsigned long long ino = fd_ino(fd);
-        ssize_t r = is64 ? real_pwritev64(fd, iov, cnt, off) : real_pwritev(fd, iov, cnt, off);
-        int saved = errno;
-        if (r > 0 && ino)
-            record_iov(ino, (long long)off, iov, cnt, r);
-        unlock();
-        in_shim = 0;
-        errno = saved;
-        return r;
-    }
-    return is64 ? real_pwritev64(fd, iov, cnt, off) : real_pwritev(fd, iov, cnt, off);
+ssize_t pwritev(int fd, const struct iovec *iov, int cnt, off_t o) {
+    TRACKED_WRITE(fd, o, real_pwritev(fd, iov, cnt, o), record_iov(ino, off, iov, cnt, r))
+    return real_pwritev(fd, iov, cnt, o);
 }
-ssize_t pwritev(int fd, const struct iovec *iov, int cnt, off_t off) { return do_pwritev(fd, iov, cnt, off, 0); }
-ssize_t pwritev64(int fd, const struct iovec *iov, int cnt, off_t off) { return do_pwritev(fd, iov, cnt, off, 1); }
+
+ssize_t pwritev64(int fd, const struct iovec *iov, int cnt, off_t o) {
+    TRACKED_WRITE(fd, o, real_pwritev64(fd, iov, cnt, o), record_iov(ino, off, iov, cnt, r))
+    return real_pwritev64(fd, iov, cnt, o);
+}
 
 ssize_t send(int fd, const void *buf, size_t n, int flags) {
     look_for_ack(fd, buf, n);
