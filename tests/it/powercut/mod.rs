@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use model::{Fs, Log, MOp};
+use model::{Fs, Log, MOp, Snapshot};
 
 /// Build the recorder shim into the test's scratch directory.
 fn build_shim() -> PathBuf {
@@ -295,7 +295,7 @@ fn record(base: &Path, shim: &Path) -> Recording {
         ("POWERCUT_ROOT", root.to_str().unwrap()),
         ("POSTERN_TEST_CHECKPOINT_MS", "300"),
     ];
-    let root_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&root).unwrap());
+    let snap = Snapshot::take(&root);
     let mut logf = LogFile::open(&log_path);
     let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
     let small = [900, 6_000, 30_000, 120_000];
@@ -415,7 +415,7 @@ fn record(base: &Path, shim: &Path) -> Recording {
         }
     }
     let recs = model::parse(&std::fs::read(&log_path).unwrap());
-    let log = Log::resolve(recs, &root, root_ino, None);
+    let log = Log::resolve(recs, &root, snap);
     // The recorder's self-check: replaying every operation must give what is on disk.
     let all = log.crash_state(log.ops.len() - 1, &|_, _| true);
     let diff = model::diff(&all, log.spool_in(&all), &spool);
@@ -468,6 +468,8 @@ enum Phase {
     Delivery,
     Delete,
     Recovery,
+    /// A power cut while postern recovers from a power cut.
+    RecoveryOfRecovery,
 }
 
 /// Classify the op after which the power goes.
@@ -521,6 +523,7 @@ fn phases(rec: &Recording) -> Vec<Option<Phase>> {
 }
 
 /// What must hold after recovering from a crash right after op `k`.
+#[derive(Clone)]
 struct Expect {
     /// Acknowledged by then, not delivered before the crash, not being deleted.
     must: HashSet<String>,
@@ -540,13 +543,10 @@ enum Event {
     Deleted(String),
 }
 
-fn events(rec: &Recording) -> Vec<(usize, Event)> {
-    let delivered = format!(
-        "{}/delivered/",
-        rec.log.spool_abs().trim_end_matches("/spool")
-    );
+fn events(log: &Log) -> Vec<(usize, Event)> {
+    let delivered = format!("{}/delivered/", log.spool_abs().trim_end_matches("/spool"));
     let mut out = Vec::new();
-    for (j, r) in rec.log.recs.iter().enumerate() {
+    for (j, r) in log.recs.iter().enumerate() {
         let e = match r.op {
             'A' => Event::Acked(r.arg.clone()),
             'R' => match r
@@ -661,81 +661,94 @@ struct Pick {
     phase: Phase,
 }
 
-fn build(log: &Log, p: &Pick) -> Fs {
-    log.crash_state(p.k, &|j, part| keep(log, p.strat, j, part))
+fn build(log: &Log, k: usize, strat: Strat) -> Fs {
+    log.crash_state(k, &|j, part| keep(log, strat, j, part))
 }
 
-/// Choose up to `quota` distinct crash states per phase (seeded, so runs are reproducible).
+/// Choose up to `quota` distinct crash states among the crash points `ks` of `log`
+/// (seeded, so runs are reproducible). `expect` gives what must hold after a crash at k;
+/// `seen` holds (spool, expectation) hashes already taken; `spools` the distinct spools.
+fn sample(
+    log: &Log,
+    ks: &[usize],
+    quota: usize,
+    seed: u64,
+    expect: &dyn Fn(usize) -> Expect,
+    seen: &mut HashSet<(u64, u64)>,
+    spools: &mut HashSet<u64>,
+) -> Vec<(usize, Strat)> {
+    // a seeded shuffle
+    let mut order: Vec<(u64, usize)> = ks.iter().map(|&k| (mix(seed, k as u64, 99), k)).collect();
+    order.sort();
+    let mut out = Vec::new();
+    let mut pending_at: HashMap<usize, Vec<usize>> = HashMap::new();
+    'rounds: for round in 0..40u64 {
+        let mut progress = false;
+        for &(_, k) in &order {
+            if out.len() >= quota {
+                break 'rounds;
+            }
+            let pending = pending_at
+                .entry(k)
+                .or_insert_with(|| (0..=k).filter(|&j| log.pending(j, k)).collect());
+            let r = mix(seed, k as u64, round);
+            let pick_pending = || pending[(r as usize) % pending.len()];
+            let strat = match round {
+                0 => Strat::All,
+                _ if pending.is_empty() => continue,
+                1 => Strat::None,
+                2 => Strat::MetaOnly,
+                3 => Strat::MetaSize,
+                4 => Strat::DataOnly,
+                5 | 9 => Strat::Prefix(pick_pending()),
+                6 | 10 => Strat::DropOne(pick_pending()),
+                7 | 11 => Strat::OnlyOne(pick_pending()),
+                _ => Strat::Random(r),
+            };
+            let fs = build(log, k, strat);
+            let h = fs.hash(log.spool_in(&fs));
+            let e = expect(k);
+            let mut must: Vec<&String> = e.must.iter().collect();
+            must.sort();
+            let mut eh = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&must, &mut eh);
+            std::hash::Hash::hash(&e.deleted.len(), &mut eh);
+            if seen.insert((h, std::hash::Hasher::finish(&eh))) {
+                spools.insert(h);
+                out.push((k, strat));
+                progress = true;
+            }
+        }
+        if !progress && round > 12 {
+            break;
+        }
+    }
+    out
+}
+
+/// Choose up to `quota` distinct crash states per phase of the recording.
 fn choose(rec: &Recording, quotas: &BTreeMap<Phase, usize>, seed: u64) -> (Vec<Pick>, usize) {
-    let log = &rec.log;
-    let ph = phases(rec);
     let mut points: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
-    for (k, p) in ph.iter().enumerate() {
+    for (k, p) in phases(rec).iter().enumerate() {
         if let Some(p) = p {
             points.entry(*p).or_default().push(k);
         }
     }
-    let mut seen: HashSet<(u64, u64)> = HashSet::new();
-    let mut fs_seen: HashSet<u64> = HashSet::new();
+    let (mut seen, mut spools) = (HashSet::new(), HashSet::new());
+    let events = events(&rec.log);
+    let expect = |k: usize| expectations(&events, k);
     let mut picks = Vec::new();
-    let events = events(rec);
-    for (phase, ks) in &mut points {
+    for (phase, ks) in &points {
         let quota = quotas.get(phase).copied().unwrap_or(0);
-        // a seeded shuffle
-        let mut order: Vec<(u64, usize)> =
-            ks.iter().map(|&k| (mix(seed, k as u64, 99), k)).collect();
-        order.sort();
-        let mut got = 0;
-        let mut pending_at: HashMap<usize, Vec<usize>> = HashMap::new();
-        'rounds: for round in 0..40u64 {
-            let mut progress = false;
-            for &(_, k) in &order {
-                if got >= quota {
-                    break 'rounds;
-                }
-                let pending = pending_at
-                    .entry(k)
-                    .or_insert_with(|| (0..=k).filter(|&j| log.pending(j, k)).collect());
-                let r = mix(seed, k as u64, round);
-                let pick_pending = || pending[(r as usize) % pending.len()];
-                let strat = match round {
-                    0 => Strat::All,
-                    _ if pending.is_empty() => continue,
-                    1 => Strat::None,
-                    2 => Strat::MetaOnly,
-                    3 => Strat::MetaSize,
-                    4 => Strat::DataOnly,
-                    5 | 9 => Strat::Prefix(pick_pending()),
-                    6 | 10 => Strat::DropOne(pick_pending()),
-                    7 | 11 => Strat::OnlyOne(pick_pending()),
-                    _ => Strat::Random(r),
-                };
-                let pick = Pick {
-                    k,
-                    strat,
-                    phase: *phase,
-                };
-                let fs = build(log, &pick);
-                let h = fs.hash(log.spool_in(&fs));
-                let e = expectations(&events, k);
-                let mut must: Vec<&String> = e.must.iter().collect();
-                must.sort();
-                let mut eh = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&must, &mut eh);
-                std::hash::Hash::hash(&e.deleted.len(), &mut eh);
-                if seen.insert((h, std::hash::Hasher::finish(&eh))) {
-                    fs_seen.insert(h);
-                    picks.push(pick);
-                    got += 1;
-                    progress = true;
-                }
-            }
-            if !progress && round > 12 {
-                break;
-            }
+        for (k, strat) in sample(&rec.log, ks, quota, seed, &expect, &mut seen, &mut spools) {
+            picks.push(Pick {
+                k,
+                strat,
+                phase: *phase,
+            });
         }
     }
-    (picks, fs_seen.len())
+    (picks, spools.len())
 }
 
 /// Result of recovering one crash state.
@@ -756,20 +769,45 @@ fn ids_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Materialize a crash state, start postern on it, let it deliver, check the invariants.
-fn check(rec: &Recording, pick: &Pick, dir: &Path) -> Result<Outcome, String> {
-    let log = &rec.log;
-    let fs = build(log, pick);
+/// Where a recorded recovery keeps its log, and the shim that writes it.
+struct Recorder<'a> {
+    shim: &'a Path,
+    log: PathBuf,
+}
+
+/// Materialize the crash state `fs` of `log` in `dir`, start postern on it, let it deliver,
+/// check the invariants `e`. With a recorder, postern runs under the shim (recording into
+/// `dir`'s own log) and the snapshot of `dir` it started from is returned.
+fn check(
+    rec: &Recording,
+    log: &Log,
+    fs: &Fs,
+    e: &Expect,
+    dir: &Path,
+    recorder: Option<&Recorder>,
+) -> Result<(Outcome, Option<Snapshot>), String> {
     let spool = dir.join("spool");
     let delivered = dir.join("delivered");
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    fs.materialize(log.spool_in(&fs), &spool)
+    fs.materialize(log.spool_in(fs), &spool)
         .map_err(|e| format!("materialize: {e}"))?;
-    let cfg = dir.join("postern.toml");
+    let cfg = dir.parent().unwrap().join(format!(
+        "{}.toml",
+        dir.file_name().unwrap().to_string_lossy()
+    ));
     std::fs::write(&cfg, config(&spool, &dir.join("state"), &delivered)).unwrap();
-    let e = expectations(&events(rec), pick.k);
-    let mut d = Daemon::start(&cfg, &[])?;
+    let snap = recorder.map(|_| Snapshot::take(dir));
+    let env: Vec<(&str, String)> = match recorder {
+        Some(r) => vec![
+            ("LD_PRELOAD", r.shim.display().to_string()),
+            ("POWERCUT_LOG", r.log.display().to_string()),
+            ("POWERCUT_ROOT", dir.display().to_string()),
+        ],
+        None => Vec::new(),
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = Daemon::start(&cfg, &env)?;
     let queue = ["incoming", "active", "deferred"];
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -795,6 +833,13 @@ fn check(rec: &Recording, pick: &Pick, dir: &Path) -> Result<Outcome, String> {
         std::thread::sleep(Duration::from_millis(15));
     }
     let text = d.log();
+    if let Some(r) = recorder {
+        // No operation cut between the call and its record.
+        let logf = LogFile::open(&r.log);
+        logf.lock();
+        d.kill9();
+        logf.unlock();
+    }
     d.kill9();
     if text.contains("panicked") {
         return Err(format!("postern panicked:\n{text}"));
@@ -846,7 +891,7 @@ fn check(rec: &Recording, pick: &Pick, dir: &Path) -> Result<Outcome, String> {
     };
     out.restored = recovered("restored");
     out.delivered_removed = recovered("delivered_removed");
-    Ok(out)
+    Ok((out, snap))
 }
 
 fn scratch() -> PathBuf {
@@ -862,24 +907,129 @@ fn scratch() -> PathBuf {
     d
 }
 
+/// One crash state to recover from.
+struct Job<'a> {
+    phase: Phase,
+    log: &'a Log,
+    k: usize,
+    strat: Strat,
+    e: Expect,
+}
+
+/// Per phase: states passed, resends, files restored, delivered files removed, quarantined.
+type Stats = BTreeMap<Phase, [usize; 5]>;
+
+/// Recover from every job's crash state, `workers` at a time; returns the failures.
+fn explore(
+    rec: &Recording,
+    jobs: &[Job],
+    workers: usize,
+    scratch: &Path,
+    stats: &Mutex<Stats>,
+) -> Vec<String> {
+    let next = AtomicUsize::new(0);
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for w in 0..workers {
+            let (next, failures) = (&next, &failures);
+            s.spawn(move || {
+                let dir = scratch.join(format!("w{w}"));
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let fs = build(job.log, job.k, job.strat);
+                    match check(rec, job.log, &fs, &job.e, &dir, None) {
+                        Ok((o, _)) => {
+                            let mut st = stats.lock().unwrap();
+                            let e = st.entry(job.phase).or_default();
+                            let add = [
+                                1,
+                                o.duplicates,
+                                o.restored,
+                                o.delivered_removed,
+                                o.quarantined_delivered,
+                            ];
+                            for (slot, n) in e.iter_mut().zip(add) {
+                                *slot += n;
+                            }
+                        }
+                        Err(why) => {
+                            let keep = scratch.join(format!("failed-{:?}-{i}", job.phase));
+                            let _ = std::fs::rename(&dir, &keep);
+                            failures.lock().unwrap().push(format!(
+                                "{:?} crash after op {} ({:?}: {}) with {:?}, kept in {}: {why}",
+                                job.phase,
+                                job.k,
+                                job.log.recs[job.k].op,
+                                job.log.paths[job.k],
+                                job.strat,
+                                keep.display()
+                            ));
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
+/// Recover from `bases` crash states under the recorder, so that the recoveries themselves
+/// can be cut. Returns each recovery's log with what had to hold for its base state.
+fn record_recoveries(
+    rec: &Recording,
+    shim: &Path,
+    bases: &[&Job],
+    scratch: &Path,
+) -> Vec<(Log, Expect)> {
+    let mut out = Vec::new();
+    for (b, job) in bases.iter().enumerate() {
+        let dir = scratch.join(format!("nested-{b}"));
+        let r = Recorder {
+            shim,
+            log: scratch.join(format!("nested-{b}.log")),
+        };
+        let fs = build(job.log, job.k, job.strat);
+        let (_, snap) = check(rec, job.log, &fs, &job.e, &dir, Some(&r)).unwrap_or_else(|why| {
+            panic!(
+                "recorded recovery of {:?} after op {}: {why}",
+                job.strat, job.k
+            )
+        });
+        let log = Log::resolve(
+            model::parse(&std::fs::read(&r.log).unwrap()),
+            &dir,
+            snap.unwrap(),
+        );
+        let all = log.crash_state(log.ops.len() - 1, &|_, _| true);
+        let diff = model::diff(&all, log.spool_in(&all), &dir.join("spool"));
+        assert!(
+            diff.is_empty(),
+            "recorded recovery does not replay:\n{}",
+            diff.join("\n")
+        );
+        out.push((log, job.e.clone()));
+    }
+    out
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[test]
 fn power_cuts_lose_no_acknowledged_mail() {
     if !require("cc") {
         return;
     }
     let started = Instant::now();
-    let total: usize = std::env::var("POWERCUT_STATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1100);
-    let seed: u64 = std::env::var("POWERCUT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let workers: usize = std::env::var("POWERCUT_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let total = env_num("POWERCUT_STATES", 1100) as usize;
+    let seed = env_num("POWERCUT_SEED", 1);
+    let workers = env_num("POWERCUT_JOBS", 2) as usize;
     let shim = build_shim();
     let base = tempfile::tempdir().unwrap();
     let rec = record(base.path(), &shim);
@@ -892,72 +1042,91 @@ fn power_cuts_lose_no_acknowledged_mail() {
     );
     let share = |n: usize| total * n / 100;
     let quotas: BTreeMap<Phase, usize> = [
-        (Phase::Accept, share(30)),
-        (Phase::Checkpoint, share(20)),
-        (Phase::Recycle, share(15)),
-        (Phase::Delivery, share(20)),
+        (Phase::Accept, share(28)),
+        (Phase::Checkpoint, share(18)),
+        (Phase::Recycle, share(14)),
+        (Phase::Delivery, share(18)),
         (Phase::Delete, share(3)),
-        (Phase::Recovery, share(12)),
+        (Phase::Recovery, share(10)),
     ]
     .into_iter()
     .collect();
     let (picks, distinct_fs) = choose(&rec, &quotas, seed);
+    let main_events = events(&rec.log);
+    let jobs: Vec<Job> = picks
+        .iter()
+        .map(|p| Job {
+            phase: p.phase,
+            log: &rec.log,
+            k: p.k,
+            strat: p.strat,
+            e: expectations(&main_events, p.k),
+        })
+        .collect();
     let chosen = started.elapsed();
     let scratch = scratch();
-    let next = AtomicUsize::new(0);
-    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let stats: Mutex<BTreeMap<Phase, [usize; 5]>> = Mutex::new(BTreeMap::new());
-    std::thread::scope(|s| {
-        for w in 0..workers {
-            let (rec, picks, next, failures, stats, scratch) =
-                (&rec, &picks, &next, &failures, &stats, &scratch);
-            s.spawn(move || {
-                let dir = scratch.join(format!("w{w}"));
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(p) = picks.get(i) else { break };
-                    match check(rec, p, &dir) {
-                        Ok(o) => {
-                            let mut st = stats.lock().unwrap();
-                            let e = st.entry(p.phase).or_default();
-                            for (slot, n) in e.iter_mut().zip([
-                                1,
-                                o.duplicates,
-                                o.restored,
-                                o.delivered_removed,
-                                o.quarantined_delivered,
-                            ]) {
-                                *slot += n;
-                            }
-                        }
-                        Err(why) => {
-                            let keep = scratch.join(format!("failed-{i}"));
-                            let _ = std::fs::rename(&dir, &keep);
-                            failures.lock().unwrap().push(format!(
-                                "{:?} crash after op {} ({:?}: {}) with {:?}, kept in {}: {why}",
-                                p.phase,
-                                p.k,
-                                rec.log.recs[p.k].op,
-                                rec.log.paths[p.k],
-                                p.strat,
-                                keep.display()
-                            ));
-                        }
-                    }
-                    let _ = std::fs::remove_dir_all(&dir);
+    let stats = Mutex::new(Stats::new());
+    let mut failures = explore(&rec, &jobs, workers, &scratch, &stats);
+
+    // Power cuts during recovery: record the recovery of a few crash states that had
+    // something to repair, and cut it too.
+    let mut bases: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| {
+            j.strat != Strat::All
+                && matches!(
+                    j.phase,
+                    Phase::Accept | Phase::Checkpoint | Phase::Recycle | Phase::Delivery
+                )
+        })
+        .collect();
+    bases.sort_by_key(|j| mix(seed, j.k as u64, 7));
+    bases.truncate(8);
+    let nested = if failures.is_empty() {
+        record_recoveries(&rec, &shim, &bases, &scratch)
+    } else {
+        Vec::new()
+    };
+    let per_base = share(9) / bases.len().max(1);
+    let (mut seen, mut spools) = (HashSet::new(), HashSet::new());
+    let mut nested_jobs = Vec::new();
+    for (log, e0) in &nested {
+        let nested_events = events(log);
+        let expect = |k: usize| {
+            let mut e = e0.clone();
+            for (_, ev) in nested_events.iter().take_while(|(j, _)| *j <= k) {
+                if let Event::Delivered(id) = ev {
+                    e.must.remove(id.as_str());
+                    e.before.insert(id.clone());
                 }
+            }
+            e
+        };
+        let ks: Vec<usize> = (0..log.ops.len())
+            .filter(|&k| !matches!(log.ops[k], MOp::Nothing))
+            .collect();
+        for (k, strat) in sample(log, &ks, per_base, seed, &expect, &mut seen, &mut spools) {
+            nested_jobs.push(Job {
+                phase: Phase::RecoveryOfRecovery,
+                log,
+                k,
+                strat,
+                e: expect(k),
             });
         }
-    });
-    let failures = failures.into_inner().unwrap();
+    }
+    failures.extend(explore(&rec, &nested_jobs, workers, &scratch, &stats));
+
     let stats = stats.into_inner().unwrap();
     eprintln!(
-        "powercut: {} ops recorded in {:.1}s, {} crash states chosen ({} distinct spools) in {:.1}s, explored in {:.1}s",
+        "powercut: {} ops recorded in {:.1}s, {} crash states chosen ({} distinct spools) in {:.1}s, {} more during {} recorded recoveries; explored in {:.1}s",
         rec.log.ops.len(),
         recorded.as_secs_f64(),
         picks.len(),
         distinct_fs,
         (chosen - recorded).as_secs_f64(),
+        nested_jobs.len(),
+        nested.len(),
         (started.elapsed() - chosen).as_secs_f64()
     );
     for (p, [n, dups, restored, removed, q]) in &stats {
@@ -965,6 +1134,7 @@ fn power_cuts_lose_no_acknowledged_mail() {
             "powercut: {p:?}: {n} states passed; {dups} resends of mail delivered before the cut, {restored} queue files restored from the journal, {removed} delivered messages' files removed, {q} quarantined"
         );
     }
+    let explored = jobs.len() + nested_jobs.len();
     if failures.is_empty() {
         let _ = std::fs::remove_dir_all(&scratch);
     } else {
@@ -1007,7 +1177,7 @@ fn power_cuts_lose_no_acknowledged_mail() {
         failures.is_empty(),
         "{} of {} crash states failed:\n{}",
         failures.len(),
-        picks.len(),
+        explored,
         failures
             .iter()
             .take(20)
@@ -1016,8 +1186,7 @@ fn power_cuts_lose_no_acknowledged_mail() {
             .join("\n")
     );
     assert!(
-        picks.len() >= total * 9 / 10,
-        "only {} distinct crash states found",
-        picks.len()
+        explored >= total * 9 / 10,
+        "only {explored} distinct crash states found"
     );
 }

@@ -366,37 +366,45 @@ impl Fs {
     }
 }
 
-impl Log {
-    /// Resolve `recs` against a file system that held, at the start, the tree at `root` (its
-    /// state then: `root` empty, or the files of a crash state being recovered).
-    /// `root_ino` is the inode of `root` when the log began. Only `<root>/spool` is modelled;
-    /// everything else under `root` is the upstream's and shows up as records only.
-    pub fn resolve(
-        recs: Vec<Rec>,
-        root: &Path,
-        root_ino: u64,
-        initial_spool: Option<&Path>,
-    ) -> Log {
-        let root_abs = root.to_string_lossy().into_owned();
-        let spool_abs = format!("{root_abs}/spool");
+/// The file system under a root directory before a recorded run: `root` itself and, if it
+/// exists, `root/spool` with everything in it (taken as durable).
+pub struct Snapshot {
+    fs: Fs,
+    next: usize,
+    inos: HashMap<u64, usize>,
+}
+
+impl Snapshot {
+    /// Read `root` now, before the run that the log will record starts.
+    pub fn take(root: &Path) -> Snapshot {
+        use std::os::unix::fs::MetadataExt;
         let mut fs = Fs::default();
         let mut next = 1usize;
-        let root_node = 0usize;
-        fs.dirs.insert(root_node, BTreeMap::new());
+        fs.dirs.insert(0, BTreeMap::new());
         let mut inos: HashMap<u64, usize> = HashMap::new();
-        inos.insert(root_ino, root_node);
-        if let Some(sp) = initial_spool {
-            use std::os::unix::fs::MetadataExt;
+        inos.insert(std::fs::metadata(root).unwrap().ino(), 0);
+        let sp = root.join("spool");
+        if sp.is_dir() {
             let node = next;
             next += 1;
-            inos.insert(std::fs::metadata(sp).unwrap().ino(), node);
+            inos.insert(std::fs::metadata(&sp).unwrap().ino(), node);
             fs.dirs.insert(node, BTreeMap::new());
-            fs.load(node, sp, &mut next, &mut inos);
-            fs.dirs
-                .get_mut(&root_node)
-                .unwrap()
-                .insert("spool".into(), node);
+            fs.load(node, &sp, &mut next, &mut inos);
+            fs.dirs.get_mut(&0).unwrap().insert("spool".into(), node);
         }
+        Snapshot { fs, next, inos }
+    }
+}
+
+impl Log {
+    /// Resolve `recs`, recorded under `root`, against the file system `snap` saw before the
+    /// run. Only `<root>/spool` is modelled; everything else under `root` is the upstream's
+    /// and shows up as records only.
+    pub fn resolve(recs: Vec<Rec>, root: &Path, snap: Snapshot) -> Log {
+        let root_abs = root.to_string_lossy().into_owned();
+        let spool_abs = format!("{root_abs}/spool");
+        let Snapshot { fs, mut next, inos } = snap;
+        let root_node = 0usize;
         let initial = fs.clone();
         // Live namespace while resolving: absolute path -> node.
         let mut names: HashMap<String, usize> = HashMap::new();
