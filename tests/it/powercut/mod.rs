@@ -726,8 +726,14 @@ fn sample(
     out
 }
 
-/// Choose up to `quota` distinct crash states per phase of the recording.
-fn choose(rec: &Recording, quotas: &BTreeMap<Phase, usize>, seed: u64) -> (Vec<Pick>, usize) {
+/// Choose `total` distinct crash states of the recording, shared among the phases by
+/// `weights`; what a phase with too few crash points leaves goes to the later ones.
+fn choose(
+    rec: &Recording,
+    weights: &[(Phase, usize)],
+    total: usize,
+    seed: u64,
+) -> (Vec<Pick>, usize) {
     let mut points: BTreeMap<Phase, Vec<usize>> = BTreeMap::new();
     for (k, p) in phases(rec).iter().enumerate() {
         if let Some(p) = p {
@@ -738,8 +744,11 @@ fn choose(rec: &Recording, quotas: &BTreeMap<Phase, usize>, seed: u64) -> (Vec<P
     let events = events(&rec.log);
     let expect = |k: usize| expectations(&events, k);
     let mut picks = Vec::new();
-    for (phase, ks) in &points {
-        let quota = quotas.get(phase).copied().unwrap_or(0);
+    let mut weight_left: usize = weights.iter().map(|(_, w)| w).sum();
+    for (phase, w) in weights {
+        let quota = (total - picks.len()) * w / weight_left.max(1);
+        weight_left -= w;
+        let ks = points.get(phase).map(Vec::as_slice).unwrap_or_default();
         for (k, strat) in sample(&rec.log, ks, quota, seed, &expect, &mut seen, &mut spools) {
             picks.push(Pick {
                 k,
@@ -1040,18 +1049,18 @@ fn power_cuts_lose_no_acknowledged_mail() {
         "moves whose source directory was flushed before their destination:\n{}",
         disordered.join("\n")
     );
-    let share = |n: usize| total * n / 100;
-    let quotas: BTreeMap<Phase, usize> = [
-        (Phase::Accept, share(28)),
-        (Phase::Checkpoint, share(18)),
-        (Phase::Recycle, share(14)),
-        (Phase::Delivery, share(18)),
-        (Phase::Delete, share(3)),
-        (Phase::Recovery, share(10)),
-    ]
-    .into_iter()
-    .collect();
-    let (picks, distinct_fs) = choose(&rec, &quotas, seed);
+    // Few crash points fall in a delete or a restart: those phases go first and leave the
+    // rest of their share to the others. A tenth is kept for cutting recoveries.
+    let nested_quota = total / 10;
+    let weights = [
+        (Phase::Delete, 3),
+        (Phase::Recovery, 11),
+        (Phase::Recycle, 15),
+        (Phase::Checkpoint, 20),
+        (Phase::Delivery, 20),
+        (Phase::Accept, 31),
+    ];
+    let (picks, distinct_fs) = choose(&rec, &weights, total - nested_quota, seed);
     let main_events = events(&rec.log);
     let jobs: Vec<Job> = picks
         .iter()
@@ -1087,7 +1096,7 @@ fn power_cuts_lose_no_acknowledged_mail() {
     } else {
         Vec::new()
     };
-    let per_base = share(9) / bases.len().max(1);
+    let per_base = nested_quota / bases.len().max(1);
     let (mut seen, mut spools) = (HashSet::new(), HashSet::new());
     let mut nested_jobs = Vec::new();
     for (log, e0) in &nested {
