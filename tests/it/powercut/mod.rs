@@ -19,9 +19,17 @@
 //!    delivered before it) with its bytes intact, nothing else may be delivered but mail a
 //!    client sent, a deleted message stays deleted, postern must start without panicking, and
 //!    `corrupt/` may hold no acknowledged message.
+//! 4. **Cut the recoveries.** A few crash states are recovered again under the shim, and the
+//!    states a power cut during those recoveries could leave are checked the same way.
 //!
-//! `POWERCUT_STATES` (default 1100) sets how many states are checked and `POWERCUT_SEED`
-//! the seed; `scripts/powercut` runs a larger exploration.
+//! Before any of that, the recording must replay to exactly the spool on disk (the shim
+//! missed nothing), and no move between queue directories may flush its source directory
+//! before its destination (see `source_flushed_first`).
+//!
+//! `POWERCUT_STATES` (default 1100) sets how many states are checked, `POWERCUT_SEED` the
+//! seed and `POWERCUT_JOBS` how many postern instances run at once (2); `scripts/powercut`
+//! runs a larger exploration. On failure the failing states (under /dev/shm) and the
+//! recording (with a readable `ops.txt`) are kept and their paths printed.
 
 mod model;
 
