@@ -86,7 +86,8 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     });
     let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
         .await
-        .unwrap();
+        .unwrap()
+            .next;
     let Next::Deferred(at) = next else {
         panic!("{next:?}")
     };
@@ -121,7 +122,8 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     assert_eq!(
         worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
             .await
-            .unwrap(),
+            .unwrap()
+            .next,
         Next::Done
     );
     assert_eq!(
@@ -144,9 +146,7 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
             Outcome::Permanent {
                 reason: "554 5.6.0 rejected".into(),
             },
-            Outcome::Held {
-                reason: "AADSTS7000222: the client secret expired".into(),
-            },
+            Outcome::held("AADSTS7000222: the client secret expired"),
         ]),
         asked: Mutex::new(vec![]),
     });
@@ -154,7 +154,8 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     assert_eq!(
         worker::attempt(&spool, &a, Some(t.clone()), POLICY, "relay.test")
             .await
-            .unwrap(),
+            .unwrap()
+            .next,
         Next::Failed
     );
     let env = spool.read_envelope(State::Failed, &a).unwrap();
@@ -168,8 +169,9 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     assert_eq!(
         worker::attempt(&spool, &b, Some(t.clone()), POLICY, "relay.test")
             .await
-            .unwrap(),
-        Next::Held
+            .unwrap()
+            .next,
+        Next::Held(crate::upstream::HoldScope::Mailbox)
     );
     let env = spool.read_envelope(State::Hold, &b).unwrap();
     assert_eq!(
@@ -182,8 +184,9 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     assert_eq!(
         worker::attempt(&spool, &c, None, POLICY, "relay.test")
             .await
-            .unwrap(),
-        Next::Held
+            .unwrap()
+            .next,
+        Next::Held(crate::upstream::HoldScope::Mailbox)
     );
     assert!(
         spool
@@ -236,7 +239,8 @@ async fn transient_past_lifetime_fails() {
     assert_eq!(
         worker::attempt(&spool, &id, Some(t), POLICY, "relay.test")
             .await
-            .unwrap(),
+            .unwrap()
+            .next,
         Next::Failed
     );
     let env = spool.read_envelope(State::Failed, &id).unwrap();
@@ -270,9 +274,7 @@ async fn held_mailbox_is_paused_probed_and_released() {
     )
     .unwrap();
     let spool = Spool::open_exclusive(&cfg.spool_dir).unwrap();
-    let held = || Outcome::Held {
-        reason: "AADSTS7000222: the client secret expired".into(),
-    };
+    let held = || Outcome::held("AADSTS7000222: the client secret expired");
     let sent = || Outcome::Sent {
         relay: "r".into(),
         reply: "250 ok".into(),

@@ -177,7 +177,7 @@ fn assert_no_secret(o: &Outcome) {
 fn held(o: &Outcome) -> &str {
     assert_no_secret(o);
     match o {
-        Outcome::Held { reason } => reason,
+        Outcome::Held { reason, .. } => reason,
         other => panic!("expected Held, got {other:?}"),
     }
 }
