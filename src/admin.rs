@@ -1,10 +1,48 @@
 //! The queue commands' output: `queue list` as a table or JSON, `queue show` in detail.
 
+use std::collections::HashMap;
 use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::forward::state::Saved;
 use crate::spool::{Envelope, Listed, RcptStatus, State};
+
+/// Why queued messages that have not failed are waiting, by queue id: their mailbox is paced
+/// or throttled (from the forwarder's state file, `state`), e.g. `paced: 30/min for
+/// scanner@contoso.com, next at 2026-01-31 10:42:05 UTC`.
+pub fn waiting_notes(items: &[Listed], state: &Saved, now_ms: u64) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for l in items {
+        let e = &l.envelope;
+        let due = match l.state {
+            State::Incoming => true,
+            State::Deferred => e
+                .next_attempt
+                .is_none_or(|t| t.saturating_mul(1000) <= now_ms),
+            _ => false,
+        };
+        if !due {
+            continue;
+        }
+        let Some(m) = state.mailboxes.get(&e.mailbox) else {
+            continue;
+        };
+        let note = m
+            .waiting
+            .iter()
+            .chain(m.blocked.iter())
+            .filter(|n| n.until > now_ms)
+            .max_by_key(|n| n.until);
+        if let Some(n) = note {
+            out.insert(
+                e.id.clone(),
+                format!("{}, next at {}", n.why, crate::forward::fmt_ms(n.until)),
+            );
+        }
+    }
+    out
+}
 
 #[derive(Serialize)]
 struct Row<'a> {
@@ -19,10 +57,12 @@ struct Row<'a> {
     next_attempt: Option<u64>,
     last_error: Option<&'a str>,
     hold_reason: Option<&'a str>,
+    /// Why it waits although nothing failed (pacing, an upstream throttle).
+    waiting: Option<&'a str>,
 }
 
-/// `queue list --json`.
-pub fn list_json(items: &[Listed]) -> String {
+/// `queue list --json`; `notes` from [`waiting_notes`].
+pub fn list_json(items: &[Listed], notes: &HashMap<String, String>) -> String {
     let rows: Vec<Row> = items
         .iter()
         .map(|l| {
@@ -39,14 +79,15 @@ pub fn list_json(items: &[Listed]) -> String {
                 next_attempt: e.next_attempt,
                 last_error: e.last_error.as_deref(),
                 hold_reason: e.hold_reason.as_deref(),
+                waiting: notes.get(&e.id).map(String::as_str),
             }
         })
         .collect();
     serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
 }
 
-/// `queue list`: a table in the spirit of `mailq`.
-pub fn list_table(items: &[Listed]) -> String {
+/// `queue list`: a table in the spirit of `mailq`; `notes` from [`waiting_notes`].
+pub fn list_table(items: &[Listed], notes: &HashMap<String, String>) -> String {
     let mut out = String::new();
     if items.is_empty() {
         return "Mail queue is empty\n".into();
@@ -69,6 +110,9 @@ pub fn list_table(items: &[Listed]) -> String {
             if e.sender.is_empty() { "<>" } else { &e.sender },
             rcpts.join(", ")
         );
+        if let Some(why) = notes.get(&e.id) {
+            let _ = writeln!(out, "{:<16} ({why})", "");
+        }
         if let Some(why) = e.hold_reason.as_deref().or(e.last_error.as_deref()) {
             let _ = writeln!(out, "{:<16} ({why})", "");
         }

@@ -124,13 +124,31 @@ mod tests {
     #[test]
     fn rates_as_written() {
         let r = parse_rate("30/min").unwrap().unwrap();
-        assert_eq!((r.count, r.per, r.shown.as_str()), (30, Duration::from_secs(60), "30/min"));
+        assert_eq!(
+            (r.count, r.per, r.shown.as_str()),
+            (30, Duration::from_secs(60), "30/min")
+        );
         let r = parse_rate(" 5/2s ").unwrap().unwrap();
         assert_eq!((r.count, r.per), (5, Duration::from_secs(2)));
-        assert_eq!(parse_rate("100/1h").unwrap().unwrap().per, Duration::from_secs(3600));
-        assert_eq!(parse_rate("2/hour").unwrap().unwrap().per, Duration::from_secs(3600));
+        assert_eq!(
+            parse_rate("100/1h").unwrap().unwrap().per,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            parse_rate("2/hour").unwrap().unwrap().per,
+            Duration::from_secs(3600)
+        );
         assert_eq!(parse_rate("unlimited").unwrap(), None);
-        for bad in ["30", "30/", "/min", "x/min", "30/fortnight", "-1/min", "30/0s", "0/min"] {
+        for bad in [
+            "30",
+            "30/",
+            "/min",
+            "x/min",
+            "30/fortnight",
+            "-1/min",
+            "30/0s",
+            "0/min",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
         let r = parse_recipients("5/3s").unwrap().unwrap();

@@ -112,9 +112,9 @@ pub fn fingerprint(reason: &str) -> String {
     }
     for marker in ["; trace id", "Trace ID:", "request-id"] {
         if let Some(i) = out.find(marker) {
-            let end = out[i..].find(['.', ';']).map_or(out.len(), |j| {
-                if j == 0 { out.len() } else { i + j }
-            });
+            let end = out[i..]
+                .find(['.', ';'])
+                .map_or(out.len(), |j| if j == 0 { out.len() } else { i + j });
             out.replace_range(i..end, "");
         }
     }
@@ -165,7 +165,10 @@ mod tests {
     fn fingerprint_ignores_what_changes_per_attempt() {
         let a = "localhost:587 answered AUTH XOAUTH2 as a@x with \"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. [SY5P282CA0097.AUSP282.PROD.OUTLOOK.COM 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]\". SMTP AUTH is turned off. postern pauses this mailbox; after fixing it, `postern queue release 0123456789AB` tries at once.";
         let b = a
-            .replace("2025-11-23T11:12:20.123Z 08DE2A6028D26C22", "2025-11-23T11:17:20.999Z 08DE2A6028D26FFF")
+            .replace(
+                "2025-11-23T11:12:20.123Z 08DE2A6028D26C22",
+                "2025-11-23T11:17:20.999Z 08DE2A6028D26FFF",
+            )
             .replace("0123456789AB", "BA9876543210");
         assert_eq!(fingerprint(a), fingerprint(b.as_str()));
         assert_ne!(fingerprint(a), fingerprint(&a.replace("Mailbox", "Tenant")));

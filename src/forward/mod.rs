@@ -180,7 +180,14 @@ enum Gate {
 }
 
 /// Can `mb` (named `name`) start a message to `rcpts` recipients at `now` (ms)?
-fn gate(mb: &mut Mailbox, name: &str, rcpts: u32, pacing: &Pacing, per_mailbox: usize, now: u64) -> Gate {
+fn gate(
+    mb: &mut Mailbox,
+    name: &str,
+    rcpts: u32,
+    pacing: &Pacing,
+    per_mailbox: usize,
+    now: u64,
+) -> Gate {
     let limit = if mb.solo { 1 } else { per_mailbox };
     if mb.busy >= limit {
         return Gate::Busy;
@@ -192,7 +199,10 @@ fn gate(mb: &mut Mailbox, name: &str, rcpts: u32, pacing: &Pacing, per_mailbox: 
                 why: b.why.clone(),
             });
         }
-        info!(mailbox = name, "the upstream's wait is over: one message goes first");
+        info!(
+            mailbox = name,
+            "the upstream's wait is over: one message goes first"
+        );
         mb.block = None;
     }
     match mb.pacer.next_start(pacing, rcpts, now, name) {
@@ -293,7 +303,7 @@ impl Forwarder {
 
     /// Run until shutdown; then wait for in-flight deliveries (the caller bounds that wait).
     pub async fn run(mut self) {
-        self.rescan();
+        self.rescan(true);
         loop {
             self.dispatch();
             let sleep_for = self.next_wake();
@@ -308,12 +318,14 @@ impl Forwarder {
                     self.joined(done);
                 }
                 _ = self.kick.0.notified() => {
-                    // The admin changed the queue (release, retry): try held mail now.
+                    // The admin changed the queue (release, retry): try held mail now, with
+                    // what the admin released as the probe (held mail is picked from only
+                    // if nothing was).
                     let now = Instant::now();
                     for p in self.paused.values_mut() {
                         p.next_probe = now;
                     }
-                    self.rescan();
+                    self.rescan(false);
                 }
                 _ = tokio::time::sleep(sleep_for) => self.on_timer(),
             }
@@ -357,7 +369,9 @@ impl Forwarder {
             let due = self
                 .state_written
                 .as_ref()
-                .map_or(Duration::ZERO, |(t, _)| STATE_FLUSH.saturating_sub(t.elapsed()));
+                .map_or(Duration::ZERO, |(t, _)| {
+                    STATE_FLUSH.saturating_sub(t.elapsed())
+                });
             d = d.min(due);
         }
         d
@@ -365,7 +379,7 @@ impl Forwarder {
 
     fn on_timer(&mut self) {
         if self.last_rescan.elapsed() >= RESCAN {
-            self.rescan();
+            self.rescan(true);
             return;
         }
         self.promote_due();
@@ -399,9 +413,10 @@ impl Forwarder {
         (d.max_concurrency.max(1), d.per_mailbox_concurrency.max(1))
     }
 
-    /// Re-read the queue directories: new incoming mail and every deferred message's due time.
-    /// Messages already waiting for their mailbox keep their place.
-    fn rescan(&mut self) {
+    /// Re-read the queue directories: new incoming mail and every deferred message's due time
+    /// (and, with `probes`, start the probes that are due). Messages already waiting for
+    /// their mailbox keep their place.
+    fn rescan(&mut self, probes: bool) {
         self.last_rescan = Instant::now();
         self.ready.clear();
         self.deferred.clear();
@@ -438,7 +453,9 @@ impl Forwarder {
             Err(e) => error!(error = %e, "cannot list deferred/"),
         }
         self.promote_due();
-        self.start_probes();
+        if probes {
+            self.start_probes();
+        }
     }
 
     /// The `From:` address of a queued message, for sender holds.
@@ -508,9 +525,10 @@ impl Forwarder {
             self.state_dirty = true;
         }
         for (key, envs) in held {
-            let pause = self.paused.entry(key.clone()).or_insert_with(|| {
-                Pause::new(String::new(), Duration::ZERO)
-            });
+            let pause = self
+                .paused
+                .entry(key.clone())
+                .or_insert_with(|| Pause::new(String::new(), Duration::ZERO));
             if pause.reason.is_empty() {
                 pause.reason = envs
                     .iter()
@@ -609,6 +627,14 @@ impl Forwarder {
         if p.probe.as_deref() == Some(id) {
             return false;
         }
+        if p.probe.is_none() && p.next_probe <= Instant::now() {
+            // A probe is due (the admin's `queue release` of this message makes it due at
+            // once): this message is the probe.
+            if let Some(p) = self.paused.get_mut(&key) {
+                p.probe = Some(id.to_string());
+            }
+            return false;
+        }
         let reason = format!("{} is paused: {}", key.describe(), p.reason);
         match self.spool.auto_hold(id, from, &reason) {
             Ok(()) => maillog::held(
@@ -632,10 +658,7 @@ impl Forwarder {
         if self.held_now(&id, &env, from) {
             return;
         }
-        let pacing = self
-            .plan
-            .borrow()
-            .pacing_for(&env.route, &env.sender);
+        let pacing = self.plan.borrow().pacing_for(&env.route, &env.sender);
         let rcpts = u32::try_from(env.pending().count()).unwrap_or(u32::MAX);
         let (_, per_mailbox) = self.max_concurrency();
         let mb = self.mailboxes.entry(env.mailbox.clone()).or_default();
@@ -755,8 +778,12 @@ impl Forwarder {
         let next = report.as_ref().map(|r| &r.next);
         let mb = self.mailboxes.entry(mailbox.clone()).or_default();
         mb.busy = mb.busy.saturating_sub(1);
-        mb.pacer
-            .finished(rcpts, report.as_ref().map_or(0, |r| r.delivered), &pacing, now);
+        mb.pacer.finished(
+            rcpts,
+            report.as_ref().map_or(0, |r| r.delivered),
+            &pacing,
+            now,
+        );
         match next {
             Some(Next::Throttled { wait, reason }) => {
                 // The whole mailbox waits; this message goes first when the wait is over.
@@ -769,7 +796,9 @@ impl Forwarder {
                             .recipients
                             .as_ref()
                             .map_or(crate::config::pacing::DAY, |r| r.per);
-                        now.saturating_add(u64::try_from((per / 24).as_millis()).unwrap_or(u64::MAX))
+                        now.saturating_add(
+                            u64::try_from((per / 24).as_millis()).unwrap_or(u64::MAX),
+                        )
                     }),
                 };
                 let why = format!("throttled by the upstream: {}", hold::brief(reason));
@@ -865,17 +894,22 @@ impl Forwarder {
         let Some(p) = self.paused.get_mut(key) else {
             let interval = hold::probe_interval(&key.scope, hold_retry, 0);
             let what = match key.scope {
-                HoldScope::Mailbox => "mailbox paused: its messages are held (retries not spent) until this is fixed",
-                HoldScope::Sender(_) => "sender paused: the mailbox's mail from this address is held (retries not spent) until this is fixed; its other mail keeps flowing",
+                HoldScope::Mailbox => {
+                    "mailbox paused: its messages are held (retries not spent) until this is fixed"
+                }
+                HoldScope::Sender(_) => {
+                    "sender paused: the mailbox's mail from this address is held (retries not spent) until this is fixed; its other mail keeps flowing"
+                }
             };
             warn!(
                 mailbox = %key.mailbox,
                 sender,
                 reason = %reason,
-                retry_in = %humantime::format_duration(interval),
+                retry_in = %round(interval),
                 "{what}"
             );
-            self.paused.insert(key.clone(), Pause::new(reason, interval));
+            self.paused
+                .insert(key.clone(), Pause::new(reason, interval));
             return;
         };
         let was_probe = p.probe.as_deref() == Some(id);
@@ -884,7 +918,8 @@ impl Forwarder {
                 p.failures = p.failures.saturating_add(1);
             }
             p.probe = None;
-            p.next_probe = Instant::now() + hold::probe_interval(&key.scope, hold_retry, p.failures);
+            p.next_probe =
+                Instant::now() + hold::probe_interval(&key.scope, hold_retry, p.failures);
         }
         let interval = p.next_probe.saturating_duration_since(Instant::now());
         let fp = hold::fingerprint(&reason);
@@ -893,7 +928,7 @@ impl Forwarder {
                 mailbox = %key.mailbox,
                 sender,
                 reason = %reason,
-                retry_in = %humantime::format_duration(interval),
+                retry_in = %round(interval),
                 "still paused, for another reason"
             );
             p.fingerprint = fp;
@@ -902,8 +937,7 @@ impl Forwarder {
                 mailbox = %key.mailbox,
                 sender,
                 queue_id = id,
-                cause = hold::brief(&reason),
-                retry_in = %humantime::format_duration(interval),
+                retry_in = %round(interval),
                 "still paused, same cause"
             );
         }
@@ -916,17 +950,23 @@ impl Forwarder {
             && p.probe.as_deref() == Some(id)
         {
             p.probe = None;
-            p.next_probe = Instant::now() + hold::probe_interval(&key.scope, hold_retry, p.failures);
+            p.next_probe =
+                Instant::now() + hold::probe_interval(&key.scope, hold_retry, p.failures);
         }
     }
 
     /// `key` works again: end the hold and queue every message it held (unless another
     /// hold still covers it).
     fn lift(&mut self, key: &HoldKey) {
+        // Which messages the hold covers is known only while it is in force.
+        let held = self.auto_held().remove(key).unwrap_or_default();
         self.paused.remove(key);
         self.state_dirty = true;
         let mut n = 0;
-        for env in self.auto_held().remove(key).unwrap_or_default() {
+        for env in held {
+            if self.hold_for(&env, State::Hold).is_some() {
+                continue; // another hold still covers it
+            }
             if self.spool.requeue(&env.id).is_ok() {
                 maillog::released(&env.id);
                 if self.known.insert(env.id.clone()) {
@@ -935,11 +975,15 @@ impl Forwarder {
                 n += 1;
             }
         }
+        let (what, sender) = match &key.scope {
+            HoldScope::Mailbox => ("mailbox", None),
+            HoldScope::Sender(b) => ("sender", Some(b.as_str())),
+        };
         info!(
             mailbox = %key.mailbox,
+            sender,
             released = n,
-            "{} works again: held messages queued for delivery",
-            key.describe()
+            "{what} works again: held messages queued for delivery"
         );
     }
 
@@ -1016,6 +1060,13 @@ fn set_gate(mb: &mut Mailbox, name: &str, w: Option<Wait>) {
         );
     }
     mb.gate = w;
+}
+
+/// `d` to the nearest second, for log lines.
+fn round(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(
+        u64::try_from(d.as_millis().div_ceil(1000)).unwrap_or(u64::MAX),
+    ))
 }
 
 /// A time in ms since the epoch, as `2026-01-31 10:42:05 UTC`.

@@ -79,11 +79,7 @@ impl Pacer {
             self.starts.pop_front();
         }
         // Keep 24 hours of record even with no (or a shorter) limit: a reload may set one.
-        let rcpt_ms = limits
-            .recipients
-            .as_ref()
-            .map_or(0, ms)
-            .max(ms_of_day());
+        let rcpt_ms = limits.recipients.as_ref().map_or(0, ms).max(ms_of_day());
         while let Some(&(t, n)) = self.sent.front() {
             if t.saturating_add(rcpt_ms) > now {
                 break;
@@ -139,7 +135,11 @@ impl Pacer {
                 // Walk the window from its oldest entry until enough has left it.
                 let mut free = limit.saturating_sub(used);
                 let mut until = None;
-                for &(t, k) in self.sent.iter().filter(|(t, _)| t.saturating_add(per) > now) {
+                for &(t, k) in self
+                    .sent
+                    .iter()
+                    .filter(|(t, _)| t.saturating_add(per) > now)
+                {
                     free += u64::from(k);
                     if free >= need || free >= limit {
                         until = Some(t.saturating_add(per));

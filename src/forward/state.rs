@@ -79,8 +79,12 @@ pub fn path(state_dir: &Path) -> PathBuf {
 pub fn load(state_dir: &Path) -> Result<Saved, String> {
     let p = path(state_dir);
     match std::fs::read(&p) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} is not readable ({e}); starting with an empty record", p.display())),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{} is not readable ({e}); starting with an empty record",
+                p.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Saved::default()),
         Err(e) => Err(format!("cannot read {}: {e}", p.display())),
     }

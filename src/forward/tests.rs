@@ -87,7 +87,7 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
         .await
         .unwrap()
-            .next;
+        .next;
     let Next::Deferred(at) = next else {
         panic!("{next:?}")
     };

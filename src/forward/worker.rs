@@ -135,12 +135,11 @@ fn record(
     }
     let report = |next: Next| Report { next, delivered: 0 };
     let queue_file = spool.msg_path(State::Active, id);
-    let bounce_now =
-        |env: &Envelope, failed: Vec<(String, String)>| -> Vec<Bounce> {
-            Bounce::for_failed(env, failed, &queue_file, false)
-                .into_iter()
-                .collect()
-        };
+    let bounce_now = |env: &Envelope, failed: Vec<(String, String)>| -> Vec<Bounce> {
+        Bounce::for_failed(env, failed, &queue_file, false)
+            .into_iter()
+            .collect()
+    };
     match outcome {
         Outcome::Sent {
             relay,

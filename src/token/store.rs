@@ -387,7 +387,10 @@ impl TokenStore {
                 };
                 // The full advice reaches the admin through the held mailbox's reason; here
                 // one short line when the error starts or changes, and debug lines meanwhile.
-                let repeated = s.failure.as_ref().is_some_and(|f| same_error(&f.error, &error));
+                let repeated = s
+                    .failure
+                    .as_ref()
+                    .is_some_and(|f| same_error(&f.error, &error));
                 if repeated {
                     tracing::debug!(
                         account = %key.account,
@@ -637,7 +640,9 @@ pub fn expiry_warnings(accounts: &[AccountConfig], horizon: Duration) -> Vec<Str
             // of that day only Entra knows. So this is a reminder: Entra's answer decides.
             let day = when.get(..16).unwrap_or(&when);
             let state = if now_i < at.saturating_add(86_400) {
-                format!("expires today ({day}, by secret_expires; the exact time is under Certificates & secrets)")
+                format!(
+                    "expires today ({day}, by secret_expires; the exact time is under Certificates & secrets)"
+                )
             } else {
                 format!("expired on {day} (by secret_expires)")
             };

@@ -102,9 +102,8 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
     };
     let held_sender = |advice: String| {
         Verdict::Message(Outcome::Held {
-            reason: format!("{said}. {advice} {}", release_hint(ctx.queue_id)),
-            scope: send_as_target(&reply.text(), ctx)
-                .map_or(HoldScope::Mailbox, HoldScope::Sender),
+            reason: format!("{said}. {advice} {}", sender_release_hint(ctx.queue_id)),
+            scope: send_as_target(&reply.text(), ctx).map_or(HoldScope::Mailbox, HoldScope::Sender),
         })
     };
     let throttled = |advice: String, wait: Option<Duration>| {
@@ -323,6 +322,15 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
 pub fn release_hint(queue_id: &str) -> String {
     format!(
         "postern pauses this mailbox and tries again every hold_retry; after fixing it, \
+         `postern queue release {queue_id}` tries at once."
+    )
+}
+
+/// The end of a Send As hold's reason.
+pub fn sender_release_hint(queue_id: &str) -> String {
+    format!(
+        "postern holds only this sender's mail for the mailbox (its other mail keeps flowing) \
+         and tries one held message again now and then, less often each time; after fixing it, \
          `postern queue release {queue_id}` tries at once."
     )
 }
@@ -802,7 +810,7 @@ mod tests {
                 );
             }
             if got == K::Held {
-                assert!(reason.contains("postern queue release Q1"), "{reason}");
+                assert!(reason.contains("`postern queue release Q1`"), "{reason}");
             }
         }
     }
@@ -848,9 +856,11 @@ mod tests {
         };
         assert_eq!(scope, HoldScope::Mailbox);
         // A token refusal holds the mailbox.
-        let Verdict::Message(Outcome::Held { scope, .. }) =
-            verdict(Stage::Auth, "535 5.7.3 Authentication unsuccessful [X]", &ctx())
-        else {
+        let Verdict::Message(Outcome::Held { scope, .. }) = verdict(
+            Stage::Auth,
+            "535 5.7.3 Authentication unsuccessful [X]",
+            &ctx(),
+        ) else {
             panic!("not held")
         };
         assert_eq!(scope, HoldScope::Mailbox);
@@ -883,7 +893,8 @@ mod tests {
             app_only: false,
             ..ctx()
         };
-        let Verdict::Message(Outcome::Held { reason, .. }) = classify(Stage::Auth, &reply, &c) else {
+        let Verdict::Message(Outcome::Held { reason, .. }) = classify(Stage::Auth, &reply, &c)
+        else {
             panic!("not held");
         };
         assert!(reason.contains("SMTP.Send"), "{reason}");

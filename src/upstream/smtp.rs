@@ -300,16 +300,16 @@ impl SmtpTransport {
         let caps = self.ehlo(c, ctx).await?;
         if !caps.starttls {
             return Err(Outcome::held(format!(
-                    "{} did not offer STARTTLS (its EHLO reply: \"{}\"), so postern did not send the \
+                "{} did not offer STARTTLS (its EHLO reply: \"{}\"), so postern did not send the \
                      access token over an unencrypted connection. Check smtp_host and smtp_port of \
                      [account.{}] (Exchange Online: smtp.office365.com, port 587). A firewall with \
                      SMTP inspection (for example Cisco ASA \"inspect esmtp\") can remove STARTTLS: \
                      turn that inspection off for this traffic. {}",
-                    ctx.server,
-                    caps.text,
-                    self.account,
-                    release_hint(ctx.queue_id)
-                )));
+                ctx.server,
+                caps.text,
+                self.account,
+                release_hint(ctx.queue_id)
+            )));
         }
         let r = c.command("STARTTLS", Stage::StartTls).await?;
         if r.code != 220 {
@@ -376,7 +376,8 @@ impl SmtpTransport {
                     "the message is {size} bytes and {} accepts at most {max} bytes (EHLO SIZE)",
                     ctx.server
                 ),
-            }.into());
+            }
+            .into());
         }
         let mut mail = format!("MAIL FROM:<{}>", env.sender);
         if caps.size.is_some() {
@@ -681,17 +682,17 @@ fn tls_failure(e: &io::Error, ctx: &Context<'_>, host: &str, account: &str) -> O
                 ),
             };
             Outcome::held(format!(
-                    "{server}: the TLS certificate is not trusted ({ce:?}), so postern did not send \
+                "{server}: the TLS certificate is not trusted ({ce:?}), so postern did not send \
                      the access token. {hint} {}",
-                    release_hint(ctx.queue_id)
-                ))
+                release_hint(ctx.queue_id)
+            ))
         }
         Some(rustls::Error::PeerIncompatible(p)) => Outcome::held(format!(
-                "{server}: no common TLS version or cipher ({p:?}); postern requires TLS 1.2 or \
+            "{server}: no common TLS version or cipher ({p:?}); postern requires TLS 1.2 or \
                  later. Check smtp_host/smtp_port of [account.{account}] and any TLS-inspecting \
                  firewall. {}",
-                release_hint(ctx.queue_id)
-            )),
+            release_hint(ctx.queue_id)
+        )),
         _ => Outcome::Transient {
             reason: format!(
                 "{server}: TLS handshake after STARTTLS failed: {}",
@@ -1174,12 +1175,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    return Err(
-                        self.lost(format!(
+                    return Err(self.lost(format!(
                         "connection lost while sending the message: {}",
                         super::network_error(&e)
-                    ))
-                    );
+                    )));
                 }
                 Err(_) => {
                     return Err(self.lost(format!(
@@ -1196,9 +1195,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(self.lost(format!(
-                        "connection lost while sending the message: {}",
-                        super::network_error(&e)
-                    )));
+                    "connection lost while sending the message: {}",
+                    super::network_error(&e)
+                )));
             }
             Err(_) => return Err(self.lost("could not finish sending the message".into())),
         }
