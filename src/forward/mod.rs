@@ -240,6 +240,8 @@ pub struct Forwarder {
     state_dir: PathBuf,
     /// Something the state file records changed since it was written.
     state_dirty: bool,
+    /// What `queue list` shows changed: write without waiting for `STATE_FLUSH`.
+    state_urgent: bool,
     state_written: Option<(Instant, state::Saved)>,
     last_rescan: Instant,
 }
@@ -296,6 +298,7 @@ impl Forwarder {
             running: JoinSet::new(),
             state_dir,
             state_dirty: false,
+            state_urgent: false,
             state_written: None,
             last_rescan: Instant::now(),
         }
@@ -674,6 +677,7 @@ impl Forwarder {
                 mb.waiting.push_back(Waiting { id, rcpts, pacing });
                 set_gate(mb, &env.mailbox, Some(w));
                 self.state_dirty = true;
+                self.state_urgent = true;
             }
         }
     }
@@ -689,6 +693,7 @@ impl Forwarder {
                 if mb.gate.is_some() {
                     set_gate(mb, name, None);
                     self.state_dirty = true;
+                    self.state_urgent = true;
                 }
                 return;
             };
@@ -699,6 +704,7 @@ impl Forwarder {
                     if mb.gate.as_ref() != Some(&w) {
                         set_gate(mb, name, Some(w));
                         self.state_dirty = true;
+                        self.state_urgent = true;
                     }
                     return;
                 }
@@ -812,6 +818,7 @@ impl Forwarder {
                 }
                 if mb.block.as_ref().is_none_or(|b| b.until < until) {
                     mb.block = Some(state::Note { until, why });
+                    self.state_urgent = true;
                 }
                 mb.solo = true;
                 mb.waiting.push_front(Waiting {
@@ -993,6 +1000,7 @@ impl Forwarder {
             return;
         }
         if !force
+            && !self.state_urgent
             && self
                 .state_written
                 .as_ref()
@@ -1001,6 +1009,7 @@ impl Forwarder {
             return;
         }
         self.state_dirty = false;
+        self.state_urgent = false;
         let snapshot = self.snapshot();
         if self
             .state_written

@@ -202,6 +202,92 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     );
 }
 
+#[tokio::test]
+async fn a_recipient_refused_before_a_temporary_failure_is_failed_and_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = claimed(&spool, &["ok@x.test", "bad@x.test"]).await;
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![
+            Outcome::Partial {
+                refused: vec![rcpt(
+                    "bad@x.test",
+                    RcptStatus::Failed,
+                    "550 5.1.10 not found",
+                )],
+                then: Box::new(Outcome::Transient {
+                    reason: "451 4.7.0 Temporary server error".into(),
+                }),
+            },
+            Outcome::Sent {
+                relay: "r".into(),
+                reply: "250 ok".into(),
+                recipients: vec![rcpt("ok@x.test", RcptStatus::Sent, "250 ok")],
+            },
+        ]),
+        asked: Mutex::new(vec![]),
+    });
+    let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
+        .await
+        .unwrap()
+        .next;
+    assert!(matches!(next, Next::Deferred(_)), "{next:?}");
+    let env = spool.read_envelope(State::Deferred, &id).unwrap();
+    assert_eq!(env.attempts, 1);
+    assert_eq!(env.recipients[1].status, RcptStatus::Failed);
+    assert_eq!(
+        env.last_error.as_deref(),
+        Some("451 4.7.0 Temporary server error")
+    );
+    let (_, report) = only_report(&spool);
+    assert!(
+        report.contains("Final-Recipient: rfc822; bad@x.test"),
+        "{report}"
+    );
+    assert!(!report.contains("ok@x.test\r\nAction"), "{report}");
+    remove_reports(&spool);
+    spool.move_msg(&id, State::Deferred, State::Active).unwrap();
+    let r = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
+        .await
+        .unwrap();
+    assert_eq!(r.next, Next::Done);
+    assert_eq!(r.delivered, 1);
+    assert_eq!(
+        t.asked.lock().unwrap()[1],
+        vec!["ok@x.test"],
+        "the refused recipient is not tried again"
+    );
+}
+
+#[tokio::test]
+async fn a_throttle_spends_no_attempt_and_leaves_the_time_to_the_forwarder() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = claimed(&spool, &["x@x.test"]).await;
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![Outcome::Throttled {
+            reason: "429 ApplicationThrottled".into(),
+            wait: Some(Duration::from_secs(30)),
+        }]),
+        asked: Mutex::new(vec![]),
+    });
+    let next = worker::attempt(&spool, &id, Some(t), POLICY, "relay.test")
+        .await
+        .unwrap()
+        .next;
+    assert_eq!(
+        next,
+        Next::Throttled {
+            wait: Some(Duration::from_secs(30)),
+            reason: "429 ApplicationThrottled".into()
+        }
+    );
+    let env = spool.read_envelope(State::Deferred, &id).unwrap();
+    assert_eq!(env.attempts, 0);
+    assert_eq!(env.next_attempt, None);
+    assert!(spool.ids(State::Incoming).unwrap().is_empty(), "no report");
+}
+
 /// The one report queued in incoming/: its envelope and text.
 fn only_report(spool: &Spool) -> (Envelope, String) {
     let ids = spool.ids(State::Incoming).unwrap();

@@ -376,3 +376,80 @@ impl Transport for Discard {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn from_address_reads_the_header_only() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (
+                b"From: Bob <Bob@Contoso.com>\r\n\r\nbody",
+                Some("bob@contoso.com"),
+            ),
+            (
+                b"Subject: x\r\nfrom:scanner@contoso.com\r\n\r\n",
+                Some("scanner@contoso.com"),
+            ),
+            (
+                b"From: \"Smith, <Bob>\" (the boss) <bob@x.test>\r\n\r\n",
+                Some("bob@x.test"),
+            ),
+            (
+                b"From:\r\n  Folded Name\r\n  <f@x.test>\r\n\r\n",
+                Some("f@x.test"),
+            ),
+            (b"From: a@x.test, b@x.test\r\n\r\n", Some("a@x.test")),
+            (b"From: a@x.test (Printer 3)\r\n\r\n", Some("a@x.test")),
+            (b"Subject: no from\r\n\r\nFrom: body@x.test\r\n", None),
+            (b"From: undisclosed\r\n\r\n", None),
+            (b"From: Bob <bob@x.test>\n\nbare LF", Some("bob@x.test")),
+            (
+                b"X-From: not@this.test\r\nFrom: this@x.test\r\n\r\n",
+                Some("this@x.test"),
+            ),
+        ];
+        for (header, want) in cases {
+            assert_eq!(
+                from_address(header).as_deref(),
+                *want,
+                "{}",
+                String::from_utf8_lossy(header)
+            );
+        }
+    }
+
+    #[test]
+    fn network_errors_in_an_admins_words() {
+        let rustls_eof = Error::new(
+            ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        );
+        assert_eq!(
+            network_error(&rustls_eof),
+            "the server closed the connection"
+        );
+        assert!(network_error(&Error::from(ErrorKind::ConnectionReset)).contains("firewall"));
+        assert!(
+            network_error(&Error::from(ErrorKind::ConnectionRefused)).contains("nothing listens")
+        );
+        let dns = Error::other("failed to lookup address information: Name or service not known");
+        assert!(network_error(&dns).contains("DNS"));
+        let ours = Error::new(ErrorKind::InvalidData, "malformed reply line \"hello\"");
+        assert_eq!(network_error(&ours), "malformed reply line \"hello\"");
+        let odd = Error::other("something odd: https://docs.rs/x");
+        assert_eq!(network_error(&odd), "something odd");
+        let tls = Error::new(
+            ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+        );
+        assert!(
+            network_error(&tls).contains("ended the TLS session"),
+            "{}",
+            network_error(&tls)
+        );
+    }
+}

@@ -237,6 +237,19 @@ fn expired_secret_holds_the_mailbox_without_spending_retries_then_mail_flows_by_
         during <= 4,
         "{during} token requests in 2.5 s with hold_retry = 1s"
     );
+    // The long explanation once, when the hold started; a short line per probe since.
+    assert!(
+        count_lines(&w, "still paused, same cause") >= 1,
+        "{}",
+        w.postern.log_text()
+    );
+    assert_eq!(
+        count_lines(&w, "Certificates & secrets"),
+        1,
+        "{}",
+        w.postern.log_text()
+    );
+    assert_no_empty_mailbox_field(&w);
     let (code, out, _) = w.postern.cli(&["queue", "list"]);
     assert_eq!(code, 0);
     assert!(
@@ -672,4 +685,205 @@ fn a_send_as_refusal_holds_only_that_senders_mail() {
         w.postern.log_text()
     );
     assert!(w.postern.wait_log("works again", Duration::from_secs(5)));
+}
+
+/// `postern queue list` once it shows `needle` (the daemon writes what it shows at once, but
+/// asynchronously).
+fn queue_list_showing(w: &World, needle: &str) -> String {
+    let mut out = String::new();
+    let shown = wait_until(Duration::from_secs(5), || {
+        let (code, o, _) = w.postern.cli(&["queue", "list"]);
+        assert_eq!(code, 0);
+        out = o;
+        out.contains(needle)
+    });
+    assert!(
+        shown,
+        "{needle:?} not in:\n{out}\nlog:\n{}",
+        w.postern.log_text()
+    );
+    out
+}
+
+/// The `Subject:` of a delivered message.
+fn subject(m: &crate::fake::exchange::Message) -> String {
+    String::from_utf8_lossy(&m.data)
+        .lines()
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn thirty_messages_in_the_window_go_and_the_thirty_first_waits_its_turn() {
+    // 30 per 10 s here (30/min in production): a short window, no minute-long sleep.
+    let w = world("rate = \"30/10s\"");
+    for i in 1..=31 {
+        expect(
+            &send_mail(
+                w.postern.addr(),
+                MAILBOX,
+                &["boss@fabrikam.com"],
+                format!("Subject: scan {i}\r\n\r\npage {i}\r\n").as_bytes(),
+            ),
+            "250",
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || w.exchange.delivered().len()
+            == 30),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    // The 31st waits in the queue and says why.
+    let out = queue_list_showing(&w, "(paced: 30/10s for scanner@contoso.com, next at ");
+    assert!(out.contains("-- 1 message(s)"), "{out}");
+    assert_eq!(w.exchange.delivered().len(), 30, "nothing went early");
+    let (_, json, _) = w.postern.cli(&["queue", "list", "--json"]);
+    assert!(json.contains("\"waiting\": \"paced: 30/10s"), "{json}");
+    assert!(
+        wait_until(Duration::from_secs(20), || w.exchange.delivered().len()
+            == 31),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let order: Vec<String> = w.exchange.delivered().iter().map(subject).collect();
+    assert_eq!(order[30], "scan 31", "in order: {order:?}");
+    // Nothing failed or was retried: pacing is not an error.
+    assert!(!w.postern.log_text().contains("event=\"deferred\""));
+    assert!(w.exchange.messages().iter().all(|m| m.accepted()));
+}
+
+#[test]
+fn submission_quota_exceeded_holds_the_mailbox_until_the_window_frees() {
+    // Exchange counts 2 recipients per 4 s for the mailbox (10,000 per 24 h in production);
+    // postern's own count is higher (other systems may send as the same mailbox), so Exchange
+    // refuses first.
+    let w = world("daily_recipients = \"100/4s\"");
+    w.exchange.update(|s| {
+        s.recipient_quota = 2;
+        s.quota_window = Some(Duration::from_secs(4));
+    });
+    let send = |i: u32| {
+        queued_id(&send_mail(
+            w.postern.addr(),
+            MAILBOX,
+            &["boss@fabrikam.com"],
+            format!("Subject: report {i}\r\n\r\nx\r\n").as_bytes(),
+        ))
+    };
+    for i in 1..=2 {
+        send(i);
+        assert!(
+            wait_until(Duration::from_secs(10), || w.exchange.delivered().len()
+                == i as usize),
+            "log:\n{}",
+            w.postern.log_text()
+        );
+    }
+    let third = send(3);
+    assert!(
+        wait_until(Duration::from_secs(10), || w
+            .exchange
+            .messages()
+            .iter()
+            .any(|m| m.reply.contains("SubmissionQuotaExceeded"))),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let fourth = send(4);
+    // Both wait: the mailbox as a whole, without spending attempts, with the reason shown.
+    let out = queue_list_showing(&w, "(throttled by the upstream: ");
+    assert!(out.contains("SubmissionQuotaExceeded"), "{out}");
+    assert_eq!(
+        out.matches("(throttled by the upstream: ").count(),
+        2,
+        "both messages of the mailbox wait: {out}"
+    );
+    assert!(out.contains("-- 2 message(s)"), "{out}");
+    let env = queue_envelope(&w.postern.path("spool/deferred").join(&third)).expect("deferred");
+    assert_eq!(env["attempts"], 0, "{env}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w.exchange
+            .messages()
+            .iter()
+            .filter(|m| !m.accepted())
+            .count(),
+        1,
+        "the mailbox is not hammered while it waits"
+    );
+    // When the window frees, both go, in order, and nothing bounced.
+    assert!(
+        wait_until(Duration::from_secs(20), || w.exchange.delivered().len()
+            == 4),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let order: Vec<String> = w.exchange.delivered().iter().map(subject).collect();
+    assert_eq!(order, vec!["report 1", "report 2", "report 3", "report 4"]);
+    assert!(!w.postern.log_text().contains("event=\"failed\""));
+    assert!(!w.postern.log_text().contains("event=\"bounced\""));
+    let _ = fourth;
+}
+
+#[test]
+fn a_recipient_refused_at_rcpt_is_not_tried_again_when_the_message_is_retried() {
+    let w = world("");
+    w.exchange.update(|s| {
+        s.rcpt_replies.insert(
+            "nobody@fabrikam.com".into(),
+            crate::fake::exchange::replies::RECIPIENT_NOT_FOUND.into(),
+        );
+        s.data_end_replies.insert(
+            MAILBOX.into(),
+            crate::fake::exchange::replies::TEMPORARY.into(),
+        );
+    });
+    let id = queued_id(&send_mail(
+        w.postern.addr(),
+        MAILBOX,
+        &["boss@fabrikam.com", "nobody@fabrikam.com"],
+        b"From: scanner@contoso.com\r\nSubject: twice\r\n\r\nx\r\n",
+    ));
+    assert!(
+        wait_until(Duration::from_secs(15), || w
+            .postern
+            .path("spool/deferred")
+            .join(&id)
+            .exists()),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    w.exchange.update(|s| {
+        s.data_end_replies.clear();
+    });
+    // The retry (retry_initial 1s) goes to the good recipient only; the sender got a report
+    // about the refused one at once.
+    assert!(
+        wait_until(Duration::from_secs(15), || w
+            .exchange
+            .delivered()
+            .iter()
+            .any(|m| subject(m) == "twice")),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let rcpt_cmds = w
+        .exchange
+        .sessions()
+        .iter()
+        .flat_map(|s| s.commands.clone())
+        .filter(|c| c.contains("RCPT TO:<nobody@fabrikam.com>"))
+        .count();
+    assert_eq!(rcpt_cmds, 1, "the refused recipient was tried once");
+    let report = w
+        .exchange
+        .delivered()
+        .into_iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+        .expect("a report to the sender");
+    assert!(
+        String::from_utf8_lossy(&report.data)
+            .contains("Final-Recipient: rfc822; nobody@fabrikam.com")
+    );
 }
