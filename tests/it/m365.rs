@@ -650,7 +650,7 @@ fn a_send_as_refusal_holds_only_that_senders_mail() {
     got.sort();
     assert_eq!(got, vec!["alice 1", "alice 2", "shared 1"]);
     for id in [&alice1, &alice2, &shared1] {
-        assert!(w.postern.path("spool/hold").join(id).exists() == false);
+        assert!(!w.postern.path("spool/hold").join(id).exists());
     }
     assert!(w.postern.path("spool/hold").join(&bob2).exists());
     let log = w.postern.log_text();
