@@ -679,25 +679,44 @@ fn size(
     v: &Spanned<DeValue<'_>>,
     example: &str,
 ) -> Option<Spanned<RawSize>> {
+    number_or_text(
+        c,
+        path,
+        v,
+        (RawSize::Bytes, RawSize::Text),
+        &format!("write a size such as {example}"),
+        &format!(
+            "expected a size, found {{}}; write a size such as {example} or a number of bytes"
+        ),
+    )
+}
+
+/// A value written as a whole number or as a string, made into `T` by `make`; `too_large`
+/// is the fix for a number beyond i64, `wrong_type` the message for anything else (`{}`
+/// stands for what was found).
+fn number_or_text<T>(
+    c: &mut Collector<'_>,
+    path: &str,
+    v: &Spanned<DeValue<'_>>,
+    make: (fn(i64) -> T, fn(String) -> T),
+    too_large: &str,
+    wrong_type: &str,
+) -> Option<Spanned<T>> {
     match v.get_ref() {
-        DeValue::String(s) => Some(Spanned::new(v.span(), RawSize::Text(s.to_string()))),
+        DeValue::String(s) => Some(Spanned::new(v.span(), make.1(s.to_string()))),
         DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-            Ok(n) => Some(Spanned::new(v.span(), RawSize::Bytes(n))),
+            Ok(n) => Some(Spanned::new(v.span(), make.0(n))),
             Err(_) => {
                 c.at(
                     &v.span(),
                     path,
-                    format!("the number {i} is too large; write a size such as {example}"),
+                    format!("the number {i} is too large; {too_large}"),
                 );
                 None
             }
         },
         other => {
-            c.at(
-                &v.span(),
-                path,
-                format!("expected a size, found {}; write a size such as {example} or a number of bytes", found(other)),
-            );
+            c.at(&v.span(), path, wrong_type.replace("{}", &found(other)));
             None
         }
     }
@@ -709,31 +728,14 @@ fn count_or_text(
     path: &str,
     v: &Spanned<DeValue<'_>>,
 ) -> Option<Spanned<RawCount>> {
-    match v.get_ref() {
-        DeValue::String(s) => Some(Spanned::new(v.span(), RawCount::Text(s.to_string()))),
-        DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-            Ok(n) => Some(Spanned::new(v.span(), RawCount::Number(n))),
-            Err(_) => {
-                c.at(
-                    &v.span(),
-                    path,
-                    format!("the number {i} is too large; write a number such as 10000"),
-                );
-                None
-            }
-        },
-        other => {
-            c.at(
-                &v.span(),
-                path,
-                format!(
-                    "expected a number, found {}; write a number of recipients per 24 hours such as 10000",
-                    found(other)
-                ),
-            );
-            None
-        }
-    }
+    number_or_text(
+        c,
+        path,
+        v,
+        (RawCount::Number, RawCount::Text),
+        "write a number such as 10000",
+        "expected a number, found {}; write a number of recipients per 24 hours such as 10000",
+    )
 }
 
 /// A list of strings. A single string where a list belongs gets a fix that wraps it in brackets.

@@ -10,7 +10,7 @@ use super::bounce::Bounce;
 use super::retry;
 use crate::maillog;
 use crate::spool::{Envelope, RcptStatus, Spool, SpoolError, State, now_secs};
-use crate::upstream::{HoldScope, Outcome, Outgoing, Transport};
+use crate::upstream::{HoldScope, Outcome, Outgoing, RcptResult, Transport};
 
 /// Retry settings the worker needs.
 #[derive(Debug, Clone, Copy)]
@@ -120,18 +120,9 @@ fn record(
         o => (Vec::new(), o),
     };
     // Recipients refused for good in this attempt, whatever happened to the rest.
-    let mut failed = Vec::new();
+    let (mut sent, mut failed) = (Vec::new(), Vec::new());
     for r in refused {
-        if let Some(e) = env
-            .recipients
-            .iter_mut()
-            .find(|e| e.address == r.address && e.status == RcptStatus::Pending)
-        {
-            e.status = RcptStatus::Failed;
-            e.last_reply = Some(r.reply.clone());
-            maillog::failed(id, &env.mailbox, &format!("<{}>: {}", r.address, r.reply));
-            failed.push((r.address, r.reply));
-        }
+        settle(&mut env, id, r, &mut sent, &mut failed);
     }
     let report = |next: Next| Report { next, delivered: 0 };
     let queue_file = spool.msg_path(State::Active, id);
@@ -147,28 +138,8 @@ fn record(
             recipients,
         } => {
             count(&mut env);
-            let mut sent = Vec::new();
             for r in recipients {
-                if let Some(e) = env
-                    .recipients
-                    .iter_mut()
-                    .find(|e| e.address == r.address && e.status == RcptStatus::Pending)
-                {
-                    e.status = r.status;
-                    e.last_reply = Some(r.reply.clone());
-                    match r.status {
-                        RcptStatus::Sent => sent.push(r.address),
-                        RcptStatus::Failed => {
-                            maillog::failed(
-                                id,
-                                &env.mailbox,
-                                &format!("<{}>: {}", r.address, r.reply),
-                            );
-                            failed.push((r.address, r.reply));
-                        }
-                        RcptStatus::Pending => {}
-                    }
-                }
+                settle(&mut env, id, r, &mut sent, &mut failed);
             }
             if !sent.is_empty() {
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
@@ -234,17 +205,10 @@ fn record(
                 bounces.extend(more);
                 return Ok((report(next), bounces));
             }
-            env.next_attempt = None;
-            env.last_error = Some(reason.clone());
-            spool.write_envelope(State::Active, &env)?;
-            spool.move_msg(&env.id, State::Active, State::Deferred)?;
-            maillog::deferred(
-                &env.id,
-                &env.mailbox,
-                super::hold::brief(&reason),
-                env.attempts,
-                wait.map_or(0, |w| w.as_secs()),
-            );
+            let retry_in = wait.map_or(0, |w| w.as_secs());
+            // The mailbox's wait is explained once by the forwarder; per message, the gist.
+            let gist = super::hold::brief(&reason).to_string();
+            to_deferred(spool, env, &reason, &gist, None, retry_in)?;
             Ok((report(Next::Throttled { wait, reason }), bounces))
         }
         Outcome::Partial { then, .. } => {
@@ -256,6 +220,34 @@ fn record(
             bounces.extend(more);
             Ok((report(next), bounces))
         }
+    }
+}
+
+/// Record one recipient's result in `env` (if it was pending), adding it to `sent` or
+/// `failed` (with the reply, for the report).
+fn settle(
+    env: &mut Envelope,
+    id: &str,
+    r: RcptResult,
+    sent: &mut Vec<String>,
+    failed: &mut Vec<(String, String)>,
+) {
+    let Some(e) = env
+        .recipients
+        .iter_mut()
+        .find(|e| e.address == r.address && e.status == RcptStatus::Pending)
+    else {
+        return;
+    };
+    e.status = r.status;
+    e.last_reply = Some(r.reply.clone());
+    match r.status {
+        RcptStatus::Sent => sent.push(r.address),
+        RcptStatus::Failed => {
+            maillog::failed(id, &env.mailbox, &format!("<{}>: {}", r.address, r.reply));
+            failed.push((r.address, r.reply));
+        }
+        RcptStatus::Pending => {}
     }
 }
 
@@ -277,7 +269,7 @@ fn expire(
 /// asked for (`early`: the time already scheduled), at that same time.
 fn defer(
     spool: &Spool,
-    mut env: Envelope,
+    env: Envelope,
     reason: String,
     now: u64,
     policy: RetryPolicy,
@@ -295,18 +287,34 @@ fn defer(
         );
         now + delay.as_secs()
     });
-    env.next_attempt = Some(next);
-    env.last_error = Some(reason.clone());
+    to_deferred(
+        spool,
+        env,
+        &reason,
+        &reason,
+        Some(next),
+        next.saturating_sub(now),
+    )?;
+    Ok((Next::Deferred(next), Vec::new()))
+}
+
+/// Move the claimed message to `deferred/` with `next_attempt` (`None`: the forwarder decides)
+/// and `reason` as its last error; the log line gives `logged` and says it retries in
+/// `retry_in` seconds.
+fn to_deferred(
+    spool: &Spool,
+    mut env: Envelope,
+    reason: &str,
+    logged: &str,
+    next_attempt: Option<u64>,
+    retry_in: u64,
+) -> Result<(), SpoolError> {
+    env.next_attempt = next_attempt;
+    env.last_error = Some(reason.to_string());
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Deferred)?;
-    maillog::deferred(
-        &env.id,
-        &env.mailbox,
-        &reason,
-        env.attempts,
-        next.saturating_sub(now),
-    );
-    Ok((Next::Deferred(next), Vec::new()))
+    maillog::deferred(&env.id, &env.mailbox, logged, env.attempts, retry_in);
+    Ok(())
 }
 
 /// Fail the message's pending recipients for good (`expired`: it outlived its lifetime);

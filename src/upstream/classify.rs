@@ -817,70 +817,56 @@ mod tests {
 
     #[test]
     fn send_as_refusals_hold_only_that_sender_and_quotas_wait_for_the_window() {
-        let verdict = |stage, line: &str, c: &Context<'_>| {
-            classify(stage, &Reply::from_lines([line]).unwrap(), c)
+        let outcome = |stage, line: &str, c: &Context<'_>| match classify(
+            stage,
+            &Reply::from_lines([line]).unwrap(),
+            c,
+        ) {
+            Verdict::Message(o) => o,
+            v => panic!("{v:?}"),
         };
+        let held = |o| match o {
+            Outcome::Held { scope, .. } => scope,
+            o => panic!("not held: {o:?}"),
+        };
+        let wait = |o| match o {
+            Outcome::Throttled { wait, .. } => wait,
+            o => panic!("not throttled: {o:?}"),
+        };
+        const NO_SEND_AS: &str =
+            "550 5.7.60 SMTP; Client does not have permissions to send as this sender";
         // SendAsDenied names the address; 5.7.60 does not, so the From header decides.
-        let Verdict::Message(Outcome::Held { scope, .. }) = verdict(
-            Stage::DataEnd,
-            "554 5.2.252 SendAsDenied; printer@contoso.com not allowed to send as Bob@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
-            &ctx(),
-        ) else {
-            panic!("not held")
-        };
-        assert_eq!(scope, HoldScope::Sender("bob@contoso.com".into()));
-        let c = Context {
+        let denied = "554 5.2.252 SendAsDenied; printer@contoso.com not allowed to send as Bob@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied";
+        let bob = HoldScope::Sender("bob@contoso.com".into());
+        assert_eq!(held(outcome(Stage::DataEnd, denied, &ctx())), bob);
+        let printer = Context {
             sender: "printer@contoso.com",
+            ..ctx()
+        };
+        let from_bob = Context {
             from: Some("Bob@Contoso.com"),
-            ..ctx()
+            ..printer
         };
-        let Verdict::Message(Outcome::Held { scope, .. }) = verdict(
-            Stage::Mail,
-            "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
-            &c,
-        ) else {
-            panic!("not held")
-        };
-        assert_eq!(scope, HoldScope::Sender("bob@contoso.com".into()));
+        assert_eq!(held(outcome(Stage::Mail, NO_SEND_AS, &from_bob)), bob);
         // Nobody to blame but the mailbox itself: the whole mailbox.
-        let c = Context {
-            sender: "printer@contoso.com",
-            ..ctx()
-        };
-        let Verdict::Message(Outcome::Held { scope, .. }) = verdict(
-            Stage::Mail,
-            "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
-            &c,
-        ) else {
-            panic!("not held")
-        };
-        assert_eq!(scope, HoldScope::Mailbox);
+        assert_eq!(
+            held(outcome(Stage::Mail, NO_SEND_AS, &printer)),
+            HoldScope::Mailbox
+        );
         // A token refusal holds the mailbox.
-        let Verdict::Message(Outcome::Held { scope, .. }) = verdict(
-            Stage::Auth,
-            "535 5.7.3 Authentication unsuccessful [X]",
-            &ctx(),
-        ) else {
-            panic!("not held")
-        };
-        assert_eq!(scope, HoldScope::Mailbox);
+        let refused = "535 5.7.3 Authentication unsuccessful [X]";
+        assert_eq!(
+            held(outcome(Stage::Auth, refused, &ctx())),
+            HoldScope::Mailbox
+        );
         // The recipient quota waits for the window; continuous-error throttling an hour.
-        let Verdict::Message(Outcome::Throttled { wait, .. }) = verdict(
-            Stage::DataEnd,
-            "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
-            &ctx(),
-        ) else {
-            panic!("not throttled")
-        };
-        assert_eq!(wait, None);
-        let Verdict::Message(Outcome::Throttled { wait, .. }) = verdict(
-            Stage::Mail,
-            "550 5.2.252 Sender throttled due to continuous send as denied errors.",
-            &ctx(),
-        ) else {
-            panic!("not throttled")
-        };
-        assert_eq!(wait, Some(CONTINUOUS_ERROR_WAIT));
+        let quota = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException";
+        assert_eq!(wait(outcome(Stage::DataEnd, quota, &ctx())), None);
+        let blocked = "550 5.2.252 Sender throttled due to continuous send as denied errors.";
+        assert_eq!(
+            wait(outcome(Stage::Mail, blocked, &ctx())),
+            Some(CONTINUOUS_ERROR_WAIT)
+        );
     }
 
     #[test]
