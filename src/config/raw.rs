@@ -691,6 +691,9 @@ fn size(
     )
 }
 
+/// How [`number_or_text`] makes its value: from the number, from the string.
+type NumberOrText<T> = (fn(i64) -> T, fn(String) -> T);
+
 /// A value written as a whole number or as a string, made into `T` by `make`; `too_large`
 /// is the fix for a number beyond i64, `wrong_type` the message for anything else (`{}`
 /// stands for what was found).
@@ -698,7 +701,7 @@ fn number_or_text<T>(
     c: &mut Collector<'_>,
     path: &str,
     v: &Spanned<DeValue<'_>>,
-    make: (fn(i64) -> T, fn(String) -> T),
+    make: NumberOrText<T>,
     too_large: &str,
     wrong_type: &str,
 ) -> Option<Spanned<T>> {
