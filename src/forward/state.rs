@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 
 /// The file name under `state_dir`.
 pub const FILE: &str = "delivery.json";
+/// Every name it uses under `state_dir` (the file, and the temp file it is written through),
+/// for the permission checks.
+pub const FILES: &[&str] = &[FILE, TMP];
+const TMP: &str = ".delivery.json.tmp";
 const VERSION: u32 = 1;
 
 /// The whole file.
@@ -101,7 +105,7 @@ pub fn save(state_dir: &Path, saved: &Saved) -> std::io::Result<()> {
     doc.mailboxes.retain(|_, m| !m.is_empty());
     let bytes = serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?;
     let target = path(state_dir);
-    let tmp = state_dir.join(format!(".{FILE}.tmp"));
+    let tmp = state_dir.join(TMP);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
