@@ -551,7 +551,7 @@ impl Forwarder {
             };
             match self.spool.requeue(&best.id) {
                 Ok(_) => {
-                    info!(mailbox = %key.mailbox, queue_id = %best.id, "retrying one held message to see whether {} works again", key.describe());
+                    debug!(mailbox = %key.mailbox, queue_id = %best.id, "retrying one held message to see whether {} works again", key.describe());
                     pause.probe = Some(best.id.clone());
                     if self.known.insert(best.id.clone()) {
                         self.ready.push_back(best.id.clone());

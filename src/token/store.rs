@@ -255,17 +255,22 @@ impl TokenStore {
                 s.token = None;
                 s.refused = Some((refused.token.clone(), r));
                 s.next_is_replacement = true;
-                tracing::info!(
-                    account = %key.account,
-                    mailbox = key.shown_mailbox(),
-                    audience = %key.audience,
-                    "{}",
-                    if r {
+                if r {
+                    // The hold that follows explains it (once, not per probe).
+                    tracing::debug!(
+                        account = %key.account,
+                        mailbox = key.shown_mailbox(),
+                        audience = %key.audience,
                         "the service refused a freshly issued access token as well; the cause is a permission, not the token"
-                    } else {
+                    );
+                } else {
+                    tracing::info!(
+                        account = %key.account,
+                        mailbox = key.shown_mailbox(),
+                        audience = %key.audience,
                         "the service refused a cached access token; getting a new one"
-                    }
-                );
+                    );
+                }
                 r
             }
             // Not cached (any more): a newer token is cached or will be fetched.
