@@ -582,7 +582,7 @@ fn a_fresh_token_refused_is_held_with_the_permission_advice_logged_once() {
     // Let a few probes run (hold_retry = 1s).
     std::thread::sleep(Duration::from_millis(3500));
     assert!(
-        count_lines(&w, "still paused, same cause") >= 2,
+        count_lines(&w, "still paused, same cause") >= 1,
         "probes ran: {}",
         w.postern.log_text()
     );
