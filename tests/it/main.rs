@@ -11,6 +11,7 @@ mod input;
 mod load;
 mod m365;
 mod operations;
+mod powercut;
 mod protocol;
 mod secrets;
 mod sendmail;
