@@ -6,6 +6,8 @@
 //! - `error.rs`: [`ConfigError`]/[`ConfigErrors`], collected so one run reports every mistake,
 //!   each as `file:line:column: key: what is wrong; what to write`.
 //! - `describe.rs`: [`Config::describe`] and [`Config::warnings`] for `postern check`.
+//! - `env.rs`: the `POSTERN_*` environment variables of a container turned into the TOML they
+//!   stand for and validated like a file, errors naming the variable.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
