@@ -139,6 +139,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         drafts_removed = r.drafts_removed,
         restored = r.restored,
         delivered_removed = r.delivered_removed,
+        duplicates_removed = r.duplicates_removed,
         requeued = r.requeued,
         quarantined = r.quarantined,
         "spool recovered"

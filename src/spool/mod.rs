@@ -134,6 +134,9 @@ pub struct Recovery {
     /// Queue files of delivered messages that a crash brought back, removed (their journal
     /// done record says they were sent).
     pub delivered_removed: usize,
+    /// Second names of one message in two queue directories (a move a crash left on both
+    /// sides), removed.
+    pub duplicates_removed: usize,
 }
 
 /// A message as listed by `queue list`.
@@ -354,6 +357,7 @@ impl Spool {
                 r.requeued += 1;
             }
         }
+        r.duplicates_removed = self.remove_second_names()?;
         for s in [State::Incoming, State::Deferred, State::Hold, State::Failed] {
             for name in list_names(&self.state_dir(s))? {
                 match self.check_message(s, &name) {
@@ -373,6 +377,28 @@ impl Spool {
                 .map_err(|e| SpoolError::io("reset", &jpath, e))?;
         }
         Ok(r)
+    }
+
+    /// After a power cut, a move between two queue directories can survive on both sides (the
+    /// destination's directory was flushed, the source's was not): one message, two names.
+    /// Keep one, so the message is neither scheduled twice nor skipped as already known. The
+    /// name kept is the one that sends least eagerly (failed, then hold, incoming, deferred):
+    /// the crash may have undone an admin's retry or release, never a delivery or a refusal.
+    fn remove_second_names(&self) -> Result<usize, SpoolError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut removed = 0;
+        for s in [State::Failed, State::Hold, State::Incoming, State::Deferred] {
+            for id in list_names(&self.state_dir(s))? {
+                if !is_valid_id(&id) || seen.insert(id.clone()) {
+                    continue;
+                }
+                let p = self.msg_path(s, &id);
+                warn!(path = %p.display(), "second name of a queued message left by a crash; removed");
+                durable::remove_file_durable(&p).map_err(|e| SpoolError::io("remove", &p, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Make sure the journaled message `id` exists as a queue file starting with `bytes`;

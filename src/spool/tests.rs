@@ -152,6 +152,7 @@ async fn recovery_wipes_tmp_requeues_active_and_quarantines_corrupt() {
             quarantined: 2,
             restored: 0,
             delivered_removed: 0,
+            duplicates_removed: 0,
         }
     );
     assert_eq!(spool.find(&a), Some(State::Incoming));
@@ -829,4 +830,46 @@ fn lock_file_is_private() {
     let _spool = Spool::open_exclusive(dir.path()).unwrap();
     let mode = std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+}
+
+/// A move a power cut left on both sides (the destination's directory flushed, the source's
+/// not) is one message under two names: recovery keeps one, so the forwarder neither schedules
+/// it twice nor skips the second name as already known (found by the power-cut test).
+#[tokio::test]
+async fn a_message_left_in_two_queue_directories_keeps_one_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (deferred_too, held_too);
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        deferred_too = queue_one(&spool, b"Subject: a\r\n\r\nx\r\n").await;
+        held_too = queue_one(&spool, b"Subject: b\r\n\r\ny\r\n").await;
+        spool.claim(&deferred_too, State::Incoming).unwrap();
+        let active = spool.msg_path(State::Active, &deferred_too);
+        std::fs::hard_link(&active, spool.msg_path(State::Deferred, &deferred_too)).unwrap();
+        std::fs::hard_link(
+            spool.msg_path(State::Incoming, &held_too),
+            spool.msg_path(State::Hold, &held_too),
+        )
+        .unwrap();
+    }
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let r = spool.recover().unwrap();
+    assert_eq!(r.duplicates_removed, 2, "{r:?}");
+    assert_eq!(r.quarantined, 0);
+    let names = |id: &str| {
+        State::QUEUED
+            .into_iter()
+            .filter(|s| spool.msg_path(*s, id).exists())
+            .collect::<Vec<_>>()
+    };
+    // active/ was requeued into incoming/, which is kept over deferred/; hold/ over incoming/
+    assert_eq!(names(&deferred_too), vec![State::Incoming]);
+    assert_eq!(names(&held_too), vec![State::Hold]);
+    assert_eq!(
+        spool
+            .read_envelope(State::Incoming, &deferred_too)
+            .unwrap()
+            .id,
+        deferred_too
+    );
 }
