@@ -29,9 +29,11 @@ else
   export RUSTC_BOOTSTRAP=1
 fi
 
+# Every [[bin]] of fuzz/Cargo.toml; a target without a seeds/ directory starts from nothing.
+mapfile -t targets < <(cargo "${toolchain[@]}" fuzz list)
 status=0
-for target in command_parser data_reader; do
-  mkdir -p "fuzz/corpus/$target"
+for target in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$target" "fuzz/seeds/$target"
   echo "== fuzzing $target for ${secs}s"
   if ! cargo "${toolchain[@]}" fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
       -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1; then

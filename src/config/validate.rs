@@ -104,6 +104,11 @@ mod defaults {
     pub const STATE_DIR: &str = "/var/lib/postern";
     pub const MAX_CONNECTIONS: usize = 200;
     pub const MAX_CONNECTIONS_PER_IP: usize = 20;
+    /// A client logs in within a few hundred milliseconds of connecting; five at once from one
+    /// address is plenty for a NAT gateway of devices, and keeps a flood that never logs in
+    /// from taking every slot.
+    pub const MAX_UNAUTHENTICATED_PER_IP: usize = 5;
+    pub const MESSAGE_MEMORY: u64 = crate::spool::DEFAULT_MESSAGE_MEMORY;
     pub const MIN_FREE_DISK: u64 = 100_000_000;
     pub const AUTH_MAX_FAILURES: u32 = 5;
     pub const AUTH_LOCKOUT: Duration = Duration::from_secs(15 * 60);
@@ -121,6 +126,8 @@ mod defaults {
     pub const MAX_RECIPIENTS: usize = 100;
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
     pub const DATA_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+    /// Postfix's smtpd_min_data_rate.
+    pub const MIN_DATA_RATE: u64 = 500;
     pub const SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
     pub const MAX_ERRORS: u32 = 10;
 }
@@ -295,6 +302,18 @@ impl Checker<'_, '_> {
                 "limits.max_connections_per_ip",
                 r.max_connections_per_ip,
                 defaults::MAX_CONNECTIONS_PER_IP,
+            ),
+            max_unauthenticated_per_ip: self.count(
+                "limits.max_unauthenticated_per_ip",
+                r.max_unauthenticated_per_ip,
+                defaults::MAX_UNAUTHENTICATED_PER_IP,
+            ),
+            // 0 is allowed: every body then goes straight to disk.
+            message_memory: self.size(
+                "limits.message_memory",
+                r.message_memory,
+                defaults::MESSAGE_MEMORY,
+                true,
             ),
             // 0 is allowed here: it turns the free-space check off.
             min_free_disk: self.size(
@@ -526,6 +545,13 @@ impl Checker<'_, '_> {
                 r.data_timeout.as_ref(),
                 defaults::DATA_TIMEOUT,
                 false,
+            ),
+            // 0 is allowed: only data_timeout applies.
+            min_data_rate: self.size(
+                &k("min_data_rate"),
+                r.min_data_rate,
+                defaults::MIN_DATA_RATE,
+                true,
             ),
             session_timeout: self.duration(
                 &k("session_timeout"),

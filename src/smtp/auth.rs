@@ -2,19 +2,21 @@
 //!
 //! Passwords are never logged; decoded credentials live in [`Zeroizing`] buffers and are wiped
 //! when dropped. An unknown user still costs one argon2 verification (against a dummy hash
-//! with the same parameters as the configured users), so user names cannot be probed by
-//! timing.
+//! with the most expensive parameters among the configured users), so user names cannot be
+//! probed by timing. Few checks run at once ([`AuthGuard::check`]), so a crowd of clients
+//! sending wrong passwords costs time, not memory.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -73,7 +75,8 @@ pub fn decode_plain(b64: &str) -> Result<Credentials, SaslError> {
 }
 
 /// Check a password against the configured users. Slow on purpose (argon2): run it on a
-/// blocking thread. Unknown users cost the same as known ones.
+/// blocking thread, through [`AuthGuard::check`] so that few run at once. Unknown users cost
+/// as much as the most expensive known one.
 pub fn verify_password(config: &Config, user: &str, password: &[u8]) -> bool {
     let Some(u) = config.user(user) else {
         dummy_verify(config, password);
@@ -89,23 +92,38 @@ pub fn verify_password(config: &Config, user: &str, password: &[u8]) -> bool {
     }
 }
 
-/// Verify against a dummy hash with the parameters of the first configured user, so an
-/// unknown user name takes as long as a known one.
-fn dummy_verify(config: &Config, password: &[u8]) {
-    static DUMMY: Mutex<Option<(String, String)>> = Mutex::new(None);
-    let params = config
+/// The most expensive argon2 parameters among the configured users (memory × passes, then
+/// lanes), or argon2's defaults without users. A dummy check with them takes at least as long
+/// as any real one, so a fast "535" never tells that a name is unknown.
+fn dummy_params(config: &Config) -> Params {
+    config
         .users
         .iter()
-        .find_map(|u| {
+        .filter_map(|u| {
             let h = PasswordHash::new(&u.password_hash).ok()?;
             Params::try_from(&h).ok()
         })
-        .unwrap_or_default();
+        .max_by_key(|p| {
+            (
+                u64::from(p.m_cost()) * u64::from(p.t_cost()),
+                p.p_cost(),
+                p.output_len(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// Verify against a dummy hash with [`dummy_params`], so an unknown user name takes as long
+/// as the slowest known one.
+fn dummy_verify(config: &Config, password: &[u8]) {
+    static DUMMY: Mutex<Option<(String, String)>> = Mutex::new(None);
+    let params = dummy_params(config);
     let key = format!(
-        "{}/{}/{}",
+        "{}/{}/{}/{:?}",
         params.m_cost(),
         params.t_cost(),
-        params.p_cost()
+        params.p_cost(),
+        params.output_len()
     );
     let cached = DUMMY.lock().ok().and_then(|g| {
         g.as_ref()
@@ -132,6 +150,26 @@ fn dummy_verify(config: &Config, password: &[u8]) {
     if let Ok(hash) = PasswordHash::new(&phc) {
         let _ = Argon2::default().verify_password(password, &hash);
     }
+}
+
+/// Password checks that may run at once, over all listeners. Each holds its hash's memory
+/// cost (19 MiB with `postern hash-password`'s parameters) for tens of milliseconds: without a
+/// bound, 200 clients sending one wrong password each took 3.5 GB. One per core (so checks
+/// never queue behind each other for CPU), and no more than four even on a big machine.
+fn check_slots() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// Why a password could not be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckError {
+    /// No check slot came free before the deadline (`454 4.7.0`, try again).
+    Busy,
+    /// The blocking task failed (panicked).
+    Failed,
 }
 
 /// What the guard says after a failed attempt.
@@ -165,6 +203,8 @@ const PRUNE_AT: usize = 4096;
 pub struct AuthGuard {
     table: Mutex<HashMap<IpAddr, Entry>>,
     limits: Mutex<(u32, Duration)>,
+    /// Permits to run an argon2 check (see [`check_slots`]).
+    checks: Arc<Semaphore>,
 }
 
 impl AuthGuard {
@@ -173,7 +213,31 @@ impl AuthGuard {
         Self {
             table: Mutex::new(HashMap::new()),
             limits: Mutex::new((max_failures, lockout)),
+            checks: Arc::new(Semaphore::new(check_slots())),
         }
+    }
+
+    /// Check `creds` against `config`'s users on a blocking thread, once one of the few check
+    /// slots is free. Clients queue here holding nothing but their place in line; one still
+    /// waiting at `deadline` gets [`CheckError::Busy`].
+    pub async fn check(
+        &self,
+        config: Arc<Config>,
+        creds: Credentials,
+        deadline: Instant,
+    ) -> Result<bool, CheckError> {
+        let permit =
+            match tokio::time::timeout_at(deadline, self.checks.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) | Err(_) => return Err(CheckError::Busy),
+            };
+        tokio::task::spawn_blocking(move || {
+            let ok = verify_password(&config, &creds.user, &creds.password);
+            drop(permit);
+            ok
+        })
+        .await
+        .map_err(|_| CheckError::Failed)
     }
 
     /// A guard from `config.limits`.
@@ -293,6 +357,93 @@ mod tests {
         let mut bad = cfg.clone();
         bad.users[0].password_hash = "not-a-hash".into();
         assert!(!verify_password(&bad, "scanner", b"right"));
+    }
+
+    /// A PHC string with these parameters (the hash bytes are never checked here).
+    fn phc(m: u32, t: u32, p: u32) -> String {
+        format!(
+            "$argon2id$v=19$m={m},t={t},p={p}$cG9zdGVybi10ZXN0LXNhbHQ$vQHoBfYySye3Ul3+1wE9tIiPw+P/TYI5Er0b+aERM6c"
+        )
+    }
+
+    #[test]
+    fn unknown_users_cost_as_much_as_the_most_expensive_user() {
+        let mut cfg = config_with_users(vec![
+            user("cheap", "a", &["*"]),
+            user("default", "b", &["*"]),
+            user("heavy", "c", &["*"]),
+            user("wide", "d", &["*"]),
+        ]);
+        // The first user is the cheapest (the old dummy copied its parameters): the dummy
+        // must take the heaviest, by memory × passes, not the first or the widest.
+        cfg.users[0].password_hash = phc(8, 1, 1);
+        cfg.users[1].password_hash = phc(19456, 2, 1);
+        cfg.users[2].password_hash = phc(65536, 3, 4);
+        cfg.users[3].password_hash = phc(32768, 1, 8);
+        let p = dummy_params(&cfg);
+        assert_eq!((p.m_cost(), p.t_cost(), p.p_cost()), (65536, 3, 4));
+        // Whatever the file order.
+        cfg.users.reverse();
+        let p = dummy_params(&cfg);
+        assert_eq!((p.m_cost(), p.t_cost(), p.p_cost()), (65536, 3, 4));
+        // No users: argon2's defaults (what `postern hash-password` uses).
+        let p = dummy_params(&config_with_users(vec![]));
+        let d = Params::default();
+        assert_eq!(
+            (p.m_cost(), p.t_cost(), p.p_cost()),
+            (d.m_cost(), d.t_cost(), d.p_cost())
+        );
+    }
+
+    #[tokio::test]
+    async fn checks_wait_for_a_free_slot_without_running() {
+        let cfg = Arc::new(config_with_users(vec![user("scanner", "right", &["*"])]));
+        let g = AuthGuard::new(5, Duration::from_secs(600));
+        assert!(g.checks.available_permits() >= 1);
+        let creds = |pw: &[u8]| Credentials {
+            user: "scanner".into(),
+            password: Zeroizing::new(pw.to_vec()),
+        };
+        let soon = || Instant::now() + Duration::from_millis(200);
+        assert_eq!(
+            g.check(cfg.clone(), creds(b"right"), soon()).await,
+            Ok(true)
+        );
+        assert_eq!(
+            g.check(cfg.clone(), creds(b"wrong"), soon()).await,
+            Ok(false)
+        );
+        // Every slot busy: a client waits, then gives up at its deadline.
+        let held = g
+            .checks
+            .clone()
+            .acquire_many_owned(g.checks.available_permits() as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            g.check(cfg.clone(), creds(b"right"), soon()).await,
+            Err(CheckError::Busy)
+        );
+        // A slot comes free while it waits: it runs.
+        let waiting = tokio::spawn({
+            let g = Arc::new(g);
+            let cfg = cfg.clone();
+            async move {
+                let r = g
+                    .check(
+                        cfg,
+                        creds(b"right"),
+                        Instant::now() + Duration::from_secs(30),
+                    )
+                    .await;
+                (r, g.checks.available_permits())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        let (r, free) = waiting.await.unwrap();
+        assert_eq!(r, Ok(true));
+        assert_eq!(free, check_slots(), "every slot given back");
     }
 
     #[tokio::test(start_paused = true)]
