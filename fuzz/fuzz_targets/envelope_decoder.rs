@@ -40,7 +40,14 @@ fuzz_target!(|data: &[u8]| {
     msgfile::append(path, &env).expect("append to a readable queue file");
     let (again, new_end) = msgfile::read(path).expect("read after append");
     assert_eq!(again, env, "envelope changed by a write-back");
-    assert_eq!(new_end, end + trailer.len() as u64, "append did not cut the torn tail");
-    assert!(!msgfile::repair(path).expect("repair"), "repair found a torn tail after append");
+    assert_eq!(
+        new_end,
+        end + trailer.len() as u64,
+        "append did not cut the torn tail"
+    );
+    assert!(
+        !msgfile::repair(path).expect("repair"),
+        "repair found a torn tail after append"
+    );
     let _ = std::fs::remove_file(path);
 });

@@ -1,7 +1,8 @@
 //! Drives a [`Session`] over any `AsyncRead + AsyncWrite` stream: line framing with a length
-//! cap, per-command / DATA / whole-session timeouts, the error budget, pipelining, the
-//! STARTTLS upgrade, AUTH checks off the async threads, streaming bodies into the spool, and
-//! `421` on shutdown. How a connection ended is a [`ConnEnd`], logged once.
+//! cap, a deadline per command line, a time budget with a minimum rate for DATA/BDAT, the
+//! whole-session deadline, the error budget, pipelining, the STARTTLS upgrade, AUTH checks off
+//! the async threads, streaming bodies into the spool, and `421` on shutdown or when the
+//! connection limiter takes the slot back. How a connection ended is a [`ConnEnd`], logged once.
 
 use std::fmt;
 use std::net::SocketAddr;
