@@ -37,6 +37,12 @@ pub enum DaemonError {
     /// The spool could not be opened or recovered.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// Other users could write the spool or state directory.
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::Refusal),
+    /// The control socket could not be opened.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     /// A listener could not be bound.
     #[error("listener \"{name}\": cannot listen on {address}: {source}")]
     Bind {
@@ -70,6 +76,7 @@ struct Listeners {
 pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     raise_fd_limit();
+    crate::trust::prepare_serve(&config)?;
     let spool = Spool::open_exclusive(&config.spool_dir)?;
     spool.set_min_free(config.limits.min_free_disk);
     spool.set_message_memory(config.limits.message_memory);
@@ -82,6 +89,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         quarantined = r.quarantined,
         "spool recovered"
     );
+    let control_path = control::socket_path(&config.spool_dir);
+    let control_listener = control::bind(&control_path)?;
 
     let shutdown = CancellationToken::new();
     let conns = TaskTracker::new();
@@ -102,7 +111,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     );
     let forwarder = tokio::spawn(forwarder.run());
     let control_task = tokio::spawn(control::serve(
-        control::socket_path(&config.spool_dir),
+        control_listener,
+        control_path,
         kick.clone(),
         shutdown.clone(),
     ));

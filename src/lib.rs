@@ -19,6 +19,7 @@
 //! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
+//! - [`trust`]: who may touch postern's files: the start-up checks of `serve` and `check`.
 
 pub mod admin;
 pub mod cli;
@@ -31,4 +32,5 @@ pub mod secret;
 pub mod smtp;
 pub mod spool;
 pub mod token;
+pub mod trust;
 pub mod upstream;

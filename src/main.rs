@@ -28,7 +28,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("postern: {e:#}");
-            if e.downcast_ref::<ConfigErrors>().is_some() {
+            let untrusted = matches!(
+                e.downcast_ref::<daemon::DaemonError>(),
+                Some(daemon::DaemonError::Untrusted(_))
+            );
+            if e.downcast_ref::<ConfigErrors>().is_some() || untrusted {
                 ExitCode::from(EX_CONFIG)
             } else {
                 ExitCode::from(EX_SOFTWARE)
@@ -63,7 +67,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for w in postern::token::store::expiry_warnings(&certs, horizon) {
                 println!("warning: {w}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(check_files(&cfg))
         }
         Command::Serve => {
             let source = ConfigSource::resolve(cli.config.as_deref());
@@ -112,6 +116,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `check`: who may touch the spool, state and secret files (exit 78 on a refusal).
+fn check_files(cfg: &Config) -> ExitCode {
+    let report = postern::trust::check(cfg);
+    println!("files checked for {}, {}", report.user, report.basis);
+    for f in &report.findings {
+        match f.severity {
+            postern::trust::Severity::Warning => println!("warning: {f}"),
+            postern::trust::Severity::Refusal => println!("error: {f}"),
+        }
+    }
+    if !report.refused() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "postern: {}: files and directories are not safe to use; fix with (as root):",
+        cfg.source
+    );
+    for c in postern::trust::fix_commands(&report.findings) {
+        eprintln!("  {c}");
+    }
+    ExitCode::from(EX_CONFIG)
+}
+
 /// A small runtime for one-shot commands that talk to Entra.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -151,11 +178,17 @@ impl ConfigSource {
 }
 
 fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
-    if !cfg.spool_dir.is_dir() {
-        bail!(
+    match std::fs::read_dir(&cfg.spool_dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "spool directory {} does not exist (has postern ever run with this configuration?)",
             cfg.spool_dir.display()
-        );
+        ),
+        Err(e) => bail!(
+            "cannot read the spool directory {}: {e}; run queue commands as root or as the user postern runs as (the owner of {})",
+            cfg.spool_dir.display(),
+            cfg.spool_dir.display()
+        ),
     }
     let spool = Spool::open_shared(&cfg.spool_dir)?;
     let changed = |what: &str| {

@@ -37,7 +37,7 @@ pub struct Config {
     pub hostname: String,
     /// Spool root (state directories live below it).
     pub spool_dir: PathBuf,
-    /// State directory (token files, control socket).
+    /// State directory (refresh token files; the control socket is in `spool_dir`).
     pub state_dir: PathBuf,
     /// Global connection limits and disk reserve.
     pub limits: GlobalLimits,

@@ -345,7 +345,7 @@ pub(super) fn flush_queue_files(
             .filter_map(|id| {
                 State::QUEUED
                     .iter()
-                    .find_map(|s| File::open(root.join(s.dir()).join(id)).ok())
+                    .find_map(|s| durable::open_existing(&root.join(s.dir()).join(id), false).ok())
             })
             .collect()
     };

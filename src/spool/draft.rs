@@ -43,12 +43,8 @@ pub struct Draft {
 }
 
 fn create(path: &PathBuf) -> Result<File, SpoolError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
+    durable::create_new()
         .read(true)
-        .create_new(true)
-        .mode(durable::FILE_MODE)
         .open(path)
         .map_err(|e| SpoolError::io("create", path, e))
 }

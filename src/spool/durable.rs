@@ -9,9 +9,16 @@
 //! Two renames are deliberately not synced (see `Spool::claim` and `Spool::remove_delivered`):
 //! claiming a message, because recovery treats both sides alike, and removing a delivered one,
 //! because losing that removal only resends, which at-least-once delivery already allows.
+//!
+//! Trust: files are opened and created with `O_NOFOLLOW` (a symlink planted in the spool is
+//! never written or read through) and `O_NONBLOCK` (a FIFO never blocks a thread), and spool
+//! directories are listed through `O_DIRECTORY|O_NOFOLLOW` descriptors. Only `fsync_dir`
+//! follows a symlink at the last component: syncing reads and changes nothing, and the
+//! directories an admin configures (spool root, file transport, state) may be symlinks.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -20,18 +27,87 @@ pub const FILE_MODE: u32 = 0o600;
 /// Mode of every directory postern creates in the spool.
 pub const DIR_MODE: u32 = 0o700;
 
+/// Flags for every file opened in the spool: see the module docs.
+pub const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+
 /// fsync a directory so the entries created, renamed or removed in it are on disk.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?
+        .sync_all()
+}
+
+/// Options that create a new spool file (mode 0600, never through a symlink).
+pub fn create_new() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(OPEN_FLAGS);
+    o
+}
+
+/// Open an existing spool file for reading (or also writing) without following a symlink or
+/// blocking on a FIFO. The caller checks with `metadata()` that it got a regular file.
+pub fn open_existing(path: &Path, write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(OPEN_FLAGS)
+        .open(path)
+}
+
+/// Open a spool directory without following a symlink (`O_DIRECTORY|O_NOFOLLOW`).
+pub fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)?;
+    Ok(f.into())
+}
+
+/// An entry of a spool directory: its name (UTF-8 names only: postern writes no others),
+/// inode number, and whether it is known to be a regular file (`None`: the filesystem does
+/// not say without a `stat`).
+pub struct Entry {
+    /// File name.
+    pub name: String,
+    /// Inode number.
+    pub ino: u64,
+    /// Regular file?
+    pub regular: Option<bool>,
+}
+
+/// List a spool directory opened with `O_DIRECTORY|O_NOFOLLOW`.
+pub fn list_dir(dir: &Path) -> io::Result<Vec<Entry>> {
+    use rustix::fs::FileType;
+    let mut out = Vec::new();
+    for e in rustix::fs::Dir::new(open_dir(dir)?)? {
+        let e = e?;
+        let Ok(name) = e.file_name().to_str() else {
+            continue;
+        };
+        if name == "." || name == ".." {
+            continue;
+        }
+        let regular = match e.file_type() {
+            FileType::Unknown => None,
+            t => Some(t == FileType::RegularFile),
+        };
+        out.push(Entry {
+            name: name.to_owned(),
+            ino: e.ino(),
+            regular,
+        });
+    }
+    Ok(out)
 }
 
 /// Create `path` (it must not exist), write `bytes` and `fdatasync` it.
 pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path)?;
+    let mut f = create_new().open(path)?;
     f.write_all(bytes)?;
     f.sync_data()
 }
@@ -39,11 +115,7 @@ pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Create `path` (it must not exist) with `bytes`, without a flush (the intake journal holds
 /// the bytes; see `journal.rs`). A partial file is removed again on failure.
 pub fn write_new_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path)?;
+    let mut f = create_new().open(path)?;
     f.write_all(bytes).inspect_err(|_| {
         let _ = fs::remove_file(path);
     })
@@ -121,12 +193,9 @@ pub fn create_dir_durable(path: &Path) -> io::Result<()> {
 /// caller fsyncs the directory, once for several files.
 pub fn copy_synced(mut from: impl io::Read, to: &Path) -> io::Result<u64> {
     let tmp = sibling_tmp(to);
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(FILE_MODE)
-        .open(&tmp)?;
+    // A leftover from a crash mid-copy is garbage: replace it (never write through it).
+    let _ = fs::remove_file(&tmp);
+    let mut out = create_new().open(&tmp)?;
     let n = io::copy(&mut from, &mut out)?;
     out.sync_data()?;
     drop(out);

@@ -187,6 +187,7 @@ fn create_segment(path: &Path, generation: u64) -> io::Result<File> {
         .write(true)
         .create_new(true)
         .mode(durable::FILE_MODE)
+        .custom_flags(durable::OPEN_FLAGS)
         .open(&tmp)?;
     let zeros = vec![0u8; 1 << 20];
     let mut off = 0;
@@ -204,7 +205,7 @@ fn create_segment(path: &Path, generation: u64) -> io::Result<File> {
 }
 
 fn open_segment(path: &Path) -> io::Result<File> {
-    OpenOptions::new().read(true).write(true).open(path)
+    durable::open_existing(path, true)
 }
 
 impl Journal {

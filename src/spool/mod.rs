@@ -11,6 +11,12 @@
 //! a crash took, wipes `tmp/`, moves `active/` back to `incoming/`, cuts torn envelope appends
 //! and quarantines anything unreadable in `corrupt/`. All raw filesystem writes live in
 //! `durable.rs`, `msgfile.rs`, `journal.rs` and `recycle.rs`.
+//!
+//! Trust, as Postfix's: the spool is private to the service user (the daemon refuses to start
+//! otherwise, see `crate::trust`), nothing in it is opened through a symlink, and a queue file
+//! that is not a regular file owned by the spool's owner is never delivered: the daemon moves
+//! it to `corrupt/` with a warning naming its owner. Admin commands (`queue ...`) never create
+//! anything in the spool, so running them as root leaves no root-owned directory behind.
 
 mod commit;
 mod draft;
@@ -74,6 +80,15 @@ pub enum SpoolError {
         /// Why the operation is refused.
         why: &'static str,
     },
+    /// A file in a queue directory that postern did not write (not a regular file, or another
+    /// user's): never delivered.
+    #[error("{}: {why}; not a queue file postern wrote, so it is never delivered", path.display())]
+    Untrusted {
+        /// The file.
+        path: PathBuf,
+        /// What it is (a symbolic link, a FIFO, owned by another user...).
+        why: String,
+    },
     /// Another postern process already owns this spool.
     #[error("spool {} is locked by another running postern (lock file {}); stop it first or use another spool_dir", root.display(), root.join("lock").display())]
     Locked {
@@ -88,6 +103,12 @@ impl SpoolError {
             op,
             path: path.to_path_buf(),
             source,
+        }
+    }
+    pub(crate) fn untrusted(path: &Path, why: String) -> Self {
+        Self::Untrusted {
+            path: path.to_path_buf(),
+            why,
         }
     }
     pub(crate) fn other(op: &'static str, path: &Path, msg: impl ToString) -> Self {
@@ -123,6 +144,9 @@ pub struct Listed {
 
 pub(crate) struct Inner {
     root: PathBuf,
+    /// Whose queue files we trust: the daemon's own uid (its start-up check makes sure the
+    /// spool is its own), for admin commands the spool root's owner.
+    owner: u32,
     committer: commit::Committer,
     /// The intake journal; only the daemon's (exclusive) handle has one.
     journal: Option<Arc<journal::Journal>>,
@@ -158,17 +182,30 @@ impl Spool {
         Self::open_inner(root, true)
     }
 
-    /// Open the spool for admin commands (`queue ...`) while the daemon may be running.
+    /// Open the spool for admin commands (`queue ...`) while the daemon may be running. Creates
+    /// nothing: an admin command run as root must not leave root-owned directories in the
+    /// service user's spool (a missing state directory reads as empty).
     pub fn open_shared(root: &Path) -> Result<Self, SpoolError> {
         Self::open_inner(root, false)
     }
 
     fn open_inner(root: &Path, exclusive: bool) -> Result<Self, SpoolError> {
-        durable::create_dir_durable(root).map_err(|e| SpoolError::io("create", root, e))?;
-        for s in State::ALL {
-            let d = root.join(s.dir());
-            durable::create_dir_durable(&d).map_err(|e| SpoolError::io("create", &d, e))?;
+        use std::os::unix::fs::MetadataExt;
+        if exclusive {
+            for d in managed_dirs(root) {
+                durable::create_dir_durable(&d).map_err(|e| SpoolError::io("create", &d, e))?;
+            }
         }
+        let meta = std::fs::metadata(root).map_err(|e| SpoolError::io("open", root, e))?;
+        if !meta.is_dir() {
+            return Err(SpoolError::other("open", root, "not a directory"));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let owner = if exclusive {
+            unsafe { libc::geteuid() }
+        } else {
+            meta.uid()
+        };
         let lock = if exclusive { Some(lock(root)?) } else { None };
         // Admin commands never accept mail, so only the daemon opens the journal.
         let journal = if exclusive {
@@ -179,11 +216,7 @@ impl Spool {
             None
         };
         let moves = Arc::new(RwLock::new(()));
-        let free = Arc::new(recycle::FreeFiles::new(root));
-        if exclusive {
-            let d = root.join(recycle::FREE_DIR);
-            durable::create_dir_durable(&d).map_err(|e| SpoolError::io("create", &d, e))?;
-        }
+        let free = Arc::new(recycle::FreeFiles::new(root, owner));
         let (new_tx, new_rx) = mpsc::unbounded_channel();
         let committer = commit::Committer::start(
             root.to_path_buf(),
@@ -196,6 +229,7 @@ impl Spool {
         Ok(Self {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
+                owner,
                 committer,
                 journal,
                 moves,
@@ -275,7 +309,6 @@ impl Spool {
         let queued = self.queued_inodes()?;
         let leftovers = [&tmp, &free]
             .into_iter()
-            .filter(|d| d.is_dir())
             .map(|d| {
                 list_names(d).map(|names| names.into_iter().map(|n| d.join(n)).collect::<Vec<_>>())
             })
@@ -304,10 +337,12 @@ impl Spool {
         }
         for s in [State::Incoming, State::Deferred, State::Hold, State::Failed] {
             for name in list_names(&self.state_dir(s))? {
-                if let Err(why) = self.check_message(s, &name) {
-                    self.quarantine(s, &name, &why)?;
-                    r.quarantined += 1;
+                match self.check_message(s, &name) {
+                    Ok(()) => continue,
+                    Err(SpoolError::Untrusted { why, .. }) => self.set_aside(s, &name, &why),
+                    Err(e) => self.quarantine(s, &name, &e.to_string())?,
                 }
+                r.quarantined += 1;
             }
         }
         if let Some(j) = &self.inner.journal {
@@ -330,10 +365,10 @@ impl Spool {
         let mut intact = false;
         for s in State::QUEUED {
             let p = self.msg_path(s, id);
-            if !p.exists() {
+            if std::fs::symlink_metadata(&p).is_err() {
                 continue;
             }
-            if starts_with(&p, bytes) {
+            if self.starts_with(&p, bytes) {
                 intact = true;
             } else {
                 warn!(path = %p.display(), "queue file damaged by a crash; writing it again from the journal");
@@ -345,7 +380,7 @@ impl Spool {
         }
         let t = self.msg_path(State::Tmp, id);
         let to = self.msg_path(State::Incoming, id);
-        if !(t.exists() && starts_with(&t, bytes)) {
+        if !self.starts_with(&t, bytes) {
             durable::remove_file(&t).map_err(|e| SpoolError::io("remove", &t, e))?;
             durable::write_new_synced(&t, bytes).map_err(|e| SpoolError::io("write", &t, e))?;
         }
@@ -355,16 +390,23 @@ impl Spool {
 
     /// Inode numbers of every file in the queue's state directories.
     fn queued_inodes(&self) -> Result<std::collections::HashSet<u64>, SpoolError> {
-        use std::os::unix::fs::DirEntryExt;
         let mut set = std::collections::HashSet::new();
         for s in State::QUEUED {
             let d = self.state_dir(s);
-            let rd = std::fs::read_dir(&d).map_err(|e| SpoolError::io("list", &d, e))?;
-            for e in rd.flatten() {
-                set.insert(e.ino());
-            }
+            let entries = durable::list_dir(&d).map_err(|e| SpoolError::io("list", &d, e))?;
+            set.extend(entries.into_iter().map(|e| e.ino));
         }
         Ok(set)
+    }
+
+    /// Does the queue file at `path` (regular, ours) start with `bytes`?
+    fn starts_with(&self, path: &Path, bytes: &[u8]) -> bool {
+        use std::os::unix::fs::FileExt;
+        let Ok(f) = msgfile::open(path, false, Some(self.inner.owner)) else {
+            return false;
+        };
+        let mut buf = vec![0u8; bytes.len()];
+        f.read_exact_at(&mut buf, 0).is_ok() && buf == bytes
     }
 
     /// Checkpoint the whole journal (at shutdown): afterwards every queued message is durable
@@ -395,49 +437,88 @@ impl Spool {
         Ok(())
     }
 
-    fn check_message(&self, s: State, name: &str) -> Result<(), String> {
-        if !is_valid_id(name) {
-            return Err("name is not a queue id".into());
-        }
+    fn check_message(&self, s: State, name: &str) -> Result<(), SpoolError> {
         let path = self.msg_path(s, name);
-        if !path.is_file() {
-            return Err("not a queue file".into());
+        if !is_valid_id(name) {
+            return Err(SpoolError::other("check", &path, "name is not a queue id"));
         }
         // A crash during an envelope append leaves a torn tail: cut it; the previous envelope
-        // stays in force.
-        msgfile::repair(&path).map_err(|e| e.to_string())?;
-        let env = self.read_envelope_at(&path).map_err(|e| e.to_string())?;
+        // stays in force. (Opening it also refuses what postern did not write.)
+        msgfile::repair(&path, Some(self.inner.owner))?;
+        let (env, _) = msgfile::read(&path, Some(self.inner.owner))?;
         if env.id != name {
-            return Err(format!(
-                "envelope says id {} but the file is {name}",
-                env.id
+            return Err(SpoolError::other(
+                "check",
+                &path,
+                format!("envelope says id {} but the file is {name}", env.id),
             ));
         }
-        msgfile::check_size(&path, &env)
+        msgfile::check_size(&path, &env).map_err(|why| SpoolError::other("check", &path, why))
+    }
+
+    /// Move something postern did not write out of a queue directory into `corrupt/`, so it is
+    /// never delivered; if even that fails, leave it (still never delivered) and say so.
+    fn set_aside(&self, s: State, name: &str, why: &str) {
+        use std::os::unix::fs::MetadataExt;
+        let from = self.msg_path(s, name);
+        let owner = std::fs::symlink_metadata(&from)
+            .map(|m| crate::trust::describe_user(m.uid()))
+            .unwrap_or_else(|_| "unknown".into());
+        match self.quarantine_to(s, name) {
+            Ok(to) => warn!(
+                path = %from.display(),
+                owner = %owner,
+                reason = why,
+                moved_to = %to.display(),
+                "file in the queue that postern did not write (not a regular file, or another user's): moved to corrupt/, never delivered"
+            ),
+            Err(e) => warn!(
+                path = %from.display(),
+                owner = %owner,
+                reason = why,
+                error = %e,
+                "file in the queue that postern did not write cannot be moved to corrupt/; ignored, never delivered"
+            ),
+        }
     }
 
     fn quarantine(&self, s: State, name: &str, why: &str) -> Result<(), SpoolError> {
         let from = self.msg_path(s, name);
+        warn!(path = %from.display(), reason = why, "unreadable message moved to corrupt/");
+        self.quarantine_to(s, name).map(|_| ())
+    }
+
+    /// Rename `s/name` into `corrupt/` (under a fresh name if taken); returns where it went.
+    fn quarantine_to(&self, s: State, name: &str) -> Result<PathBuf, SpoolError> {
+        let from = self.msg_path(s, name);
         let mut to = self.msg_path(State::Corrupt, name);
-        if to.exists() {
+        if std::fs::symlink_metadata(&to).is_ok() {
             to = self.msg_path(State::Corrupt, &format!("{name}.{}", new_id()));
         }
-        warn!(path = %from.display(), reason = why, "unreadable message moved to corrupt/");
-        durable::rename_durable(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
+        durable::rename_durable(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))?;
+        Ok(to)
     }
 
-    /// Read the envelope of a message in a state.
+    /// Is this the daemon's handle (the one that moves untrusted files aside)?
+    fn is_daemon(&self) -> bool {
+        self.inner.journal.is_some()
+    }
+
+    /// Read the envelope of a message in a state. In the daemon, a file postern did not write
+    /// is moved to `corrupt/` on the spot (and the error returned).
     pub fn read_envelope(&self, s: State, id: &str) -> Result<Envelope, SpoolError> {
-        self.read_envelope_at(&self.msg_path(s, id))
-    }
-
-    fn read_envelope_at(&self, path: &Path) -> Result<Envelope, SpoolError> {
-        msgfile::read(path).map(|(env, _)| env)
+        let r = msgfile::read(&self.msg_path(s, id), Some(self.inner.owner));
+        if let Err(SpoolError::Untrusted { why, .. }) = &r
+            && self.is_daemon()
+        {
+            self.set_aside(s, id, why);
+        }
+        r.map(|(env, _)| env)
     }
 
     /// Record a new envelope for a message: appended to its queue file and fdatasynced.
     pub fn write_envelope(&self, s: State, env: &Envelope) -> Result<(), SpoolError> {
-        msgfile::append(&self.msg_path(s, &env.id), env)
+        msgfile::append(&self.msg_path(s, &env.id), env, Some(self.inner.owner))
     }
 
     fn rename_err(id: &str, path: &Path, e: io::Error) -> SpoolError {
@@ -512,12 +593,25 @@ impl Spool {
         durable::remove_file_durable(&path).map_err(|e| Self::rename_err(id, &path, e))
     }
 
-    /// Ids in a state directory, oldest first.
+    /// Ids in a state directory, oldest first. In the daemon, an entry that is not a regular
+    /// file (a symlink, FIFO, directory...) is moved to `corrupt/` as it is seen.
     pub fn ids(&self, s: State) -> Result<Vec<String>, SpoolError> {
-        let mut v: Vec<String> = list_names(&self.state_dir(s))?
-            .into_iter()
-            .filter(|n| is_valid_id(n))
-            .collect();
+        let mut v = Vec::new();
+        for e in list_entries(&self.state_dir(s))? {
+            if !is_valid_id(&e.name) {
+                continue;
+            }
+            if e.regular == Some(false) {
+                if self.is_daemon() {
+                    let kind = std::fs::symlink_metadata(self.msg_path(s, &e.name))
+                        .map(|m| msgfile::kind(&m.file_type()))
+                        .unwrap_or("not a regular file");
+                    self.set_aside(s, &e.name, kind);
+                }
+                continue;
+            }
+            v.push(e.name);
+        }
         v.sort();
         Ok(v)
     }
@@ -527,9 +621,9 @@ impl Spool {
         if !is_valid_id(id) {
             return None;
         }
-        State::QUEUED
-            .into_iter()
-            .find(|s| self.msg_path(*s, id).is_file())
+        State::QUEUED.into_iter().find(|s| {
+            std::fs::symlink_metadata(self.msg_path(*s, id)).is_ok_and(|m| m.file_type().is_file())
+        })
     }
 
     /// Every queued message with its envelope, oldest first.
@@ -666,15 +760,18 @@ impl MessageSink for Spool {
     }
 }
 
-/// Does the file at `path` start with `bytes`?
-fn starts_with(path: &Path, bytes: &[u8]) -> bool {
-    use std::os::unix::fs::FileExt;
-    let Ok(f) = File::open(path) else {
-        return false;
-    };
-    let mut buf = vec![0u8; bytes.len()];
-    f.read_exact_at(&mut buf, 0).is_ok() && buf == bytes
+/// Every directory postern keeps under the spool root, parents first (the root included).
+pub fn managed_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut v = vec![root.to_path_buf()];
+    v.extend(State::ALL.iter().map(|s| root.join(s.dir())));
+    v.push(root.join(recycle::FREE_DIR));
+    v.push(root.join("journal"));
+    v.push(journal::tombstone_dir(root));
+    v
 }
+
+/// Names of the files postern keeps directly in the spool root besides `managed_dirs`.
+pub const ROOT_FILES: [&str; 2] = ["lock", "control.sock"];
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
@@ -684,27 +781,40 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn list_names(dir: &Path) -> Result<Vec<String>, SpoolError> {
-    let rd = std::fs::read_dir(dir).map_err(|e| SpoolError::io("list", dir, e))?;
-    let mut v = Vec::new();
-    for e in rd {
-        let e = e.map_err(|e| SpoolError::io("list", dir, e))?;
-        if let Some(n) = e.file_name().to_str() {
-            v.push(n.to_string());
-        }
+/// The entries of a spool directory (opened without following a symlink); a directory that
+/// does not exist (yet: admin commands create nothing) has none.
+fn list_entries(dir: &Path) -> Result<Vec<durable::Entry>, SpoolError> {
+    match durable::list_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        r => r.map_err(|e| SpoolError::io("list", dir, e)),
     }
-    Ok(v)
+}
+
+fn list_names(dir: &Path) -> Result<Vec<String>, SpoolError> {
+    Ok(list_entries(dir)?.into_iter().map(|e| e.name).collect())
 }
 
 fn lock(root: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let p = root.join("lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(durable::FILE_MODE)
+        .custom_flags(durable::OPEN_FLAGS)
         .open(&p)
         .map_err(|e| SpoolError::io("open", &p, e))?;
+    // 0600 whatever the umask, also when an older postern (or an admin) left it wider.
+    let m = f.metadata().map_err(|e| SpoolError::io("stat", &p, e))?;
+    if !m.is_file() {
+        return Err(SpoolError::other("open", &p, "not a regular file"));
+    }
+    if m.permissions().mode() & 0o777 != durable::FILE_MODE {
+        f.set_permissions(std::fs::Permissions::from_mode(durable::FILE_MODE))
+            .map_err(|e| SpoolError::io("chmod", &p, e))?;
+    }
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {

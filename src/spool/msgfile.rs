@@ -13,13 +13,17 @@
 //! *appended* as a new trailer and fdatasynced, so the message bytes are never rewritten and
 //! the newest complete trailer is the truth. A crash in the middle of an append leaves a torn
 //! tail, which readers skip (they search back for the last complete trailer) and recovery cuts off.
+//!
+//! Only a regular file owned by the spool's owner is a queue file: anything else in a queue
+//! directory (a symlink, a FIFO, another user's file) was not written by postern and is refused
+//! with [`SpoolError::Untrusted`] before a byte of it is read.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use super::{ENVELOPE_VERSION, Envelope, SpoolError};
+use super::{ENVELOPE_VERSION, Envelope, SpoolError, durable};
 
 /// Ends every trailer.
 const MAGIC: &[u8] = b"POSTERN1\n";
@@ -41,10 +45,61 @@ pub fn trailer(env: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
     Ok(out)
 }
 
+/// Open the queue file at `path` (for writing too if `write`): never through a symlink, and
+/// only if it is a regular file owned by `owner` (when given: the spool's owner).
+pub fn open(path: &Path, write: bool, owner: Option<u32>) -> Result<File, SpoolError> {
+    let file = durable::open_existing(path, write).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            SpoolError::untrusted(path, "a symbolic link".into())
+        } else {
+            SpoolError::io("open", path, e)
+        }
+    })?;
+    let m = file
+        .metadata()
+        .map_err(|e| SpoolError::io("stat", path, e))?;
+    if !m.file_type().is_file() {
+        return Err(SpoolError::untrusted(path, kind(&m.file_type()).into()));
+    }
+    if let Some(owner) = owner
+        && m.uid() != owner
+    {
+        return Err(SpoolError::untrusted(
+            path,
+            format!(
+                "owned by {}, not by {}, the spool's owner",
+                crate::trust::describe_user(m.uid()),
+                crate::trust::describe_user(owner)
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// What kind of file this is, for messages.
+pub fn kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// The newest complete envelope of the queue file at `path`, and the file length at which
-/// that trailer ends (anything after it is a torn append).
-pub fn read(path: &Path) -> Result<(Envelope, u64), SpoolError> {
-    let file = File::open(path).map_err(|e| SpoolError::io("open", path, e))?;
+/// that trailer ends (anything after it is a torn append). `owner`: see [`open`].
+pub fn read(path: &Path, owner: Option<u32>) -> Result<(Envelope, u64), SpoolError> {
+    let file = open(path, false, owner)?;
     let len = file
         .metadata()
         .map_err(|e| SpoolError::io("stat", path, e))?
@@ -130,13 +185,10 @@ fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Append a new envelope to the queue file and fdatasync it. Only the newest trailer counts,
 /// so a crash during the append leaves the previous envelope in force.
-pub fn append(path: &Path, env: &Envelope) -> Result<(), SpoolError> {
+pub fn append(path: &Path, env: &Envelope, owner: Option<u32>) -> Result<(), SpoolError> {
     let bytes = trailer(env).map_err(|e| SpoolError::other("encode envelope", path, e))?;
-    let (_, valid_end) = read(path)?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| SpoolError::io("open", path, e))?;
+    let (_, valid_end) = read(path, owner)?;
+    let mut f = open(path, true, owner)?;
     // Cut a torn tail first, so the new trailer follows a complete one.
     let len = f
         .metadata()
@@ -154,12 +206,9 @@ pub fn append(path: &Path, env: &Envelope) -> Result<(), SpoolError> {
 }
 
 /// Cut a torn tail off (recovery), returning whether anything was cut.
-pub fn repair(path: &Path) -> Result<bool, SpoolError> {
-    let (_, valid_end) = read(path)?;
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| SpoolError::io("open", path, e))?;
+pub fn repair(path: &Path, owner: Option<u32>) -> Result<bool, SpoolError> {
+    let (_, valid_end) = read(path, owner)?;
+    let f = open(path, true, owner)?;
     let len = f
         .metadata()
         .map_err(|e| SpoolError::io("stat", path, e))?
@@ -176,7 +225,9 @@ pub fn repair(path: &Path) -> Result<bool, SpoolError> {
 
 /// Check that the message bytes the envelope claims are all there.
 pub fn check_size(path: &Path, env: &Envelope) -> Result<(), String> {
-    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let len = std::fs::symlink_metadata(path)
+        .map_err(|e| e.to_string())?
+        .len();
     if env.size + FOOTER_LEN > len {
         return Err(format!(
             "file has {len} bytes, envelope says the message alone has {}",
@@ -186,9 +237,17 @@ pub fn check_size(path: &Path, env: &Envelope) -> Result<(), String> {
     Ok(())
 }
 
-/// A reader of just the message bytes (not the trailers) of a queue file.
+/// A reader of just the message bytes (not the trailers) of a queue file (a regular file,
+/// never read through a symlink).
 pub fn open_message(path: &Path, size: u64) -> io::Result<io::Take<File>> {
-    Ok(File::open(path)?.take(size))
+    let f = durable::open_existing(path, false)?;
+    if !f.metadata()?.file_type().is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f.take(size))
 }
 
 #[cfg(test)]
@@ -226,10 +285,10 @@ mod tests {
         let mut bytes = b"hello".to_vec();
         bytes.extend(trailer(&env(0)).unwrap());
         std::fs::write(&p, &bytes).unwrap();
-        assert_eq!(read(&p).unwrap().0.attempts, 0);
-        append(&p, &env(1)).unwrap();
-        append(&p, &env(2)).unwrap();
-        assert_eq!(read(&p).unwrap().0.attempts, 2);
+        assert_eq!(read(&p, None).unwrap().0.attempts, 0);
+        append(&p, &env(1), None).unwrap();
+        append(&p, &env(2), None).unwrap();
+        assert_eq!(read(&p, None).unwrap().0.attempts, 2);
         // the message bytes are untouched
         let mut m = String::new();
         open_message(&p, 5).unwrap().read_to_string(&mut m).unwrap();
@@ -241,12 +300,12 @@ mod tests {
             let mut torn = whole.clone();
             torn.extend_from_slice(&t3[..cut]);
             std::fs::write(&p, &torn).unwrap();
-            assert_eq!(read(&p).unwrap().0.attempts, 2, "cut at {cut}");
+            assert_eq!(read(&p, None).unwrap().0.attempts, 2, "cut at {cut}");
         }
-        assert!(repair(&p).unwrap());
+        assert!(repair(&p, None).unwrap());
         assert_eq!(std::fs::read(&p).unwrap(), whole);
-        append(&p, &env(3)).unwrap();
-        assert_eq!(read(&p).unwrap().0.attempts, 3);
+        append(&p, &env(3), None).unwrap();
+        assert_eq!(read(&p, None).unwrap().0.attempts, 3);
     }
 
     #[test]
@@ -254,13 +313,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("q");
         std::fs::write(&p, b"just some mail\r\n").unwrap();
-        assert!(read(&p).is_err());
+        assert!(read(&p, None).is_err());
         let mut e = env(0);
         e.version = 99;
         let mut bytes = b"hello".to_vec();
         bytes.extend(trailer(&e).unwrap());
         std::fs::write(&p, &bytes).unwrap();
-        let err = read(&p).unwrap_err().to_string();
+        let err = read(&p, None).unwrap_err().to_string();
         assert!(err.contains("version 99"), "{err}");
     }
 }

@@ -5,12 +5,19 @@
 //! (`recently_deleted`); at a few thousand messages a second that took 40 % of postern's CPU
 //! (perf, bench/). The pool is small and bounded, lives only in memory, and `free/` is wiped
 //! at start-up: a file there holds nothing anybody is owed.
+//!
+//! A pooled file is written over only if it is still the plain file we put there: opened
+//! without following a symlink, a regular file of ours with no second link. Anything else
+//! (someone swapped in a symlink or a hard link to a file outside the spool) is unlinked and
+//! never written.
 
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use tracing::warn;
 
 use super::durable;
 
@@ -22,16 +29,32 @@ const MAX_FREE: usize = 256;
 /// The pool of emptied queue files.
 pub(super) struct FreeFiles {
     dir: PathBuf,
+    /// The uid every pooled file must belong to (the service user).
+    owner: u32,
     names: Mutex<Vec<String>>,
 }
 
 impl FreeFiles {
-    /// An empty pool over `<spool_root>/free`.
-    pub(super) fn new(spool_root: &Path) -> Self {
+    /// An empty pool over `<spool_root>/free` of files owned by `owner`.
+    pub(super) fn new(spool_root: &Path, owner: u32) -> Self {
         Self {
             dir: spool_root.join(FREE_DIR),
+            owner,
             names: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Open a pooled file for writing if it is still the plain file of ours we put there.
+    fn open_pooled(&self, p: &Path) -> io::Result<File> {
+        let f = durable::open_existing(p, true)?;
+        let m = f.metadata()?;
+        if !m.file_type().is_file() || m.uid() != self.owner || m.nlink() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "not the plain file postern put there",
+            ));
+        }
+        Ok(f)
     }
 
     fn names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
@@ -62,9 +85,14 @@ impl FreeFiles {
         let reused = self.names().pop();
         if let Some(name) = reused {
             let p = self.dir.join(&name);
-            let ok = OpenOptions::new()
-                .write(true)
-                .open(&p)
+            let opened = self.open_pooled(&p);
+            if let Err(e) = &opened
+                && (e.raw_os_error() == Some(libc::ELOOP)
+                    || e.kind() == io::ErrorKind::PermissionDenied)
+            {
+                warn!(path = %p.display(), error = %e, "recycled queue file was replaced (a symlink, a hard link or another user's file); removed, not written");
+            }
+            let ok = opened
                 .and_then(|f| {
                     f.write_all_at(bytes, 0)?;
                     f.set_len(bytes.len() as u64)

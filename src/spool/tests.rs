@@ -245,6 +245,7 @@ async fn illegal_moves_are_refused() {
 #[test]
 fn envelope_roundtrip_and_unknown_version() {
     let dir = tempfile::tempdir().unwrap();
+    drop(Spool::open_exclusive(dir.path()).unwrap()); // creates the directories
     let spool = Spool::open_shared(dir.path()).unwrap();
     let mut env = envelope("a@example.com");
     env.id = new_id();
@@ -527,4 +528,253 @@ async fn delivered_queue_files_are_recycled() {
     spool.recover().unwrap();
     assert_eq!(list_names(&free).unwrap(), vec!["stale".to_string()]);
     assert_eq!(spool.find(&second), Some(State::Incoming));
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn mkfifo(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// A valid queue file for `id`, built outside any spool.
+fn queue_file_bytes(id: &str) -> Vec<u8> {
+    let mut env = envelope("forger@example.com");
+    env.id = id.into();
+    env.size = 7;
+    let mut bytes = b"forged\n".to_vec();
+    bytes.extend(msgfile::trailer(&env).unwrap());
+    bytes
+}
+
+/// A recycled file in free/ that someone replaced with a symlink (or a hard link) to a file
+/// outside the spool is never written through: the target keeps its bytes, the link is
+/// removed, and the new message still lands intact.
+#[tokio::test]
+async fn recycled_files_are_never_written_through_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("passwd");
+    std::fs::write(&target, b"root:x:0:0::/root:/bin/sh\n").unwrap();
+    let spool = Spool::open_exclusive(dir.path().join("spool").as_path()).unwrap();
+    spool.recover().unwrap();
+    let free = spool.root().join("free");
+    for link in ["symlink", "hardlink"] {
+        let first = queue_one(&spool, b"first\r\n").await;
+        spool.claim(&first, State::Incoming).unwrap();
+        spool.remove_delivered(&first).unwrap();
+        let pooled = free.join(&first);
+        assert!(pooled.is_file());
+        std::fs::remove_file(&pooled).unwrap();
+        if link == "symlink" {
+            std::os::unix::fs::symlink(&target, &pooled).unwrap();
+        } else {
+            std::fs::hard_link(&target, &pooled).unwrap();
+        }
+        let second = queue_one(&spool, b"second message\r\n").await;
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            b"root:x:0:0::/root:/bin/sh\n",
+            "{link}: the target outside the spool is untouched"
+        );
+        assert!(
+            std::fs::symlink_metadata(&pooled).is_err(),
+            "{link}: the planted link is removed"
+        );
+        let raw = std::fs::read(spool.msg_path(State::Incoming, &second)).unwrap();
+        assert!(raw.starts_with(b"second message\r\n"), "{link}");
+        assert_eq!(
+            spool.read_envelope(State::Incoming, &second).unwrap().id,
+            second
+        );
+        spool.remove(&second, State::Incoming).unwrap();
+    }
+}
+
+/// Files postern did not write in a queue directory (a symlink to a well-formed queue file
+/// outside the spool, a FIFO, a directory) are never delivered: start-up recovery moves them to
+/// corrupt/, without reading through the link or blocking on the FIFO.
+#[tokio::test]
+async fn links_fifos_and_directories_in_the_queue_go_to_corrupt_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let (link, fifo, subdir) = (new_id(), new_id(), new_id());
+    let forged = outside.path().join(&link);
+    let forged_bytes = queue_file_bytes(&link);
+    std::fs::write(&forged, &forged_bytes).unwrap();
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        spool.recover().unwrap();
+        std::os::unix::fs::symlink(&forged, spool.msg_path(State::Incoming, &link)).unwrap();
+        mkfifo(&spool.msg_path(State::Deferred, &fifo));
+        std::fs::create_dir(spool.msg_path(State::Hold, &subdir)).unwrap();
+    }
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let r = spool.recover().unwrap();
+    assert_eq!(r.quarantined, 3, "{r:?}");
+    assert!(spool.list().unwrap().is_empty(), "nothing queued");
+    let corrupt = list_names(&spool.state_dir(State::Corrupt)).unwrap();
+    for id in [&link, &fifo, &subdir] {
+        assert!(corrupt.contains(id), "{id} in corrupt/: {corrupt:?}");
+    }
+    assert!(
+        std::fs::symlink_metadata(spool.msg_path(State::Corrupt, &link))
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link itself was moved, not what it points to"
+    );
+    assert_eq!(std::fs::read(&forged).unwrap(), forged_bytes);
+}
+
+/// While the daemon runs, what appears in a queue directory is checked as the forwarder sees
+/// it: listing sets aside what is not a regular file, reading refuses a symlink.
+#[tokio::test]
+async fn links_and_fifos_dropped_into_a_running_queue_are_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    spool.recover().unwrap();
+    let good = queue_one(&spool, b"good\r\n").await;
+    let (link, fifo) = (new_id(), new_id());
+    let forged = outside.path().join(&link);
+    std::fs::write(&forged, queue_file_bytes(&link)).unwrap();
+    std::os::unix::fs::symlink(&forged, spool.msg_path(State::Incoming, &link)).unwrap();
+    mkfifo(&spool.msg_path(State::Incoming, &fifo));
+    // Admin commands list only what is there and move nothing.
+    let admin = Spool::open_shared(dir.path()).unwrap();
+    assert_eq!(admin.ids(State::Incoming).unwrap(), vec![good.clone()]);
+    assert!(matches!(
+        admin.read_envelope(State::Incoming, &link),
+        Err(SpoolError::Untrusted { .. })
+    ));
+    assert!(
+        spool
+            .msg_path(State::Incoming, &link)
+            .symlink_metadata()
+            .is_ok()
+    );
+    // The daemon's listing moves both aside.
+    assert_eq!(spool.ids(State::Incoming).unwrap(), vec![good.clone()]);
+    let corrupt = list_names(&spool.state_dir(State::Corrupt)).unwrap();
+    assert!(
+        corrupt.contains(&link) && corrupt.contains(&fifo),
+        "{corrupt:?}"
+    );
+    // A symlink the listing could not tell apart (some filesystems give no entry type) is
+    // refused at reading, and moved aside then.
+    let late = new_id();
+    std::os::unix::fs::symlink(&forged, spool.msg_path(State::Deferred, &late)).unwrap();
+    let err = spool.read_envelope(State::Deferred, &late).unwrap_err();
+    assert!(
+        matches!(err, SpoolError::Untrusted { .. }) && err.to_string().contains("symbolic link"),
+        "{err}"
+    );
+    assert!(
+        spool
+            .msg_path(State::Corrupt, &late)
+            .symlink_metadata()
+            .is_ok()
+    );
+    assert_eq!(
+        spool.read_envelope(State::Incoming, &good).unwrap().id,
+        good
+    );
+}
+
+/// A well-formed queue file owned by another user is never delivered: moved to corrupt/ at
+/// start-up and when the running daemon reads it. Needs root to chown (CI runs as root).
+#[tokio::test]
+async fn queue_files_of_another_user_go_to_corrupt() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to give a file to another user (CI runs as root)");
+        return;
+    }
+    let nobody = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let (at_start, at_runtime) = (new_id(), new_id());
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        spool.recover().unwrap();
+        let p = spool.msg_path(State::Incoming, &at_start);
+        std::fs::write(&p, queue_file_bytes(&at_start)).unwrap();
+        std::os::unix::fs::chown(&p, Some(nobody), Some(nobody)).unwrap();
+    }
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    assert_eq!(spool.recover().unwrap().quarantined, 1);
+    assert!(spool.msg_path(State::Corrupt, &at_start).is_file());
+    let p = spool.msg_path(State::Incoming, &at_runtime);
+    std::fs::write(&p, queue_file_bytes(&at_runtime)).unwrap();
+    std::os::unix::fs::chown(&p, Some(nobody), Some(nobody)).unwrap();
+    let err = spool
+        .read_envelope(State::Incoming, &at_runtime)
+        .unwrap_err();
+    assert!(err.to_string().contains("uid 65534"), "{err}");
+    assert_eq!(spool.find(&at_runtime), None);
+    assert!(spool.msg_path(State::Corrupt, &at_runtime).is_file());
+}
+
+/// Admin commands create nothing: not a missing spool, not a missing state directory (run as
+/// root, they would leave root-owned directories the daemon cannot use).
+#[tokio::test]
+async fn admin_handle_creates_no_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    assert!(Spool::open_shared(&missing).is_err());
+    assert!(!missing.exists());
+    let id;
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        spool.recover().unwrap();
+        id = queue_one(&spool, b"x\r\n").await;
+    }
+    for d in ["corrupt", "free", "failed"] {
+        std::fs::remove_dir(dir.path().join(d)).unwrap();
+    }
+    let admin = Spool::open_shared(dir.path()).unwrap();
+    assert_eq!(admin.list().unwrap().len(), 1);
+    assert_eq!(admin.find(&id), Some(State::Incoming));
+    admin.hold(&id, "test").unwrap();
+    for d in ["corrupt", "free", "failed"] {
+        assert!(
+            !dir.path().join(d).exists(),
+            "{d} created by an admin command"
+        );
+    }
+}
+
+/// Queue directories are listed without following a symlink: an incoming/ swapped for a link
+/// to a directory of forged queue files yields an error, not the forgeries.
+#[tokio::test]
+async fn queue_directories_are_not_listed_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let forged = new_id();
+    std::fs::write(outside.path().join(&forged), queue_file_bytes(&forged)).unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    spool.recover().unwrap();
+    let incoming = spool.state_dir(State::Incoming);
+    std::fs::remove_dir(&incoming).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &incoming).unwrap();
+    // (Paths through a swapped directory still resolve: the start-up trust check, which
+    // refuses a symlink where a spool directory belongs, is what rules that out.)
+    assert!(spool.ids(State::Incoming).is_err());
+}
+
+/// The lock file is 0600 however it was left (an older postern created it with the umask).
+#[test]
+fn lock_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("lock");
+    std::fs::write(&lock, b"").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let _spool = Spool::open_exclusive(dir.path()).unwrap();
+    let mode = std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
 }

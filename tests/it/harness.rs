@@ -18,6 +18,8 @@ pub struct Postern {
     pub listeners: HashMap<String, SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
     pub config_path: PathBuf,
+    /// The umask the daemon starts with (None: inherited).
+    pub umask: Option<u32>,
 }
 
 pub fn bin() -> &'static str {
@@ -54,6 +56,15 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
+        Self::start_inner(config, None)
+    }
+
+    /// Like `start`, with the daemon's umask set to `umask`.
+    pub fn start_with_umask(config: &str, umask: u32) -> Postern {
+        Self::start_inner(config, Some(umask))
+    }
+
+    fn start_inner(config: &str, umask: Option<u32>) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -63,6 +74,7 @@ impl Postern {
             listeners: HashMap::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
+            umask,
         };
         p.spawn();
         p
@@ -70,14 +82,23 @@ impl Postern {
 
     /// Start (again) the daemon on the same directory.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(bin())
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--config"])
             .arg(&self.config_path)
             .env("POSTERN_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn postern");
+            .stderr(Stdio::piped());
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn postern");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let logs = self.logs.clone();
@@ -152,18 +173,7 @@ impl Postern {
     /// Wait for the process to exit after a signal; returns its exit status code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut c, timeout)
     }
 
     pub fn log_text(&self) -> String {
@@ -213,6 +223,22 @@ impl Postern {
 impl Drop for Postern {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Wait for `c` to exit; killed after `timeout` (returns None then).
+pub fn wait_child(c: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

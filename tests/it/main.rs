@@ -12,6 +12,7 @@ mod load;
 mod m365;
 mod protocol;
 mod secrets;
+mod spool_trust;
 mod tls;
 mod token;
 mod upstream_smtp;
