@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::write(path, data).is_err() {
         return;
     }
-    let Ok((env, end)) = msgfile::read(path) else {
+    let Ok((env, end)) = msgfile::read(path, None) else {
         return;
     };
     assert!(end <= data.len() as u64, "trailer ends past the file");
@@ -37,8 +37,8 @@ fuzz_target!(|data: &[u8]| {
     // without panicking.
     let _ = msgfile::check_size(path, &env);
     let trailer = msgfile::trailer(&env).expect("a decoded envelope encodes again");
-    msgfile::append(path, &env).expect("append to a readable queue file");
-    let (again, new_end) = msgfile::read(path).expect("read after append");
+    msgfile::append(path, &env, None).expect("append to a readable queue file");
+    let (again, new_end) = msgfile::read(path, None).expect("read after append");
     assert_eq!(again, env, "envelope changed by a write-back");
     assert_eq!(
         new_end,
@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         "append did not cut the torn tail"
     );
     assert!(
-        !msgfile::repair(path).expect("repair"),
+        !msgfile::repair(path, None).expect("repair"),
         "repair found a torn tail after append"
     );
     let _ = std::fs::remove_file(path);
