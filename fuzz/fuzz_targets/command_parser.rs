@@ -5,18 +5,14 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use postern::config::{Config, load_str};
+use postern::config::Config;
 use postern::smtp::command;
 use postern::smtp::data::DataOutcome;
 use postern::smtp::reply::Reply;
 use postern::smtp::session::{AuthResult, Finish, Session, SessionParams, Step};
 
-/// Built from TOML through the real loader, so new config fields never break this target.
+/// Tables after `postern_fuzz`'s common top.
 const CONFIG: &str = r#"
-hostname = "mx.fuzz"
-spool_dir = "/nonexistent"
-state_dir = "/nonexistent"
-
 [listener.fuzz]
 address = "127.0.0.1:2525"
 auth = "optional"
@@ -37,10 +33,7 @@ dir = "/nonexistent"
 fn config() -> Arc<Config> {
     static CONFIG_ONCE: OnceLock<Arc<Config>> = OnceLock::new();
     CONFIG_ONCE
-        .get_or_init(|| match load_str(CONFIG, "<fuzz>") {
-            Ok(c) => Arc::new(c),
-            Err(e) => panic!("fuzz config does not load: {e}"),
-        })
+        .get_or_init(|| Arc::new(postern_fuzz::config(CONFIG)))
         .clone()
 }
 
