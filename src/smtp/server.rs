@@ -49,8 +49,9 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// A slot outside any limiter (tests).
-    pub fn detached() -> Arc<Self> {
+    /// A slot outside any limiter.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Arc<Self> {
         Arc::new(Self {
             id: 0,
             evict: CancellationToken::new(),
