@@ -20,6 +20,8 @@ pub struct Postern {
     pub config_path: PathBuf,
     /// The umask the daemon starts with (None: inherited).
     pub umask: Option<u32>,
+    /// More arguments for `postern serve` (e.g. `--log-format json`).
+    pub serve_args: Vec<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -56,15 +58,20 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
-        Self::start_inner(config, None)
+        Self::start_inner(config, None, &[])
     }
 
     /// Like `start`, with the daemon's umask set to `umask`.
     pub fn start_with_umask(config: &str, umask: u32) -> Postern {
-        Self::start_inner(config, Some(umask))
+        Self::start_inner(config, Some(umask), &[])
     }
 
-    fn start_inner(config: &str, umask: Option<u32>) -> Postern {
+    /// Like `start`, with more arguments for `postern serve`.
+    pub fn start_with(config: &str, serve_args: &[&str]) -> Postern {
+        Self::start_inner(config, None, serve_args)
+    }
+
+    fn start_inner(config: &str, umask: Option<u32>, serve_args: &[&str]) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -75,6 +82,7 @@ impl Postern {
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
             umask,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         p.spawn();
         p
@@ -85,6 +93,7 @@ impl Postern {
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--config"])
             .arg(&self.config_path)
+            .args(&self.serve_args)
             .env("POSTERN_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
