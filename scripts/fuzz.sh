@@ -8,9 +8,8 @@
 # RUSTC_BOOTSTRAP=1, which unlocks the same flags. Crashes land in fuzz/artifacts/<target>/.
 # CI only checks that the targets compile (.ci/run); this script is for running them.
 #
-# Still to come (issue 7 item 10): a target for the envelope address type (RFC 5321 parsing
-# and write-back, being written in smtp/) and one for Graph's JSON error parser
-# (upstream/graph.rs): neither was on main when the other targets were added.
+# Still to come (issue 7 item 10): a target for Graph's JSON error parser (upstream/graph.rs),
+# which was not on main when the other targets were added.
 set -euo pipefail
 
 secs="${1:-60}"
