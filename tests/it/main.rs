@@ -11,6 +11,7 @@ mod delivery;
 mod input;
 mod load;
 mod m365;
+mod powercut;
 mod protocol;
 mod secrets;
 mod spool_trust;
