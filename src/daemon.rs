@@ -133,6 +133,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     crate::trust::prepare_serve(&config)?;
     let spool = Spool::open_exclusive(&config.spool_dir)?;
     spool.set_min_free(config.limits.min_free_disk);
+    spool.set_message_memory(config.limits.message_memory);
     let r = spool.recover()?;
     info!(
         spool = %config.spool_dir.display(),
@@ -176,10 +177,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         config.limits.auth_max_failures,
         config.limits.auth_lockout,
     ));
-    let limiter = Arc::new(ConnLimiter::new(
-        config.limits.max_connections,
-        config.limits.max_connections_per_ip,
-    ));
+    let limiter = Arc::new(ConnLimiter::from_limits(&config.limits));
     let shared = Shared {
         spool: spool.clone(),
         shutdown: shutdown.clone(),
@@ -244,7 +242,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                                 live.stop.cancel();
                                 live = l;
                                 spool.set_min_free(new.limits.min_free_disk);
-                                shared.limiter.set_limits(new.limits.max_connections, new.limits.max_connections_per_ip);
+                                spool.set_message_memory(new.limits.message_memory);
+                                shared.limiter.set_limits(&new.limits);
                                 shared.auth_guard.set_limits(new.limits.auth_max_failures, new.limits.auth_lockout);
                                 tokens.1.cancel();
                                 tokens = start_tokens(&new, &shutdown);

@@ -65,6 +65,11 @@ pub struct GlobalLimits {
     pub max_connections: usize,
     /// Maximum simultaneous SMTP connections from one client IP address.
     pub max_connections_per_ip: usize,
+    /// Maximum simultaneous connections from one client IP address that have not logged in
+    /// yet, on listeners with `auth = "required"`.
+    pub max_unauthenticated_per_ip: usize,
+    /// Memory all messages being received may buffer together; beyond it bodies go to disk.
+    pub message_memory: u64,
     /// Refuse new messages (452 4.3.1) when the spool's filesystem has less free space than this.
     pub min_free_disk: u64,
     /// Failed AUTH attempts per client address before AUTH is refused for `auth_lockout`.
@@ -143,10 +148,13 @@ pub struct ListenerConfig {
     pub max_message_size: u64,
     /// Most recipients per message.
     pub max_recipients: usize,
-    /// Longest time to wait for one command line.
+    /// Longest time one whole command line may take to arrive.
     pub command_timeout: Duration,
-    /// Longest time to wait for more DATA/BDAT bytes.
+    /// Longest time to wait for more DATA/BDAT bytes (the transfer's time budget).
     pub data_timeout: Duration,
+    /// Slowest average DATA/BDAT rate in bytes per second that keeps the time budget from
+    /// running out (0: only `data_timeout` applies).
+    pub min_data_rate: u64,
     /// Longest time a whole connection may last.
     pub session_timeout: Duration,
     /// Protocol errors tolerated before the connection is closed with 421.

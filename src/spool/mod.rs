@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-pub use draft::Draft;
+pub use draft::{DEFAULT_MEMORY_BUDGET as DEFAULT_MESSAGE_MEMORY, Draft};
 pub use envelope::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient};
 pub use id::{is_valid as is_valid_id, new_id};
 pub use state::State;
@@ -161,8 +161,10 @@ pub(crate) struct Inner {
     /// Queue files of delivered mail, kept to be written over (daemon only, see `recycle.rs`).
     free: Option<Arc<recycle::FreeFiles>>,
     min_free: AtomicU64,
-    /// Bytes that drafts may still hold in memory beyond their first chunk (see draft.rs).
-    draft_memory: AtomicU64,
+    /// Memory all drafts together may buffer (`limits.message_memory`, see draft.rs).
+    draft_memory_budget: AtomicU64,
+    /// Memory drafts hold now.
+    draft_memory_used: AtomicU64,
     new_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     _lock: Option<File>,
 }
@@ -251,7 +253,8 @@ impl Spool {
                 moves,
                 free: exclusive.then_some(free),
                 min_free: AtomicU64::new(0),
-                draft_memory: AtomicU64::new(draft::MEMORY_BUDGET),
+                draft_memory_budget: AtomicU64::new(draft::DEFAULT_MEMORY_BUDGET),
+                draft_memory_used: AtomicU64::new(0),
                 new_rx: Mutex::new(Some(new_rx)),
                 _lock: lock,
             }),
@@ -272,6 +275,14 @@ impl Spool {
     /// message; what follows is envelope bookkeeping (see `msgfile.rs`).
     pub fn msg_path(&self, s: State, id: &str) -> PathBuf {
         self.state_dir(s).join(id)
+    }
+
+    /// Set the memory all messages being received may buffer together; beyond it their
+    /// bodies go to `tmp/` as they arrive. Drafts keep what they hold until they finish.
+    pub fn set_message_memory(&self, bytes: u64) {
+        self.inner
+            .draft_memory_budget
+            .store(bytes, Ordering::Relaxed);
     }
 
     /// Set the free-space reserve below which new mail is refused.

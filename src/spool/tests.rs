@@ -443,38 +443,54 @@ async fn journal_rotates_and_checkpoints_a_full_segment() {
     assert_eq!(spool.ids(State::Incoming).unwrap().len(), 40);
 }
 
-/// Drafts keep bodies in memory only while the shared budget lasts; past it they spill to
-/// tmp/ (bounded RSS however many clients send at once), and both kinds commit intact.
+/// Every byte drafts buffer comes from the shared budget (`limits.message_memory`), their
+/// first chunk included: past it they spill to tmp/, or write straight through when nothing is
+/// left, so memory stays within the budget however many clients send at once; both kinds
+/// commit intact and every reservation is given back.
 #[tokio::test]
-async fn drafts_spill_to_disk_when_the_memory_budget_is_spent() {
+async fn drafts_stay_within_the_memory_budget_and_spill_beyond_it() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open_exclusive(dir.path()).unwrap();
-    let body = vec![b'q'; 200_000];
+    let budget = 8 << 20;
+    spool.set_message_memory(budget);
+    let used = |s: &Spool| s.inner.draft_memory_used.load(Ordering::Relaxed);
+    let body: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let mut drafts = Vec::new();
     for _ in 0..80 {
         let mut d = spool.begin().await.unwrap();
-        d.write(&body).await.unwrap();
+        // In pieces, as a session writes them.
+        for piece in body.chunks(20_000) {
+            d.write(piece).await.unwrap();
+            assert!(used(&spool) <= budget, "{} > {budget}", used(&spool));
+        }
         drafts.push(d);
     }
+    // A journal-sized message in memory holds a whole record; 8 of them fill the budget.
+    let record = super::journal::MAX_RECORD;
+    let in_memory = (budget / record) as usize;
     let spilled = list_names(&spool.state_dir(State::Tmp)).unwrap().len();
-    let per_draft = super::journal::MAX_RECORD - 64 * 1024;
-    let in_memory = (draft::MEMORY_BUDGET / per_draft) as usize;
     assert_eq!(spilled, 80 - in_memory, "drafts written to tmp/");
+    assert_eq!(used(&spool), in_memory as u64 * record);
+    // No memory at all: a new message still streams, straight to the file.
+    spool.set_message_memory(0);
+    let mut d = spool.begin().await.unwrap();
+    d.write(b"Subject: tiny\r\n\r\n").await.unwrap();
+    assert!(d.buf.capacity() == 0 && d.file.is_some());
+    drafts.push(d);
+    spool.set_message_memory(budget);
     let mut ids = Vec::new();
     for d in drafts {
         ids.push(d.id().to_string());
         d.commit(envelope("a@example.com")).await.unwrap();
     }
-    for id in &ids {
+    for id in &ids[..80] {
         let raw = std::fs::read(spool.msg_path(State::Incoming, id)).unwrap();
         assert!(raw.starts_with(&body), "{id}");
     }
+    let raw = std::fs::read(spool.msg_path(State::Incoming, &ids[80])).unwrap();
+    assert!(raw.starts_with(b"Subject: tiny\r\n\r\n"));
     assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
-    // Every reservation was given back.
-    assert_eq!(
-        spool.inner.draft_memory.load(Ordering::Relaxed),
-        draft::MEMORY_BUDGET
-    );
+    assert_eq!(used(&spool), 0, "every reservation given back");
 }
 
 /// A delivered message's queue file is written over by the next message (same inode, no new

@@ -314,7 +314,12 @@ impl Raw {
     pub fn try_connect(addr: SocketAddr) -> Option<Raw> {
         let s = TcpStream::connect(addr).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
-        Some(Raw { s, buf: Vec::new() })
+        Some(Raw::from_stream(s))
+    }
+
+    /// A client over a stream connected some other way (e.g. from another local address).
+    pub fn from_stream(s: TcpStream) -> Raw {
+        Raw { s, buf: Vec::new() }
     }
 
     /// Write bytes; a server that already closed the connection is not an error here

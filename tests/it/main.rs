@@ -3,6 +3,7 @@
 mod fake;
 mod harness;
 
+mod abuse;
 mod cli;
 mod clients;
 mod crash;
