@@ -305,6 +305,7 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 limit = match which {
                     LimitExceeded::Total => "max_connections",
                     LimitExceeded::PerIp => "max_connections_per_ip",
+                    LimitExceeded::Unauthenticated => "max_unauthenticated_per_ip",
                 },
                 end = %ConnEnd::TooManyConnections,
                 "refused: too many connections"
