@@ -14,6 +14,9 @@
 //!   and `file`; `classify` turns every upstream reply into an outcome and advice.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
 //!   single-flight), refresh-token files, `postern login` and `postern token`.
+//! - [`diagnosis`]: the one table of errors (Exchange SMTP replies, AADSTS codes, Graph errors,
+//!   postern's own hold reasons) → meaning, likely causes and fix; feeds `explain`, `doctor`,
+//!   the status page and the advice in log lines.
 //! - [`daemon`]: start-up order, signals, reload and graceful stop.
 //! - [`control`]: the socket through which queue commands wake the daemon.
 //! - [`admin`]: what the queue commands print.
@@ -26,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod diagnosis;
 pub mod forward;
 pub mod maillog;
 pub mod secret;
