@@ -59,8 +59,44 @@ pub enum Command {
     /// Get an access token now and show its claims (audience, permissions, user, expiry), with
     /// warnings when they cannot work; never prints the token unless --show-token.
     Token(TokenArgs),
+    /// Explain an error: paste an SMTP reply, an AADSTS code or Entra's error JSON, a Graph
+    /// error, a postern log line, or give a queue id; prints what it means, the likely causes
+    /// and the fix (exit 1 when the error is not known).
+    Explain(ExplainArgs),
+    /// Check everything postern depends on, in order (configuration, spool, listeners, TLS,
+    /// Entra, Exchange, Graph, the queue) and print each ✓/✗ with its fix; exit 1 if any failed.
+    Doctor(DoctorArgs),
+    /// Ask the running daemon whether it is healthy (for Docker HEALTHCHECK and monitoring):
+    /// exit 0 when it is, 1 when not.
+    Health,
     /// Print the version.
     Version,
+}
+
+/// `postern explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The error text (several words are joined); read from standard input when absent.
+    #[arg(
+        value_name = "TEXT",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub text: Vec<String>,
+    /// List every known error instead.
+    #[arg(long, conflicts_with = "text")]
+    pub list: bool,
+}
+
+/// `postern doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print one JSON object (for scripts) instead of the ✓/✗ lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the checks that need the network (Entra, Exchange, Graph).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// Which Microsoft API a token is for.

@@ -19,6 +19,12 @@
 //!   the status page and the advice in log lines.
 //! - [`daemon`]: start-up order, signals, reload and graceful stop.
 //! - [`control`]: the socket through which queue commands wake the daemon.
+//! - [`doctor`]: `postern doctor`: every dependency checked in order, ✓/✗ with the fix.
+//! - [`health`]: `postern health`: ask the running daemon (its `/healthz`, or its control socket).
+//! - [`explain`]: `postern explain`: a pasted error or a queue id → the diagnosis.
+//! - [`metrics`]: Prometheus counters, gauges and histograms, fed by one-line hooks.
+//! - [`status`]: one snapshot of the queue, mailboxes, credentials and liveness.
+//! - [`web`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, the status page.
 //! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
@@ -30,11 +36,17 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod diagnosis;
+pub mod doctor;
+pub mod explain;
 pub mod forward;
+pub mod health;
 pub mod maillog;
+pub mod metrics;
 pub mod secret;
 pub mod smtp;
 pub mod spool;
+pub mod status;
 pub mod token;
 pub mod trust;
 pub mod upstream;
+pub mod web;

@@ -18,7 +18,7 @@ mod parse;
 mod render;
 mod table;
 
-pub use parse::{Evidence, evidence};
+pub use parse::{Evidence, SmtpReply, evidence, first_reply};
 pub use render::{Vars, advice, explain_text, list, render};
 pub use table::TABLE;
 

@@ -177,6 +177,11 @@ fn field(text: &str, key: &str) -> Option<String> {
     None
 }
 
+/// The first SMTP reply in `text` (cheap: no table lookups), for metrics labels.
+pub fn first_reply(text: &str) -> Option<SmtpReply> {
+    smtp_replies(text).into_iter().next()
+}
+
 fn push<T: PartialEq>(v: &mut Vec<T>, x: T) {
     if !v.contains(&x) {
         v.push(x);

@@ -72,7 +72,10 @@ pub async fn attempt(
     .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))??;
     for b in bounces {
         match b.queue(spool, hostname).await {
-            Ok(report) => maillog::bounced(id, &report, &b.original.sender),
+            Ok(report) => {
+                maillog::bounced(id, &report, &b.original.sender);
+                crate::metrics::bounced(&b.original);
+            }
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "cannot queue the delivery status notification")
             }
@@ -110,6 +113,7 @@ fn record(
                     match r.status {
                         RcptStatus::Sent => sent.push(r.address),
                         RcptStatus::Failed => {
+                            crate::metrics::failed(&env);
                             maillog::failed(
                                 id,
                                 &env.mailbox,
@@ -123,6 +127,7 @@ fn record(
             }
             if !sent.is_empty() {
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
+                crate::metrics::sent(&env);
             }
             // The report needs the original's header, so it is built before the file goes.
             let mut bounces: Vec<Bounce> =
@@ -153,6 +158,7 @@ fn record(
             spool.write_envelope(State::Active, &env)?;
             spool.move_msg(id, State::Active, State::Hold)?;
             maillog::held(id, &env.mailbox, &reason);
+            crate::metrics::held(&env);
             Ok((Next::Held, Vec::new()))
         }
     }
@@ -183,6 +189,7 @@ fn defer(
     env.last_error = Some(reason.clone());
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Deferred)?;
+    crate::metrics::deferred(&env);
     maillog::deferred(
         &env.id,
         &env.mailbox,
@@ -220,5 +227,6 @@ fn fail(
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Failed)?;
     maillog::failed(&env.id, &env.mailbox, &reason);
+    crate::metrics::failed(&env);
     Ok((Next::Failed, bounce.into_iter().collect()))
 }

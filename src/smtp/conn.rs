@@ -287,6 +287,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             self.errors += 1;
             self.rejected += 1;
             maillog::rejected(&self.client, stage, &r.to_string(), from, rcpt);
+            crate::metrics::refused(&self.ctx.listener.name, stage, &r.to_string());
         }
     }
 
@@ -743,6 +744,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 match draft.commit(*env).await {
                     Ok(()) => {
                         maillog::queued(&id, &self.client, &sender, nrcpt, stored, user.as_deref());
+                        crate::metrics::received(&self.ctx.listener.name);
                         self.accepted += 1;
                         self.reply(io, Reply::queued(&id), stage, from, None);
                     }

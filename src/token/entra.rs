@@ -744,9 +744,12 @@ impl EntraClient {
         mailbox: &str,
         audience: Audience,
     ) -> Result<TokenResponse, TokenError> {
-        self.token_request(form, mailbox, audience)
-            .await?
-            .map_err(|e| classify(&e, &self.cx(mailbox, audience)))
+        let r = self
+            .token_request(form, mailbox, audience)
+            .await
+            .and_then(|r| r.map_err(|e| classify(&e, &self.cx(mailbox, audience))));
+        crate::metrics::token(&self.account.name, &r);
+        r
     }
 
     /// Client credentials grant (§1.1, §1.2): an app-only token for `audience`.

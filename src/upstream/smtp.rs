@@ -31,11 +31,14 @@ use tracing::{debug, trace, warn};
 use zeroize::Zeroizing;
 
 use super::classify::{Context, Stage, Verdict, classify, release_hint};
+
+mod probe;
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::config::{AccountConfig, Credential};
 use crate::secret::Secret;
 use crate::spool::RcptStatus;
 use crate::token::{Audience, TokenError, TokenSource};
+pub use probe::Probe;
 
 /// Longest reply line we accept. RFC 5321 says 512, but Exchange's diagnostic replies
 /// (SendAsDenied with `[BeginDiagnosticData]...`) run longer.
@@ -954,6 +957,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         match tokio::time::timeout(t, self.read_reply()).await {
             Ok(Ok(r)) => {
                 trace!(server = %self.server, "S: {}", r.text());
+                crate::metrics::upstream_reply(&self.server, &r.text());
                 Ok(r)
             }
             Ok(Err(e)) => Err(self.lost(format!("{e} while waiting for {what}"))),
