@@ -426,6 +426,17 @@ pub fn tls(config: &Config, now: u64) -> Vec<TlsStatus> {
         .collect()
 }
 
+/// The part of a hold reason that says what happened (the upstream's reply, quoted), without
+/// the advice postern appended: the diagnosis gives that, in full.
+pub fn reason_summary(reason: &str) -> &str {
+    let end = reason
+        .find("\". ")
+        .map(|i| i + 1)
+        .or_else(|| reason.find(" postern pauses this mailbox"))
+        .unwrap_or(reason.len());
+    reason[..end].trim_end()
+}
+
 /// A short advice line for a held mailbox: the table's title and fix, else the reason.
 pub fn held_line(h: &Held) -> String {
     match (&h.title, &h.fix) {
@@ -437,6 +448,20 @@ pub fn held_line(h: &Held) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summaries_keep_the_reply() {
+        assert_eq!(
+            reason_summary(
+                "h:587 answered AUTH with \"535 5.7.139 x\". Exchange says... postern pauses this mailbox"
+            ),
+            "h:587 answered AUTH with \"535 5.7.139 x\""
+        );
+        assert_eq!(
+            reason_summary("no token. postern pauses this mailbox and"),
+            "no token."
+        );
+    }
 
     #[test]
     fn days_round_down() {

@@ -306,7 +306,7 @@ fn smtp_replies(text: &str) -> Vec<SmtpReply> {
     let mut i = 0;
     while i < b.len() {
         let boundary = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'.');
-        if !boundary {
+        if !boundary || !text.is_char_boundary(i) {
             i += 1;
             continue;
         }
@@ -384,6 +384,12 @@ mod tests {
             ev.replies[0]
         );
         assert_eq!(ev.queue_ids, vec!["0190A1B2C3D4E5F6"]);
+    }
+
+    #[test]
+    fn multibyte_text_around_codes() {
+        let ev = evidence("Entra admin centre → App registrations → 535 5.7.3 x → y");
+        assert_eq!(ev.replies[0].esc, Some((5, 7, 3)));
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn advice(id: &str, vars: &Vars) -> String {
         let t = vars.fill(step.text);
         out.push(' ');
         out.push_str(&t);
-        if !t.ends_with(['.', ')']) || t.ends_with("\")") {
+        if !t.ends_with('.') {
             out.push('.');
         }
     }

@@ -239,7 +239,7 @@ fn configuration(r: &mut Report, cfg: &Config) {
 }
 
 fn spool(r: &mut Report, cfg: &Config) {
-    let s = "Spool and state directories";
+    let s = "Files and directories";
     let report = crate::trust::check(cfg);
     for f in &report.findings {
         let status = match f.severity {

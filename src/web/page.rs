@@ -117,7 +117,7 @@ pub fn render(s: &Snapshot, refresh: u32) -> String {
                     why,
                     "<strong>{}</strong><div class=\"why\">{}</div>",
                     esc(h.title.unwrap_or("held")),
-                    esc(&h.reason)
+                    esc(crate::status::reason_summary(&h.reason))
                 );
                 if let Some(fix) = &h.fix {
                     let _ = write!(

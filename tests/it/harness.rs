@@ -20,6 +20,8 @@ pub struct Postern {
     pub config_path: PathBuf,
     /// The umask the daemon starts with (None: inherited).
     pub umask: Option<u32>,
+    /// Extra environment variables of the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn bin() -> &'static str {
@@ -64,7 +66,16 @@ impl Postern {
         Self::start_inner(config, Some(umask))
     }
 
+    /// Like `start`, with extra environment variables for the daemon.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Postern {
+        Self::start_inner_env(config, None, env)
+    }
+
     fn start_inner(config: &str, umask: Option<u32>) -> Postern {
+        Self::start_inner_env(config, umask, &[])
+    }
+
+    fn start_inner_env(config: &str, umask: Option<u32>, env: &[(&str, &str)]) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -75,6 +86,10 @@ impl Postern {
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
             umask,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         p.spawn();
         p
@@ -86,6 +101,7 @@ impl Postern {
         cmd.args(["serve", "--config"])
             .arg(&self.config_path)
             .env("POSTERN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(mask) = self.umask {

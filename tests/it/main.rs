@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod load;
 mod m365;
+mod observe;
 mod protocol;
 mod secrets;
 mod spool_trust;
