@@ -1,9 +1,14 @@
 //! The queue commands' output: `queue list` as a table or JSON, `queue show` in detail.
+//!
+//! Envelopes hold text from clients (HELO names, addresses) and from upstreams (replies):
+//! every string goes through [`escape`] before it reaches the admin's terminal, in the
+//! tables as `\u{1b}` and in JSON as `\u001b` (the same string to a JSON parser).
 
 use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::escape::{self, untrusted as u};
 use crate::spool::{Envelope, Listed, RcptStatus, State};
 
 #[derive(Serialize)]
@@ -42,7 +47,7 @@ pub fn list_json(items: &[Listed]) -> String {
             }
         })
         .collect();
-    serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
+    escape::to_json_pretty(&rows).unwrap_or_else(|_| "[]".into())
 }
 
 /// `queue list`: a table in the spirit of `mailq`.
@@ -62,15 +67,19 @@ pub fn list_table(items: &[Listed]) -> String {
         let _ = writeln!(
             out,
             "{:<16} {:<8} {:>9} {:<19} {:<30} {}",
-            e.id,
+            u(&e.id),
             l.state.to_string(),
             e.size,
             time(e.received_at),
-            if e.sender.is_empty() { "<>" } else { &e.sender },
-            rcpts.join(", ")
+            if e.sender.is_empty() {
+                "<>".into()
+            } else {
+                u(&e.sender)
+            },
+            u(&rcpts.join(", "))
         );
         if let Some(why) = e.hold_reason.as_deref().or(e.last_error.as_deref()) {
-            let _ = writeln!(out, "{:<16} ({why})", "");
+            let _ = writeln!(out, "{:<16} ({})", "", u(why));
         }
     }
     let _ = writeln!(out, "-- {} message(s)", items.len());
@@ -80,19 +89,28 @@ pub fn list_table(items: &[Listed]) -> String {
 /// `queue show ID`.
 pub fn show(state: State, e: &Envelope) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "id:           {}", e.id);
+    let _ = writeln!(o, "id:           {}", u(&e.id));
     let _ = writeln!(o, "state:        {state}");
     let _ = writeln!(
         o,
         "received:     {} UTC from {} (helo {})",
         time(e.received_at),
-        e.client_addr,
-        e.client_helo
+        u(&e.client_addr),
+        u(&e.client_helo)
     );
-    let _ = writeln!(o, "listener:     {}", e.listener);
-    let _ = writeln!(o, "auth user:    {}", e.auth_user.as_deref().unwrap_or("-"));
-    let _ = writeln!(o, "sender:       <{}>", e.sender);
-    let _ = writeln!(o, "route:        {} (as mailbox {})", e.route, e.mailbox);
+    let _ = writeln!(o, "listener:     {}", u(&e.listener));
+    let _ = writeln!(
+        o,
+        "auth user:    {}",
+        u(e.auth_user.as_deref().unwrap_or("-"))
+    );
+    let _ = writeln!(o, "sender:       <{}>", u(&e.sender));
+    let _ = writeln!(
+        o,
+        "route:        {} (as mailbox {})",
+        u(&e.route),
+        u(&e.mailbox)
+    );
     let _ = writeln!(
         o,
         "size:         {} bytes{}{}",
@@ -105,10 +123,10 @@ pub fn show(state: State, e: &Envelope) -> String {
         let _ = writeln!(o, "next attempt: {} UTC", time(t));
     }
     if let Some(r) = &e.hold_reason {
-        let _ = writeln!(o, "held:         {r}");
+        let _ = writeln!(o, "held:         {}", u(r));
     }
     if let Some(r) = &e.last_error {
-        let _ = writeln!(o, "last error:   {r}");
+        let _ = writeln!(o, "last error:   {}", u(r));
     }
     let _ = writeln!(o, "recipients:");
     for r in &e.recipients {
@@ -120,10 +138,10 @@ pub fn show(state: State, e: &Envelope) -> String {
         let _ = writeln!(
             o,
             "  <{}> {st}{}",
-            r.address,
+            u(&r.address),
             r.last_reply
                 .as_deref()
-                .map(|x| format!(": {x}"))
+                .map(|x| format!(": {}", u(x)))
                 .unwrap_or_default()
         );
     }
@@ -137,4 +155,89 @@ fn time(secs: u64) -> String {
         .replace('T', " ")
         .trim_end_matches('Z')
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{ENVELOPE_VERSION, Recipient};
+
+    /// Client text with an OSC title change, a C1 CSI, a right-to-left override and an
+    /// isolate: none of it may reach the terminal raw.
+    const HELO: &str = "host\u{1b}]0;pwned\u{7}\u{9b}2J\u{202e}txt.exe\u{2066}";
+
+    fn envelope() -> Envelope {
+        Envelope {
+            version: ENVELOPE_VERSION,
+            id: "0123456789AB".into(),
+            received_at: 1_700_000_000,
+            sender: "\"\u{202e}moc.elgoog\"@example.com".into(),
+            recipients: vec![Recipient {
+                address: "j\u{f6}rg\u{200f}@example.com".into(),
+                status: RcptStatus::Pending,
+                last_reply: Some("451 4.7.0 \u{1b}[31mtry later".into()),
+            }],
+            client_addr: "192.0.2.1:4000".into(),
+            client_helo: HELO.into(),
+            auth_user: None,
+            listener: "local".into(),
+            route: "default".into(),
+            mailbox: "relay@example.com".into(),
+            size: 10,
+            body_8bit: false,
+            smtputf8: true,
+            attempts: 1,
+            next_attempt: None,
+            last_error: Some("upstream said \u{9b}0m".into()),
+            hold_reason: None,
+            auto_hold: false,
+        }
+    }
+
+    fn raw(text: &str) -> Vec<char> {
+        text.chars()
+            .filter(|&c| escape::needs_escape(c) && c != '\n')
+            .collect()
+    }
+
+    #[test]
+    fn show_and_list_print_no_control_or_bidi_characters() {
+        let e = envelope();
+        let shown = show(State::Deferred, &e);
+        assert_eq!(raw(&shown), Vec::<char>::new(), "{shown}");
+        assert!(
+            shown.contains("(helo host\\u{1b}]0;pwned\\u{7}\\u{9b}2J\\u{202e}txt.exe\\u{2066})"),
+            "{shown}"
+        );
+        assert!(shown.contains("j\u{f6}rg\\u{200f}@example.com"), "{shown}");
+        let listed = [Listed {
+            state: State::Deferred,
+            envelope: e.clone(),
+        }];
+        let table = list_table(&listed);
+        assert_eq!(raw(&table), Vec::<char>::new(), "{table}");
+        assert!(table.contains("\\u{9b}0m"), "{table}");
+    }
+
+    #[test]
+    fn list_json_is_valid_json_with_escapes() {
+        let e = envelope();
+        let listed = [Listed {
+            state: State::Hold,
+            envelope: e.clone(),
+        }];
+        let json = list_json(&listed);
+        assert_eq!(raw(&json), Vec::<char>::new(), "{json}");
+        assert!(
+            json.contains("\\u202e") && json.contains("\\u009b"),
+            "{json}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v[0]["sender"],
+            e.sender.as_str(),
+            "the same strings to a JSON reader"
+        );
+        assert_eq!(v[0]["last_error"], "upstream said \u{9b}0m");
+    }
 }

@@ -29,7 +29,10 @@
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
 //! - [`trust`]: who may touch postern's files: the start-up checks of `serve` and `check`.
+//! - [`address`]: the envelope address type: parsed once, written back in RFC 5321 form.
+//! - [`escape`]: client and upstream text made safe to print (controls, bidi).
 
+pub mod address;
 pub mod admin;
 pub mod cli;
 pub mod config;
@@ -37,6 +40,7 @@ pub mod control;
 pub mod daemon;
 pub mod diagnosis;
 pub mod doctor;
+pub mod escape;
 pub mod explain;
 pub mod forward;
 pub mod health;

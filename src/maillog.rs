@@ -5,6 +5,19 @@ use tracing::{info, warn};
 
 /// A client's command or message was refused (policy, limits, protocol).
 pub fn rejected(client: &str, stage: &str, reply: &str, sender: Option<&str>, rcpt: Option<&str>) {
+    rejected_because(client, stage, reply, None, sender, rcpt);
+}
+
+/// [`rejected`], with what the log may say and the client was not told (the rule that
+/// refused it, the text the client sent).
+pub fn rejected_because(
+    client: &str,
+    stage: &str,
+    reply: &str,
+    detail: Option<&str>,
+    sender: Option<&str>,
+    rcpt: Option<&str>,
+) {
     warn!(
         target: "postern::maillog",
         event = "rejected",
@@ -13,6 +26,7 @@ pub fn rejected(client: &str, stage: &str, reply: &str, sender: Option<&str>, rc
         from = sender.unwrap_or(""),
         to = rcpt.unwrap_or(""),
         reply,
+        detail = detail.unwrap_or(""),
         "rejected"
     );
 }

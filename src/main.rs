@@ -382,9 +382,17 @@ fn init_logging(cli: &Cli) {
         Some(LogFormat::Human) => false,
         None => false,
     };
+    // Every line passes through the escaping writer: client text can carry control and
+    // bidi characters, and the JSON formatter leaves C1 and bidi characters raw.
+    let ansi = std::io::stderr().is_terminal();
+    let format = if json {
+        postern::escape::LogFormat::Json
+    } else {
+        postern::escape::LogFormat::Human { ansi }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(postern::escape::LogWriter::new(format));
     if json {
         builder
             .json()
@@ -392,6 +400,6 @@ fn init_logging(cli: &Cli) {
             .with_current_span(false)
             .init();
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        builder.with_ansi(ansi).init();
     }
 }

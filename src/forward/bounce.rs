@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::io::Read;
 use std::path::Path;
 
+use crate::address;
 use crate::smtp::{MessageDraft, MessageSink};
 use crate::spool::{
     ENVELOPE_VERSION, Envelope, RcptStatus, Recipient, Spool, SpoolError, msgfile, now_secs,
@@ -43,10 +44,14 @@ impl Bounce {
         if original.sender.is_empty() || failed.is_empty() {
             return None;
         }
+        // The report goes to the sender as the address type writes it (into `To:` and the
+        // report's RCPT); one that cannot be written safely gets no report.
+        let mut original = original.clone();
+        original.sender = address::wire_form(&original.sender).ok()?;
         Some(Bounce {
-            original: original.clone(),
-            failed,
             headers: header_section(queue_file, original.size),
+            original,
+            failed,
             expired,
         })
     }
@@ -308,6 +313,25 @@ mod tests {
         assert!(
             Bounce::for_failed(&original(), vec![], Path::new("/nonexistent"), false).is_none()
         );
+    }
+
+    #[test]
+    fn reports_go_to_the_sender_as_the_address_type_writes_it() {
+        let failed = || vec![("a@b.test".into(), "550 5.1.1 no".into())];
+        let mut o = original();
+        // An older spool's unquoted text for the local part "a b".
+        o.sender = "a b@contoso.com".into();
+        let b = Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).unwrap();
+        let (env, bytes) = b.build("h", 0);
+        assert_eq!(env.recipients[0].address, "\"a b\"@contoso.com");
+        assert!(
+            String::from_utf8(bytes)
+                .unwrap()
+                .contains("To: <\"a b\"@contoso.com>\r\n")
+        );
+        // A sender that would break the header gets no report.
+        o.sender = "x\r\nBcc: victim@example.com@contoso.com".into();
+        assert!(Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).is_none());
     }
 
     #[test]

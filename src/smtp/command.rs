@@ -3,17 +3,24 @@
 //! Parsing never fails: a line we cannot use becomes [`Command::Unknown`],
 //! [`Command::Invalid`] (with the exact reply to send) or [`Command::NonSmtp`] (an HTTP request
 //! or header line: the connection is closed, as Postfix does).
+//!
+//! `MAIL`, `RCPT` and `BDAT` are parsed here rather than by smtp-proto, which removes the
+//! quotes of a quoted local part (so `"x> RET=HDRS"@example.com` would go upstream as two
+//! parameters), drops CRs and passes control characters inside quotes, and keeps only the
+//! trailing digits of a number longer than 19 digits (`SIZE=99999999999999999999999999` read
+//! as 999999). Paths go through [`crate::address`]; parameters are the ones we advertise.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME,
-    MAIL_BODY_BINARYMIME, MAIL_SMTPUTF8, Request,
-};
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
 use zeroize::Zeroizing;
 
 use super::reply::Reply;
+use crate::address::{AddressError, ForwardPath, ReversePath};
+
+/// RFC 1870: `size-value ::= 1*20DIGIT`. BDAT's chunk size is held to the same bound.
+const MAX_DIGITS: usize = 20;
 
 /// `BODY=` on MAIL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,12 +34,13 @@ pub enum Body {
     EightBitMime,
 }
 
-/// `MAIL FROM:<address> [SIZE=n] [BODY=...] [SMTPUTF8]`
+/// `MAIL FROM:<address> [SIZE=n] [BODY=...] [SMTPUTF8] [AUTH=...]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailFrom {
-    /// Reverse-path without angle brackets; empty for the null sender `<>`.
-    pub address: String,
-    /// Declared size (`SIZE=`), if given and not zero.
+    /// The reverse-path (`<>` for the null sender).
+    pub sender: ReversePath,
+    /// Declared size (`SIZE=`), if given (`SIZE=0` is a declared size of 0); a 20-digit value
+    /// past `u64` is `u64::MAX`.
     pub size: Option<u64>,
     /// Declared body type.
     pub body: Body,
@@ -60,8 +68,8 @@ pub enum Command {
     Helo(String),
     /// `MAIL FROM:`
     Mail(MailFrom),
-    /// `RCPT TO:<address>` (address without brackets).
-    Rcpt(String),
+    /// `RCPT TO:<address>`
+    Rcpt(ForwardPath),
     /// `DATA`
     Data,
     /// `BDAT size [LAST]`
@@ -168,6 +176,16 @@ pub fn parse(line: &[u8]) -> Command {
         return Command::NonSmtp;
     }
 
+    if verb.eq_ignore_ascii_case(b"MAIL") {
+        return mail(&line[verb_end..]).unwrap_or_else(Command::Invalid);
+    }
+    if verb.eq_ignore_ascii_case(b"RCPT") {
+        return rcpt(&line[verb_end..]).unwrap_or_else(Command::Invalid);
+    }
+    if verb.eq_ignore_ascii_case(b"BDAT") {
+        return bdat(&line[verb_end..]);
+    }
+
     let owned;
     let line = if line.ends_with(b"\n") {
         line
@@ -175,62 +193,170 @@ pub fn parse(line: &[u8]) -> Command {
         owned = [line, b"\r\n"].concat();
         &owned[..]
     };
-    let is_address_command =
-        verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT");
-    let utf8_ok = std::str::from_utf8(line).is_ok();
-
     match Request::parse(&mut line.iter()) {
-        Ok(req) => from_request(req, utf8_ok),
-        Err(_) if is_address_command && !utf8_ok => {
-            if verb.eq_ignore_ascii_case(b"MAIL") {
-                Command::Invalid(Reply::bad_sender_syntax())
-            } else {
-                Command::Invalid(Reply::bad_recipient_syntax())
-            }
-        }
+        Ok(req) => from_request(req),
         Err(e) => from_error(e),
     }
 }
 
-fn from_request(req: Request<Cow<'_, str>>, utf8_ok: bool) -> Command {
+/// The arguments after the verb, without the line ending; `None` when not UTF-8.
+fn arguments(rest: &[u8]) -> Option<&str> {
+    let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
+    let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
+    std::str::from_utf8(rest).ok()
+}
+
+/// `<keyword>:` after the verb (`FROM:`, `TO:`), spaces allowed around it as clients send
+/// them; returns what follows.
+fn after_keyword<'a>(args: &'a str, keyword: &str) -> Option<&'a str> {
+    let args = args.trim_start_matches([' ', '\t']);
+    let head = args.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = args[keyword.len()..].trim_start_matches([' ', '\t']);
+    Some(rest.strip_prefix(':')?.trim_start_matches([' ', '\t']))
+}
+
+/// The ESMTP parameters after a path: nothing, or whitespace then `KEY[=VALUE]` words.
+fn parameters(rest: &str) -> Result<Vec<(&str, Option<&str>)>, ()> {
+    if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
+        return Err(());
+    }
+    rest.split([' ', '\t'])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let (key, value) = match w.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (w, None),
+            };
+            // esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
+            let ok = key.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if ok { Ok((key, value)) } else { Err(()) }
+        })
+        .collect()
+}
+
+/// `1*20DIGIT` → the number, saturating at `u64::MAX`; `None` for anything else.
+fn number(digits: &str) -> Option<u64> {
+    if digits.is_empty() || digits.len() > MAX_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // 20 digits always fit u128.
+    let n: u128 = digits.parse().ok()?;
+    Some(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+/// `MAIL` or `RCPT` with everything it needs to parse its arguments.
+struct PathCommand<P> {
+    /// `FROM` or `TO`.
+    keyword: &'static str,
+    /// The usage shown on a syntax error.
+    usage: &'static str,
+    /// The path parser (reverse- or forward-path).
+    parse: fn(&str) -> Result<(P, &str), AddressError>,
+    /// The refusal of an address, given what the client sent.
+    refuse: fn(&AddressError, &str) -> Reply,
+    /// The refusal of a line that is not UTF-8.
+    not_utf8: fn() -> Reply,
+}
+
+type Params<'a> = Vec<(&'a str, Option<&'a str>)>;
+
+impl<P> PathCommand<P> {
+    /// `<keyword>:<path> [parameters]` → the path and the parameters.
+    fn split<'a>(&self, rest: &'a [u8]) -> Result<(P, Params<'a>), Reply> {
+        let args = arguments(rest).ok_or_else(self.not_utf8)?;
+        let path = after_keyword(args, self.keyword).ok_or_else(|| Reply::syntax(self.usage))?;
+        let (p, rest) = (self.parse)(path).map_err(|e| (self.refuse)(&e, path))?;
+        let params = parameters(rest).map_err(|()| Reply::syntax(self.usage))?;
+        Ok((p, params))
+    }
+}
+
+const MAIL: PathCommand<ReversePath> = PathCommand {
+    keyword: "FROM",
+    usage: "MAIL FROM:<address> [SIZE=n] [BODY=8BITMIME] [SMTPUTF8]",
+    parse: ReversePath::parse,
+    refuse: Reply::bad_sender,
+    not_utf8: Reply::bad_sender_syntax,
+};
+
+const RCPT: PathCommand<ForwardPath> = PathCommand {
+    keyword: "TO",
+    usage: "RCPT TO:<address>",
+    parse: ForwardPath::parse,
+    refuse: Reply::bad_recipient,
+    not_utf8: Reply::bad_recipient_syntax,
+};
+
+const BDAT_SYNTAX: &str = "BDAT chunk-size [LAST] (chunk-size: 1 to 20 digits)";
+
+fn mail(rest: &[u8]) -> Result<Command, Reply> {
+    let (sender, params) = MAIL.split(rest)?;
+    let mut m = MailFrom {
+        sender,
+        size: None,
+        body: Body::Unspecified,
+        smtputf8: false,
+    };
+    for (key, value) in params {
+        let key = key.to_ascii_uppercase();
+        match (key.as_str(), value) {
+            ("SIZE", Some(v)) => m.size = Some(number(v).ok_or_else(Reply::bad_size)?),
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => m.body = Body::EightBitMime,
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => m.body = Body::SevenBit,
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("BINARYMIME") => {
+                return Err(Reply::unsupported_parameter("BODY=BINARYMIME"));
+            }
+            ("SMTPUTF8", None) => m.smtputf8 = true,
+            // RFC 4954 §5: clients that saw AUTH may name the submitter; nothing to do with it.
+            ("AUTH", Some(v)) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()) => {}
+            ("SIZE" | "BODY" | "SMTPUTF8" | "AUTH", _) => {
+                return Err(Reply::invalid_parameter(&key));
+            }
+            // Not advertised (DSN's RET and ENVID among them): RFC 5321 §4.1.1.11.
+            _ => return Err(Reply::unsupported_parameter(&key)),
+        }
+    }
+    Ok(Command::Mail(m))
+}
+
+fn rcpt(rest: &[u8]) -> Result<Command, Reply> {
+    let (to, params) = RCPT.split(rest)?;
+    match params.first() {
+        None => Ok(Command::Rcpt(to)),
+        // We advertise no RCPT parameters (no DSN: NOTIFY, ORCPT).
+        Some((key, _)) => Err(Reply::unsupported_parameter(&key.to_ascii_uppercase())),
+    }
+}
+
+fn bdat(rest: &[u8]) -> Command {
+    let Some(args) = arguments(rest) else {
+        return Command::Invalid(Reply::syntax(BDAT_SYNTAX));
+    };
+    let mut words = args.split([' ', '\t']).filter(|w| !w.is_empty());
+    let size = words.next().and_then(number);
+    let last = match words.next() {
+        None => Some(false),
+        Some(w) if w.eq_ignore_ascii_case("LAST") => Some(true),
+        Some(_) => None,
+    };
+    match (size, last, words.next()) {
+        (Some(size), Some(last), None) if size < u64::MAX => Command::Bdat { size, last },
+        _ => Command::Invalid(Reply::syntax(BDAT_SYNTAX)),
+    }
+}
+
+fn from_request(req: Request<Cow<'_, str>>) -> Command {
     match req {
         Request::Ehlo { host } => Command::Ehlo(host.into_owned()),
         Request::Helo { host } => Command::Helo(host.into_owned()),
-        Request::Mail { from } => {
-            if !utf8_ok {
-                return Command::Invalid(Reply::bad_sender_syntax());
-            }
-            if from.flags & MAIL_BODY_BINARYMIME != 0 {
-                return Command::Invalid(Reply::unsupported_parameter("BODY=BINARYMIME"));
-            }
-            let body = if from.flags & MAIL_BODY_8BITMIME != 0 {
-                Body::EightBitMime
-            } else if from.flags & MAIL_BODY_7BIT != 0 {
-                Body::SevenBit
-            } else {
-                Body::Unspecified
-            };
-            Command::Mail(MailFrom {
-                address: from.address.into_owned(),
-                size: (from.size != 0).then_some(from.size as u64),
-                body,
-                smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
-            })
-        }
-        Request::Rcpt { to } => {
-            if !utf8_ok {
-                return Command::Invalid(Reply::bad_recipient_syntax());
-            }
-            Command::Rcpt(to.address.into_owned())
-        }
+        // Parsed by our own functions above; listed for completeness.
+        Request::Mail { .. } | Request::Rcpt { .. } | Request::Bdat { .. } => Command::Unknown,
         Request::Data => Command::Data,
-        Request::Bdat {
-            chunk_size,
-            is_last,
-        } => Command::Bdat {
-            size: chunk_size as u64,
-            last: is_last,
-        },
         Request::Auth {
             mechanism,
             initial_response,
@@ -267,8 +393,9 @@ fn from_request(req: Request<Cow<'_, str>>, utf8_ok: bool) -> Command {
 fn from_error(e: ProtoError) -> Command {
     match e {
         ProtoError::UnknownCommand => Command::Unknown,
-        ProtoError::InvalidSenderAddress => Command::Invalid(Reply::bad_sender_syntax()),
-        ProtoError::InvalidRecipientAddress => Command::Invalid(Reply::bad_recipient_syntax()),
+        ProtoError::InvalidSenderAddress | ProtoError::InvalidRecipientAddress => {
+            Command::Invalid(Reply::syntax("command"))
+        }
         ProtoError::SyntaxError { syntax } => Command::Invalid(Reply::syntax(syntax)),
         ProtoError::InvalidParameter { param } => Command::Invalid(Reply::invalid_parameter(param)),
         ProtoError::UnsupportedParameter { param } => {
@@ -283,10 +410,31 @@ fn from_error(e: ProtoError) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::address::Address;
     use proptest::prelude::*;
 
     fn p(s: &str) -> Command {
         parse(s.as_bytes())
+    }
+
+    fn mailbox(s: &str) -> Address {
+        Address::parse(s).unwrap()
+    }
+
+    fn from(s: &str) -> ReversePath {
+        ReversePath::Mailbox(mailbox(s))
+    }
+
+    fn to(s: &str) -> Command {
+        Command::Rcpt(ForwardPath::Mailbox(mailbox(s)))
+    }
+
+    /// The reply of an invalid command, as on the wire (without CRLF).
+    fn refusal(line: &str) -> String {
+        match p(line) {
+            Command::Invalid(r) => r.to_string(),
+            other => panic!("{line:?} was accepted: {other:?}"),
+        }
     }
 
     #[test]
@@ -329,7 +477,7 @@ mod tests {
         assert_eq!(
             p("MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME SMTPUTF8\r\n"),
             Command::Mail(MailFrom {
-                address: "a@b.example".into(),
+                sender: from("a@b.example"),
                 size: Some(1000),
                 body: Body::EightBitMime,
                 smtputf8: true
@@ -338,7 +486,7 @@ mod tests {
         assert_eq!(
             p("MAIL FROM:<>\r\n"),
             Command::Mail(MailFrom {
-                address: String::new(),
+                sender: ReversePath::Null,
                 size: None,
                 body: Body::Unspecified,
                 smtputf8: false
@@ -361,25 +509,184 @@ mod tests {
             "invalid UTF-8"
         );
         assert!(
-            matches!(p("MAIL FROM:<j\u{f6}rg@b.example> SMTPUTF8\r\n"), Command::Mail(m) if m.address == "j\u{f6}rg@b.example")
+            matches!(p("MAIL FROM:<j\u{f6}rg@b.example> SMTPUTF8\r\n"), Command::Mail(m) if m.sender == from("j\u{f6}rg@b.example"))
         );
     }
 
     #[test]
     fn rcpt() {
-        assert_eq!(
-            p("RCPT TO:<x@y.example>\r\n"),
-            Command::Rcpt("x@y.example".into())
-        );
-        assert_eq!(
-            p("rcpt to: <x@y.example>\r\n"),
-            Command::Rcpt("x@y.example".into())
-        );
+        assert_eq!(p("RCPT TO:<x@y.example>\r\n"), to("x@y.example"));
+        assert_eq!(p("rcpt to: <x@y.example>\r\n"), to("x@y.example"));
+        assert_eq!(p("RCPT TO : <x@y.example> \r\n"), to("x@y.example"));
         assert!(matches!(p("RCPT TO:x@y\r\n"), Command::Invalid(r) if r.code == 501));
         assert!(matches!(
             p("RCPT TO:<x@y> NOTIFY=BOGUS\r\n"),
             Command::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn quoted_local_parts_stay_one_address() {
+        // Issue 7: these reached the upstream as extra ESMTP parameters.
+        match p("MAIL FROM:<\"x> RET=HDRS ENVID=evil\"@example.com> SIZE=195\r\n") {
+            Command::Mail(m) => {
+                assert_eq!(
+                    m.sender.to_string(),
+                    "\"x> RET=HDRS ENVID=evil\"@example.com"
+                );
+                assert_eq!(m.size, Some(195));
+            }
+            other => panic!("{other:?}"),
+        }
+        match p("RCPT TO:<\"y> NOTIFY=NEVER ORCPT=rfc822;z@example.com\"@example.org>\r\n") {
+            Command::Rcpt(ForwardPath::Mailbox(a)) => {
+                assert_eq!(a.local_part(), "y> NOTIFY=NEVER ORCPT=rfc822;z@example.com");
+                assert_eq!(a.domain(), "example.org");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            p("RCPT TO:<\"a b\"@example.com>\r\n"),
+            Command::Rcpt(ForwardPath::Mailbox(
+                Address::parse("\"a b\"@example.com").unwrap()
+            ))
+        );
+    }
+
+    #[test]
+    fn addresses_that_cannot_be_passed_on_are_refused_with_the_reason() {
+        assert_eq!(
+            refusal("MAIL FROM:<\"n\0ul\"@example.com>\r\n"),
+            "553 5.1.7 Sender address rejected: it contains the control character U+0000, which postern does not pass on"
+        );
+        assert_eq!(
+            refusal("MAIL FROM:<\"\u{1b}[31m\"@example.com>\r\n"),
+            "553 5.1.7 Sender address rejected: it contains the control character U+001B, which postern does not pass on"
+        );
+        assert!(refusal("RCPT TO:<\"a\rb\"@example.com>\r\n").starts_with(
+            "553 5.1.3 Recipient address rejected: it contains the control character U+000D"
+        ));
+        assert!(refusal("RCPT TO:<\"\u{9b}\"@example.com>\r\n").starts_with("553 5.1.3 "));
+        assert!(refusal("RCPT TO:<\"\u{7f}\"@example.com>\r\n").starts_with("553 5.1.3 "));
+        // Issue 10: an empty domain.
+        assert_eq!(
+            refusal("RCPT TO:<bob@>\r\n"),
+            "501 5.1.3 Bad recipient address syntax: the domain after \"@\" is empty"
+        );
+        assert!(refusal("MAIL FROM:<bob@>\r\n").starts_with("501 5.1.7 "));
+        assert!(refusal("MAIL FROM:<postmaster>\r\n").starts_with("501 5.1.7 "));
+        assert!(refusal("RCPT TO:<a b@example.com>\r\n").starts_with("501 5.1.3 "));
+        // What the client sent goes to the log, not back to it.
+        let Command::Invalid(r) = p("RCPT TO:<\"\u{9b}\"@example.com>\r\n") else {
+            panic!()
+        };
+        assert_eq!(
+            r.detail.as_deref(),
+            Some("recipient as sent: <\"\u{9b}\"@example.com>")
+        );
+        assert!(
+            !r.to_bytes().contains(&0x9b)
+                && !String::from_utf8(r.to_bytes()).unwrap().contains('\u{9b}')
+        );
+    }
+
+    #[test]
+    fn postmaster_without_a_domain_is_a_recipient() {
+        // RFC 5321 §4.5.1 (issue 8).
+        for line in [
+            "RCPT TO:<postmaster>\r\n",
+            "RCPT TO:<Postmaster>\r\n",
+            "rcpt to:<POSTMASTER>\r\n",
+        ] {
+            assert_eq!(p(line), Command::Rcpt(ForwardPath::Postmaster), "{line}");
+        }
+    }
+
+    #[test]
+    fn numbers_past_twenty_digits_are_refused_not_truncated() {
+        // Issue 7: smtp-proto read these as 999999 and 5.
+        assert_eq!(
+            refusal("MAIL FROM:<a@b.example> SIZE=99999999999999999999999999\r\n"),
+            "501 5.5.4 Bad SIZE parameter: the size must be 1 to 20 digits"
+        );
+        assert_eq!(
+            refusal("BDAT 100000000000000000000005 LAST\r\n"),
+            "501 5.5.4 Syntax: BDAT chunk-size [LAST] (chunk-size: 1 to 20 digits)"
+        );
+        assert!(
+            refusal("BDAT 18446744073709551616\r\n").starts_with("501 5.5.4"),
+            "past u64"
+        );
+        // 20 digits are valid SIZE syntax; past u64 it is simply too big (552 in the session).
+        assert!(
+            matches!(p("MAIL FROM:<a@b.example> SIZE=99999999999999999999"), Command::Mail(m) if m.size == Some(u64::MAX))
+        );
+        assert_eq!(
+            p("BDAT 18446744073709551614 LAST"),
+            Command::Bdat {
+                size: 18_446_744_073_709_551_614,
+                last: true
+            }
+        );
+        for bad in [
+            "SIZE=",
+            "SIZE=-1",
+            "SIZE=1e3",
+            "SIZE=+5",
+            "SIZE=0x10",
+            "SIZE",
+        ] {
+            assert!(
+                refusal(&format!("MAIL FROM:<a@b.example> {bad}")).starts_with("501 5.5.4"),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "BDAT",
+            "BDAT x",
+            "BDAT 5 FIRST",
+            "BDAT 5 LAST x",
+            "BDAT -5",
+            "BDAT 5LAST",
+        ] {
+            assert!(refusal(bad).starts_with("501 5.5.4"), "{bad}");
+        }
+        // Issue 8: SIZE=0 is a declared size of 0, not "no SIZE".
+        assert!(
+            matches!(p("MAIL FROM:<a@b.example> SIZE=0"), Command::Mail(m) if m.size == Some(0))
+        );
+        assert!(matches!(p("MAIL FROM:<a@b.example>"), Command::Mail(m) if m.size.is_none()));
+    }
+
+    #[test]
+    fn only_advertised_parameters_are_accepted() {
+        assert!(matches!(
+            p("MAIL FROM:<a@b.example> AUTH=<>"),
+            Command::Mail(_)
+        ));
+        assert!(
+            matches!(p("MAIL FROM:<a@b.example> auth=scanner@b.example body=8bitmime"), Command::Mail(m) if m.body == Body::EightBitMime)
+        );
+        assert_eq!(
+            refusal("MAIL FROM:<a@b.example> RET=HDRS"),
+            "555 5.5.4 Unsupported option: RET"
+        );
+        assert_eq!(
+            refusal("MAIL FROM:<a@b.example> ENVID=x"),
+            "555 5.5.4 Unsupported option: ENVID"
+        );
+        assert_eq!(
+            refusal("RCPT TO:<a@b.example> NOTIFY=NEVER"),
+            "555 5.5.4 Unsupported option: NOTIFY"
+        );
+        assert!(refusal("MAIL FROM:<a@b.example> SMTPUTF8=yes").starts_with("501 5.5.4"));
+        assert!(refusal("MAIL FROM:<a@b.example> BODY=QUOTED").starts_with("501 5.5.4"));
+        assert!(
+            refusal("MAIL FROM:<a@b.example>SIZE=5").starts_with("501 5.5.4"),
+            "no space after >"
+        );
+        assert!(refusal("MAIL FROM:<a@b.example> =5").starts_with("501 5.5.4"));
+        assert!(refusal("MAIL FROM:<a@b.example> SI\rZE=5").starts_with("501 5.5.4"));
     }
 
     #[test]
@@ -453,7 +760,7 @@ mod tests {
         }
 
         #[test]
-        fn mail_roundtrip(addr in address(), size in proptest::option::of(1u64..1_000_000_000),
+        fn mail_roundtrip(addr in address(), size in proptest::option::of(0u64..1_000_000_000),
                           body in prop::sample::select(vec![Body::Unspecified, Body::SevenBit, Body::EightBitMime]),
                           utf8 in any::<bool>()) {
             let mut line = format!("MAIL FROM:<{addr}>");
@@ -465,12 +772,12 @@ mod tests {
             }
             if utf8 { line.push_str(" SMTPUTF8"); }
             line.push_str("\r\n");
-            prop_assert_eq!(parse(line.as_bytes()), Command::Mail(MailFrom { address: addr, size, body, smtputf8: utf8 }));
+            prop_assert_eq!(parse(line.as_bytes()), Command::Mail(MailFrom { sender: from(&addr), size, body, smtputf8: utf8 }));
         }
 
         #[test]
         fn rcpt_and_bdat_roundtrip(addr in address(), n in 0u64..u32::MAX as u64, last in any::<bool>()) {
-            prop_assert_eq!(parse(format!("RCPT TO:<{addr}>\r\n").as_bytes()), Command::Rcpt(addr));
+            prop_assert_eq!(parse(format!("RCPT TO:<{addr}>\r\n").as_bytes()), to(&addr));
             let l = if last { " LAST" } else { "" };
             prop_assert_eq!(parse(format!("BDAT {n}{l}\r\n").as_bytes()), Command::Bdat { size: n, last });
         }

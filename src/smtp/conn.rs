@@ -273,7 +273,8 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         &self.ctx.config.hostname
     }
 
-    /// Queue a reply; refusals count against `max_errors` and go to the mail log.
+    /// Queue a reply; refusals go to the mail log, and those the client caused count against
+    /// `max_errors`.
     fn reply<T>(
         &mut self,
         io: &mut Io<T>,
@@ -284,9 +285,18 @@ impl<'a, S: MessageSink> Conn<'a, S> {
     ) {
         r.write_to(&mut io.wbuf);
         if r.is_error() && r.code != 421 {
-            self.errors += 1;
+            if r.counts_as_error() {
+                self.errors += 1;
+            }
             self.rejected += 1;
-            maillog::rejected(&self.client, stage, &r.to_string(), from, rcpt);
+            maillog::rejected_because(
+                &self.client,
+                stage,
+                &r.to_string(),
+                r.detail.as_deref(),
+                from,
+                rcpt,
+            );
             crate::metrics::refused(&self.ctx.listener.name, stage, &r.to_string());
         }
     }
@@ -433,9 +443,12 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         let name = cmd.name();
         debug!(target: "postern::smtp", client = %self.client, command = name, "command");
         let (from, rcpt) = match &cmd {
-            Command::Mail(m) => (Some(m.address.clone()), None),
-            Command::Rcpt(a) => (self.session.sender().map(str::to_string), Some(a.clone())),
-            _ => (self.session.sender().map(str::to_string), None),
+            Command::Mail(m) => (Some(m.sender.to_string()), None),
+            Command::Rcpt(a) => (
+                self.session.sender().map(ToString::to_string),
+                Some(a.to_string()),
+            ),
+            _ => (self.session.sender().map(ToString::to_string), None),
         };
         let ctx = self.ctx;
         let step = self.session.handle(cmd, &|n| ctx.sink.has_room(n));
@@ -976,7 +989,7 @@ pub(crate) mod tests {
         assert_eq!(c.reply().await, "250 2.1.5 Ok\r\n");
         assert_eq!(
             c.reply().await,
-            "501 5.1.3 Bad recipient address syntax\r\n"
+            "501 5.1.3 Bad recipient address syntax: a recipient cannot be <>\r\n"
         );
         assert_eq!(c.reply().await, "250 2.1.5 Ok\r\n");
         assert_eq!(c.reply().await, "354 End data with <CR><LF>.<CR><LF>\r\n");
@@ -1030,7 +1043,7 @@ pub(crate) mod tests {
         c.cmd("EHLO x").await;
         assert_eq!(
             c.cmd("MAIL FROM:<someone@elsewhere.test>").await,
-            "550 5.7.1 Sender <someone@elsewhere.test> rejected: no route in test.toml accepts it (route \"office\" senders = [*@example.com]; route \"own\" senders = [*@example.org])\r\n"
+            "550 5.7.1 Sender <someone@elsewhere.test> rejected: this relay does not send mail from that address\r\n"
         );
         c.cmd("MAIL FROM:<a@example.com>").await;
         for r in ["a", "b", "c"] {

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use crate::address::ReversePath;
 use crate::config::{AddressPattern, Config, ListenerConfig, UserConfig};
 
 use super::reply::Reply;
@@ -28,33 +29,51 @@ pub fn network_allowed(listener: &ListenerConfig, ip: IpAddr) -> bool {
     listener.allow_networks.iter().any(|n| n.contains(&ip))
 }
 
-/// Decide the route and mailbox for `sender` (empty = null sender), as sent by `user` (if the
-/// client authenticated). The refusal names the rule concretely.
+/// Decide the route and mailbox for `sender`, as sent by `user` (if the client
+/// authenticated). A refusal names the rule concretely in the log only: the client is told
+/// that it was refused, not which file or which other routes' patterns said so.
 pub fn route_sender(
     config: &Config,
-    sender: &str,
+    sender: &ReversePath,
     user: Option<&UserConfig>,
 ) -> Result<Routing, Reply> {
+    // Patterns match the RFC 5321 text (empty for <>); their domain part compares
+    // case-insensitively.
+    let text = sender.to_string();
     if let Some(user) = user
-        && !user.may_send_as.iter().any(|p| p.matches(sender))
+        && !user.may_send_as.iter().any(|p| p.matches(&text))
     {
         return Err(Reply::sender_not_permitted(
-            sender,
+            &text,
             &user.name,
             &patterns(&user.may_send_as),
         ));
     }
-    let Some(route) = config.route_for(sender) else {
+    let Some(route) = config.route_for(&text) else {
         return Err(Reply::sender_no_route(
-            sender,
-            &config.source,
-            &route_summary(config),
+            &text,
+            format!(
+                "no route in {} accepts it ({})",
+                config.source,
+                route_summary(config)
+            ),
         ));
     };
-    let mailbox = match (&route.mailbox, sender.is_empty()) {
+    let mailbox = match (&route.mailbox, sender) {
         (Some(m), _) => m.clone(),
-        (None, false) => sender.to_string(),
-        (None, true) => return Err(Reply::null_sender_no_mailbox(&route.name, &config.source)),
+        (None, ReversePath::Mailbox(a)) if a.needs_quoting() => {
+            return Err(Reply::sender_not_a_mailbox(&text).with_detail(format!(
+                "route \"{}\" in {} sends as the envelope sender; give it a mailbox to send such senders' mail as",
+                route.name, config.source
+            )));
+        }
+        (None, ReversePath::Mailbox(a)) => a.to_string(),
+        (None, ReversePath::Null) => {
+            return Err(Reply::null_sender_no_mailbox(format!(
+                "route \"{}\" in {} matched <> but has no fixed mailbox to send the null sender as; set its mailbox",
+                route.name, config.source
+            )));
+        }
     };
     Ok(Routing {
         route: route.name.clone(),
@@ -95,12 +114,21 @@ fn route_summary(config: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::address::Address;
     use crate::smtp::testkit::{config, user};
+
+    fn from(s: &str) -> ReversePath {
+        if s.is_empty() {
+            ReversePath::Null
+        } else {
+            ReversePath::Mailbox(Address::parse(s).unwrap())
+        }
+    }
 
     #[test]
     fn sender_routing() {
         let cfg = config();
-        let r = route_sender(&cfg, "printer@example.com", None).unwrap();
+        let r = route_sender(&cfg, &from("printer@example.com"), None).unwrap();
         assert_eq!(
             r,
             Routing {
@@ -108,7 +136,7 @@ mod tests {
                 mailbox: "relay@example.com".into()
             }
         );
-        let r = route_sender(&cfg, "alice@example.org", None).unwrap();
+        let r = route_sender(&cfg, &from("alice@example.org"), None).unwrap();
         assert_eq!(
             r,
             Routing {
@@ -116,22 +144,52 @@ mod tests {
                 mailbox: "alice@example.org".into()
             }
         );
-        let e = route_sender(&cfg, "x@elsewhere.test", None).unwrap_err();
-        let text = e.to_string();
-        assert_eq!(e.code, 550);
-        assert!(text.starts_with("550 5.7.1 Sender <x@elsewhere.test> rejected: no route in test.toml accepts it (route \"office\" senders = [*@example.com]; route \"own\" senders = [*@example.org]"), "{text}");
+        let e = route_sender(&cfg, &from("x@elsewhere.test"), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "550 5.7.1 Sender <x@elsewhere.test> rejected: this relay does not send mail from that address"
+        );
+        // The rules go to the log, not to the client.
+        assert_eq!(
+            e.detail.as_deref(),
+            Some(
+                "no route in test.toml accepts it (route \"office\" senders = [*@example.com]; route \"own\" senders = [*@example.org])"
+            )
+        );
+        let wire = String::from_utf8(e.to_bytes()).unwrap();
+        assert!(
+            !wire.contains("test.toml") && !wire.contains("example.org"),
+            "{wire}"
+        );
+    }
+
+    #[test]
+    fn a_route_sending_as_the_sender_needs_a_mailbox_name() {
+        let cfg = config();
+        let e = route_sender(&cfg, &from("\"a b\"@example.org"), None).unwrap_err();
+        assert_eq!(e.code, 553);
+        assert!(e.detail.unwrap().contains("route \"own\""));
+        // A quoted sender on a route with a fixed mailbox is fine.
+        let r = route_sender(&cfg, &from("\"a b\"@example.com"), None).unwrap();
+        assert_eq!(r.mailbox, "relay@example.com");
+        // The domain matches whatever its case.
+        assert!(route_sender(&cfg, &from("Alice@EXAMPLE.org"), None).is_ok());
     }
 
     #[test]
     fn null_sender_needs_fixed_mailbox() {
         let mut cfg = config();
-        assert!(route_sender(&cfg, "", None).is_err(), "no * route");
+        assert!(route_sender(&cfg, &from(""), None).is_err(), "no * route");
         cfg.routes[1].senders.push(AddressPattern::Any);
-        let e = route_sender(&cfg, "", None).unwrap_err();
-        assert!(e.to_string().contains("route \"own\""), "{e}");
+        let e = route_sender(&cfg, &from(""), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "550 5.7.1 Sender <> rejected: this relay has no mailbox to send the null sender as"
+        );
+        assert!(e.detail.unwrap().contains("route \"own\" in test.toml"));
         cfg.routes[0].senders.push(AddressPattern::Any);
         assert_eq!(
-            route_sender(&cfg, "", None).unwrap().mailbox,
+            route_sender(&cfg, &from(""), None).unwrap().mailbox,
             "relay@example.com"
         );
     }
@@ -140,8 +198,8 @@ mod tests {
     fn may_send_as() {
         let cfg = config();
         let u = user("scanner", "pw", &["scanner@example.com"]);
-        assert!(route_sender(&cfg, "scanner@example.com", Some(&u)).is_ok());
-        let e = route_sender(&cfg, "boss@example.com", Some(&u)).unwrap_err();
+        assert!(route_sender(&cfg, &from("scanner@example.com"), Some(&u)).is_ok());
+        let e = route_sender(&cfg, &from("boss@example.com"), Some(&u)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "550 5.7.1 Sender <boss@example.com> rejected: user \"scanner\" may not send as it (may_send_as: scanner@example.com)"

@@ -30,8 +30,11 @@
 //! | [`Reply::syntax`] | `501 5.5.4 Syntax: ...` |
 //! | [`Reply::invalid_parameter`] | `501 5.5.4 Error: invalid ... parameter` |
 //! | [`Reply::unsupported_parameter`] | `555 5.5.4 Unsupported option: ...` |
+//! | [`Reply::bad_size`] | `501 5.5.4 Bad SIZE parameter: ...` |
 //! | [`Reply::bad_sender_syntax`] | `501 5.1.7 Bad sender address syntax` |
 //! | [`Reply::bad_recipient_syntax`] | `501 5.1.3 Bad recipient address syntax` |
+//! | [`Reply::bad_sender`] | `501 5.1.7 Bad sender address syntax: <why>` or `553 5.1.7 Sender address rejected: <why>` |
+//! | [`Reply::bad_recipient`] | `501 5.1.3 Bad recipient address syntax: <why>` or `553 5.1.3 Recipient address rejected: <why>` |
 //! | [`Reply::need_helo`] | `503 5.5.1 Error: send HELO/EHLO first` |
 //! | [`Reply::need_ehlo`] | `503 5.5.1 Error: send EHLO first` |
 //! | [`Reply::need_mail`] | `503 5.5.1 Error: need MAIL command` |
@@ -51,13 +54,14 @@
 //! | [`Reply::auth_failed`] | `535 5.7.8 Authentication credentials invalid` |
 //! | [`Reply::auth_locked_out`] | `454 4.7.0 Too many failed authentication attempts; try again later` |
 //! | [`Reply::auth_unavailable`] | `454 4.7.0 Temporary authentication failure` |
-//! | [`Reply::sender_no_route`] | `550 5.7.1 Sender <x> rejected: no route in <source> accepts it ...` |
+//! | [`Reply::sender_no_route`] | `550 5.7.1 Sender <x> rejected: this relay does not send mail from that address` |
 //! | [`Reply::sender_not_permitted`] | `550 5.7.1 Sender <x> rejected: user "u" may not send as it ...` |
-//! | [`Reply::null_sender_no_mailbox`] | `550 5.7.1 Sender <> rejected: route "r" ... has no fixed mailbox` |
+//! | [`Reply::null_sender_no_mailbox`] | `550 5.7.1 Sender <> rejected: this relay has no mailbox to send the null sender as` |
+//! | [`Reply::sender_not_a_mailbox`] | `553 5.1.7 Sender <x> rejected: it cannot be a Microsoft 365 mailbox ...` |
 //! | [`Reply::size_exceeded`] | `552 5.3.4 Message size exceeds fixed maximum message size` |
 //! | [`Reply::insufficient_storage`] | `452 4.3.1 Insufficient system storage` |
 //! | [`Reply::non_ascii_address`] | `553 5.6.7 Non-ASCII address requires SMTPUTF8` |
-//! | [`Reply::too_many_recipients`] | `452 4.5.3 Too many recipients` |
+//! | [`Reply::too_many_recipients`] | `452 4.5.3 Too many recipients` (not an error: the client sends the rest in a new transaction) |
 //! | [`Reply::bare_lf`] | `550 5.6.0 Message contains bare LF` |
 //! | [`Reply::nul_characters`] | `550 5.6.0 Message contains NUL characters` |
 //! | [`Reply::queue_write_error`] | `451 4.3.0 Error: queue file write error` |
@@ -67,8 +71,17 @@
 //! | [`Reply::timeout`] | `421 4.4.2 <host> Error: timeout exceeded` |
 //! | [`Reply::too_many_errors`] | `421 4.7.0 <host> Error: too many errors` |
 //! | [`Reply::shutting_down`] | `421 4.3.2 <host> Service shutting down` |
+//!
+//! A reply may carry a [`detail`](Reply::detail) for the log only (the configuration file and
+//! the rules that refused a sender, the text a client sent): the client never sees it.
+//! Every 4xx/5xx counts against `max_errors` except those the client did not cause (our own
+//! temporary conditions, 4.3.x) and `452 4.5.3 Too many recipients`, which RFC 5321 §3.3 makes
+//! part of a normal dialogue (see [`Reply::counts_as_error`]).
 
 use std::fmt;
+
+use crate::address::AddressError;
+use crate::escape;
 
 /// Longest text we put on one reply line (RFC 5321 allows 512 octets including the code).
 const MAX_TEXT: usize = 480;
@@ -83,6 +96,10 @@ pub struct Reply {
     pub status: Option<&'static str>,
     /// Text of each line (at least one).
     pub lines: Vec<String>,
+    /// For the log only, never sent: what the operator needs and the client must not learn.
+    pub detail: Option<String>,
+    /// Whether this refusal counts against `max_errors` (see [`Reply::counts_as_error`]).
+    blame_client: bool,
 }
 
 impl Reply {
@@ -91,6 +108,8 @@ impl Reply {
             code,
             status: Some(status),
             lines: vec![clip(text.into())],
+            detail: None,
+            blame_client: code >= 400 && code != 421,
         }
     }
 
@@ -99,12 +118,33 @@ impl Reply {
             code,
             status: None,
             lines: vec![clip(text.into())],
+            detail: None,
+            blame_client: false,
         }
+    }
+
+    /// The same reply with `detail` for the log.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// A refusal the client did not cause.
+    fn not_the_clients_fault(mut self) -> Self {
+        self.blame_client = false;
+        self
     }
 
     /// Is this a 4xx/5xx reply?
     pub fn is_error(&self) -> bool {
         self.code >= 400
+    }
+
+    /// Does this refusal count against the listener's `max_errors`? Every 4xx/5xx except
+    /// 421 (the connection ends anyway), our own temporary conditions (full disk, queue write
+    /// error, a password check that could not run) and "too many recipients".
+    pub fn counts_as_error(&self) -> bool {
+        self.blame_client
     }
 
     /// The reply on the wire, CRLF-terminated.
@@ -143,6 +183,8 @@ impl Reply {
             code: 250,
             status: None,
             lines,
+            detail: None,
+            blame_client: false,
         }
     }
 
@@ -216,6 +258,8 @@ impl Reply {
                     .into(),
                 "postern, see RFC 5321".into(),
             ],
+            detail: None,
+            blame_client: false,
         }
     }
 
@@ -265,14 +309,50 @@ impl Reply {
         )
     }
 
-    /// A reverse-path we cannot parse.
+    /// `SIZE=` that is not 1 to 20 digits (RFC 1870).
+    pub fn bad_size() -> Self {
+        Self::one(
+            501,
+            "5.5.4",
+            "Bad SIZE parameter: the size must be 1 to 20 digits",
+        )
+    }
+
+    /// A reverse-path we cannot parse (not UTF-8).
     pub fn bad_sender_syntax() -> Self {
         Self::one(501, "5.1.7", "Bad sender address syntax")
     }
 
-    /// A forward-path we cannot parse.
+    /// A forward-path we cannot parse (not UTF-8).
     pub fn bad_recipient_syntax() -> Self {
         Self::one(501, "5.1.3", "Bad recipient address syntax")
+    }
+
+    /// A reverse-path refused by the address parser; `sent` (what the client wrote) goes to
+    /// the log.
+    pub fn bad_sender(e: &AddressError, sent: &str) -> Self {
+        Self::bad_address(e, sent, "5.1.7", ["Sender", "sender"])
+    }
+
+    /// A forward-path refused by the address parser; `sent` goes to the log.
+    pub fn bad_recipient(e: &AddressError, sent: &str) -> Self {
+        Self::bad_address(e, sent, "5.1.3", ["Recipient", "recipient"])
+    }
+
+    fn bad_address(
+        e: &AddressError,
+        sent: &str,
+        status: &'static str,
+        [what, w]: [&str; 2],
+    ) -> Self {
+        let why = printable(&e.to_string());
+        // RFC 5321: 553 is "mailbox name not allowed", 501 a syntax error.
+        let reply = if e.is_unsafe() {
+            Self::one(553, status, format!("{what} address rejected: {why}"))
+        } else {
+            Self::one(501, status, format!("Bad {w} address syntax: {why}"))
+        };
+        reply.with_detail(format!("{w} as sent: {sent}"))
     }
 
     // ---- sequence ----
@@ -379,23 +459,23 @@ impl Reply {
 
     /// The password check itself failed (not the password).
     pub fn auth_unavailable() -> Self {
-        Self::one(454, "4.7.0", "Temporary authentication failure")
+        Self::one(454, "4.7.0", "Temporary authentication failure").not_the_clients_fault()
     }
 
     // ---- policy ----
 
-    /// No route accepts the sender; `detail` names the rules that were tried.
-    pub fn sender_no_route(sender: &str, source: &str, detail: &str) -> Self {
+    /// No route accepts the sender. The client learns only that; `rules` (the configuration
+    /// file and the routes' patterns tried) go to the log.
+    pub fn sender_no_route(sender: &str, rules: String) -> Self {
         Self::one(
             550,
             "5.7.1",
             format!(
-                "Sender <{}> rejected: no route in {} accepts it ({})",
-                printable(sender),
-                printable(source),
-                detail
+                "Sender <{}> rejected: this relay does not send mail from that address",
+                printable(sender)
             ),
         )
+        .with_detail(rules)
     }
 
     /// The authenticated user may not use this sender.
@@ -412,15 +492,26 @@ impl Reply {
         )
     }
 
-    /// The null sender matched a route that sends as the envelope sender.
-    pub fn null_sender_no_mailbox(route: &str, source: &str) -> Self {
+    /// The null sender matched a route that sends as the envelope sender; `why` (the route
+    /// and the file) goes to the log.
+    pub fn null_sender_no_mailbox(why: String) -> Self {
         Self::one(
             550,
             "5.7.1",
+            "Sender <> rejected: this relay has no mailbox to send the null sender as",
+        )
+        .with_detail(why)
+    }
+
+    /// The route sends as the envelope sender, and this one needs quoting: no one signs in
+    /// to Microsoft 365 as that, so it would only be held upstream.
+    pub fn sender_not_a_mailbox(sender: &str) -> Self {
+        Self::one(
+            553,
+            "5.1.7",
             format!(
-                "Sender <> rejected: route \"{}\" in {} has no fixed mailbox to send the null sender as",
-                printable(route),
-                printable(source)
+                "Sender <{}> rejected: it cannot be a Microsoft 365 mailbox (its local part needs quoting)",
+                printable(sender)
             ),
         )
     }
@@ -436,7 +527,7 @@ impl Reply {
 
     /// `452 4.3.1 Insufficient system storage`
     pub fn insufficient_storage() -> Self {
-        Self::one(452, "4.3.1", "Insufficient system storage")
+        Self::one(452, "4.3.1", "Insufficient system storage").not_the_clients_fault()
     }
 
     /// A non-ASCII address without `SMTPUTF8` on MAIL (RFC 6531 §3.5).
@@ -444,9 +535,17 @@ impl Reply {
         Self::one(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
     }
 
-    /// `452 4.5.3 Too many recipients`
-    pub fn too_many_recipients() -> Self {
-        Self::one(452, "4.5.3", "Too many recipients")
+    /// `452 4.5.3 Too many recipients`: the client sends the rest in another transaction
+    /// (RFC 5321 §3.3), so it is not an error — unless `overshoot` (the client went on
+    /// sending far past the limit in one transaction, like Postfix's
+    /// `smtpd_recipient_overshoot_limit`).
+    pub fn too_many_recipients(overshoot: bool) -> Self {
+        let r = Self::one(452, "4.5.3", "Too many recipients");
+        if overshoot {
+            r
+        } else {
+            r.not_the_clients_fault()
+        }
     }
 
     /// `550 5.6.0 Message contains bare LF` (`bare_lf = "reject"`).
@@ -461,7 +560,7 @@ impl Reply {
 
     /// `451 4.3.0 Error: queue file write error`: the message was not accepted.
     pub fn queue_write_error() -> Self {
-        Self::one(451, "4.3.0", "Error: queue file write error")
+        Self::one(451, "4.3.0", "Error: queue file write error").not_the_clients_fault()
     }
 
     /// The client is not in the listener's `allow_networks`.
@@ -520,17 +619,10 @@ impl fmt::Display for Reply {
     }
 }
 
-/// Client-supplied text made safe for a reply line or a header: visible ASCII only.
+/// Client-supplied text made safe for a reply line or a header: controls and bidi controls
+/// escaped ([`escape::untrusted`]).
 pub fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' || (!c.is_ascii() && !c.is_control()) {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
+    escape::untrusted(s).into_owned()
 }
 
 fn clip(mut s: String) -> String {
@@ -594,13 +686,17 @@ mod tests {
             Reply::auth_failed(),
             Reply::auth_locked_out(),
             Reply::auth_unavailable(),
-            Reply::sender_no_route("a@b", "/etc/postern/postern.toml", "x"),
+            Reply::sender_no_route("a@b", "rules".into()),
             Reply::sender_not_permitted("a@b", "scanner", "c@d"),
-            Reply::null_sender_no_mailbox("default", "src"),
+            Reply::null_sender_no_mailbox("why".into()),
+            Reply::sender_not_a_mailbox("\"a b\"@c"),
+            Reply::bad_size(),
+            Reply::bad_sender(&AddressError::EmptyDomain, "<a@>"),
+            Reply::bad_recipient(&AddressError::Control('\u{1b}'), "<\"\u{1b}\"@b>"),
             Reply::size_exceeded(),
             Reply::insufficient_storage(),
             Reply::non_ascii_address(),
-            Reply::too_many_recipients(),
+            Reply::too_many_recipients(false),
             Reply::bare_lf(),
             Reply::nul_characters(),
             Reply::queue_write_error(),
@@ -660,8 +756,53 @@ mod tests {
     }
 
     #[test]
+    fn only_refusals_the_client_caused_count_as_errors() {
+        let not_counted = [
+            Reply::too_many_recipients(false),
+            Reply::insufficient_storage(),
+            Reply::queue_write_error(),
+            Reply::auth_unavailable(),
+            Reply::too_many_errors("h"),
+            Reply::shutting_down("h"),
+            Reply::ok(),
+            Reply::start_data(),
+        ];
+        for r in not_counted {
+            assert!(!r.counts_as_error(), "{r}");
+        }
+        let counted = [
+            Reply::too_many_recipients(true),
+            Reply::unknown_command(),
+            Reply::need_mail(),
+            Reply::auth_failed(),
+            Reply::auth_locked_out(),
+            Reply::bad_size(),
+            Reply::sender_no_route("a@b", String::new()),
+            Reply::size_exceeded(),
+        ];
+        for r in counted {
+            assert!(r.counts_as_error(), "{r}");
+        }
+    }
+
+    #[test]
+    fn details_stay_out_of_the_reply() {
+        let r = Reply::sender_no_route("a@b", "no route in /etc/postern/postern.toml".into());
+        assert!(
+            !String::from_utf8(r.to_bytes())
+                .unwrap()
+                .contains("postern.toml")
+        );
+        assert!(!r.to_string().contains("postern.toml"));
+        assert_eq!(
+            r.detail.as_deref(),
+            Some("no route in /etc/postern/postern.toml")
+        );
+    }
+
+    #[test]
     fn client_text_cannot_inject_lines() {
-        let r = Reply::sender_no_route("a\r\n250 ok@b", "src", "d");
+        let r = Reply::sender_no_route("a\r\n250 ok@b", "d".into());
         let wire = r.to_bytes();
         assert_eq!(wire.iter().filter(|&&b| b == b'\n').count(), 1);
         let long = Reply::unsupported_parameter(&"X".repeat(2000));

@@ -13,6 +13,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
+use crate::address::{Address, ForwardPath, ReversePath};
 use crate::config::{AuthMode, Config, ListenerConfig};
 use crate::spool::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient};
 
@@ -37,11 +38,16 @@ pub struct SessionParams {
     pub starttls: bool,
 }
 
+/// Recipients refused with `452 4.5.3` in one transaction before each further one counts
+/// as an error (Postfix's `smtpd_recipient_overshoot_limit` default): a client that keeps
+/// going that far past the limit is not going to send the rest in a new transaction.
+const RECIPIENT_OVERSHOOT: usize = 1000;
+
 /// An accepted MAIL transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
-    /// Reverse-path (empty for `<>`).
-    pub sender: String,
+    /// Reverse-path.
+    pub sender: ReversePath,
     /// Route chosen at MAIL time.
     pub route: String,
     /// Mailbox the message goes out as.
@@ -50,10 +56,13 @@ pub struct Transaction {
     pub body_8bit: bool,
     /// `SMTPUTF8`.
     pub smtputf8: bool,
-    /// Recipients in RCPT order (empty in state `Mail`).
-    pub recipients: Vec<String>,
+    /// Recipients in RCPT order (empty in state `Mail`); `<postmaster>` is already the
+    /// mailbox it goes to.
+    pub recipients: Vec<Address>,
     /// Octets announced by BDAT commands so far.
     pub bdat_total: u64,
+    /// Recipients refused as too many so far.
+    pub overshoot: usize,
 }
 
 /// Where an AUTH exchange stands.
@@ -238,7 +247,7 @@ impl Session {
     }
 
     /// The sender of the open transaction, if any.
-    pub fn sender(&self) -> Option<&str> {
+    pub fn sender(&self) -> Option<&ReversePath> {
         match &self.state {
             State::Mail(t) | State::Rcpt(t) | State::Data(t, _) | State::Bdat(t) => Some(&t.sender),
             _ => None,
@@ -363,7 +372,7 @@ impl Session {
             }
             (s, Command::Auth { mechanism, initial }) => self.auth(s, mechanism, initial),
             (s, Command::Mail(m)) => self.mail(s, m, has_room),
-            (s, Command::Rcpt(addr)) => self.rcpt(s, addr),
+            (s, Command::Rcpt(to)) => self.rcpt(s, to),
             (s, Command::Data) => {
                 let reply = match s {
                     // The disk may have filled since MAIL: refuse before the body arrives.
@@ -539,14 +548,14 @@ impl Session {
         if size > self.p.listener.max_message_size {
             return Step::Reply(Reply::size_exceeded());
         }
-        if !m.address.is_ascii() && !m.smtputf8 {
+        if !m.sender.is_ascii() && !m.smtputf8 {
             return Step::Reply(Reply::non_ascii_address());
         }
         let user = self
             .auth_user
             .as_deref()
             .and_then(|u| self.p.config.user(u));
-        let routing = match policy::route_sender(&self.p.config, &m.address, user) {
+        let routing = match policy::route_sender(&self.p.config, &m.sender, user) {
             Ok(r) => r,
             Err(reply) => return Step::Reply(reply),
         };
@@ -554,18 +563,19 @@ impl Session {
             return Step::Reply(Reply::insufficient_storage());
         }
         self.state = State::Mail(Transaction {
-            sender: m.address,
+            sender: m.sender,
             route: routing.route,
             mailbox: routing.mailbox,
             body_8bit: m.body == Body::EightBitMime,
             smtputf8: m.smtputf8,
             recipients: Vec::new(),
             bdat_total: 0,
+            overshoot: 0,
         });
         Step::Reply(Reply::sender_ok())
     }
 
-    fn rcpt(&mut self, s: State, addr: String) -> Step {
+    fn rcpt(&mut self, s: State, to: ForwardPath) -> Step {
         let mut t = match s {
             State::Mail(t) | State::Rcpt(t) => t,
             other => {
@@ -578,26 +588,43 @@ impl Session {
                 return Step::Reply(r);
             }
         };
-        let reply = if addr.is_empty() {
-            Some(Reply::bad_recipient_syntax())
-        } else if !addr.is_ascii() && !t.smtputf8 {
-            Some(Reply::non_ascii_address())
-        } else if t.recipients.len() >= self.p.listener.max_recipients {
-            Some(Reply::too_many_recipients())
-        } else {
-            None
+        let addr = match to {
+            ForwardPath::Mailbox(a) => Ok(a),
+            // RFC 5321 §4.5.1: <postmaster> must be accepted. postern has no local mailboxes;
+            // the mailbox this transaction sends as is the one an admin of this relay reads.
+            ForwardPath::Postmaster => Address::from_spool(&t.mailbox).map_err(|e| {
+                Reply::bad_recipient(&e, "<postmaster>").with_detail(format!(
+                    "<postmaster> goes to the route's mailbox {}, which cannot be used: {e}",
+                    t.mailbox
+                ))
+            }),
         };
-        if let Some(r) = reply {
-            self.state = if t.recipients.is_empty() {
-                State::Mail(t)
-            } else {
-                State::Rcpt(t)
-            };
-            return Step::Reply(r);
+        let reply = match &addr {
+            Err(r) => Some(r.clone()),
+            Ok(a) if !a.is_ascii() && !t.smtputf8 => Some(Reply::non_ascii_address()),
+            Ok(_) if t.recipients.len() >= self.p.listener.max_recipients => {
+                t.overshoot += 1;
+                Some(Reply::too_many_recipients(
+                    t.overshoot > RECIPIENT_OVERSHOOT,
+                ))
+            }
+            Ok(_) => None,
+        };
+        match (reply, addr) {
+            (None, Ok(a)) => {
+                t.recipients.push(a);
+                self.state = State::Rcpt(t);
+                Step::Reply(Reply::rcpt_ok())
+            }
+            (r, _) => {
+                self.state = if t.recipients.is_empty() {
+                    State::Mail(t)
+                } else {
+                    State::Rcpt(t)
+                };
+                Step::Reply(r.unwrap_or_else(Reply::bad_recipient_syntax))
+            }
         }
-        t.recipients.push(addr);
-        self.state = State::Rcpt(t);
-        Step::Reply(Reply::rcpt_ok())
     }
 
     fn bdat(&mut self, s: State, size: u64, last: bool) -> Step {
@@ -639,7 +666,7 @@ impl Session {
     /// The `Received:` header for the message being received (RFC 5321 §4.4, protocol types
     /// from RFC 3848 / RFC 6531), ending in CRLF.
     pub fn received_header(&self, queue_id: &str, now_unix: u64) -> String {
-        let (smtputf8, rcpts): (bool, &[String]) = match &self.state {
+        let (smtputf8, rcpts): (bool, &[Address]) = match &self.state {
             State::Data(t, _) | State::Bdat(t) | State::Rcpt(t) => (t.smtputf8, &t.recipients),
             _ => (false, &[]),
         };
@@ -668,7 +695,7 @@ impl Session {
             header_safe(queue_id)
         );
         if let [only] = rcpts {
-            h.push_str(&format!("\r\n\tfor <{}>", header_safe(only)));
+            h.push_str(&format!("\r\n\tfor <{}>", header_safe(&only.to_string())));
         }
         h.push_str(&format!("; {}\r\n", rfc2822_date(now_unix)));
         h
@@ -709,12 +736,13 @@ impl Session {
             version: ENVELOPE_VERSION,
             id: queue_id.to_string(),
             received_at: now_unix,
-            sender: t.sender,
+            // The spool keeps addresses as their RFC 5321 text.
+            sender: t.sender.to_string(),
             recipients: t
                 .recipients
                 .into_iter()
-                .map(|address| Recipient {
-                    address,
+                .map(|a| Recipient {
+                    address: a.to_string(),
                     status: RcptStatus::Pending,
                     last_reply: None,
                 })
@@ -797,13 +825,14 @@ mod tests {
 
     fn tx(rcpts: &[&str]) -> Transaction {
         Transaction {
-            sender: "a@example.com".into(),
+            sender: ReversePath::Mailbox(Address::parse("a@example.com").unwrap()),
             route: "office".into(),
             mailbox: "relay@example.com".into(),
             body_8bit: false,
             smtputf8: false,
-            recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+            recipients: rcpts.iter().map(|s| Address::parse(s).unwrap()).collect(),
             bdat_total: 0,
+            overshoot: 0,
         }
     }
 
@@ -973,6 +1002,69 @@ mod tests {
             matches!(&step, Step::Reply(r) if r.to_string() == "452 4.3.1 Insufficient system storage")
         );
         assert_eq!(s.state, State::Greeted);
+    }
+
+    #[test]
+    fn too_many_recipients_is_an_error_only_far_past_the_limit() {
+        let mut s = session_in(State::Rcpt(tx(&["a@t", "b@t", "c@t"])));
+        for _ in 0..RECIPIENT_OVERSHOOT {
+            match s.handle(parse(b"RCPT TO:<d@t>"), &|_| true) {
+                Step::Reply(r) => assert!(r.code == 452 && !r.counts_as_error(), "{r}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        match s.handle(parse(b"RCPT TO:<d@t>"), &|_| true) {
+            Step::Reply(r) => assert!(r.code == 452 && r.counts_as_error(), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        // A new transaction starts counting again.
+        s.handle(parse(b"RSET"), &|_| true);
+        s.handle(parse(b"MAIL FROM:<a@example.com>"), &|_| true);
+        match &s.state {
+            State::Mail(t) => assert_eq!(t.overshoot, 0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn postmaster_goes_to_the_mailbox_the_transaction_sends_as() {
+        let mut s = session_in(State::Greeted);
+        s.handle(parse(b"MAIL FROM:<a@example.com>"), &|_| true);
+        assert_eq!(
+            code(&s.handle(parse(b"RCPT TO:<Postmaster>"), &|_| true)),
+            250
+        );
+        assert!(matches!(s.handle(parse(b"DATA"), &|_| true), Step::Data));
+        let Finish::Commit(env) = s.finish_data(&DataOutcome::default(), "Q1", 1, 0) else {
+            panic!()
+        };
+        assert_eq!(env.recipients[0].address, "relay@example.com");
+        // On a route that sends as the sender, that is the sender's own mailbox.
+        let mut s = session_in(State::Greeted);
+        s.handle(parse(b"MAIL FROM:<alice@example.org>"), &|_| true);
+        s.handle(parse(b"RCPT TO:<postmaster>"), &|_| true);
+        match &s.state {
+            State::Rcpt(t) => assert_eq!(t.recipients[0].to_string(), "alice@example.org"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn quoted_addresses_reach_the_envelope_in_rfc_5321_form() {
+        let mut s = session_in(State::Greeted);
+        let step = s.handle(
+            parse(b"MAIL FROM:<\"x> RET=HDRS ENVID=evil\"@example.com> SIZE=0"),
+            &|_| true,
+        );
+        assert_eq!(code(&step), 250);
+        s.handle(parse(b"RCPT TO:<\"a b\"@y.test>"), &|_| true);
+        s.handle(parse(b"DATA"), &|_| true);
+        assert!(s.received_header("Q1", 0).contains("for <\"a_b\"@y.test>"));
+        let Finish::Commit(env) = s.finish_data(&DataOutcome::default(), "Q1", 1, 0) else {
+            panic!()
+        };
+        assert_eq!(env.sender, "\"x> RET=HDRS ENVID=evil\"@example.com");
+        assert_eq!(env.recipients[0].address, "\"a b\"@y.test");
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport};
+use crate::address;
+use crate::escape;
 use crate::spool::{RcptStatus, durable};
 
 /// Delivers into a directory.
@@ -16,12 +18,13 @@ pub struct FileTransport {
     dir: PathBuf,
 }
 
+/// What `<id>.json` holds; addresses in RFC 5321 form, as an upstream would get them.
 #[derive(Serialize)]
 struct Delivered<'a> {
     id: &'a str,
-    sender: &'a str,
-    mailbox: &'a str,
-    recipients: Vec<&'a str>,
+    sender: String,
+    mailbox: String,
+    recipients: Vec<String>,
     received_at: u64,
     client_addr: &'a str,
     auth_user: Option<&'a str>,
@@ -33,15 +36,34 @@ impl FileTransport {
         Self { dir }
     }
 
+    /// The envelope's addresses as the address type writes them, or why one cannot be.
+    fn addresses(msg: &Outgoing) -> Result<(String, String, Vec<String>), String> {
+        let env = &msg.envelope;
+        let wire = |a: &str| {
+            address::wire_form(a).map_err(|e| {
+                format!(
+                    "the address <{}> cannot be sent on: {e}",
+                    escape::untrusted(a)
+                )
+            })
+        };
+        let recipients = env
+            .pending()
+            .map(|r| wire(&r.address))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((wire(&env.sender)?, wire(&env.mailbox)?, recipients))
+    }
+
     fn deliver(&self, msg: &Outgoing) -> std::io::Result<Vec<RcptResult>> {
         let env = &msg.envelope;
+        let (sender, mailbox, recipients) = Self::addresses(msg).map_err(std::io::Error::other)?;
         durable::create_dir_durable(&self.dir)?;
         let pending: Vec<&str> = env.pending().map(|r| r.address.as_str()).collect();
         let meta = Delivered {
             id: &env.id,
-            sender: &env.sender,
-            mailbox: &env.mailbox,
-            recipients: pending.clone(),
+            sender,
+            mailbox,
+            recipients,
             received_at: env.received_at,
             client_addr: &env.client_addr,
             auth_user: env.auth_user.as_deref(),
@@ -73,6 +95,9 @@ impl Transport for FileTransport {
 
     fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
+            if let Err(reason) = Self::addresses(msg) {
+                return Outcome::Permanent { reason };
+            }
             let this = self.clone();
             let m = msg.clone();
             match tokio::task::spawn_blocking(move || this.deliver(&m)).await {

@@ -34,7 +34,9 @@ use super::classify::{Context, Stage, Verdict, classify, release_hint};
 
 mod probe;
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
+use crate::address;
 use crate::config::{AccountConfig, Credential};
+use crate::escape;
 use crate::secret::Secret;
 use crate::spool::RcptStatus;
 use crate::token::{Audience, TokenError, TokenSource};
@@ -152,23 +154,37 @@ impl SmtpTransport {
                 recipients: Vec::new(),
             };
         }
-        // Our own spool wrote these, but a CR or LF would let an address inject commands.
-        if let Some(bad) = std::iter::once(env.sender.as_str())
-            .chain(pending.iter().copied())
-            .find(|a| a.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0))
+        // Every address goes out as the address type writes it: quoted where needed, so
+        // nothing a client sent can end a path early or add a parameter or a command; and
+        // refused here if it cannot be written safely (an older version's spool).
+        let wire = |stored: &str| {
+            address::wire_form(stored).map_err(|e| Outcome::Permanent {
+                reason: format!(
+                    "the address <{}> cannot be sent on: {e}",
+                    escape::untrusted(stored)
+                ),
+            })
+        };
+        let (sender, mailbox) = match (wire(&env.sender), wire(&env.mailbox)) {
+            (Ok(s), Ok(m)) => (s, m),
+            (Err(o), _) | (_, Err(o)) => return o,
+        };
+        let pending = match pending
+            .into_iter()
+            .map(|stored| wire(stored).map(|path| (stored, path)))
+            .collect::<Result<Vec<_>, _>>()
         {
-            return Outcome::Permanent {
-                reason: format!("address {bad:?} contains a line break or NUL"),
-            };
-        }
+            Ok(p) => p,
+            Err(o) => return o,
+        };
         let server = self.server();
         let ctx = Context {
             server: &server,
             account: &self.account,
             client_id: &self.client_id,
             app_only: self.app_only,
-            mailbox: &env.mailbox,
-            sender: &env.sender,
+            mailbox: &mailbox,
+            sender: &sender,
             queue_id: &env.id,
         };
         // Open the message first: a spool problem should not cost a connection slot. The
@@ -330,7 +346,7 @@ impl SmtpTransport {
         c: &mut Conn<TlsStream<TcpStream>>,
         ctx: &Context<'_>,
         token: &Secret<String>,
-        pending: &[&str],
+        pending: &[(&str, String)],
         file: tokio::fs::File,
         size: u64,
         msg: &Outgoing,
@@ -363,7 +379,7 @@ impl SmtpTransport {
                 ),
             });
         }
-        let mut mail = format!("MAIL FROM:<{}>", env.sender);
+        let mut mail = format!("MAIL FROM:<{}>", ctx.sender);
         if caps.size.is_some() {
             mail.push_str(&format!(" SIZE={size}"));
         }
@@ -401,8 +417,8 @@ impl SmtpTransport {
             if mail_unanswered {
                 out.push_str(&mail);
             }
-            for a in group {
-                out.push_str(&format!("RCPT TO:<{a}>\r\n"));
+            for (_, path) in group {
+                out.push_str(&format!("RCPT TO:<{path}>\r\n"));
             }
             c.write(out.as_bytes(), Some(out.trim_end())).await?;
             if mail_unanswered {
@@ -412,7 +428,7 @@ impl SmtpTransport {
                     return Err(verdict(Stage::Mail, &r, ctx));
                 }
             }
-            for a in group {
+            for (a, _) in group {
                 let r = c.reply(Stage::Rcpt, self.timeouts.command).await?;
                 let status = if r.is_positive() {
                     RcptStatus::Sent

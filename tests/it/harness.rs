@@ -20,6 +20,8 @@ pub struct Postern {
     pub config_path: PathBuf,
     /// The umask the daemon starts with (None: inherited).
     pub umask: Option<u32>,
+    /// More arguments for `postern serve` (e.g. `--log-format json`).
+    pub serve_args: Vec<String>,
     /// Extra environment variables of the daemon.
     pub env: Vec<(String, String)>,
 }
@@ -58,24 +60,34 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
-        Self::start_inner(config, None)
+        Self::start_inner(config, None, &[])
     }
 
     /// Like `start`, with the daemon's umask set to `umask`.
     pub fn start_with_umask(config: &str, umask: u32) -> Postern {
-        Self::start_inner(config, Some(umask))
+        Self::start_inner(config, Some(umask), &[])
+    }
+
+    /// Like `start`, with more arguments for `postern serve`.
+    pub fn start_with(config: &str, serve_args: &[&str]) -> Postern {
+        Self::start_inner(config, None, serve_args)
     }
 
     /// Like `start`, with extra environment variables for the daemon.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Postern {
-        Self::start_inner_env(config, None, env)
+        Self::start_full(config, None, &[], env)
     }
 
-    fn start_inner(config: &str, umask: Option<u32>) -> Postern {
-        Self::start_inner_env(config, umask, &[])
+    fn start_inner(config: &str, umask: Option<u32>, serve_args: &[&str]) -> Postern {
+        Self::start_full(config, umask, serve_args, &[])
     }
 
-    fn start_inner_env(config: &str, umask: Option<u32>, env: &[(&str, &str)]) -> Postern {
+    fn start_full(
+        config: &str,
+        umask: Option<u32>,
+        serve_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -86,6 +98,7 @@ impl Postern {
             logs: Arc::new(Mutex::new(Vec::new())),
             config_path,
             umask,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -100,6 +113,7 @@ impl Postern {
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--config"])
             .arg(&self.config_path)
+            .args(&self.serve_args)
             .env("POSTERN_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())

@@ -9,14 +9,31 @@ use crate::harness::*;
 
 const MAILBOX: &str = "scanner@contoso.com";
 
-struct World {
-    entra: FakeEntra,
-    exchange: FakeExchange,
-    postern: Postern,
+pub(crate) struct World {
+    pub(crate) entra: FakeEntra,
+    pub(crate) exchange: FakeExchange,
+    pub(crate) postern: Postern,
     _secret_dir: tempfile::TempDir,
 }
 
-fn world(mailbox_line: &str) -> World {
+impl World {
+    /// The first message the fake Exchange accepted, waiting up to 15 s for it.
+    pub(crate) fn first_delivered(&self) -> crate::fake::exchange::Message {
+        assert!(
+            wait_until(Duration::from_secs(15), || !self
+                .exchange
+                .delivered()
+                .is_empty()),
+            "nothing delivered; log:\n{}",
+            self.postern.log_text()
+        );
+        self.exchange.delivered().swap_remove(0)
+    }
+}
+
+/// A fake Entra and Exchange and a postern whose route `m365` (`*@contoso.com`) has
+/// `mailbox_line`.
+pub(crate) fn world(mailbox_line: &str) -> World {
     world_with(
         mailbox_line,
         "auth = \"client_secret\"\nclient_secret_file = \"SECRET_FILE\"",
@@ -76,7 +93,7 @@ account = "contoso"
     }
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f() {

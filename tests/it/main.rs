@@ -7,6 +7,7 @@ mod cli;
 mod clients;
 mod crash;
 mod delivery;
+mod input;
 mod load;
 mod m365;
 mod observe;

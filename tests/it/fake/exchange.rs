@@ -600,7 +600,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 if conn.mail.is_none() {
                     "503 5.5.2 Need mail command".into()
                 } else {
-                    let addr = path_arg(&arg, "TO:").unwrap_or_default();
+                    let (addr, _) = path_arg(&arg, "TO:").unwrap_or_default();
                     match script.rcpt_replies.get(&addr.to_lowercase()) {
                         Some(r) => r.clone(),
                         None => {
@@ -748,15 +748,31 @@ fn parse_xoauth2(b64: &str) -> Option<(String, String)> {
     Some((user.to_string(), token.to_string()))
 }
 
-fn path_arg(arg: &str, prefix: &str) -> Option<String> {
+/// `FROM:<path> params` → (the path as written, the parameters). A quoted string is read as
+/// RFC 5321 says, as Exchange does: a `>` or space inside quotes does not end the path.
+fn path_arg(arg: &str, prefix: &str) -> Option<(String, Vec<String>)> {
     let a = arg.trim();
     if a.len() < prefix.len() || !a[..prefix.len()].eq_ignore_ascii_case(prefix) {
         return None;
     }
     let rest = a[prefix.len()..].trim_start();
     let rest = rest.strip_prefix('<')?;
-    let end = rest.find('>')?;
-    Some(rest[..end].to_string())
+    let (mut quoted, mut escaped) = (false, false);
+    let end = rest.char_indices().find_map(|(i, c)| {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '>' if !quoted => return Some(i),
+            _ => {}
+        }
+        None
+    })?;
+    let params = rest[end + 1..]
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    Some((rest[..end].to_string(), params))
 }
 
 fn mail(conn: &mut Conn, script: &Script, arg: &str) -> String {
@@ -780,14 +796,9 @@ fn mail(conn: &mut Conn, script: &Script, arg: &str) -> String {
     if let Some(r) = script.mail_replies.get(&mailbox) {
         return r.clone();
     }
-    let Some(from) = path_arg(arg, "FROM:") else {
+    let Some((from, params)) = path_arg(arg, "FROM:") else {
         return "501 5.5.4 Invalid arguments".into();
     };
-    let params: Vec<String> = arg
-        .trim()
-        .split_once('>')
-        .map(|(_, p)| p.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default();
     if let Some(size) = params
         .iter()
         .find_map(|p| {
