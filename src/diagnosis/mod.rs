@@ -19,7 +19,7 @@ mod render;
 mod table;
 
 pub use parse::{Evidence, SmtpReply, evidence, first_reply};
-pub use render::{Vars, advice, explain_text, list, render};
+pub use render::{Vars, advice, explain_text, fix_steps, list, render};
 pub use table::TABLE;
 
 /// One known error.
@@ -110,6 +110,15 @@ pub struct Match {
 /// The entry called `id`. Panics only in tests: every id used in code is checked by one.
 pub fn entry(id: &str) -> Option<&'static Entry> {
     TABLE.iter().find(|e| e.id == id)
+}
+
+/// The entry for an AADSTS code, if the table knows it.
+pub fn for_aadsts(code: u32) -> Option<&'static Entry> {
+    TABLE.iter().find(|e| {
+        e.signs
+            .iter()
+            .any(|s| matches!(s, Sign::Aadsts(c) if *c == code))
+    })
 }
 
 /// Every entry the evidence matches, most specific first; per piece of evidence only its

@@ -126,6 +126,17 @@ pub fn advice(id: &str, vars: &Vars) -> String {
     out
 }
 
+/// The fix steps of `e` that apply, filled in, joined with "; " (no meaning): the advice of
+/// a token error, whose meaning is shown apart.
+pub fn fix_steps(e: &Entry, vars: &Vars) -> String {
+    e.fix
+        .iter()
+        .filter(|s| vars.applies(s.when))
+        .map(|s| vars.fill(s.text))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The whole entry, for `postern explain`.
 pub fn render(e: &Entry, vars: &Vars) -> String {
     let mut o = String::new();

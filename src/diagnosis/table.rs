@@ -590,7 +590,7 @@ pub static TABLE: &[Entry] = &[
         rows: &[23],
         title: "The client secret is wrong (AADSTS7000215)",
         signs: &[Aadsts(7000215)],
-        meaning: "Entra did not accept the client secret of the app {client_id}.",
+        meaning: "The client secret is wrong: Entra did not accept the secret of app {client_id}.",
         causes: &[
             "The Secret ID was copied instead of the secret's Value",
             "The secret was deleted or replaced in Entra",
@@ -606,7 +606,7 @@ pub static TABLE: &[Entry] = &[
         rows: &[24],
         title: "The client secret has expired (AADSTS7000222)",
         signs: &[Aadsts(7000222), Phrase("the client secret expired on")],
-        meaning: "The client secret of the app {client_id} has expired.",
+        meaning: "The client secret has expired: the secret of app {client_id} is past its Expires date.",
         causes: &[
             "Client secrets expire after at most 24 months (6 to 12 by policy in many tenants)",
         ],
