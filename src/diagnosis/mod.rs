@@ -238,7 +238,7 @@ pub fn closest(text: &str, n: usize) -> Vec<&'static Entry> {
         })
         .filter(|(n, _)| *n > 0)
         .collect();
-    scored.sort_by(|a, b| b.0.cmp(&a.0));
+    scored.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     scored.into_iter().take(n).map(|(_, e)| e).collect()
 }
 

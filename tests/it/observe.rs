@@ -7,11 +7,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::fake::entra::{CLIENT_ID, FakeEntra, SECRET, TENANT};
 use crate::fake::exchange::{AuthFailure, FakeExchange, Script, replies};
 use crate::harness::*;
+use crate::m365::wait_until;
 
 /// One route of a test configuration: its senders, its fixed mailbox and its account.
 struct Route<'a> {
@@ -35,10 +36,22 @@ impl Account {
         exchange: &FakeExchange,
         secret_file: &Path,
     ) -> Account {
+        Self::app(name, TENANT, CLIENT_ID, secret_file, entra, exchange)
+    }
+
+    /// An app-only account of `tenant` and app `client_id`.
+    fn app(
+        name: &str,
+        tenant: &str,
+        client_id: &str,
+        secret_file: &Path,
+        entra: &FakeEntra,
+        exchange: &FakeExchange,
+    ) -> Account {
         Account {
             name: name.into(),
             lines: format!(
-                "tenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nauth = \"client_secret\"\nclient_secret_file = \"{}\"\n{}",
+                "tenant = \"{tenant}\"\nclient_id = \"{client_id}\"\nauth = \"client_secret\"\nclient_secret_file = \"{}\"\n{}",
                 secret_file.display(),
                 endpoints(&entra.base, exchange)
             ),
@@ -94,17 +107,6 @@ fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
     std::fs::write(&p, format!("{value}\n")).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    f()
 }
 
 fn message(from: &str) -> Vec<u8> {
@@ -186,7 +188,14 @@ fn admin_addr(p: &Postern) -> SocketAddr {
 fn every_hold_log_line_is_explained() {
     let entra = FakeEntra::start();
     // One mailbox per way Exchange refuses; tokens are whatever the fake Entra issued.
-    let cases: &[(&str, Option<AuthFailure>, Option<(&str, &str)>, &str)] = &[
+    /// (mailbox, how AUTH fails, (stage, reply) scripted after AUTH, the entry expected)
+    type Case<'a> = (
+        &'a str,
+        Option<AuthFailure>,
+        Option<(&'a str, &'a str)>,
+        &'a str,
+    );
+    let cases: &[Case] = &[
         (
             "tenant@contoso.com",
             Some(AuthFailure::TenantDisabled),
@@ -298,33 +307,26 @@ fn every_hold_log_line_is_explained() {
     let mut accounts = vec![
         Account::secret("contoso", &entra, &exchange, &good),
         Account::secret("wrongsecret", &entra, &exchange, &wrong),
-        Account {
-            name: "wrongtenant".into(),
-            lines: format!(
-                "tenant = \"contoso.example\"\nclient_id = \"{CLIENT_ID}\"\nauth = \"client_secret\"\nclient_secret_file = \"{}\"\n{}",
-                good.display(),
-                endpoints(&entra.base, &exchange)
-            ),
-        },
-        Account {
-            name: "wrongapp".into(),
-            lines: format!(
-                "tenant = \"{TENANT}\"\nclient_id = \"11111111-2222-3333-4444-555555555555\"\nauth = \"client_secret\"\nclient_secret_file = \"{}\"\n{}",
-                good.display(),
-                endpoints(&entra.base, &exchange)
-            ),
-        },
+        Account::app(
+            "wrongtenant",
+            "contoso.example",
+            CLIENT_ID,
+            &good,
+            &entra,
+            &exchange,
+        ),
+        Account::app(
+            "wrongapp",
+            TENANT,
+            "11111111-2222-3333-4444-555555555555",
+            &good,
+            &entra,
+            &exchange,
+        ),
     ];
     // A server that never offers STARTTLS.
     let plain = Script::new().no_starttls().start();
-    accounts.push(Account {
-        name: "nostarttls".into(),
-        lines: format!(
-            "tenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nauth = \"client_secret\"\nclient_secret_file = \"{}\"\n{}",
-            good.display(),
-            endpoints(&entra.base, &plain)
-        ),
-    });
+    accounts.push(Account::secret("nostarttls", &entra, &plain, &good));
     let senders: Vec<(String, String)> = cases
         .iter()
         .enumerate()
