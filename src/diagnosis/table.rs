@@ -247,7 +247,7 @@ pub static TABLE: &[Entry] = &[
             "smtp_host points at something other than Exchange Online",
         ],
         fix: &[all(
-            "Check that smtp_host of [account.{account}] points at Exchange Online directly and that no firewall or proxy rewrites the SMTP session; authenticate after STARTTLS and check the AUTH reply",
+            "postern authenticates after STARTTLS and sends MAIL only after \"235 Authentication successful\", so check that smtp_host of [account.{account}] points at Exchange Online directly and that no firewall or proxy rewrites the SMTP session",
         )],
         postern: HOLD,
     },
@@ -421,7 +421,7 @@ pub static TABLE: &[Entry] = &[
         meaning: "A transient error inside Exchange Online.",
         causes: &["Exchange Online is busy or a back-end server failed over"],
         fix: &[all(
-            "Nothing: postern retries with backoff. If it lasts for hours, check the Microsoft 365 Service health page",
+            "Nothing: postern will retry with backoff. If it lasts for hours, check the Microsoft 365 Service health page",
         )],
         postern: RETRY,
     },
@@ -439,7 +439,7 @@ pub static TABLE: &[Entry] = &[
             "Too many connections from this host",
         ],
         fix: &[all(
-            "Nothing if it is occasional; postern retries with backoff",
+            "Nothing if it is occasional; postern will retry with backoff",
         )],
         postern: RETRY,
     },

@@ -61,7 +61,7 @@ const ROWS: &[(u8, &str, &str, &[&str])] = &[
         8,
         "530 5.7.57 Client not authenticated to send mail. Error: 530 5.7.57 Client was not authenticated to send anonymous mail during MAIL FROM",
         "smtp.not-authenticated",
-        &["STARTTLS"],
+        &["STARTTLS", "235"],
     ),
     (
         9,
@@ -141,7 +141,7 @@ const ROWS: &[(u8, &str, &str, &[&str])] = &[
         17,
         "451 4.7.0 Temporary server error. Please try again later. PRX4 [SY5P282CA0097.AUSP282.PROD.OUTLOOK.COM]",
         "smtp.temporary",
-        &["retries"],
+        &["retry"],
     ),
     (
         18,
