@@ -85,6 +85,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         spool = %config.spool_dir.display(),
         drafts_removed = r.drafts_removed,
         restored = r.restored,
+        delivered_removed = r.delivered_removed,
         requeued = r.requeued,
         quarantined = r.quarantined,
         "spool recovered"

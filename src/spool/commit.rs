@@ -15,18 +15,30 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
+use super::durable::Moves;
 use super::journal::Journal;
 use super::recycle::{FREE_DIR, FreeFiles};
 use super::{SpoolError, State, durable};
 
 /// How long a journal segment takes records before it is sealed and checkpointed.
 const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
+
+/// The checkpoint age in force: [`CHECKPOINT_AGE`], or, for tests only,
+/// `POSTERN_TEST_CHECKPOINT_MS` (the power-cut tests in tests/it/powercut/ checkpoint every
+/// few hundred milliseconds so that a short run crosses many checkpoints). Not a setting:
+/// five seconds is how much acknowledged mail waits in the journal alone.
+fn checkpoint_age() -> Duration {
+    std::env::var("POSTERN_TEST_CHECKPOINT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(CHECKPOINT_AGE, Duration::from_millis)
+}
 
 /// What a session hands over at commit.
 pub(super) enum Payload {
@@ -52,9 +64,9 @@ pub(super) struct Committer {
 struct Ctx {
     root: PathBuf,
     journal: Option<Arc<Journal>>,
-    /// Held for reading by every rename the daemon makes and for writing while a checkpoint
-    /// opens the files it must flush, so a message cannot slip between two directories unseen.
-    moves: Arc<RwLock<()>>,
+    /// The move lock (see `durable::Moves`): a checkpoint opens the files it must flush with
+    /// renames paused, so a message cannot slip between two directories unseen.
+    moves: Arc<Moves>,
     new_tx: tokio::sync::mpsc::UnboundedSender<String>,
     /// Emptied queue files to write new ones over.
     free: Arc<FreeFiles>,
@@ -65,7 +77,7 @@ impl Committer {
     pub(super) fn start(
         root: PathBuf,
         journal: Option<Arc<Journal>>,
-        moves: Arc<RwLock<()>>,
+        moves: Arc<Moves>,
         new_tx: tokio::sync::mpsc::UnboundedSender<String>,
         free: Arc<FreeFiles>,
     ) -> io::Result<Self> {
@@ -139,6 +151,8 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
             });
 
         // 1. The journal: one write and one flush for every small message of the batch.
+        //    Pooled files older than the ticket may be written over after that flush.
+        let mut ticket = 0;
         let jres: Result<(), SpoolError> = match (&ctx.journal, journaled.is_empty()) {
             (_, true) => Ok(()),
             (None, false) => Err(SpoolError::other(
@@ -147,6 +161,7 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
                 "this spool handle has no journal",
             )),
             (Some(j), false) => {
+                ticket = ctx.free.ticket();
                 let msgs: Vec<(&str, &[u8])> = journaled
                     .iter()
                     .map(|r| {
@@ -177,7 +192,7 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
         for req in classic {
             let (from, to) = (tmp.join(&req.id), incoming.join(&req.id));
             let r = {
-                let _g = ctx.moves.read().unwrap_or_else(|p| p.into_inner());
+                let _g = ctx.moves.read();
                 durable::rename_unsynced(&from, &to)
             };
             match r {
@@ -188,9 +203,15 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
             }
         }
         if !moved.is_empty() {
-            let synced = durable::fsync_dir(&incoming)
-                .map_err(|e| io_err("fsync", &incoming, &e))
-                .and_then(|()| durable::fsync_dir(&tmp).map_err(|e| io_err("fsync", &tmp, &e)));
+            let synced = {
+                // incoming/ is a claim source (see durable.rs)
+                let paused = ctx.moves.write();
+                ctx.moves
+                    .flush_claims(&paused, &ctx.root.join(State::Active.dir()), false)
+                    .and_then(|()| durable::fsync_dir(&incoming))
+                    .map_err(|e| io_err("fsync", &incoming, &e))
+            }
+            .and_then(|()| durable::fsync_dir(&tmp).map_err(|e| io_err("fsync", &tmp, &e)));
             for req in moved {
                 if let Err(e) = &synced {
                     // Not acknowledged, so take it back out of incoming/ if we still can; if
@@ -211,14 +232,14 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
                 Ok(()) => {
                     // Durable in the journal, so acknowledged even if the queue file has to
                     // wait for a retry.
-                    if !make_visible(ctx, &tmp, &incoming, &req.id, &req.payload) {
+                    if !make_visible(ctx, &tmp, &incoming, &req.id, &req.payload, ticket) {
                         pending.push_back((req.id.clone(), req.payload));
                     }
                     let _ = req.done.send(Ok(()));
                 }
                 Err(e) => {
                     if let Some(j) = &ctx.journal {
-                        j.done(&req.id); // never acknowledged: recovery must not replay it
+                        let _ = j.done(&req.id); // never acknowledged: recovery must not replay it
                     }
                     let _ = req
                         .done
@@ -228,16 +249,39 @@ fn run(ctx: &Ctx, rx: mpsc::Receiver<Request>, ckpt_tx: mpsc::Sender<usize>) {
         }
         let retry = std::mem::take(&mut pending);
         for (id, payload) in retry {
-            if !make_visible(ctx, &tmp, &incoming, &id, &payload) {
+            // A retry writes a new file: the ticket of its batch has gone stale.
+            if !make_visible(ctx, &tmp, &incoming, &id, &payload, 0) {
                 pending.push_back((id, payload));
             }
         }
     }
 }
 
-/// Materialize a journaled message and wake the forwarder; false (logged) if that failed.
-fn make_visible(ctx: &Ctx, tmp: &Path, incoming: &Path, id: &str, payload: &Payload) -> bool {
-    match materialize(ctx, tmp, incoming, id, payload) {
+/// Put a journaled message's queue file into `incoming/` (no flush: the journal holds it) and
+/// wake the forwarder; false (logged) if that failed. A pooled file older than `ticket` may
+/// be written over (see recycle.rs).
+fn make_visible(
+    ctx: &Ctx,
+    tmp: &Path,
+    incoming: &Path,
+    id: &str,
+    payload: &Payload,
+    ticket: u64,
+) -> bool {
+    let (from, to) = (tmp.join(id), incoming.join(id));
+    let r = {
+        let _g = ctx.moves.read();
+        match payload {
+            Payload::Memory(bytes) => ctx
+                .free
+                .write_as(bytes, &from, &to, ticket)
+                .map_err(|e| SpoolError::io("write", &to, e)),
+            Payload::File { .. } => {
+                durable::rename_unsynced(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
+            }
+        }
+    };
+    match r {
         Ok(()) => {
             if let Some(j) = &ctx.journal {
                 j.materialized(id);
@@ -252,35 +296,16 @@ fn make_visible(ctx: &Ctx, tmp: &Path, incoming: &Path, id: &str, payload: &Payl
     }
 }
 
-/// Put a journaled message's queue file into `incoming/` (no flush: the journal holds it).
-fn materialize(
-    ctx: &Ctx,
-    tmp: &Path,
-    incoming: &Path,
-    id: &str,
-    payload: &Payload,
-) -> Result<(), SpoolError> {
-    let from = tmp.join(id);
-    let to = incoming.join(id);
-    let _g = ctx.moves.read().unwrap_or_else(|p| p.into_inner());
-    match payload {
-        Payload::Memory(bytes) => ctx
-            .free
-            .write_as(bytes, &from, &to)
-            .map_err(|e| SpoolError::io("write", &to, e)),
-        Payload::File { .. } => {
-            durable::rename_unsynced(&from, &to).map_err(|e| SpoolError::io("rename", &from, e))
-        }
-    }
-}
-
 /// The checkpoint thread: retire sealed segments, and seal the active one once it is old.
 fn checkpointer(ctx: &Ctx, rx: mpsc::Receiver<usize>) {
     let Some(journal) = &ctx.journal else { return };
+    let age = checkpoint_age();
     let mut sealed: VecDeque<usize> = VecDeque::new();
     loop {
         let wait = if sealed.is_empty() {
             Duration::from_secs(1)
+                .min(age / 2)
+                .max(Duration::from_millis(10))
         } else {
             Duration::from_millis(50)
         };
@@ -292,7 +317,7 @@ fn checkpointer(ctx: &Ctx, rx: mpsc::Receiver<usize>) {
         while let Ok(s) = rx.try_recv() {
             sealed.push_back(s);
         }
-        match journal.rotate_if_older(CHECKPOINT_AGE) {
+        match journal.rotate_if_older(age) {
             Ok(Some(s)) => sealed.push_back(s),
             Ok(None) => {}
             Err(e) => warn!(error = %e, "cannot seal the journal segment"),
@@ -318,7 +343,7 @@ fn checkpointer(ctx: &Ctx, rx: mpsc::Receiver<usize>) {
 pub(super) fn checkpoint_segment(
     root: &Path,
     journal: &Journal,
-    moves: &RwLock<()>,
+    moves: &Moves,
     seg: usize,
 ) -> Result<bool, SpoolError> {
     let Some(ids) = journal.owed(seg) else {
@@ -336,11 +361,11 @@ pub(super) fn checkpoint_segment(
 pub(super) fn flush_queue_files(
     root: &Path,
     ids: &[String],
-    moves: &RwLock<()>,
+    moves: &Moves,
 ) -> Result<(), SpoolError> {
     let files: Vec<File> = {
         // Opened while no rename of ours can move a file between two directories we look in.
-        let _g = moves.write().unwrap_or_else(|p| p.into_inner());
+        let _g = moves.write();
         ids.iter()
             .filter_map(|id| {
                 State::QUEUED
@@ -353,13 +378,25 @@ pub(super) fn flush_queue_files(
         f.sync_data()
             .map_err(|e| SpoolError::io("fdatasync", root, e))?;
     }
+    let fsync = |d: &Path| durable::fsync_dir(d).map_err(|e| SpoolError::io("fsync", d, e));
+    {
+        // active/ before the directories claims move messages out of (see durable.rs)
+        let paused = moves.write();
+        let active = root.join(State::Active.dir());
+        moves
+            .flush_claims(&paused, &active, true)
+            .map_err(|e| SpoolError::io("fsync", &active, e))?;
+        fsync(&root.join(State::Incoming.dir()))?;
+        fsync(&root.join(State::Deferred.dir()))?;
+    }
     for d in State::ALL
         .iter()
+        .filter(|s| !matches!(s, State::Active | State::Incoming | State::Deferred))
         .map(|s| root.join(s.dir()))
         .chain([root.join(FREE_DIR)])
     {
         if d.is_dir() {
-            durable::fsync_dir(&d).map_err(|e| SpoolError::io("fsync", &d, e))?;
+            fsync(&d)?;
         }
     }
     Ok(())

@@ -94,6 +94,9 @@ struct JState {
     unmaterialized: HashSet<String>,
     /// False until `reset` ran: records of a previous run may still be owed.
     ready: bool,
+    /// Segments that got done records since the committer's last flush: the next batch
+    /// flushes them too (see [`Journal::done`]).
+    dirty: Vec<usize>,
 }
 
 /// The journal of one spool (owned by the daemon's spool only).
@@ -251,6 +254,7 @@ impl Journal {
                 live: HashMap::new(),
                 unmaterialized: HashSet::new(),
                 ready: false,
+                dirty: Vec::new(),
             }),
         };
         if fresh {
@@ -264,9 +268,11 @@ impl Journal {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every message record in unretired segments that is still owed: not done and not
-    /// deleted by the admin. (Start-up only, before anything is appended.)
-    pub(super) fn scan(&self, spool_root: &Path) -> io::Result<Vec<Found>> {
+    /// Every message record in unretired segments that is still owed (not done and not
+    /// deleted by the admin), and the ids with a done record: delivered messages whose
+    /// removal from the queue may not have reached the disk. (Start-up only, before anything
+    /// is appended.)
+    pub(super) fn scan(&self, spool_root: &Path) -> io::Result<(Vec<Found>, HashSet<String>)> {
         let st = self.lock();
         let mut found: Vec<Found> = Vec::new();
         let mut done: HashSet<String> = HashSet::new();
@@ -320,7 +326,7 @@ impl Journal {
         found.reverse();
         found.retain(|f| seen.insert(f.id.clone()));
         found.reverse();
-        Ok(found)
+        Ok((found, done))
     }
 
     /// The payload (queue file bytes) of a scanned record.
@@ -350,6 +356,7 @@ impl Journal {
         st.first_record = None;
         st.live.clear();
         st.unmaterialized.clear();
+        st.dirty.clear();
         st.ready = true;
         drop(st);
         clear_tombstones(spool_root, |_| true)
@@ -397,7 +404,9 @@ impl Journal {
                 "the journal holds records of a previous run; run spool recovery first",
             ));
         }
-        let mut to_sync: Vec<Arc<File>> = Vec::new();
+        // Done records written since the last batch are flushed with this one.
+        let dirty = std::mem::take(&mut st.dirty);
+        let mut to_sync: Vec<Arc<File>> = dirty.iter().map(|&s| st.segs[s].file.clone()).collect();
         let mut sealed = Vec::new();
         let mut buf = Vec::new();
         let mut start = st.used;
@@ -451,25 +460,33 @@ impl Journal {
         self.lock().unmaterialized.remove(id);
     }
 
-    /// A message left the queue (delivered): note it so recovery does not resend it. Not
-    /// flushed: the next batch's flush carries it; if a crash loses it, the message is sent
-    /// again, which at-least-once delivery allows.
-    pub(super) fn done(&self, id: &str) {
+    /// A message left the queue (delivered): note it so recovery neither replays its record
+    /// nor delivers again a queue file of it that a crash brought back. Not flushed here: the
+    /// next batch's flush carries it (the segment is marked dirty), and a crash before that
+    /// only resends the message, which at-least-once delivery allows. Returns whether a done
+    /// record was written (only for messages with a record in an unretired segment): only
+    /// then may the queue file be recycled (see `recycle.rs`).
+    pub(super) fn done(&self, id: &str) -> bool {
         let mut st = self.lock();
         if st.live.remove(id).is_none() {
-            return;
+            return false;
         }
         st.unmaterialized.remove(id);
         let need = record_len(id, 0);
         if st.used + need > SEGMENT_SIZE {
-            return;
+            return false;
         }
         let mut buf = Vec::with_capacity(need as usize);
         let seg = st.active;
         encode(&mut buf, KIND_DONE, st.segs[seg].generation, id, b"");
-        if st.segs[seg].file.write_all_at(&buf, st.used).is_ok() {
-            st.used += need;
+        if st.segs[seg].file.write_all_at(&buf, st.used).is_err() {
+            return false;
         }
+        st.used += need;
+        if !st.dirty.contains(&seg) {
+            st.dirty.push(seg);
+        }
+        true
     }
 
     /// Seal the active segment if its first record is older than `age` (so a quiet spool

@@ -32,7 +32,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -131,6 +131,9 @@ pub struct Recovery {
     pub quarantined: usize,
     /// Acknowledged messages whose queue file a crash took, written again from the journal.
     pub restored: usize,
+    /// Queue files of delivered messages that a crash brought back, removed (their journal
+    /// done record says they were sent).
+    pub delivered_removed: usize,
 }
 
 /// A message as listed by `queue list`.
@@ -150,8 +153,8 @@ pub(crate) struct Inner {
     committer: commit::Committer,
     /// The intake journal; only the daemon's (exclusive) handle has one.
     journal: Option<Arc<journal::Journal>>,
-    /// Shared by the daemon's renames, exclusive for a checkpoint (see `commit.rs`).
-    moves: Arc<RwLock<()>>,
+    /// The move lock (see `durable::Moves`).
+    moves: Arc<durable::Moves>,
     /// Queue files of delivered mail, kept to be written over (daemon only, see `recycle.rs`).
     free: Option<Arc<recycle::FreeFiles>>,
     min_free: AtomicU64,
@@ -163,7 +166,19 @@ pub(crate) struct Inner {
 
 impl Inner {
     fn moving(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.moves.read().unwrap_or_else(|p| p.into_inner())
+        self.moves.read()
+    }
+
+    /// Pause renames and flush `active/` if claims left it unflushed, before a directory
+    /// claims move messages out of is fsynced (see durable.rs). Admin commands cannot see the
+    /// daemon's claims, so they flush `active/` every time.
+    fn pause_for_claims(&self) -> Result<std::sync::RwLockWriteGuard<'_, ()>, SpoolError> {
+        let paused = self.moves.write();
+        let active = self.root.join(State::Active.dir());
+        self.moves
+            .flush_claims(&paused, &active, self.journal.is_none())
+            .map_err(|e| SpoolError::io("fsync", &active, e))?;
+        Ok(paused)
     }
 }
 
@@ -213,7 +228,7 @@ impl Spool {
         } else {
             None
         };
-        let moves = Arc::new(RwLock::new(()));
+        let moves = Arc::new(durable::Moves::default());
         let free = Arc::new(recycle::FreeFiles::new(root, owner));
         let (new_tx, new_rx) = mpsc::unbounded_channel();
         let committer = commit::Committer::start(
@@ -279,17 +294,32 @@ impl Spool {
         let mut r = Recovery::default();
         let root = self.inner.root.clone();
         let jpath = root.join("journal");
-        let owed = match &self.inner.journal {
+        // Claims the previous run left unflushed reach the disk before any source directory
+        // is flushed below (see durable.rs).
+        drop(self.inner.pause_for_claims()?);
+        let (owed, done) = match &self.inner.journal {
             Some(j) => j
                 .scan(&root)
                 .map_err(|e| SpoolError::io("read", &jpath, e))?,
-            None => Vec::new(),
+            None => Default::default(),
         };
         if let Some(j) = &self.inner.journal {
             for f in &owed {
                 let bytes = j.read(f).map_err(|e| SpoolError::io("read", &jpath, e))?;
                 if self.restore(&f.id, &bytes)? {
                     r.restored += 1;
+                }
+            }
+        }
+        // A delivered message whose removal the crash undid: never send it again, since its
+        // inode may hold a newer message's bytes by now (see recycle.rs).
+        for s in State::QUEUED {
+            for id in list_names(&self.state_dir(s))? {
+                if done.contains(&id) {
+                    let p = self.msg_path(s, &id);
+                    warn!(path = %p.display(), "queue file of a delivered message left by a crash; removed");
+                    durable::remove_file(&p).map_err(|e| SpoolError::io("remove", &p, e))?;
+                    r.delivered_removed += 1;
                 }
             }
         }
@@ -357,7 +387,11 @@ impl Spool {
             if std::fs::symlink_metadata(&p).is_err() {
                 continue;
             }
-            if self.starts_with(&p, bytes) {
+            // A tail past the record is fine when it is a later envelope; a recycled file
+            // whose truncation was lost can end in the previous message's envelope instead.
+            if self.starts_with(&p, bytes)
+                && msgfile::read(&p, Some(self.inner.owner)).is_ok_and(|(env, _)| env.id == id)
+            {
                 intact = true;
             } else {
                 warn!(path = %p.display(), "queue file damaged by a crash; writing it again from the journal");
@@ -529,7 +563,8 @@ impl Spool {
             });
         }
         let src = self.msg_path(from, id);
-        let _g = self.inner.moving();
+        // Moves are rare (deferrals, holds, admin commands): pause renames for all of them.
+        let _paused = self.inner.pause_for_claims()?;
         durable::rename_durable(&src, &self.msg_path(to, id))
             .map_err(|e| Self::rename_err(id, &src, e))
     }
@@ -548,7 +583,9 @@ impl Spool {
         let src = self.msg_path(from, id);
         let _g = self.inner.moving();
         durable::rename_unsynced(&src, &self.msg_path(State::Active, id))
-            .map_err(|e| Self::rename_err(id, &src, e))
+            .map_err(|e| Self::rename_err(id, &src, e))?;
+        self.inner.moves.claimed();
+        Ok(())
     }
 
     /// Remove a delivered message. Not fsynced, like Postfix's queue file removal: if a crash
@@ -557,13 +594,14 @@ impl Spool {
     /// it), and it saves a flush per message on the hot path. The journal gets a done record
     /// first; the file goes into the recycling pool (`recycle.rs`) when the daemon has one.
     pub fn remove_delivered(&self, id: &str) -> Result<(), SpoolError> {
-        if let Some(j) = &self.inner.journal {
-            j.done(id);
-        }
         let path = self.msg_path(State::Active, id);
+        // The done record and the move into free/ under the move lock: a checkpoint that
+        // retires the record's segment flushes the move first (see recycle.rs).
+        let _g = self.inner.moving();
+        let recorded = self.inner.journal.as_ref().is_some_and(|j| j.done(id));
         match &self.inner.free {
-            Some(free) => free.put(&path, id),
-            None => durable::remove_file(&path),
+            Some(free) if recorded => free.put(&path, id),
+            _ => durable::remove_file(&path),
         }
         .map_err(|e| SpoolError::io("remove", &path, e))
     }
@@ -576,9 +614,10 @@ impl Spool {
             SpoolError::io("tombstone", &journal::tombstone_dir(&self.inner.root), e)
         })?;
         if let Some(j) = &self.inner.journal {
-            j.done(id);
+            let _ = j.done(id);
         }
         let path = self.msg_path(from, id);
+        let _paused = self.inner.pause_for_claims()?;
         durable::remove_file_durable(&path).map_err(|e| Self::rename_err(id, &path, e))
     }
 

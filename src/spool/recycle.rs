@@ -10,7 +10,25 @@
 //! without following a symlink, a regular file of ours with no second link. Anything else
 //! (someone swapped in a symlink or a hard link to a file outside the spool) is unlinked and
 //! never written.
+//!
+//! The move into `free/` is not flushed, so after a power cut the delivered message's old
+//! name may come back, and it names the same inode that a new message was written over: a
+//! mix of the new message's sectors and the old one's tail that would be delivered as the old
+//! message (found by tests/it/powercut/). Two rules make that harmless:
+//! - only a file whose journal *done* record was written is pooled ([`Spool::remove_delivered`]
+//!   writes the record and moves the file under the spool's move lock, so a checkpoint that
+//!   retires the record's segment has flushed the move first), and recovery removes every
+//!   queue file that has a done record instead of delivering it;
+//! - a pooled file is written over only by a batch whose journal flush began after the file
+//!   was pooled ([`FreeFiles::ticket`]), and that flush carries the done record along
+//!   (`Journal::append` flushes the segments `done` wrote to).
+//!
+//! So whenever new bytes can reach a recycled inode, either its old name's removal is durable
+//! or its done record is.
+//!
+//! [`Spool::remove_delivered`]: super::Spool::remove_delivered
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -26,12 +44,19 @@ pub(super) const FREE_DIR: &str = "free";
 /// Most files kept for reuse; more are unlinked.
 const MAX_FREE: usize = 256;
 
+/// Pooled files, oldest first, each with the number it was pooled under.
+#[derive(Default)]
+struct Pool {
+    files: VecDeque<(String, u64)>,
+    next: u64,
+}
+
 /// The pool of emptied queue files.
 pub(super) struct FreeFiles {
     dir: PathBuf,
     /// The uid every pooled file must belong to (the service user).
     owner: u32,
-    names: Mutex<Vec<String>>,
+    pool: Mutex<Pool>,
 }
 
 impl FreeFiles {
@@ -40,7 +65,7 @@ impl FreeFiles {
         Self {
             dir: spool_root.join(FREE_DIR),
             owner,
-            names: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
         }
     }
 
@@ -57,32 +82,54 @@ impl FreeFiles {
         Ok(f)
     }
 
-    fn names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Files pooled before this call may be written over by a batch whose journal flush
+    /// starts after it (their done records are written by then, and that flush carries them).
+    pub(super) fn ticket(&self) -> u64 {
+        self.pool().next
     }
 
     /// Take the file at `path` (named `name`, unique) out of the queue: into the pool if it
-    /// has room, else unlinked. Not flushed, like any removal of delivered mail.
+    /// has room, else unlinked. Not flushed, like any removal of delivered mail. Only for a
+    /// file whose done record was written (see the module docs).
     pub(super) fn put(&self, path: &Path, name: &str) -> io::Result<()> {
-        let mut names = self.names();
-        if names.len() < MAX_FREE {
+        let mut pool = self.pool();
+        if pool.files.len() < MAX_FREE {
             match durable::rename_unsynced(path, &self.dir.join(name)) {
                 Ok(()) => {
-                    names.push(name.to_string());
+                    let n = pool.next;
+                    pool.next += 1;
+                    pool.files.push_back((name.to_string(), n));
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
                 Err(_) => {} // e.g. free/ vanished: just unlink
             }
         }
-        drop(names);
+        drop(pool);
         durable::remove_file(path)
     }
 
-    /// Write `bytes` as the new file `to`, over a pooled file when there is one (no inode
-    /// allocated), else into a new one at `fallback` first; then rename it to `to`. No flush.
-    pub(super) fn write_as(&self, bytes: &[u8], fallback: &Path, to: &Path) -> io::Result<()> {
-        let reused = self.names().pop();
+    /// Write `bytes` as the new file `to`, over a pooled file older than `ticket` when there
+    /// is one (no inode allocated), else into a new one at `fallback` first; then rename it
+    /// to `to`. No flush.
+    pub(super) fn write_as(
+        &self,
+        bytes: &[u8],
+        fallback: &Path,
+        to: &Path,
+        ticket: u64,
+    ) -> io::Result<()> {
+        let reused = {
+            let mut pool = self.pool();
+            match pool.files.front() {
+                Some((_, n)) if *n < ticket => pool.files.pop_front().map(|(name, _)| name),
+                _ => None,
+            }
+        };
         if let Some(name) = reused {
             let p = self.dir.join(&name);
             let opened = self.open_pooled(&p);

@@ -11,6 +11,7 @@ mod input;
 mod load;
 mod m365;
 mod observe;
+mod powercut;
 mod protocol;
 mod secrets;
 mod spool_trust;
