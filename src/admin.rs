@@ -4,12 +4,50 @@
 //! every string goes through [`escape`] before it reaches the admin's terminal, in the
 //! tables as `\u{1b}` and in JSON as `\u001b` (the same string to a JSON parser).
 
+use std::collections::HashMap;
 use std::fmt::Write;
 
 use serde::Serialize;
 
 use crate::escape::{self, untrusted as u};
+use crate::forward::state::Saved;
 use crate::spool::{Envelope, Listed, RcptStatus, State};
+
+/// Why queued messages that have not failed are waiting, by queue id: their mailbox is paced
+/// or throttled (from the forwarder's state file, `state`), e.g. `paced: 30/min for
+/// scanner@contoso.com, next at 2026-01-31 10:42:05 UTC`.
+pub fn waiting_notes(items: &[Listed], state: &Saved, now_ms: u64) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for l in items {
+        let e = &l.envelope;
+        let due = match l.state {
+            State::Incoming => true,
+            State::Deferred => e
+                .next_attempt
+                .is_none_or(|t| t.saturating_mul(1000) <= now_ms),
+            _ => false,
+        };
+        if !due {
+            continue;
+        }
+        let Some(m) = state.mailboxes.get(&e.mailbox) else {
+            continue;
+        };
+        let note = m
+            .waiting
+            .iter()
+            .chain(m.blocked.iter())
+            .filter(|n| n.until > now_ms)
+            .max_by_key(|n| n.until);
+        if let Some(n) = note {
+            out.insert(
+                e.id.clone(),
+                format!("{}, next at {}", n.why, crate::forward::fmt_ms(n.until)),
+            );
+        }
+    }
+    out
+}
 
 #[derive(Serialize)]
 struct Row<'a> {
@@ -24,10 +62,12 @@ struct Row<'a> {
     next_attempt: Option<u64>,
     last_error: Option<&'a str>,
     hold_reason: Option<&'a str>,
+    /// Why it waits although nothing failed (pacing, an upstream throttle).
+    waiting: Option<&'a str>,
 }
 
-/// `queue list --json`.
-pub fn list_json(items: &[Listed]) -> String {
+/// `queue list --json`; `notes` from [`waiting_notes`].
+pub fn list_json(items: &[Listed], notes: &HashMap<String, String>) -> String {
     let rows: Vec<Row> = items
         .iter()
         .map(|l| {
@@ -44,14 +84,15 @@ pub fn list_json(items: &[Listed]) -> String {
                 next_attempt: e.next_attempt,
                 last_error: e.last_error.as_deref(),
                 hold_reason: e.hold_reason.as_deref(),
+                waiting: notes.get(&e.id).map(String::as_str),
             }
         })
         .collect();
     escape::to_json_pretty(&rows).unwrap_or_else(|_| "[]".into())
 }
 
-/// `queue list`: a table in the spirit of `mailq`.
-pub fn list_table(items: &[Listed]) -> String {
+/// `queue list`: a table in the spirit of `mailq`; `notes` from [`waiting_notes`].
+pub fn list_table(items: &[Listed], notes: &HashMap<String, String>) -> String {
     let mut out = String::new();
     if items.is_empty() {
         return "Mail queue is empty\n".into();
@@ -78,6 +119,9 @@ pub fn list_table(items: &[Listed]) -> String {
             },
             u(&rcpts.join(", "))
         );
+        if let Some(why) = notes.get(&e.id) {
+            let _ = writeln!(out, "{:<16} ({})", "", u(why));
+        }
         if let Some(why) = e.hold_reason.as_deref().or(e.last_error.as_deref()) {
             let _ = writeln!(out, "{:<16} ({})", "", u(why));
         }
@@ -214,7 +258,7 @@ mod tests {
             state: State::Deferred,
             envelope: e.clone(),
         }];
-        let table = list_table(&listed);
+        let table = list_table(&listed, &HashMap::new());
         assert_eq!(raw(&table), Vec::<char>::new(), "{table}");
         assert!(table.contains("\\u{9b}0m"), "{table}");
     }
@@ -226,7 +270,7 @@ mod tests {
             state: State::Hold,
             envelope: e.clone(),
         }];
-        let json = list_json(&listed);
+        let json = list_json(&listed, &HashMap::new());
         assert_eq!(raw(&json), Vec::<char>::new(), "{json}");
         assert!(
             json.contains("\\u202e") && json.contains("\\u009b"),

@@ -8,8 +8,9 @@
 //!   accept loop, TLS.
 //! - [`spool`]: every byte on disk and every state change: one queue file per message (body and
 //!   appended envelope), atomic renames, fsync order, group commit, recovery.
-//! - [`forward`]: the scheduler that claims due messages, runs deliveries, and pauses mailboxes
-//!   whose configuration is broken.
+//! - [`forward`]: the scheduler that claims due messages and runs deliveries: holds mail whose
+//!   mailbox (or Send As) is misconfigured, paces each mailbox to its route's limits, waits out
+//!   upstream throttles, and remembers recipient windows across restarts.
 //! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2,
 //!   and `file`; `classify` turns every upstream reply into an outcome and advice.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,

@@ -261,10 +261,13 @@ fn queue(cfg: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     let result = match cmd {
         QueueCommand::List { json } => {
             let items = spool.list()?;
+            // Why mail waits without having failed (pacing, throttles): the daemon's record.
+            let saved = postern::forward::state::load(&cfg.state_dir).unwrap_or_default();
+            let notes = admin::waiting_notes(&items, &saved, postern::forward::pacing::now_ms());
             if json {
-                println!("{}", admin::list_json(&items));
+                println!("{}", admin::list_json(&items, &notes));
             } else {
-                print!("{}", admin::list_table(&items));
+                print!("{}", admin::list_table(&items, &notes));
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -638,12 +638,17 @@ fn state_tree(cfg: &Config) -> Tree<'_> {
         .accounts
         .iter()
         .any(|a| matches!(a.credential, Credential::Delegated { .. }));
+    // The forwarder's record (pacing windows, waits, refused senders) and its temp file.
+    let state_files = crate::forward::state::FILES;
     Tree {
         key: "state_dir",
         root,
         subdirs,
-        files: Vec::new(),
-        own_names: vec!["tokens".into()],
+        files: state_files.iter().map(|n| root.join(n)).collect(),
+        own_names: std::iter::once("tokens")
+            .chain(state_files.iter().copied())
+            .map(String::from)
+            .collect(),
         // Only delegated accounts keep refresh tokens there.
         required: delegated,
     }

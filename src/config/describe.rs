@@ -117,7 +117,7 @@ impl Config {
                 let now = crate::spool::now_secs();
                 if *t <= now {
                     w.push(format!(
-                        "account.{}: the client secret expired on {} (secret_expires); create a new one in Entra admin centre → App registrations → your app → Certificates & secrets, then update the secret file",
+                        "account.{}: the client secret expired on {} by secret_expires (postern still uses it until Entra refuses it, AADSTS7000222); create a new one in Entra admin centre → App registrations → your app → Certificates & secrets, then update the secret file",
                         a.name,
                         date(*t)
                     ));

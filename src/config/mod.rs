@@ -16,6 +16,7 @@ use ipnet::IpNet;
 mod address;
 mod describe;
 mod error;
+pub mod pacing;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -23,6 +24,7 @@ pub mod validate;
 
 pub use address::AddressPattern;
 pub use error::{ConfigError, ConfigErrors};
+pub use pacing::{Pacing, Rate};
 pub use validate::{EMBEDDED_SOURCE, load_default, load_file, load_str};
 
 /// The embedded default configuration used when no config file exists.
@@ -382,6 +384,9 @@ pub struct RouteConfig {
     pub mailbox: Option<String>,
     /// The upstream transport.
     pub transport: TransportConfig,
+    /// Limits for each mailbox this route sends as (`rate`, `daily_recipients`): Exchange
+    /// Online's by default for Microsoft transports, none for `file` and `discard`.
+    pub pacing: Pacing,
 }
 
 /// Forwarder settings.

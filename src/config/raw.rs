@@ -79,7 +79,15 @@ pub(crate) const LISTENER_KEYS: &[&str] = &[
 /// Keys allowed in `[user.NAME]`.
 pub(crate) const USER_KEYS: &[&str] = &["password_hash", "may_send_as"];
 /// Keys allowed in `[route.NAME]`.
-pub(crate) const ROUTE_KEYS: &[&str] = &["senders", "mailbox", "transport", "dir", "account"];
+pub(crate) const ROUTE_KEYS: &[&str] = &[
+    "senders",
+    "mailbox",
+    "transport",
+    "dir",
+    "account",
+    "rate",
+    "daily_recipients",
+];
 /// Keys allowed in `[account.NAME]`.
 pub(crate) const ACCOUNT_KEYS: &[&str] = &[
     "tenant",
@@ -223,6 +231,17 @@ pub(crate) struct RawRoute {
     pub transport: Option<Spanned<String>>,
     pub dir: Option<Spanned<String>>,
     pub account: Option<Spanned<String>>,
+    pub rate: Option<Spanned<String>>,
+    pub daily_recipients: Option<Spanned<RawCount>>,
+}
+
+/// A count written as a number (`10000`) or as text (`"5/3s"`, `"unlimited"`).
+#[derive(Debug, Clone)]
+pub(crate) enum RawCount {
+    /// `10000`.
+    Number(i64),
+    /// `"10000/24h"`.
+    Text(String),
 }
 
 /// `[account.NAME]`: every value as written; which keys fit together is `validate.rs`'s job.
@@ -508,6 +527,15 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                     "write a directory such as \"/var/lib/postern/delivered\"",
                 )
             }
+            "rate" => {
+                r.rate = string(
+                    c,
+                    &path,
+                    v,
+                    "write messages per period in quotes, such as \"30/min\"",
+                )
+            }
+            "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }
     }
@@ -692,28 +720,66 @@ fn size(
     v: &Spanned<DeValue<'_>>,
     example: &str,
 ) -> Option<Spanned<RawSize>> {
+    number_or_text(
+        c,
+        path,
+        v,
+        (RawSize::Bytes, RawSize::Text),
+        &format!("write a size such as {example}"),
+        &format!(
+            "expected a size, found {{}}; write a size such as {example} or a number of bytes"
+        ),
+    )
+}
+
+/// How [`number_or_text`] makes its value: from the number, from the string.
+type NumberOrText<T> = (fn(i64) -> T, fn(String) -> T);
+
+/// A value written as a whole number or as a string, made into `T` by `make`; `too_large`
+/// is the fix for a number beyond i64, `wrong_type` the message for anything else (`{}`
+/// stands for what was found).
+fn number_or_text<T>(
+    c: &mut Collector<'_>,
+    path: &str,
+    v: &Spanned<DeValue<'_>>,
+    make: NumberOrText<T>,
+    too_large: &str,
+    wrong_type: &str,
+) -> Option<Spanned<T>> {
     match v.get_ref() {
-        DeValue::String(s) => Some(Spanned::new(v.span(), RawSize::Text(s.to_string()))),
+        DeValue::String(s) => Some(Spanned::new(v.span(), make.1(s.to_string()))),
         DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-            Ok(n) => Some(Spanned::new(v.span(), RawSize::Bytes(n))),
+            Ok(n) => Some(Spanned::new(v.span(), make.0(n))),
             Err(_) => {
                 c.at(
                     &v.span(),
                     path,
-                    format!("the number {i} is too large; write a size such as {example}"),
+                    format!("the number {i} is too large; {too_large}"),
                 );
                 None
             }
         },
         other => {
-            c.at(
-                &v.span(),
-                path,
-                format!("expected a size, found {}; write a size such as {example} or a number of bytes", found(other)),
-            );
+            c.at(&v.span(), path, wrong_type.replace("{}", &found(other)));
             None
         }
     }
+}
+
+/// A number, or a string the validator judges (`daily_recipients`).
+fn count_or_text(
+    c: &mut Collector<'_>,
+    path: &str,
+    v: &Spanned<DeValue<'_>>,
+) -> Option<Spanned<RawCount>> {
+    number_or_text(
+        c,
+        path,
+        v,
+        (RawCount::Number, RawCount::Text),
+        "write a number such as 10000",
+        "expected a number, found {}; write a number of recipients per 24 hours such as 10000",
+    )
 }
 
 /// A list of strings. A single string where a list belongs gets a fix that wraps it in brackets.

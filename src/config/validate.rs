@@ -18,12 +18,13 @@ use serde_spanned::Spanned;
 
 use super::error::{Collector, line_of};
 use super::raw::{
-    self, RawConfig, RawDelivery, RawLimits, RawList, RawListener, RawRoute, RawSize, RawUser,
-    Span, key_name,
+    self, RawConfig, RawCount, RawDelivery, RawLimits, RawList, RawListener, RawRoute, RawSize,
+    RawUser, Span, key_name,
 };
 use super::{
     AccountConfig, AddressPattern, AuthMode, BareLfPolicy, Config, DeliveryConfig, GlobalLimits,
-    ListenerConfig, RouteConfig, TlsFiles, TlsMinVersion, TlsMode, TransportConfig, UserConfig,
+    ListenerConfig, Pacing, RouteConfig, TlsFiles, TlsMinVersion, TlsMode, TransportConfig,
+    UserConfig, pacing,
 };
 
 mod account;
@@ -833,13 +834,44 @@ impl Checker<'_, '_> {
         {
             self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\"; remove it, or write transport = \"smtp\"".to_owned());
         }
+        let transport = transport?;
+        let pacing = self.pacing(&table, &r, &transport);
         // A valid route with a bad mailbox is still reported as a route, not as "no route".
         Some(RouteConfig {
             name: r.name,
             senders,
             mailbox,
-            transport: transport?,
+            transport,
+            pacing,
         })
+    }
+
+    /// `rate` and `daily_recipients` of a route; Exchange Online's limits by default for the
+    /// Microsoft transports, none for the local ones.
+    fn pacing(&mut self, table: &str, r: &RawRoute, transport: &TransportConfig) -> Pacing {
+        let mut p = match transport {
+            TransportConfig::File { .. } | TransportConfig::Discard => Pacing::default(),
+            _ => Pacing::exchange(),
+        };
+        if let Some(v) = &r.rate {
+            match pacing::parse_rate(v.get_ref()) {
+                Ok(rate) => p.rate = rate,
+                Err(msg) => self.c.at(&v.span(), &format!("{table}.rate"), msg),
+            }
+        }
+        if let Some(v) = &r.daily_recipients {
+            let parsed = match v.get_ref() {
+                RawCount::Number(n) => pacing::daily_count(*n).map(Some),
+                RawCount::Text(t) => pacing::parse_recipients(t),
+            };
+            match parsed {
+                Ok(rate) => p.recipients = rate,
+                Err(msg) => self
+                    .c
+                    .at(&v.span(), &format!("{table}.daily_recipients"), msg),
+            }
+        }
+        p
     }
 
     /// A required, non-empty list of address patterns.

@@ -763,10 +763,12 @@ async fn smtp_route(
         }
         Ok(Err(o)) => {
             let reason = match o {
-                Outcome::Held { reason }
+                Outcome::Held { reason, .. }
                 | Outcome::Transient { reason }
-                | Outcome::Permanent { reason } => reason,
+                | Outcome::Permanent { reason }
+                | Outcome::Throttled { reason, .. } => reason,
                 Outcome::Sent { reply, .. } => reply,
+                Outcome::Partial { then, .. } => format!("{then:?}"),
             };
             // The hold hint of a delivery ("postern queue release ID") does not apply here.
             let reason = reason

@@ -86,7 +86,8 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     });
     let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
         .await
-        .unwrap();
+        .unwrap()
+        .next;
     let Next::Deferred(at) = next else {
         panic!("{next:?}")
     };
@@ -121,7 +122,8 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     assert_eq!(
         worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
             .await
-            .unwrap(),
+            .unwrap()
+            .next,
         Next::Done
     );
     assert_eq!(
@@ -144,9 +146,7 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
             Outcome::Permanent {
                 reason: "554 5.6.0 rejected".into(),
             },
-            Outcome::Held {
-                reason: "AADSTS7000222: the client secret expired".into(),
-            },
+            Outcome::held("AADSTS7000222: the client secret expired"),
         ]),
         asked: Mutex::new(vec![]),
     });
@@ -154,7 +154,8 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     assert_eq!(
         worker::attempt(&spool, &a, Some(t.clone()), POLICY, "relay.test")
             .await
-            .unwrap(),
+            .unwrap()
+            .next,
         Next::Failed
     );
     let env = spool.read_envelope(State::Failed, &a).unwrap();
@@ -168,8 +169,9 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     assert_eq!(
         worker::attempt(&spool, &b, Some(t.clone()), POLICY, "relay.test")
             .await
-            .unwrap(),
-        Next::Held
+            .unwrap()
+            .next,
+        Next::Held(crate::upstream::HoldScope::Mailbox)
     );
     let env = spool.read_envelope(State::Hold, &b).unwrap();
     assert_eq!(
@@ -182,8 +184,9 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
     assert_eq!(
         worker::attempt(&spool, &c, None, POLICY, "relay.test")
             .await
-            .unwrap(),
-        Next::Held
+            .unwrap()
+            .next,
+        Next::Held(crate::upstream::HoldScope::Mailbox)
     );
     assert!(
         spool
@@ -197,6 +200,92 @@ async fn permanent_fails_held_keeps_its_retry_budget_missing_route_holds() {
         spool.ids(State::Incoming).unwrap().is_empty(),
         "holds are not reported"
     );
+}
+
+#[tokio::test]
+async fn a_recipient_refused_before_a_temporary_failure_is_failed_and_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = claimed(&spool, &["ok@x.test", "bad@x.test"]).await;
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![
+            Outcome::Partial {
+                refused: vec![rcpt(
+                    "bad@x.test",
+                    RcptStatus::Failed,
+                    "550 5.1.10 not found",
+                )],
+                then: Box::new(Outcome::Transient {
+                    reason: "451 4.7.0 Temporary server error".into(),
+                }),
+            },
+            Outcome::Sent {
+                relay: "r".into(),
+                reply: "250 ok".into(),
+                recipients: vec![rcpt("ok@x.test", RcptStatus::Sent, "250 ok")],
+            },
+        ]),
+        asked: Mutex::new(vec![]),
+    });
+    let next = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
+        .await
+        .unwrap()
+        .next;
+    assert!(matches!(next, Next::Deferred(_)), "{next:?}");
+    let env = spool.read_envelope(State::Deferred, &id).unwrap();
+    assert_eq!(env.attempts, 1);
+    assert_eq!(env.recipients[1].status, RcptStatus::Failed);
+    assert_eq!(
+        env.last_error.as_deref(),
+        Some("451 4.7.0 Temporary server error")
+    );
+    let (_, report) = only_report(&spool);
+    assert!(
+        report.contains("Final-Recipient: rfc822; bad@x.test"),
+        "{report}"
+    );
+    assert!(!report.contains("ok@x.test\r\nAction"), "{report}");
+    remove_reports(&spool);
+    spool.move_msg(&id, State::Deferred, State::Active).unwrap();
+    let r = worker::attempt(&spool, &id, Some(t.clone()), POLICY, "relay.test")
+        .await
+        .unwrap();
+    assert_eq!(r.next, Next::Done);
+    assert_eq!(r.delivered, 1);
+    assert_eq!(
+        t.asked.lock().unwrap()[1],
+        vec!["ok@x.test"],
+        "the refused recipient is not tried again"
+    );
+}
+
+#[tokio::test]
+async fn a_throttle_spends_no_attempt_and_leaves_the_time_to_the_forwarder() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let id = claimed(&spool, &["x@x.test"]).await;
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![Outcome::Throttled {
+            reason: "429 ApplicationThrottled".into(),
+            wait: Some(Duration::from_secs(30)),
+        }]),
+        asked: Mutex::new(vec![]),
+    });
+    let next = worker::attempt(&spool, &id, Some(t), POLICY, "relay.test")
+        .await
+        .unwrap()
+        .next;
+    assert_eq!(
+        next,
+        Next::Throttled {
+            wait: Some(Duration::from_secs(30)),
+            reason: "429 ApplicationThrottled".into()
+        }
+    );
+    let env = spool.read_envelope(State::Deferred, &id).unwrap();
+    assert_eq!(env.attempts, 0);
+    assert_eq!(env.next_attempt, None);
+    assert!(spool.ids(State::Incoming).unwrap().is_empty(), "no report");
 }
 
 /// The one report queued in incoming/: its envelope and text.
@@ -236,7 +325,8 @@ async fn transient_past_lifetime_fails() {
     assert_eq!(
         worker::attempt(&spool, &id, Some(t), POLICY, "relay.test")
             .await
-            .unwrap(),
+            .unwrap()
+            .next,
         Next::Failed
     );
     let env = spool.read_envelope(State::Failed, &id).unwrap();
@@ -270,9 +360,7 @@ async fn held_mailbox_is_paused_probed_and_released() {
     )
     .unwrap();
     let spool = Spool::open_exclusive(&cfg.spool_dir).unwrap();
-    let held = || Outcome::Held {
-        reason: "AADSTS7000222: the client secret expired".into(),
-    };
+    let held = || Outcome::held("AADSTS7000222: the client secret expired");
     let sent = || Outcome::Sent {
         relay: "r".into(),
         reply: "250 ok".into(),

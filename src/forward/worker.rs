@@ -10,7 +10,7 @@ use super::bounce::Bounce;
 use super::retry;
 use crate::maillog;
 use crate::spool::{Envelope, RcptStatus, Spool, SpoolError, State, now_secs};
-use crate::upstream::{Outcome, Outgoing, Transport};
+use crate::upstream::{HoldScope, Outcome, Outgoing, RcptResult, Transport};
 
 /// Retry settings the worker needs.
 #[derive(Debug, Clone, Copy)]
@@ -30,10 +30,27 @@ pub enum Next {
     Done,
     /// Deferred until this time (epoch seconds).
     Deferred(u64),
-    /// Held.
-    Held,
+    /// Held by postern (in `hold/`) for a configuration problem covering `scope`.
+    Held(HoldScope),
     /// Failed permanently.
     Failed,
+    /// In `deferred/` without a time of its own: the upstream asked the whole mailbox to wait
+    /// (see [`Outcome::Throttled`]); the forwarder holds the mailbox's mail back.
+    Throttled {
+        /// The wait the upstream asked for; `None`: until the recipient window frees.
+        wait: Option<Duration>,
+        /// What the upstream said.
+        reason: String,
+    },
+}
+
+/// What the forwarder learns from one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Where the message went.
+    pub next: Next,
+    /// Recipients the upstream accepted in this attempt (for `daily_recipients`).
+    pub delivered: u32,
 }
 
 /// Run one attempt for the claimed message `id`. `transport` is `None` when the message's
@@ -44,7 +61,7 @@ pub async fn attempt(
     transport: Option<Arc<dyn Transport>>,
     policy: RetryPolicy,
     hostname: &str,
-) -> Result<Next, SpoolError> {
+) -> Result<Report, SpoolError> {
     let env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
@@ -54,18 +71,16 @@ pub async fn attempt(
             };
             t.send(&msg).await
         }
-        None => Outcome::Held {
-            reason: format!(
-                "route \"{}\" no longer exists in the configuration and no other route accepts sender <{}>; add a route for it, then run `postern queue release {}`",
-                env.route, env.sender, env.id
-            ),
-        },
+        None => Outcome::held(format!(
+            "route \"{}\" no longer exists in the configuration and no other route accepts sender <{}>; add a route for it, then run `postern queue release {}`",
+            env.route, env.sender, env.id
+        )),
     };
     // Recording the outcome renames and fsyncs: keep that off the async runtime's threads,
     // where it would stall every SMTP session scheduled there.
     let blocking_spool = spool.clone();
     let owned_id = id.to_owned();
-    let (next, bounces) = tokio::task::spawn_blocking(move || {
+    let (report, bounces) = tokio::task::spawn_blocking(move || {
         record(&blocking_spool, &owned_id, env, outcome, policy)
     })
     .await
@@ -81,133 +96,244 @@ pub async fn attempt(
             }
         }
     }
-    Ok(next)
+    Ok(report)
 }
 
 /// Apply one attempt's outcome to the spool: per-recipient status, then the message's move.
+///
+/// An attempt counts (and moves the backoff on) only when the message itself was tried: not
+/// for a hold (our configuration) or a throttle (the mailbox's quota), and not when the admin
+/// ran it early with `postern queue retry` (then a failure keeps the scheduled retry time).
 fn record(
     spool: &Spool,
     id: &str,
     mut env: Envelope,
     outcome: Outcome,
     policy: RetryPolicy,
-) -> Result<(Next, Vec<Bounce>), SpoolError> {
-    env.attempts = env.attempts.saturating_add(1);
+) -> Result<(Report, Vec<Bounce>), SpoolError> {
     let now = now_secs();
+    let early = env.next_attempt.filter(|t| *t > now);
+    let count = |env: &mut Envelope| {
+        if early.is_none() {
+            env.attempts = env.attempts.saturating_add(1);
+        }
+    };
+    let (refused, outcome) = match outcome {
+        Outcome::Partial { refused, then } => (refused, *then),
+        o => (Vec::new(), o),
+    };
+    // Recipients refused for good in this attempt, whatever happened to the rest.
+    let (mut sent, mut failed) = (Vec::new(), Vec::new());
+    for r in refused {
+        settle(&mut env, id, r, &mut sent, &mut failed);
+    }
+    let report = |next: Next| Report { next, delivered: 0 };
+    let queue_file = spool.msg_path(State::Active, id);
+    let bounce_now = |env: &Envelope, failed: Vec<(String, String)>| -> Vec<Bounce> {
+        Bounce::for_failed(env, failed, &queue_file, false)
+            .into_iter()
+            .collect()
+    };
     match outcome {
         Outcome::Sent {
             relay,
             reply,
             recipients,
         } => {
-            let mut sent = Vec::new();
-            let mut refused = Vec::new();
+            count(&mut env);
             for r in recipients {
-                if let Some(e) = env
-                    .recipients
-                    .iter_mut()
-                    .find(|e| e.address == r.address && e.status == RcptStatus::Pending)
-                {
-                    e.status = r.status;
-                    e.last_reply = Some(r.reply.clone());
-                    match r.status {
-                        RcptStatus::Sent => sent.push(r.address),
-                        RcptStatus::Failed => {
-                            crate::metrics::failed(&env);
-                            maillog::failed(
-                                id,
-                                &env.mailbox,
-                                &format!("<{}>: {}", r.address, r.reply),
-                            );
-                            refused.push((r.address, r.reply));
-                        }
-                        RcptStatus::Pending => {}
-                    }
-                }
+                settle(&mut env, id, r, &mut sent, &mut failed);
             }
             if !sent.is_empty() {
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
                 crate::metrics::sent(&env);
             }
+            let delivered = u32::try_from(sent.len()).unwrap_or(u32::MAX);
             // The report needs the original's header, so it is built before the file goes.
-            let mut bounces: Vec<Bounce> =
-                Bounce::for_failed(&env, refused, &spool.msg_path(State::Active, id), false)
-                    .into_iter()
-                    .collect();
+            let mut bounces = bounce_now(&env, failed);
             if env.pending().next().is_none() {
                 spool.remove_delivered(id)?;
-                return Ok((Next::Done, bounces));
+                return Ok((
+                    Report {
+                        next: Next::Done,
+                        delivered,
+                    },
+                    bounces,
+                ));
             }
             let reason = env
                 .pending()
                 .filter_map(|r| r.last_reply.clone())
                 .next()
                 .unwrap_or_else(|| reply.clone());
-            let (next, more) = defer(spool, env, reason, now, policy)?;
+            let (next, more) = defer(spool, env, reason, now, policy, early)?;
             bounces.extend(more);
-            Ok((next, bounces))
+            Ok((Report { next, delivered }, bounces))
         }
-        Outcome::Transient { reason } => defer(spool, env, reason, now, policy),
-        Outcome::Permanent { reason } => fail(spool, env, reason, false),
-        Outcome::Held { reason } => {
-            // Our configuration is at fault, not the message: give the attempt back.
-            env.attempts = env.attempts.saturating_sub(1);
+        // Every recipient was refused at RCPT and nothing else is left to try.
+        _ if !failed.is_empty() && env.pending().next().is_none() => {
+            count(&mut env);
+            let bounces = bounce_now(&env, failed);
+            spool.remove_delivered(id)?;
+            Ok((report(Next::Done), bounces))
+        }
+        Outcome::Transient { reason } => {
+            count(&mut env);
+            let mut bounces = bounce_now(&env, failed);
+            let (next, more) = defer(spool, env, reason, now, policy, early)?;
+            bounces.extend(more);
+            Ok((report(next), bounces))
+        }
+        Outcome::Permanent { reason } => {
+            count(&mut env);
+            let (next, bounces) = fail(spool, env, reason, false, failed)?;
+            Ok((report(next), bounces))
+        }
+        Outcome::Held { reason, scope } => {
+            // Our configuration is at fault, not the message: the attempt does not count.
+            let bounces = bounce_now(&env, failed);
             env.hold_reason = Some(reason.clone());
             env.auto_hold = true;
             env.last_error = Some(reason.clone());
             spool.write_envelope(State::Active, &env)?;
             spool.move_msg(id, State::Active, State::Hold)?;
-            maillog::held(id, &env.mailbox, &reason);
+            maillog::held(id, &env.mailbox, super::hold::brief(&reason));
             crate::metrics::held(&env);
-            Ok((Next::Held, Vec::new()))
+            Ok((report(Next::Held(scope)), bounces))
+        }
+        Outcome::Throttled { reason, wait } => {
+            // The mailbox is over a quota, not the message: the attempt does not count, and
+            // the forwarder decides when the mailbox's mail goes again.
+            let mut bounces = bounce_now(&env, failed);
+            if retry::expired(env.received_at, now, policy.lifetime) {
+                let (next, more) = expire(spool, env, &reason, policy)?;
+                bounces.extend(more);
+                return Ok((report(next), bounces));
+            }
+            let retry_in = wait.map_or(0, |w| w.as_secs());
+            // The mailbox's wait is explained once by the forwarder; per message, the gist.
+            let gist = super::hold::brief(&reason).to_string();
+            to_deferred(spool, env, &reason, &gist, None, retry_in)?;
+            Ok((report(Next::Throttled { wait, reason }), bounces))
+        }
+        Outcome::Partial { then, .. } => {
+            // Never nested by a transport; treat the inner outcome as a retry.
+            let reason = format!("unexpected nested outcome: {then:?}");
+            count(&mut env);
+            let mut bounces = bounce_now(&env, failed);
+            let (next, more) = defer(spool, env, reason, now, policy, early)?;
+            bounces.extend(more);
+            Ok((report(next), bounces))
         }
     }
 }
 
+/// Record one recipient's result in `env` (if it was pending), adding it to `sent` or
+/// `failed` (with the reply, for the report).
+fn settle(
+    env: &mut Envelope,
+    id: &str,
+    r: RcptResult,
+    sent: &mut Vec<String>,
+    failed: &mut Vec<(String, String)>,
+) {
+    let Some(e) = env
+        .recipients
+        .iter_mut()
+        .find(|e| e.address == r.address && e.status == RcptStatus::Pending)
+    else {
+        return;
+    };
+    e.status = r.status;
+    e.last_reply = Some(r.reply.clone());
+    match r.status {
+        RcptStatus::Sent => sent.push(r.address),
+        RcptStatus::Failed => {
+            maillog::failed(id, &env.mailbox, &format!("<{}>: {}", r.address, r.reply));
+            crate::metrics::failed(env);
+            failed.push((r.address, r.reply));
+        }
+        RcptStatus::Pending => {}
+    }
+}
+
+/// Fail a message that outlived its lifetime, quoting the last error.
+fn expire(
+    spool: &Spool,
+    env: Envelope,
+    reason: &str,
+    policy: RetryPolicy,
+) -> Result<(Next, Vec<Bounce>), SpoolError> {
+    let why = format!(
+        "message outlived max_lifetime ({}); last error: {reason}",
+        humantime::format_duration(policy.lifetime)
+    );
+    fail(spool, env, why, true, Vec::new())
+}
+
+/// Back to `deferred/` for a retry after the backoff, or, after an early retry the admin
+/// asked for (`early`: the time already scheduled), at that same time.
 fn defer(
     spool: &Spool,
-    mut env: Envelope,
+    env: Envelope,
     reason: String,
     now: u64,
     policy: RetryPolicy,
+    early: Option<u64>,
 ) -> Result<(Next, Vec<Bounce>), SpoolError> {
     if retry::expired(env.received_at, now, policy.lifetime) {
-        let why = format!(
-            "message outlived max_lifetime ({}); last error: {reason}",
-            humantime::format_duration(policy.lifetime)
-        );
-        return fail(spool, env, why, true);
+        return expire(spool, env, &reason, policy);
     }
-    let delay = retry::backoff(
-        env.attempts,
-        policy.initial,
-        policy.max,
-        rand::rng().random::<f64>(),
-    );
-    let next = now + delay.as_secs();
-    env.next_attempt = Some(next);
-    env.last_error = Some(reason.clone());
-    spool.write_envelope(State::Active, &env)?;
-    spool.move_msg(&env.id, State::Active, State::Deferred)?;
-    crate::metrics::deferred(&env);
-    maillog::deferred(
-        &env.id,
-        &env.mailbox,
+    let next = early.unwrap_or_else(|| {
+        let delay = retry::backoff(
+            env.attempts,
+            policy.initial,
+            policy.max,
+            rand::rng().random::<f64>(),
+        );
+        now + delay.as_secs()
+    });
+    to_deferred(
+        spool,
+        env,
         &reason,
-        env.attempts,
-        delay.as_secs(),
-    );
+        &reason,
+        Some(next),
+        next.saturating_sub(now),
+    )?;
     Ok((Next::Deferred(next), Vec::new()))
 }
 
-/// Fail the message's pending recipients for good (`expired`: it outlived its lifetime).
+/// Move the claimed message to `deferred/` with `next_attempt` (`None`: the forwarder decides)
+/// and `reason` as its last error; the log line gives `logged` and says it retries in
+/// `retry_in` seconds.
+fn to_deferred(
+    spool: &Spool,
+    mut env: Envelope,
+    reason: &str,
+    logged: &str,
+    next_attempt: Option<u64>,
+    retry_in: u64,
+) -> Result<(), SpoolError> {
+    env.next_attempt = next_attempt;
+    env.last_error = Some(reason.to_string());
+    spool.write_envelope(State::Active, &env)?;
+    spool.move_msg(&env.id, State::Active, State::Deferred)?;
+    maillog::deferred(&env.id, &env.mailbox, logged, env.attempts, retry_in);
+    crate::metrics::deferred(&env);
+    Ok(())
+}
+
+/// Fail the message's pending recipients for good (`expired`: it outlived its lifetime);
+/// `already` lists recipients refused earlier in the same attempt, reported together.
 fn fail(
     spool: &Spool,
     mut env: Envelope,
     reason: String,
     expired: bool,
+    already: Vec<(String, String)>,
 ) -> Result<(Next, Vec<Bounce>), SpoolError> {
-    let mut failed = Vec::new();
+    let mut failed = already;
     for r in env
         .recipients
         .iter_mut()

@@ -78,6 +78,7 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
         transport: TransportConfig::File {
             dir: PathBuf::from("/nonexistent"),
         },
+        pacing: Default::default(),
     };
     Config {
         source: "test.toml".into(),

@@ -728,7 +728,11 @@ impl Spool {
         let mut env = self.read_envelope(from, id)?;
         env.hold_reason = None;
         env.auto_hold = false;
-        env.next_attempt = None;
+        // A deferred message keeps its scheduled time: the forwarder sees the attempt is early
+        // (the admin's `queue retry`), so it neither counts it nor stretches the backoff.
+        if from != State::Deferred {
+            env.next_attempt = None;
+        }
         if from == State::Failed {
             env.received_at = now_secs(); // a fresh lifetime, as the admin asked for a retry
             for r in env

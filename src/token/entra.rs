@@ -512,28 +512,10 @@ impl EntraClient {
             )
         };
         match &a.credential {
-            Credential::ClientSecret {
-                secret,
-                style,
-                expires,
-            } => {
-                if let Some(exp) = expires
-                    && *exp <= now_secs()
-                {
-                    // Say it before Entra does (AADSTS7000222), and without a round trip.
-                    return Err(self.local(
-                        mailbox,
-                        format!(
-                            "the client secret expired on {} (secret_expires)",
-                            httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(*exp))
-                        ),
-                        format!(
-                            "{} → Certificates & secrets → New client secret; copy the Value into {} and update secret_expires",
-                            self.cx(mailbox, Audience::Smtp).app(),
-                            describe_source(secret)
-                        ),
-                    ));
-                }
+            // `secret_expires` is only a reminder (warned about daily): the date is read as
+            // 00:00 UTC while the secret lives until a time later that day, so Entra's answer
+            // (AADSTS7000222) decides, not the date.
+            Credential::ClientSecret { secret, style, .. } => {
                 let s = read_secret(secret).map_err(fix)?;
                 Ok(match style {
                     SecretStyle::Body => ClientAuth::Body(s),

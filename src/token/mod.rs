@@ -87,19 +87,27 @@ pub struct Misconfiguration {
     pub advice: String,
 }
 
-impl fmt::Display for Misconfiguration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "account {}", self.account)?;
+impl Misconfiguration {
+    /// Who and what, with the AADSTS code, without the advice and the per-request ids.
+    pub fn summary(&self) -> String {
+        let mut s = format!("account {}", self.account);
         if !self.mailbox.is_empty() {
-            write!(f, " mailbox {}", self.mailbox)?;
+            s.push_str(&format!(" mailbox {}", self.mailbox));
         }
-        write!(f, ": {}", self.meaning)?;
+        s.push_str(&format!(": {}", self.meaning));
         match (self.code, &self.error) {
-            (Some(c), Some(e)) => write!(f, " (AADSTS{c}, {e})")?,
-            (Some(c), None) => write!(f, " (AADSTS{c})")?,
-            (None, Some(e)) => write!(f, " ({e})")?,
+            (Some(c), Some(e)) => s.push_str(&format!(" (AADSTS{c}, {e})")),
+            (Some(c), None) => s.push_str(&format!(" (AADSTS{c})")),
+            (None, Some(e)) => s.push_str(&format!(" ({e})")),
             (None, None) => {}
         }
+        s
+    }
+}
+
+impl fmt::Display for Misconfiguration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())?;
         write!(f, "; fix: {}", self.advice)?;
         if let Some(t) = &self.trace_id {
             write!(f, "; trace id {t}")?;
@@ -136,6 +144,15 @@ impl TokenError {
         }
     }
 
+    /// One short line for logs that repeat: what happened, without the advice and the
+    /// per-request ids (the advice reaches the admin with the held mailbox's reason).
+    pub fn summary(&self) -> String {
+        match self {
+            TokenError::Transient(e) => format!("token endpoint temporarily unavailable: {e}"),
+            TokenError::Configuration(m) => m.summary(),
+        }
+    }
+
     /// A configuration error found locally (no Entra answer behind it).
     pub fn local(account: &str, mailbox: &str, meaning: String, advice: String) -> Self {
         TokenError::Configuration(Box::new(Misconfiguration {
@@ -154,6 +171,10 @@ impl TokenError {
 }
 
 /// Hands out access tokens per mailbox.
+///
+/// Transports use two calls: [`token`](Self::token) before each sign-in, and
+/// [`renew`](Self::renew) when the service refuses the token it handed out (SMTP
+/// `535 5.7.3`, Graph `401 InvalidAuthenticationToken`).
 pub trait TokenSource: Send + Sync {
     /// A valid token for `mailbox` of `account`, for `audience`.
     fn token<'a>(
@@ -162,4 +183,29 @@ pub trait TokenSource: Send + Sync {
         mailbox: &'a str,
         audience: Audience,
     ) -> BoxFuture<'a, Result<AccessToken, TokenError>>;
+
+    /// The service refused `refused` (a token this source handed out for the same account,
+    /// mailbox and audience): forget it and return the token to retry with, once, at once.
+    ///
+    /// - `Ok(Some(new))`: retry the request with `new` now. A cached token can be refused
+    ///   before its scheduled refresh (revoked, or the host's clock was suspended or wrong),
+    ///   so a new one usually works.
+    /// - `Ok(None)`: `refused` was itself a fresh replacement, so a new token would be refused
+    ///   the same way: the cause is a permission or consent, not the token's age. Hold, with
+    ///   the permission advice.
+    /// - `Err(e)`: no new token could be had; treat `e` like an error of [`token`](Self::token).
+    ///
+    /// Concurrent callers that report the same refused token cause one token request (the
+    /// first drops and fetches; the others get that result), so a burst of refusals does not
+    /// stampede Entra. The default is for sources without a cache: nothing newer exists.
+    fn renew<'a>(
+        &'a self,
+        account: &'a str,
+        mailbox: &'a str,
+        audience: Audience,
+        refused: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<Option<AccessToken>, TokenError>> {
+        let _ = (account, mailbox, audience, refused);
+        Box::pin(async { Ok(None) })
+    }
 }

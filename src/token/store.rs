@@ -28,6 +28,7 @@ use super::entra::{EntraClient, GrantKind, TokenResponse, grant_kind, now_secs};
 use super::files::{FileError, StoredToken, TokenFiles};
 use super::{AccessToken, Audience, TokenError, TokenSource};
 use crate::config::{AccountConfig, Config, Credential};
+use crate::secret::Secret;
 use crate::upstream::BoxFuture;
 
 /// Tuning of the store; the defaults are for production, tests shorten them.
@@ -73,11 +74,47 @@ struct Key {
     audience: Audience,
 }
 
+impl Key {
+    /// The mailbox for log fields: none for app-only tokens, which serve every mailbox.
+    fn shown_mailbox(&self) -> Option<&str> {
+        (!self.mailbox.is_empty()).then_some(self.mailbox.as_str())
+    }
+}
+
+/// The same failure again (ignoring Entra's per-request trace and correlation ids)?
+fn same_error(a: &TokenError, b: &TokenError) -> bool {
+    match (a, b) {
+        (TokenError::Transient(x), TokenError::Transient(y)) => x == y,
+        (TokenError::Configuration(x), TokenError::Configuration(y)) => {
+            (x.code, &x.error, &x.meaning) == (y.code, &y.error, &y.meaning)
+        }
+        _ => false,
+    }
+}
+
 struct Cached {
     token: AccessToken,
     refresh_at: Instant,
     /// Past this it is not handed out even when a refresh fails.
     usable_until: Instant,
+    /// The same limit by the wall clock (seconds since the epoch): the monotonic clock stands
+    /// still while the host is suspended, Entra's and Exchange's clocks do not.
+    wall_usable_until: u64,
+    /// Fetched to replace a refused token: if the service refuses this one too, the cause is
+    /// not the token's age (see [`TokenSource::renew`]).
+    replacement: bool,
+}
+
+impl Cached {
+    /// Still good for handing out at `now` (monotonic and wall clock).
+    fn usable(&self, now: Instant) -> bool {
+        now < self.usable_until && now_secs() < self.wall_usable_until
+    }
+
+    /// Not yet due for its refresh at `now`.
+    fn fresh(&self, now: Instant) -> bool {
+        now < self.refresh_at && self.usable(now)
+    }
 }
 
 struct Failure {
@@ -90,6 +127,11 @@ struct Failure {
 struct Slot {
     token: Option<Cached>,
     failure: Option<Failure>,
+    /// The last token a service refused, and whether it was a replacement: late reports of
+    /// the same refusal (concurrent deliveries) get the same answer without a request.
+    refused: Option<(Secret<String>, bool)>,
+    /// The next token fetched replaces a refused one.
+    next_is_replacement: bool,
 }
 
 type SlotRef = Arc<tokio::sync::Mutex<Slot>>;
@@ -166,9 +208,14 @@ impl TokenStore {
         let key = self.key(account, mailbox, audience)?;
         let slot = self.slot(&key);
         let mut s = slot.lock().await;
+        self.get_locked(&key, &mut s).await
+    }
+
+    /// [`get`](Self::get) with the slot already locked.
+    async fn get_locked(&self, key: &Key, s: &mut Slot) -> Result<AccessToken, TokenError> {
         let now = Instant::now();
         if let Some(c) = &s.token
-            && now < c.refresh_at
+            && c.fresh(now)
         {
             return Ok(c.token.clone());
         }
@@ -177,13 +224,65 @@ impl TokenStore {
         {
             // Backing off: the old token while it lasts, else the remembered error.
             if let Some(c) = &s.token
-                && now < c.usable_until
+                && c.usable(now)
             {
                 return Ok(c.token.clone());
             }
             return Err(f.error.clone());
         }
-        self.fetch_into(&key, &mut s).await
+        self.fetch_into(key, s).await
+    }
+
+    /// The service refused `refused`: drop it and return the token to retry with, or `None`
+    /// when `refused` was itself a replacement (see [`TokenSource::renew`]). The slot's lock
+    /// makes concurrent reports of one refusal share a single request.
+    pub async fn renew(
+        &self,
+        account: &str,
+        mailbox: &str,
+        audience: Audience,
+        refused: &AccessToken,
+    ) -> Result<Option<AccessToken>, TokenError> {
+        let key = self.key(account, mailbox, audience)?;
+        let slot = self.slot(&key);
+        let mut s = slot.lock().await;
+        let same = |t: &Secret<String>| t.expose() == refused.token.expose();
+        let was_replacement = match (&s.refused, &s.token) {
+            // Reported already (by a concurrent delivery): the same answer.
+            (Some((t, r)), _) if same(t) => *r,
+            (_, Some(c)) if same(&c.token.token) => {
+                let r = c.replacement;
+                s.token = None;
+                s.refused = Some((refused.token.clone(), r));
+                s.next_is_replacement = true;
+                if r {
+                    // The hold that follows explains it (once, not per probe).
+                    tracing::debug!(
+                        account = %key.account,
+                        mailbox = key.shown_mailbox(),
+                        audience = %key.audience,
+                        "the service refused a freshly issued access token as well; the cause is a permission, not the token"
+                    );
+                } else {
+                    tracing::info!(
+                        account = %key.account,
+                        mailbox = key.shown_mailbox(),
+                        audience = %key.audience,
+                        "the service refused a cached access token; getting a new one"
+                    );
+                }
+                r
+            }
+            // Not cached (any more): a newer token is cached or will be fetched.
+            _ => {
+                s.next_is_replacement = s.token.is_none();
+                false
+            }
+        };
+        if was_replacement {
+            return Ok(None);
+        }
+        self.get_locked(&key, &mut s).await.map(Some)
     }
 
     /// Get a new token now, whatever is cached (used for idle refresh and `postern token`).
@@ -256,7 +355,7 @@ impl TokenStore {
                 };
                 tracing::debug!(
                     account = %key.account,
-                    mailbox = %key.mailbox,
+                    mailbox = key.shown_mailbox(),
                     audience = %key.audience,
                     expires_in = t.expires_in,
                     "access token acquired"
@@ -264,7 +363,7 @@ impl TokenStore {
                 if let Some(f) = &s.failure {
                     tracing::info!(
                         account = %key.account,
-                        mailbox = %key.mailbox,
+                        mailbox = key.shown_mailbox(),
                         after_failures = f.consecutive,
                         "token endpoint works again for this account"
                     );
@@ -273,6 +372,8 @@ impl TokenStore {
                     token: token.clone(),
                     refresh_at: now + refresh_in,
                     usable_until: now + life.saturating_sub(gap),
+                    wall_usable_until: token.expires_at.saturating_sub(gap.as_secs()),
+                    replacement: std::mem::take(&mut s.next_is_replacement),
                 });
                 s.failure = None;
                 Ok(token)
@@ -289,20 +390,37 @@ impl TokenStore {
                             .min(self.opts.backoff_max)
                     }
                 };
-                tracing::warn!(
-                    account = %key.account,
-                    mailbox = %key.mailbox,
-                    audience = %key.audience,
-                    retry_in = %humantime::format_duration(delay),
-                    "no access token: {error}"
-                );
+                // The full advice reaches the admin through the held mailbox's reason; here
+                // one short line when the error starts or changes, and debug lines meanwhile.
+                let repeated = s
+                    .failure
+                    .as_ref()
+                    .is_some_and(|f| same_error(&f.error, &error));
+                if repeated {
+                    tracing::debug!(
+                        account = %key.account,
+                        mailbox = key.shown_mailbox(),
+                        audience = %key.audience,
+                        consecutive,
+                        retry_in = %humantime::format_duration(delay),
+                        "still no access token: {}", error.summary()
+                    );
+                } else {
+                    tracing::warn!(
+                        account = %key.account,
+                        mailbox = key.shown_mailbox(),
+                        audience = %key.audience,
+                        retry_in = %humantime::format_duration(delay),
+                        "no access token: {}", error.summary()
+                    );
+                }
                 s.failure = Some(Failure {
                     error: error.clone(),
                     retry_at: Instant::now() + delay,
                     consecutive,
                 });
                 match &s.token {
-                    Some(c) if Instant::now() < c.usable_until => Ok(c.token.clone()),
+                    Some(c) if c.usable(Instant::now()) => Ok(c.token.clone()),
                     _ => Err(error),
                 }
             }
@@ -468,6 +586,16 @@ impl TokenSource for TokenStore {
     ) -> BoxFuture<'a, Result<AccessToken, TokenError>> {
         Box::pin(self.get(account, mailbox, audience))
     }
+
+    fn renew<'a>(
+        &'a self,
+        account: &'a str,
+        mailbox: &'a str,
+        audience: Audience,
+        refused: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<Option<AccessToken>, TokenError>> {
+        Box::pin(TokenStore::renew(self, account, mailbox, audience, refused))
+    }
 }
 
 /// Warnings about the client secrets and certificates of `accounts` that expire within
@@ -511,7 +639,23 @@ pub fn expiry_warnings(accounts: &[AccountConfig], horizon: Duration) -> Vec<Str
             UNIX_EPOCH + Duration::from_secs(u64::try_from(at.max(0)).unwrap_or(0)),
         );
         let now_i = i64::try_from(now).unwrap_or(i64::MAX);
-        if at <= now_i {
+        let secret = matches!(a.credential, Credential::ClientSecret { .. });
+        if secret && at <= now_i {
+            // secret_expires is a date, read as 00:00 UTC; the secret itself lives until a time
+            // of that day only Entra knows. So this is a reminder: Entra's answer decides.
+            let day = when.get(..16).unwrap_or(&when);
+            let state = if now_i < at.saturating_add(86_400) {
+                format!(
+                    "expires today ({day}, by secret_expires; the exact time is under Certificates & secrets)"
+                )
+            } else {
+                format!("expired on {day} (by secret_expires)")
+            };
+            out.push(format!(
+                "account {}: the {what} {state}; postern keeps using it until Entra refuses it (AADSTS7000222); fix: {fix}",
+                a.name
+            ));
+        } else if at <= now_i {
             out.push(format!(
                 "account {}: the {what} expired on {when}; fix: {fix}",
                 a.name

@@ -17,8 +17,10 @@
 //! Every reason quotes the server's full reply, then the advice. The table is
 //! microsoft-reference.md §3.4, §3.5 and §9 rows 1–22; the unit tests below use those texts.
 
-use super::Outcome;
+use std::time::Duration;
+
 use super::smtp::Reply;
+use super::{HoldScope, Outcome};
 use crate::spool::RcptStatus;
 
 /// Which command (or moment) a reply answered; the same code can mean different things.
@@ -72,6 +74,9 @@ pub struct Context<'a> {
     pub mailbox: &'a str,
     /// Envelope sender.
     pub sender: &'a str,
+    /// The address of the message's `From:` header, when the transport read it (Exchange
+    /// checks Send As against it).
+    pub from: Option<&'a str>,
     /// Queue id, for the "release" hint.
     pub queue_id: &'a str,
 }
@@ -90,8 +95,21 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
     let what = stage.describe(ctx);
     let said = format!("{} answered {what} with \"{}\"", ctx.server, reply.text());
     let held = |advice: String| {
+        Verdict::Message(Outcome::held(format!(
+            "{said}. {advice} {}",
+            release_hint(ctx.queue_id)
+        )))
+    };
+    let held_sender = |advice: String| {
         Verdict::Message(Outcome::Held {
-            reason: format!("{said}. {advice} {}", release_hint(ctx.queue_id)),
+            reason: format!("{said}. {advice} {}", sender_release_hint(ctx.queue_id)),
+            scope: send_as_target(&reply.text(), ctx).map_or(HoldScope::Mailbox, HoldScope::Sender),
+        })
+    };
+    let throttled = |advice: String, wait: Option<Duration>| {
+        Verdict::Message(Outcome::Throttled {
+            reason: format!("{said}. {advice}"),
+            wait,
         })
     };
     let transient = |advice: &str| {
@@ -166,10 +184,12 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
             );
         }
         Some((5, 2, 252)) if text.contains("sendasdenied") => {
-            return held(send_as(&reply.text(), ctx));
+            return held_sender(send_as(&reply.text(), ctx));
         }
-        Some((5, 7, 60)) => return held(send_as(&reply.text(), ctx)),
-        Some((5, 2, d @ 251..=255)) => return held(throttled(d, ctx)),
+        Some((5, 7, 60)) => return held_sender(send_as(&reply.text(), ctx)),
+        Some((5, 2, d @ 251..=255)) => {
+            return throttled(continuous_errors(d, ctx), Some(CONTINUOUS_ERROR_WAIT));
+        }
         Some((4, 3, 2)) => {
             return transient(&format!(
                 "More than 3 connections were sending as {mailbox} at once; Exchange Online allows 3 \
@@ -178,12 +198,16 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
             ));
         }
         Some((5, 2, 0)) if text.contains("submissionquotaexceeded") => {
-            return transient(&format!(
-                "{mailbox} has sent to more than 10,000 recipients in the last 24 hours (Exchange \
-                 Online's rolling limit per mailbox). postern will retry, but the limit frees only \
-                 gradually over up to 24 hours, so expect a delay of hours. If this recurs, spread \
-                 the senders over several mailboxes."
-            ));
+            return throttled(
+                format!(
+                    "{mailbox} has sent to more than its recipient limit in the last 24 hours \
+                     (Exchange Online: 10,000, rolling). postern holds back all mail of {mailbox} \
+                     until its record of the last 24 hours frees room, then sends again; nothing \
+                     bounces. If this recurs, lower daily_recipients of the route (other systems \
+                     may send as {mailbox} too) or spread the senders over several mailboxes."
+                ),
+                None,
+            );
         }
         Some((5, 7, 705)) => {
             return held(
@@ -302,6 +326,15 @@ pub fn release_hint(queue_id: &str) -> String {
     )
 }
 
+/// The end of a Send As hold's reason.
+pub fn sender_release_hint(queue_id: &str) -> String {
+    format!(
+        "postern holds only this sender's mail for the mailbox (its other mail keeps flowing) \
+         and tries one held message again now and then, less often each time; after fixing it, \
+         `postern queue release {queue_id}` tries at once."
+    )
+}
+
 /// 535 5.7.3: the token was not good enough (§9 row 1).
 fn token_rejected(ctx: &Context<'_>) -> String {
     let mailbox = ctx.mailbox;
@@ -391,19 +424,21 @@ fn send_as(reply: &str, ctx: &Context<'_>) -> String {
 }
 
 /// Whom the mailbox tried to send as: Exchange names it in SendAsDenied ("A not allowed to
-/// send as B;", checked against the From header); otherwise the envelope sender when it is
-/// not the mailbox itself.
+/// send as B;", checked against the From header); otherwise the From header's address, then
+/// the envelope sender, whichever is not the mailbox itself. Lowercase.
 fn send_as_target(reply: &str, ctx: &Context<'_>) -> Option<String> {
     const MARK: &str = "not allowed to send as ";
     if let Some(i) = reply.find(MARK) {
         let rest = &reply[i + MARK.len()..];
         let b = rest.split([';', ' ']).next().unwrap_or("").trim();
         if !b.is_empty() {
-            return Some(b.to_string());
+            return Some(b.to_lowercase());
         }
     }
-    (!ctx.sender.eq_ignore_ascii_case(ctx.mailbox) && !ctx.sender.is_empty())
-        .then(|| ctx.sender.to_string())
+    [ctx.from.unwrap_or(""), ctx.sender]
+        .into_iter()
+        .find(|a| !a.is_empty() && !a.eq_ignore_ascii_case(ctx.mailbox))
+        .map(str::to_lowercase)
 }
 
 fn send_as_fix(reply: &str, ctx: &Context<'_>) -> String {
@@ -417,8 +452,13 @@ fn send_as_fix(reply: &str, ctx: &Context<'_>) -> String {
     )
 }
 
+/// How long a mailbox waits after Exchange's continuous-error throttling (5.2.25x). Microsoft
+/// does not say how long the block lasts and every refused submission prolongs it, so postern
+/// waits an hour, then tries one message alone.
+pub const CONTINUOUS_ERROR_WAIT: Duration = Duration::from_secs(3600);
+
 /// 550 5.2.251–255 "Sender throttled due to continuous ... errors" (§9 rows 12–13).
-fn throttled(detail: u16, ctx: &Context<'_>) -> String {
+fn continuous_errors(detail: u16, ctx: &Context<'_>) -> String {
     let (what, fix) = match detail {
         251 => (
             "mailbox full",
@@ -441,8 +481,10 @@ fn throttled(detail: u16, ctx: &Context<'_>) -> String {
     format!(
         "Exchange has blocked {mailbox} from sending over SMTP AUTH for a period it chooses, after \
          repeated \"{what}\" errors; Microsoft support cannot lift it, and every retry prolongs it. \
-         Fix the cause, then wait before releasing the messages. {fix}",
-        mailbox = ctx.mailbox
+         postern holds back all mail of {mailbox} for {wait}, then tries one message. Fix the \
+         cause meanwhile: {fix}",
+        mailbox = ctx.mailbox,
+        wait = humantime::format_duration(CONTINUOUS_ERROR_WAIT)
     )
 }
 
@@ -453,6 +495,7 @@ mod tests {
     #[derive(Debug, PartialEq)]
     enum K {
         Transient,
+        Throttled,
         Permanent,
         Held,
         RcptFailed,
@@ -467,6 +510,7 @@ mod tests {
             app_only: true,
             mailbox: "printer@contoso.com",
             sender: "scanner@contoso.com",
+            from: None,
             queue_id: "Q1",
         }
     }
@@ -476,7 +520,9 @@ mod tests {
         match classify(stage, &reply, &ctx()) {
             Verdict::Message(Outcome::Transient { reason }) => (K::Transient, reason),
             Verdict::Message(Outcome::Permanent { reason }) => (K::Permanent, reason),
-            Verdict::Message(Outcome::Held { reason }) => (K::Held, reason),
+            Verdict::Message(Outcome::Held { reason, .. }) => (K::Held, reason),
+            Verdict::Message(Outcome::Throttled { reason, .. }) => (K::Throttled, reason),
+            Verdict::Message(Outcome::Partial { .. }) => panic!("classify never says Partial"),
             Verdict::Message(Outcome::Sent { .. }) => panic!("classify never says Sent"),
             Verdict::Recipient(RcptStatus::Failed) => (K::RcptFailed, String::new()),
             Verdict::Recipient(RcptStatus::Pending) => (K::RcptPending, String::new()),
@@ -580,31 +626,31 @@ mod tests {
         (
             Stage::Mail,
             "550 5.2.252 Sender throttled due to continuous send as denied errors.",
-            K::Held,
+            K::Throttled,
             "Add-RecipientPermission",
         ),
         (
             Stage::Mail,
             "550 5.2.251 Sender throttled due to continuous mailbox full errors.",
-            K::Held,
+            K::Throttled,
             "Sent Items",
         ),
         (
             Stage::Mail,
             "550 5.2.253 Sender throttled due to continuous invalid license errors.",
-            K::Held,
+            K::Throttled,
             "licence",
         ),
         (
             Stage::DataEnd,
             "550 5.2.254 Sender throttled due to continuous too many recipients errors.",
-            K::Held,
+            K::Throttled,
             "prolongs",
         ),
         (
             Stage::Rcpt,
             "550 5.2.255 Sender throttled due to continuous invalid recipients errors.",
-            K::Held,
+            K::Throttled,
             "invalid recipient",
         ),
         (
@@ -628,8 +674,8 @@ mod tests {
         (
             Stage::DataEnd,
             "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
-            K::Transient,
-            "10,000 recipients",
+            K::Throttled,
+            "10,000, rolling",
         ),
         (
             Stage::DataEnd,
@@ -764,9 +810,63 @@ mod tests {
                 );
             }
             if got == K::Held {
-                assert!(reason.contains("postern queue release Q1"), "{reason}");
+                assert!(reason.contains("`postern queue release Q1`"), "{reason}");
             }
         }
+    }
+
+    #[test]
+    fn send_as_refusals_hold_only_that_sender_and_quotas_wait_for_the_window() {
+        let outcome = |stage, line: &str, c: &Context<'_>| match classify(
+            stage,
+            &Reply::from_lines([line]).unwrap(),
+            c,
+        ) {
+            Verdict::Message(o) => o,
+            v => panic!("{v:?}"),
+        };
+        let held = |o| match o {
+            Outcome::Held { scope, .. } => scope,
+            o => panic!("not held: {o:?}"),
+        };
+        let wait = |o| match o {
+            Outcome::Throttled { wait, .. } => wait,
+            o => panic!("not throttled: {o:?}"),
+        };
+        const NO_SEND_AS: &str =
+            "550 5.7.60 SMTP; Client does not have permissions to send as this sender";
+        // SendAsDenied names the address; 5.7.60 does not, so the From header decides.
+        let denied = "554 5.2.252 SendAsDenied; printer@contoso.com not allowed to send as Bob@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied";
+        let bob = HoldScope::Sender("bob@contoso.com".into());
+        assert_eq!(held(outcome(Stage::DataEnd, denied, &ctx())), bob);
+        let printer = Context {
+            sender: "printer@contoso.com",
+            ..ctx()
+        };
+        let from_bob = Context {
+            from: Some("Bob@Contoso.com"),
+            ..printer
+        };
+        assert_eq!(held(outcome(Stage::Mail, NO_SEND_AS, &from_bob)), bob);
+        // Nobody to blame but the mailbox itself: the whole mailbox.
+        assert_eq!(
+            held(outcome(Stage::Mail, NO_SEND_AS, &printer)),
+            HoldScope::Mailbox
+        );
+        // A token refusal holds the mailbox.
+        let refused = "535 5.7.3 Authentication unsuccessful [X]";
+        assert_eq!(
+            held(outcome(Stage::Auth, refused, &ctx())),
+            HoldScope::Mailbox
+        );
+        // The recipient quota waits for the window; continuous-error throttling an hour.
+        let quota = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException";
+        assert_eq!(wait(outcome(Stage::DataEnd, quota, &ctx())), None);
+        let blocked = "550 5.2.252 Sender throttled due to continuous send as denied errors.";
+        assert_eq!(
+            wait(outcome(Stage::Mail, blocked, &ctx())),
+            Some(CONTINUOUS_ERROR_WAIT)
+        );
     }
 
     #[test]
@@ -779,7 +879,8 @@ mod tests {
             app_only: false,
             ..ctx()
         };
-        let Verdict::Message(Outcome::Held { reason }) = classify(Stage::Auth, &reply, &c) else {
+        let Verdict::Message(Outcome::Held { reason, .. }) = classify(Stage::Auth, &reply, &c)
+        else {
             panic!("not held");
         };
         assert!(reason.contains("SMTP.Send"), "{reason}");

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
 use crate::spool::{Envelope, RcptStatus};
 
@@ -31,6 +32,19 @@ impl Outgoing {
     /// A reader of exactly the message bytes (our `Received:` header plus what the client sent).
     pub fn open_message(&self) -> std::io::Result<std::io::Take<std::fs::File>> {
         crate::spool::msgfile::open_message(&self.message, self.envelope.size)
+    }
+
+    /// The address of the message's `From:` header (see [`from_address`]), read from the
+    /// first 64 KiB of the queue file; `None` if it has none or cannot be read.
+    pub fn from_header(&self) -> Option<String> {
+        use std::io::Read;
+        let mut head = Vec::new();
+        self.open_message()
+            .ok()?
+            .take(64 * 1024)
+            .read_to_end(&mut head)
+            .ok()?;
+        from_address(&head)
     }
 }
 
@@ -68,12 +82,189 @@ pub enum Outcome {
         /// What happened, with the upstream's reply.
         reason: String,
     },
-    /// Our configuration is wrong (credentials, consent, mailbox): keep the message without
-    /// spending its retries, pause its mailbox, and tell the admin what to fix.
+    /// Our configuration is wrong (credentials, consent, mailbox, Send As): keep the message
+    /// without spending its retries, pause the mail `scope` covers, and tell the admin what to
+    /// fix. The forwarder logs `reason` in full when the hold starts or its cause changes, and
+    /// a short line per probe; it retries one message of the scope every `hold_retry` (with
+    /// backoff for [`HoldScope::Sender`]) and releases the rest once one gets through.
     Held {
-        /// What is wrong and how to fix it.
+        /// What is wrong and how to fix it (the upstream's reply quoted, then the advice).
         reason: String,
+        /// Which mail waits: the whole mailbox, or only its mail from one address.
+        scope: HoldScope,
     },
+    /// The *mailbox* must wait, not just this message: Exchange's recipient quota
+    /// (`554 5.2.0 ... SubmissionQuotaExceeded`), continuous-error throttling (`5.2.25x`), or
+    /// Graph's `429`/`503` with `Retry-After`. The message goes back to the queue without
+    /// spending an attempt, and no message of its mailbox starts before the wait is over
+    /// (then one goes first, alone, to see whether the block has lifted). Never bounces.
+    Throttled {
+        /// What the upstream said, and what it means.
+        reason: String,
+        /// How long the mailbox waits: `Retry-After`, or a fixed period for blocks of unknown
+        /// length. `None`: until the route's recipient window (`daily_recipients`) frees,
+        /// judged from postern's own record of what the mailbox sent.
+        wait: Option<Duration>,
+    },
+    /// Some recipients were refused for good (e.g. `550 5.1.10` at RCPT) before the attempt
+    /// ended with `then`: they are failed and reported at once and never tried again, whatever
+    /// happens to the rest of the message.
+    Partial {
+        /// The refused recipients with their replies (status `Failed`).
+        refused: Vec<RcptResult>,
+        /// How the attempt ended for the others (never `Sent` or `Partial`).
+        then: Box<Outcome>,
+    },
+}
+
+impl Outcome {
+    /// A hold of the whole mailbox.
+    pub fn held(reason: impl Into<String>) -> Outcome {
+        Outcome::Held {
+            reason: reason.into(),
+            scope: HoldScope::Mailbox,
+        }
+    }
+}
+
+/// Which of a mailbox's mail an [`Outcome::Held`] pauses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HoldScope {
+    /// All of it: the cause is the mailbox or the account (token, consent, SMTP AUTH off,
+    /// mailbox full, TLS, the server).
+    Mailbox,
+    /// Only its mail from this address, compared case-insensitively with both the envelope
+    /// sender and the `From:` header: the mailbox may not send as it (Exchange
+    /// `554 5.2.252 SendAsDenied`, `550 5.7.60`; Graph `403 ErrorSendAsDenied`). The
+    /// mailbox's other mail keeps flowing; the probe is the held message with the fewest
+    /// recipients (then the smallest), so a probe that fails again costs as little as
+    /// possible and Exchange's continuous-error throttling is not provoked.
+    Sender(String),
+}
+
+/// What a network error means, in an admin's words: the one place where I/O and TLS library
+/// errors are translated, so their jargon (`peer closed connection without sending TLS
+/// close_notify: https://docs.rs/...`) never reaches the log. Errors postern made itself
+/// (malformed replies, its own timeouts) keep their text.
+pub fn network_error(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return tls_error(tls);
+    }
+    let text = e.to_string();
+    match e.kind() {
+        K::UnexpectedEof => "the server closed the connection".into(),
+        K::ConnectionReset => {
+            "the connection was reset (by the server, or by a firewall or proxy in between)".into()
+        }
+        K::ConnectionAborted => "the connection was aborted by this host's network stack".into(),
+        K::BrokenPipe => "the server had already closed the connection".into(),
+        K::ConnectionRefused => {
+            "connection refused (nothing listens on that port, or a firewall rejects it)".into()
+        }
+        K::TimedOut => "the connection timed out (a firewall may be dropping the traffic)".into(),
+        K::HostUnreachable => "the host is unreachable (no route to it)".into(),
+        K::NetworkUnreachable => "the network is unreachable (no route to it)".into(),
+        K::NetworkDown => "this host's network is down".into(),
+        K::AddrNotAvailable => "no local address to connect from".into(),
+        _ if text.contains("failed to lookup address") => {
+            "the host name cannot be resolved (check DNS on this host)".into()
+        }
+        // Ours (malformed reply, too long...) or something rare: the text without any URL.
+        _ => text
+            .split(": http")
+            .next()
+            .unwrap_or(&text)
+            .trim_end_matches(':')
+            .to_string(),
+    }
+}
+
+/// A TLS error (other than an untrusted certificate, which the transports explain with the
+/// fix) in an admin's words.
+pub fn tls_error(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::AlertReceived(a) => {
+            format!("the server ended the TLS session (TLS alert {a:?})")
+        }
+        rustls::Error::InvalidCertificate(c) => {
+            format!("the server's TLS certificate is not accepted ({c:?})")
+        }
+        rustls::Error::PeerIncompatible(p) => {
+            format!("no TLS version or cipher in common with the server ({p:?})")
+        }
+        rustls::Error::PeerMisbehaved(_) | rustls::Error::InvalidMessage(_) => {
+            "the server broke the TLS protocol (a proxy or firewall may be interfering)".into()
+        }
+        other => format!("TLS failed ({other:?})"),
+    }
+}
+
+/// The first address of the `From:` field of an RFC 5322 header section (`header` may go on
+/// into the body; only the part before the first empty line is read), lowercased. `None`
+/// when there is no `From:` or no address in it.
+pub fn from_address(header: &[u8]) -> Option<String> {
+    let end = header
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| header.windows(2).position(|w| w == b"\n\n"))
+        .unwrap_or(header.len());
+    let text = String::from_utf8_lossy(&header[..end]);
+    // Unfold: a line starting with white space continues the field before it.
+    let mut value: Option<String> = None;
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        match &mut value {
+            Some(v) if line.starts_with([' ', '\t']) => v.push_str(line),
+            Some(_) => break,
+            None => {
+                if let Some((name, rest)) = line.split_once(':')
+                    && name.trim_end().eq_ignore_ascii_case("from")
+                {
+                    value = Some(rest.to_string());
+                }
+            }
+        }
+    }
+    let value = strip_comments(&value?);
+    // `Name <a@b>` (a quoted name may hold '<' or ','), else the first bare address.
+    let mut in_quotes = false;
+    let mut start = None;
+    for (i, ch) in value.char_indices() {
+        match ch {
+            '"' => in_quotes = !in_quotes,
+            '<' if !in_quotes => start = Some(i + 1),
+            '>' if !in_quotes => {
+                if let Some(s) = start {
+                    let a = value[s..i].trim();
+                    return a.contains('@').then(|| a.to_lowercase());
+                }
+            }
+            ',' if !in_quotes && start.is_none() => break,
+            _ => {}
+        }
+    }
+    let first = value.split(',').next().unwrap_or("").trim();
+    let a = first.rsplit([' ', ':']).next().unwrap_or("").trim();
+    (a.contains('@') && !a.contains('"')).then(|| a.to_lowercase())
+}
+
+/// `value` without RFC 5322 comments `(...)` outside quoted strings.
+fn strip_comments(value: &str) -> String {
+    let (mut out, mut depth, mut in_quotes) = (String::new(), 0u32, false);
+    for ch in value.chars() {
+        match ch {
+            '"' if depth == 0 => {
+                in_quotes = !in_quotes;
+                out.push(ch);
+            }
+            '(' if !in_quotes => depth += 1,
+            ')' if !in_quotes && depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Something that can deliver a spooled message.
@@ -153,7 +344,7 @@ impl Transport for Unavailable {
             "the route's transport cannot be set up: {}; fix the configuration and reload (systemctl reload postern)",
             self.0
         );
-        Box::pin(async move { Outcome::Held { reason } })
+        Box::pin(async move { Outcome::held(reason) })
     }
 }
 
@@ -183,5 +374,82 @@ impl Transport for Discard {
                 recipients,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn from_address_reads_the_header_only() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (
+                b"From: Bob <Bob@Contoso.com>\r\n\r\nbody",
+                Some("bob@contoso.com"),
+            ),
+            (
+                b"Subject: x\r\nfrom:scanner@contoso.com\r\n\r\n",
+                Some("scanner@contoso.com"),
+            ),
+            (
+                b"From: \"Smith, <Bob>\" (the boss) <bob@x.test>\r\n\r\n",
+                Some("bob@x.test"),
+            ),
+            (
+                b"From:\r\n  Folded Name\r\n  <f@x.test>\r\n\r\n",
+                Some("f@x.test"),
+            ),
+            (b"From: a@x.test, b@x.test\r\n\r\n", Some("a@x.test")),
+            (b"From: a@x.test (Printer 3)\r\n\r\n", Some("a@x.test")),
+            (b"Subject: no from\r\n\r\nFrom: body@x.test\r\n", None),
+            (b"From: undisclosed\r\n\r\n", None),
+            (b"From: Bob <bob@x.test>\n\nbare LF", Some("bob@x.test")),
+            (
+                b"X-From: not@this.test\r\nFrom: this@x.test\r\n\r\n",
+                Some("this@x.test"),
+            ),
+        ];
+        for (header, want) in cases {
+            assert_eq!(
+                from_address(header).as_deref(),
+                *want,
+                "{}",
+                String::from_utf8_lossy(header)
+            );
+        }
+    }
+
+    #[test]
+    fn network_errors_in_an_admins_words() {
+        let rustls_eof = Error::new(
+            ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        );
+        assert_eq!(
+            network_error(&rustls_eof),
+            "the server closed the connection"
+        );
+        assert!(network_error(&Error::from(ErrorKind::ConnectionReset)).contains("firewall"));
+        assert!(
+            network_error(&Error::from(ErrorKind::ConnectionRefused)).contains("nothing listens")
+        );
+        let dns = Error::other("failed to lookup address information: Name or service not known");
+        assert!(network_error(&dns).contains("DNS"));
+        let ours = Error::new(ErrorKind::InvalidData, "malformed reply line \"hello\"");
+        assert_eq!(network_error(&ours), "malformed reply line \"hello\"");
+        let odd = Error::other("something odd: https://docs.rs/x");
+        assert_eq!(network_error(&odd), "something odd");
+        let tls = Error::new(
+            ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+        );
+        assert!(
+            network_error(&tls).contains("ended the TLS session"),
+            "{}",
+            network_error(&tls)
+        );
     }
 }

@@ -39,7 +39,7 @@ use crate::config::{AccountConfig, Credential};
 use crate::escape;
 use crate::secret::Secret;
 use crate::spool::RcptStatus;
-use crate::token::{Audience, TokenError, TokenSource};
+use crate::token::{AccessToken, Audience, TokenError, TokenSource};
 pub use probe::Probe;
 
 /// Longest reply line we accept. RFC 5321 says 512, but Exchange's diagnostic replies
@@ -178,6 +178,7 @@ impl SmtpTransport {
             Err(o) => return o,
         };
         let server = self.server();
+        let from = msg.from_header();
         let ctx = Context {
             server: &server,
             account: &self.account,
@@ -185,55 +186,78 @@ impl SmtpTransport {
             app_only: self.app_only,
             mailbox: &mailbox,
             sender: &sender,
+            from: from.as_deref(),
             queue_id: &env.id,
         };
-        // Open the message first: a spool problem should not cost a connection slot. The
-        // queue file holds the message's `envelope.size` bytes, then postern's trailers.
-        let size = env.size;
-        let file = match tokio::fs::File::open(&msg.message).await {
+        // Open the message first: a spool problem should not cost a connection slot.
+        let file = match open_checked(msg).await {
             Ok(f) => f,
-            Err(e) => return cannot_read(&msg.message, &e),
+            Err(o) => return o,
         };
-        match file.metadata().await {
-            Ok(m) if m.len() >= size => {}
-            Ok(m) => {
-                return Outcome::Transient {
-                    reason: format!(
-                        "queue file {} is {} bytes, shorter than the {size}-byte message its \
-                         envelope records; not sending a truncated message",
-                        msg.message.display(),
-                        m.len()
-                    ),
-                };
-            }
-            Err(e) => return cannot_read(&msg.message, &e),
-        }
         let token = match self
             .tokens
             .token(&self.account, &env.mailbox, Audience::Smtp)
             .await
         {
-            Ok(t) => t.token,
-            Err(TokenError::Transient(e)) => {
-                return Outcome::Transient {
-                    reason: format!(
-                        "no access token for {} (account {}): token endpoint temporarily unavailable: {e}",
-                        env.mailbox, self.account
-                    ),
-                };
-            }
-            Err(TokenError::Configuration(e)) => {
-                return Outcome::Held {
-                    reason: format!(
-                        "no access token for {} (account {}): {e}. {}",
-                        env.mailbox,
-                        self.account,
-                        release_hint(&env.id)
-                    ),
-                };
-            }
+            Ok(t) => t,
+            Err(e) => return self.no_token(e, env),
         };
+        let first = match self.attempt(&ctx, &token, &pending, file, msg).await {
+            Ok(o) => return o,
+            Err(f) if !f.token_refused => return f.outcome,
+            Err(f) => f.outcome,
+        };
+        // Exchange refused the token. A cached one can be refused before its scheduled refresh
+        // (revoked, or this host was suspended while Microsoft's clock went on): get a new one
+        // and try once more at once. Only a refusal of a fresh token is a hold, and `first`
+        // carries the advice for that (permissions, consent).
+        let token = match self
+            .tokens
+            .renew(&self.account, &env.mailbox, Audience::Smtp, &token)
+            .await
+        {
+            Ok(Some(t)) => t,
+            Ok(None) => return first,
+            Err(e) => return self.no_token(e, env),
+        };
+        let file = match open_checked(msg).await {
+            Ok(f) => f,
+            Err(o) => return o,
+        };
+        match self.attempt(&ctx, &token, &pending, file, msg).await {
+            Ok(o) => o,
+            Err(f) => f.outcome,
+        }
+    }
 
+    /// The outcome when no token could be had.
+    fn no_token(&self, e: TokenError, env: &crate::spool::Envelope) -> Outcome {
+        match e {
+            TokenError::Transient(e) => Outcome::Transient {
+                reason: format!(
+                    "no access token for {} (account {}): token endpoint temporarily unavailable: {e}",
+                    env.mailbox, self.account
+                ),
+            },
+            TokenError::Configuration(e) => Outcome::held(format!(
+                "no access token for {} (account {}): {e}. {}",
+                env.mailbox,
+                self.account,
+                release_hint(&env.id)
+            )),
+        }
+    }
+
+    /// One connection: connect, greeting, EHLO, STARTTLS, EHLO, AUTH, then the message.
+    async fn attempt(
+        &self,
+        ctx: &Context<'_>,
+        token: &AccessToken,
+        pending: &[(&str, String)],
+        file: tokio::fs::File,
+        msg: &Outgoing,
+    ) -> Result<Outcome, Failure> {
+        let server = ctx.server;
         let tcp = match tokio::time::timeout(
             self.timeouts.connect,
             TcpStream::connect((self.host.as_str(), self.port)),
@@ -242,49 +266,48 @@ impl SmtpTransport {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                return Outcome::Transient {
+                return Ok(Outcome::Transient {
                     reason: format!(
-                        "cannot connect to {server}: {e} (check DNS and that outbound TCP port {} is open)",
+                        "cannot connect to {server}: {} (check DNS and that outbound TCP port {} is open)",
+                        super::network_error(&e),
                         self.port
                     ),
-                };
+                });
             }
             Err(_) => {
-                return Outcome::Transient {
+                return Ok(Outcome::Transient {
                     reason: format!(
                         "cannot connect to {server}: no answer within {} (check that outbound TCP port {} is open)",
                         humantime::format_duration(self.timeouts.connect),
                         self.port
                     ),
-                };
+                });
             }
         };
         // Commands are small and we wait for each reply: Nagle would only add latency.
         let _ = tcp.set_nodelay(true);
-        let mut plain = Conn::new(tcp, server.clone(), self.timeouts);
+        let mut plain = Conn::new(tcp, server.to_string(), self.timeouts);
 
-        let tls_stream = match self.plain_phase(&mut plain, &ctx).await {
+        let tls_stream = match self.plain_phase(&mut plain, ctx).await {
             Ok(()) => match plain.into_inner() {
-                Ok(tcp) => match self.handshake(tcp, &ctx).await {
-                    Ok(s) => s,
-                    Err(o) => return o,
-                },
-                Err(o) => return o,
+                Ok(tcp) => self.handshake(tcp, ctx).await?,
+                Err(o) => return Ok(o),
             },
             Err(o) => {
                 plain.quit().await;
-                return o;
+                return Ok(o);
             }
         };
-        let mut conn = Conn::new(tls_stream, server.clone(), self.timeouts);
-        let outcome = match self
-            .tls_phase(&mut conn, &ctx, &token, &pending, file, size, msg)
-            .await
-        {
-            Ok(o) | Err(o) => o,
-        };
+        let mut conn = Conn::new(tls_stream, server.to_string(), self.timeouts);
+        let result = self
+            .tls_phase(&mut conn, ctx, &token.token, pending, file, msg)
+            .await;
         conn.quit().await;
-        outcome
+        match result {
+            Ok(o) => Ok(o),
+            Err(f) if f.token_refused => Err(f),
+            Err(f) => Ok(f.outcome),
+        }
     }
 
     /// Greeting, EHLO, STARTTLS on the plain connection.
@@ -295,19 +318,17 @@ impl SmtpTransport {
         }
         let caps = self.ehlo(c, ctx).await?;
         if !caps.starttls {
-            return Err(Outcome::Held {
-                reason: format!(
-                    "{} did not offer STARTTLS (its EHLO reply: \"{}\"), so postern did not send the \
+            return Err(Outcome::held(format!(
+                "{} did not offer STARTTLS (its EHLO reply: \"{}\"), so postern did not send the \
                      access token over an unencrypted connection. Check smtp_host and smtp_port of \
                      [account.{}] (Exchange Online: smtp.office365.com, port 587). A firewall with \
                      SMTP inspection (for example Cisco ASA \"inspect esmtp\") can remove STARTTLS: \
                      turn that inspection off for this traffic. {}",
-                    ctx.server,
-                    caps.text,
-                    self.account,
-                    release_hint(ctx.queue_id)
-                ),
-            });
+                ctx.server,
+                caps.text,
+                self.account,
+                release_hint(ctx.queue_id)
+            )));
         }
         let r = c.command("STARTTLS", Stage::StartTls).await?;
         if r.code != 220 {
@@ -340,7 +361,6 @@ impl SmtpTransport {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn tls_phase(
         &self,
         c: &mut Conn<TlsStream<TcpStream>>,
@@ -348,14 +368,13 @@ impl SmtpTransport {
         token: &Secret<String>,
         pending: &[(&str, String)],
         file: tokio::fs::File,
-        size: u64,
         msg: &Outgoing,
-    ) -> Result<Outcome, Outcome> {
+    ) -> Result<Outcome, Failure> {
         let env = &msg.envelope;
+        let size = env.size;
         let caps = self.ehlo(c, ctx).await?;
         if !caps.xoauth2 {
-            return Err(Outcome::Held {
-                reason: format!(
+            return Err(Outcome::held(format!(
                     "{} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\"), so \
                      postern did not send the access token. Check that smtp_host of [account.{}] is \
                      Exchange Online (smtp.office365.com). {}",
@@ -363,8 +382,7 @@ impl SmtpTransport {
                     caps.text,
                     self.account,
                     release_hint(ctx.queue_id)
-                ),
-            });
+                )).into());
         }
         self.auth(c, ctx, token).await?;
 
@@ -377,7 +395,8 @@ impl SmtpTransport {
                     "the message is {size} bytes and {} accepts at most {max} bytes (EHLO SIZE)",
                     ctx.server
                 ),
-            });
+            }
+            .into());
         }
         let mut mail = format!("MAIL FROM:<{}>", ctx.sender);
         if caps.size.is_some() {
@@ -393,7 +412,7 @@ impl SmtpTransport {
                         "the message needs SMTPUTF8 (internationalised addresses) and {} does not offer it",
                         ctx.server
                     ),
-                });
+                }.into());
             }
             mail.push_str(" SMTPUTF8");
         }
@@ -407,7 +426,7 @@ impl SmtpTransport {
             c.write(mail.as_bytes(), Some(mail.trim_end())).await?;
             let r = c.reply(Stage::Mail, self.timeouts.command).await?;
             if !r.is_positive() {
-                return Err(verdict(Stage::Mail, &r, ctx));
+                return Err(verdict(Stage::Mail, &r, ctx).into());
             }
             mail_unanswered = false;
         }
@@ -425,7 +444,7 @@ impl SmtpTransport {
                 mail_unanswered = false;
                 let r = c.reply(Stage::Mail, self.timeouts.command).await?;
                 if !r.is_positive() {
-                    return Err(verdict(Stage::Mail, &r, ctx));
+                    return Err(verdict(Stage::Mail, &r, ctx).into());
                 }
             }
             for (a, _) in group {
@@ -435,7 +454,7 @@ impl SmtpTransport {
                 } else {
                     match classify(Stage::Rcpt, &r, ctx) {
                         Verdict::Recipient(s) => s,
-                        Verdict::Message(o) => return Err(o),
+                        Verdict::Message(o) => return Err(with_refused(&results, o).into()),
                     }
                 };
                 results.push((a.to_string(), status, r));
@@ -460,15 +479,11 @@ impl SmtpTransport {
             });
         }
 
-        let r = c.command("DATA", Stage::Data).await?;
-        if r.code != 354 {
-            return Err(verdict(Stage::Data, &r, ctx));
-        }
-        c.send_message(file.take(size), size, &msg.message).await?;
-        let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
-        if !end.is_positive() {
-            return Err(verdict(Stage::DataEnd, &end, ctx));
-        }
+        let end = match self.data_phase(c, ctx, file, msg).await {
+            Ok(end) => end,
+            // Recipients refused at RCPT stay refused whatever happens to the message now.
+            Err(o) => return Err(with_refused(&results, o).into()),
+        };
         let end_text = end.text();
         Ok(Outcome::Sent {
             relay: ctx.server.to_string(),
@@ -488,6 +503,27 @@ impl SmtpTransport {
                 })
                 .collect(),
         })
+    }
+
+    /// DATA, the message, and the reply after it (positive, or the error's outcome).
+    async fn data_phase(
+        &self,
+        c: &mut Conn<TlsStream<TcpStream>>,
+        ctx: &Context<'_>,
+        file: tokio::fs::File,
+        msg: &Outgoing,
+    ) -> Result<Reply, Outcome> {
+        let size = msg.envelope.size;
+        let r = c.command("DATA", Stage::Data).await?;
+        if r.code != 354 {
+            return Err(verdict(Stage::Data, &r, ctx));
+        }
+        c.send_message(file.take(size), size, &msg.message).await?;
+        let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
+        if !end.is_positive() {
+            return Err(verdict(Stage::DataEnd, &end, ctx));
+        }
+        Ok(end)
     }
 
     async fn ehlo<S: AsyncRead + AsyncWrite + Unpin>(
@@ -515,7 +551,7 @@ impl SmtpTransport {
         c: &mut Conn<TlsStream<TcpStream>>,
         ctx: &Context<'_>,
         token: &Secret<String>,
-    ) -> Result<(), Outcome> {
+    ) -> Result<(), Failure> {
         let sasl = xoauth2_sasl(ctx.mailbox, token.expose());
         // The command line holds the token: build it in a buffer that is wiped on drop, and
         // log only the mechanism.
@@ -532,10 +568,77 @@ impl SmtpTransport {
             r = c.reply(Stage::Auth, self.timeouts.command).await?;
         }
         if r.code == 235 {
-            Ok(())
-        } else {
-            Err(verdict(Stage::Auth, &r, ctx))
+            return Ok(());
         }
+        // 535 5.7.3 is Exchange's answer to a token it does not take (expired, revoked, or
+        // lacking permissions); 5.5.127 says the token is about to expire. A new token may fix
+        // either; 5.7.139 and the rest are about the mailbox or the tenant, not the token.
+        let esc = r.enhanced().map(|e| (e.class, e.subject, e.detail));
+        let token_refused =
+            matches!(esc, Some((5, 7, 3)) | Some((_, 5, 127))) || (r.code == 535 && esc.is_none());
+        Err(Failure {
+            outcome: verdict(Stage::Auth, &r, ctx),
+            token_refused,
+        })
+    }
+}
+
+/// How a connection's attempt ended when it did not simply produce an outcome.
+struct Failure {
+    /// What to report if nothing else is tried.
+    outcome: Outcome,
+    /// The server refused the access token: a new one may succeed.
+    token_refused: bool,
+}
+
+impl From<Outcome> for Failure {
+    fn from(outcome: Outcome) -> Self {
+        Failure {
+            outcome,
+            token_refused: false,
+        }
+    }
+}
+
+/// `o`, or `o` with the recipients refused at RCPT so far (so they are not tried again).
+fn with_refused(results: &[(String, RcptStatus, Reply)], o: Outcome) -> Outcome {
+    let refused: Vec<RcptResult> = results
+        .iter()
+        .filter(|(_, s, _)| *s == RcptStatus::Failed)
+        .map(|(address, status, r)| RcptResult {
+            address: address.clone(),
+            status: *status,
+            reply: r.text(),
+        })
+        .collect();
+    if refused.is_empty() {
+        o
+    } else {
+        Outcome::Partial {
+            refused,
+            then: Box::new(o),
+        }
+    }
+}
+
+/// Open the queue file and check it holds the whole message (`envelope.size` bytes, then
+/// postern's trailers).
+async fn open_checked(msg: &Outgoing) -> Result<tokio::fs::File, Outcome> {
+    let size = msg.envelope.size;
+    let file = tokio::fs::File::open(&msg.message)
+        .await
+        .map_err(|e| cannot_read(&msg.message, &e))?;
+    match file.metadata().await {
+        Ok(m) if m.len() >= size => Ok(file),
+        Ok(m) => Err(Outcome::Transient {
+            reason: format!(
+                "queue file {} is {} bytes, shorter than the {size}-byte message its envelope \
+                 records; not sending a truncated message",
+                msg.message.display(),
+                m.len()
+            ),
+        }),
+        Err(e) => Err(cannot_read(&msg.message, &e)),
     }
 }
 
@@ -597,24 +700,23 @@ fn tls_failure(e: &io::Error, ctx: &Context<'_>, host: &str, account: &str) -> O
                      (the ca-certificates package)."
                 ),
             };
-            Outcome::Held {
-                reason: format!(
-                    "{server}: the TLS certificate is not trusted ({ce:?}), so postern did not send \
+            Outcome::held(format!(
+                "{server}: the TLS certificate is not trusted ({ce:?}), so postern did not send \
                      the access token. {hint} {}",
-                    release_hint(ctx.queue_id)
-                ),
-            }
+                release_hint(ctx.queue_id)
+            ))
         }
-        Some(rustls::Error::PeerIncompatible(p)) => Outcome::Held {
-            reason: format!(
-                "{server}: no common TLS version or cipher ({p:?}); postern requires TLS 1.2 or \
+        Some(rustls::Error::PeerIncompatible(p)) => Outcome::held(format!(
+            "{server}: no common TLS version or cipher ({p:?}); postern requires TLS 1.2 or \
                  later. Check smtp_host/smtp_port of [account.{account}] and any TLS-inspecting \
                  firewall. {}",
-                release_hint(ctx.queue_id)
-            ),
-        },
+            release_hint(ctx.queue_id)
+        )),
         _ => Outcome::Transient {
-            reason: format!("{server}: TLS handshake after STARTTLS failed: {e}"),
+            reason: format!(
+                "{server}: TLS handshake after STARTTLS failed: {}",
+                super::network_error(e)
+            ),
         },
     }
 }
@@ -939,7 +1041,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         .await
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.lost(format!("connection lost while sending: {e}"))),
+            Ok(Err(e)) => Err(self.lost(format!(
+                "connection lost while sending: {}",
+                super::network_error(&e)
+            ))),
             Err(_) => Err(self.lost(format!(
                 "could not send within {}",
                 humantime::format_duration(t)
@@ -976,7 +1081,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 crate::metrics::upstream_reply(&self.server, &r.text());
                 Ok(r)
             }
-            Ok(Err(e)) => Err(self.lost(format!("{e} while waiting for {what}"))),
+            Ok(Err(e)) => Err(self.lost(format!(
+                "{} while waiting for {what}",
+                super::network_error(&e)
+            ))),
             Err(_) => Err(self.lost(format!(
                 "no answer within {} while waiting for {what}",
                 humantime::format_duration(t)
@@ -1087,9 +1195,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    return Err(
-                        self.lost(format!("connection lost while sending the message: {e}"))
-                    );
+                    return Err(self.lost(format!(
+                        "connection lost while sending the message: {}",
+                        super::network_error(&e)
+                    )));
                 }
                 Err(_) => {
                     return Err(self.lost(format!(
@@ -1105,7 +1214,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         match tokio::time::timeout(t, self.io.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                return Err(self.lost(format!("connection lost while sending the message: {e}")));
+                return Err(self.lost(format!(
+                    "connection lost while sending the message: {}",
+                    super::network_error(&e)
+                )));
             }
             Err(_) => return Err(self.lost("could not finish sending the message".into())),
         }

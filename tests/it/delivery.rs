@@ -203,3 +203,126 @@ fn discard_route_accepts_and_drops_with_a_log_line() {
     );
     assert_eq!(p.wait_delivered(1, Duration::from_secs(5)).len(), 1);
 }
+
+#[test]
+fn a_manual_retry_neither_counts_as_an_attempt_nor_stretches_the_backoff() {
+    let cfg = basic_config("", "")
+        .replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#)
+        .replace(r#"retry_initial = "1s""#, r#"retry_initial = "10m""#)
+        .replace(r#"retry_max = "2s""#, r#"retry_max = "1h""#);
+    let p = Postern::start(&cfg);
+    std::fs::write(p.path("blocked"), b"x").unwrap();
+    let id = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: r\r\n\r\nx",
+    ));
+    let deferred = p.path("spool/deferred").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue_envelope(&deferred).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = queue_envelope(&deferred).expect("deferred after the first attempt");
+    assert_eq!(before["attempts"], 1);
+    let scheduled = before["next_attempt"].as_u64().unwrap();
+    // The admin retries now; it fails again.
+    let (code, out, err) = p.cli(&["queue", "retry", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.log_text().matches("event=\"deferred\"").count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        p.log_text().matches("event=\"deferred\"").count(),
+        2,
+        "{}",
+        p.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue_envelope(&deferred).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = queue_envelope(&deferred).expect("deferred again");
+    assert_eq!(
+        after["attempts"], 1,
+        "the manual retry is not an attempt: {after}"
+    );
+    assert_eq!(
+        after["next_attempt"].as_u64(),
+        Some(scheduled),
+        "the backoff is not stretched: {after}"
+    );
+    // Fixed, and retried by hand: delivered.
+    std::fs::remove_file(p.path("blocked")).unwrap();
+    let (code, _, _) = p.cli(&["queue", "retry", &id]);
+    assert_eq!(code, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.path("blocked/sub").join(format!("{id}.json")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.path("blocked/sub").join(format!("{id}.json")).exists());
+}
+
+#[test]
+fn the_rolling_recipient_window_survives_a_restart() {
+    let cfg = basic_config("", "").replace(
+        r#"dir = "delivered""#,
+        "dir = \"delivered\"\ndaily_recipients = \"2/8s\"",
+    );
+    let mut p = Postern::start(&cfg);
+    for i in 0..2 {
+        expect(
+            &send_mail(
+                p.addr(),
+                "a@example.com",
+                &["b@example.org"],
+                format!("Subject: {i}\r\n\r\nx").as_bytes(),
+            ),
+            "250",
+        );
+    }
+    assert_eq!(p.wait_delivered(2, Duration::from_secs(10)).len(), 2);
+    // The count reaches the state file within a second or so; then the host loses power.
+    let state = p.path("state/delivery.json");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let recorded = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v["mailboxes"]["a@example.com"]["sent"]
+                    .as_array()
+                    .map(|a| a.iter().map(|e| e[1].as_u64().unwrap_or(0)).sum::<u64>())
+            })
+            .unwrap_or(0)
+    };
+    while recorded() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(recorded(), 2);
+    p.kill9();
+    p.spawn();
+    let id = queued_id(&send_mail(
+        p.addr(),
+        "a@example.com",
+        &["c@example.org"],
+        b"Subject: third\r\n\r\nx",
+    ));
+    // The third waits for the window, although this daemon sent nothing yet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = String::new();
+    while !out.contains("(paced: 2 recipients/8s for a@example.com, next at ")
+        && Instant::now() < deadline
+    {
+        out = p.cli(&["queue", "list"]).1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        out.contains(&id) && out.contains("(paced: 2 recipients/8s"),
+        "{out}\n{}",
+        p.log_text()
+    );
+    assert_eq!(delivered_ids(&p.path("delivered")).len(), 2);
+    assert_eq!(p.wait_delivered(3, Duration::from_secs(15)).len(), 3);
+}

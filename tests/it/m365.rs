@@ -254,6 +254,19 @@ fn expired_secret_holds_the_mailbox_without_spending_retries_then_mail_flows_by_
         during <= 4,
         "{during} token requests in 2.5 s with hold_retry = 1s"
     );
+    // The long explanation once, when the hold started; a short line per probe since.
+    assert!(
+        count_lines(&w, "still paused, same cause") >= 1,
+        "{}",
+        w.postern.log_text()
+    );
+    assert_eq!(
+        count_lines(&w, "Certificates & secrets"),
+        1,
+        "{}",
+        w.postern.log_text()
+    );
+    assert_no_empty_mailbox_field(&w);
     let (code, out, _) = w.postern.cli(&["queue", "list"]);
     assert_eq!(code, 0);
     assert!(
@@ -442,5 +455,453 @@ fn a_refused_recipient_is_reported_to_the_sender_through_the_same_mailbox() {
     assert!(
         w.postern
             .wait_log("event=\"bounced\"", Duration::from_secs(5))
+    );
+}
+
+/// Log lines containing `needle`.
+fn count_lines(w: &World, needle: &str) -> usize {
+    w.postern
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// No log line shows an empty mailbox (app-only tokens serve every mailbox).
+fn assert_no_empty_mailbox_field(w: &World) {
+    let log = w.postern.log_text();
+    for l in log.lines() {
+        assert!(
+            !l.contains("mailbox=\"\"") && !l.contains("mailbox= ") && !l.ends_with("mailbox="),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn a_token_exchange_stops_accepting_is_replaced_and_the_mail_delivered_at_once() {
+    let w = world("");
+    expect(
+        &send_mail(
+            w.postern.addr(),
+            MAILBOX,
+            &["boss@fabrikam.com"],
+            b"Subject: before\r\n\r\nx\r\n",
+        ),
+        "250",
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 1),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    assert_eq!(w.entra.token_requests(), 1);
+    // This host was suspended for two hours: Microsoft's clocks went on, the cached token
+    // (valid for an hour) is expired for Exchange although postern's monotonic clock says not.
+    let two_hours = Duration::from_secs(7200);
+    w.exchange.update(|s| s.clock_offset = two_hours);
+    w.entra.state().clock_offset = two_hours.as_secs();
+    let t = Instant::now();
+    let id = queued_id(&send_mail(
+        w.postern.addr(),
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"Subject: after\r\n\r\nx\r\n",
+    ));
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 2),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    // Generous bound: the point is "at once, not at the store's refresh time or a hold probe".
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(w.entra.token_requests(), 2, "exactly one new token request");
+    let auths = w.exchange.auths();
+    assert_eq!(auths.len(), 3, "{auths:?}");
+    assert!(
+        auths[1]
+            .reply
+            .starts_with("535 5.7.3 Authentication unsuccessful")
+    );
+    assert!(auths[2].reply.starts_with("235"));
+    assert!(!w.postern.path("spool/hold").join(&id).exists());
+    let log = w.postern.log_text();
+    assert!(!log.contains("mailbox paused"), "{log}");
+    assert!(
+        !log.contains("New-ServicePrincipal"),
+        "no permission advice: {log}"
+    );
+    assert!(log.contains("refused a cached access token"), "{log}");
+    assert_no_empty_mailbox_field(&w);
+    assert_no_secret_in_logs(&w);
+}
+
+#[test]
+fn a_fresh_token_refused_is_held_with_the_permission_advice_logged_once() {
+    let w = world("");
+    // The service principal has no right on the mailbox: every token is refused.
+    w.exchange.update(|s| {
+        s.auth_failures.insert(
+            MAILBOX.into(),
+            crate::fake::exchange::AuthFailure::Reply(
+                "535 5.7.3 Authentication unsuccessful [SY5P282CA0097.AUSP282.PROD.OUTLOOK.COM 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]".into(),
+            ),
+        );
+    });
+    let ids: Vec<String> = (0..2)
+        .map(|i| {
+            queued_id(&send_mail(
+                w.postern.addr(),
+                MAILBOX,
+                &["boss@fabrikam.com"],
+                format!("Subject: {i}\r\n\r\nx\r\n").as_bytes(),
+            ))
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(15), || ids.iter().all(|id| w
+            .postern
+            .path("spool/hold")
+            .join(id)
+            .exists())),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let reason =
+        queue_envelope(&w.postern.path("spool/hold").join(&ids[0])).unwrap()["hold_reason"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert!(reason.contains("New-ServicePrincipal"), "{reason}");
+    // Let a few probes run (hold_retry = 1s).
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        count_lines(&w, "still paused, same cause") >= 1,
+        "probes ran: {}",
+        w.postern.log_text()
+    );
+    assert_eq!(count_lines(&w, "mailbox paused"), 1);
+    assert_eq!(
+        count_lines(&w, "New-ServicePrincipal"),
+        1,
+        "the long explanation once: {}",
+        w.postern.log_text()
+    );
+    // One token per probe at most (a fresh one), not a storm.
+    // (+1: a probe may be between its token request and its log line.)
+    let probes = count_lines(&w, "still paused, same cause") + 1;
+    assert!(
+        w.entra.token_requests() <= 2 + probes,
+        "{} token requests for {probes} probes",
+        w.entra.token_requests()
+    );
+    assert_no_empty_mailbox_field(&w);
+    // The admin grants the permission: the next probe delivers both.
+    w.exchange.update(|s| s.auth_failures.clear());
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 2),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+}
+
+#[test]
+fn a_send_as_refusal_holds_only_that_senders_mail() {
+    let w = world("mailbox = \"alice@contoso.com\"");
+    w.exchange.update(|s| {
+        s.send_as.insert(
+            "alice@contoso.com".into(),
+            vec!["shared@contoso.com".into()],
+        );
+    });
+    let send = |from: &str, rcpts: &[&str], subject: &str| {
+        queued_id(&send_mail(
+            w.postern.addr(),
+            from,
+            rcpts,
+            format!("From: {from}\r\nSubject: {subject}\r\n\r\nx\r\n").as_bytes(),
+        ))
+    };
+    let bob1 = send(
+        "bob@contoso.com",
+        &["a@fabrikam.com", "b@fabrikam.com", "c@fabrikam.com"],
+        "bob 1",
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || w
+            .postern
+            .path("spool/hold")
+            .join(&bob1)
+            .exists()),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let alice1 = send("alice@contoso.com", &["a@fabrikam.com"], "alice 1");
+    let bob2 = send("bob@contoso.com", &["a@fabrikam.com"], "bob 2");
+    let shared1 = send("shared@contoso.com", &["a@fabrikam.com"], "shared 1");
+    let alice2 = send("alice@contoso.com", &["a@fabrikam.com"], "alice 2");
+    // alice@'s and shared@'s mail flows while bob@'s waits.
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 3),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let subjects = |msgs: Vec<crate::fake::exchange::Message>| -> Vec<String> {
+        msgs.iter()
+            .map(|m| {
+                let d = String::from_utf8_lossy(&m.data).into_owned();
+                d.lines()
+                    .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let mut got = subjects(w.exchange.delivered());
+    got.sort();
+    assert_eq!(got, vec!["alice 1", "alice 2", "shared 1"]);
+    for id in [&alice1, &alice2, &shared1] {
+        assert!(!w.postern.path("spool/hold").join(id).exists());
+    }
+    assert!(w.postern.path("spool/hold").join(&bob2).exists());
+    let log = w.postern.log_text();
+    assert!(log.contains("sender paused"), "{log}");
+    assert!(!log.contains("mailbox paused"), "{log}");
+    // Probes (hold_retry 1s, doubling) use the least suspicious message: bob 2 (one
+    // recipient), never bob 1 again.
+    std::thread::sleep(Duration::from_millis(3500));
+    let refused = subjects(
+        w.exchange
+            .messages()
+            .into_iter()
+            .filter(|m| !m.accepted())
+            .collect(),
+    );
+    assert!(refused.len() >= 2, "probes ran: {refused:?}");
+    assert_eq!(refused[0], "bob 1");
+    assert!(refused[1..].iter().all(|s| s == "bob 2"), "{refused:?}");
+    // The admin grants Send As and releases one: everything of bob@ goes.
+    w.exchange.update(|s| {
+        s.send_as
+            .get_mut("alice@contoso.com")
+            .unwrap()
+            .push("bob@contoso.com".into());
+    });
+    let (code, out, err) = w.postern.cli(&["queue", "release", &bob2]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
+            == 5),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    assert!(w.postern.wait_log("works again", Duration::from_secs(5)));
+}
+
+/// `postern queue list` once it shows `needle` (the daemon writes what it shows at once, but
+/// asynchronously).
+fn queue_list_showing(w: &World, needle: &str) -> String {
+    let mut out = String::new();
+    let shown = wait_until(Duration::from_secs(5), || {
+        let (code, o, _) = w.postern.cli(&["queue", "list"]);
+        assert_eq!(code, 0);
+        out = o;
+        out.contains(needle)
+    });
+    assert!(
+        shown,
+        "{needle:?} not in:\n{out}\nlog:\n{}",
+        w.postern.log_text()
+    );
+    out
+}
+
+/// The `Subject:` of a delivered message.
+fn subject(m: &crate::fake::exchange::Message) -> String {
+    String::from_utf8_lossy(&m.data)
+        .lines()
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn thirty_messages_in_the_window_go_and_the_thirty_first_waits_its_turn() {
+    // 30 per 10 s here (30/min in production): a short window, no minute-long sleep.
+    let w = world("rate = \"30/10s\"");
+    for i in 1..=31 {
+        expect(
+            &send_mail(
+                w.postern.addr(),
+                MAILBOX,
+                &["boss@fabrikam.com"],
+                format!("Subject: scan {i}\r\n\r\npage {i}\r\n").as_bytes(),
+            ),
+            "250",
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || w.exchange.delivered().len()
+            == 30),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    // The 31st waits in the queue and says why.
+    let out = queue_list_showing(&w, "(paced: 30/10s for scanner@contoso.com, next at ");
+    assert!(out.contains("-- 1 message(s)"), "{out}");
+    assert_eq!(w.exchange.delivered().len(), 30, "nothing went early");
+    let (_, json, _) = w.postern.cli(&["queue", "list", "--json"]);
+    assert!(json.contains("\"waiting\": \"paced: 30/10s"), "{json}");
+    assert!(
+        wait_until(Duration::from_secs(20), || w.exchange.delivered().len()
+            == 31),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let order: Vec<String> = w.exchange.delivered().iter().map(subject).collect();
+    assert_eq!(order[30], "scan 31", "in order: {order:?}");
+    // Nothing failed or was retried: pacing is not an error.
+    assert!(!w.postern.log_text().contains("event=\"deferred\""));
+    assert!(w.exchange.messages().iter().all(|m| m.accepted()));
+}
+
+#[test]
+fn submission_quota_exceeded_holds_the_mailbox_until_the_window_frees() {
+    // Exchange counts 2 recipients per 4 s for the mailbox (10,000 per 24 h in production);
+    // postern's own count is higher (other systems may send as the same mailbox), so Exchange
+    // refuses first.
+    let w = world("daily_recipients = \"100/4s\"");
+    w.exchange.update(|s| {
+        s.recipient_quota = 2;
+        s.quota_window = Some(Duration::from_secs(4));
+    });
+    let send = |i: u32| {
+        queued_id(&send_mail(
+            w.postern.addr(),
+            MAILBOX,
+            &["boss@fabrikam.com"],
+            format!("Subject: report {i}\r\n\r\nx\r\n").as_bytes(),
+        ))
+    };
+    for i in 1..=2 {
+        send(i);
+        assert!(
+            wait_until(Duration::from_secs(10), || w.exchange.delivered().len()
+                == i as usize),
+            "log:\n{}",
+            w.postern.log_text()
+        );
+    }
+    let third = send(3);
+    assert!(
+        wait_until(Duration::from_secs(10), || w
+            .exchange
+            .messages()
+            .iter()
+            .any(|m| m.reply.contains("SubmissionQuotaExceeded"))),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let fourth = send(4);
+    // Both wait: the mailbox as a whole, without spending attempts, with the reason shown.
+    let out = queue_list_showing(&w, "(throttled by the upstream: ");
+    assert!(out.contains("SubmissionQuotaExceeded"), "{out}");
+    assert_eq!(
+        out.matches("(throttled by the upstream: ").count(),
+        2,
+        "both messages of the mailbox wait: {out}"
+    );
+    assert!(out.contains("-- 2 message(s)"), "{out}");
+    let env = queue_envelope(&w.postern.path("spool/deferred").join(&third)).expect("deferred");
+    assert_eq!(env["attempts"], 0, "{env}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w.exchange
+            .messages()
+            .iter()
+            .filter(|m| !m.accepted())
+            .count(),
+        1,
+        "the mailbox is not hammered while it waits"
+    );
+    // When the window frees, both go, in order, and nothing bounced.
+    assert!(
+        wait_until(Duration::from_secs(20), || w.exchange.delivered().len()
+            == 4),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let order: Vec<String> = w.exchange.delivered().iter().map(subject).collect();
+    assert_eq!(order, vec!["report 1", "report 2", "report 3", "report 4"]);
+    assert!(!w.postern.log_text().contains("event=\"failed\""));
+    assert!(!w.postern.log_text().contains("event=\"bounced\""));
+    let _ = fourth;
+}
+
+#[test]
+fn a_recipient_refused_at_rcpt_is_not_tried_again_when_the_message_is_retried() {
+    let w = world("");
+    w.exchange.update(|s| {
+        s.rcpt_replies.insert(
+            "nobody@fabrikam.com".into(),
+            crate::fake::exchange::replies::RECIPIENT_NOT_FOUND.into(),
+        );
+        s.data_end_replies.insert(
+            MAILBOX.into(),
+            crate::fake::exchange::replies::TEMPORARY.into(),
+        );
+    });
+    let id = queued_id(&send_mail(
+        w.postern.addr(),
+        MAILBOX,
+        &["boss@fabrikam.com", "nobody@fabrikam.com"],
+        b"From: scanner@contoso.com\r\nSubject: twice\r\n\r\nx\r\n",
+    ));
+    assert!(
+        wait_until(Duration::from_secs(15), || w
+            .postern
+            .path("spool/deferred")
+            .join(&id)
+            .exists()),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    w.exchange.update(|s| {
+        s.data_end_replies.clear();
+    });
+    // The retry (retry_initial 1s) goes to the good recipient only; the sender got a report
+    // about the refused one at once.
+    assert!(
+        wait_until(Duration::from_secs(15), || w
+            .exchange
+            .delivered()
+            .iter()
+            .any(|m| subject(m) == "twice")),
+        "log:\n{}",
+        w.postern.log_text()
+    );
+    let rcpt_cmds = w
+        .exchange
+        .sessions()
+        .iter()
+        .flat_map(|s| s.commands.clone())
+        .filter(|c| c.contains("RCPT TO:<nobody@fabrikam.com>"))
+        .count();
+    assert_eq!(rcpt_cmds, 1, "the refused recipient was tried once");
+    let report = w
+        .exchange
+        .delivered()
+        .into_iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+        .expect("a report to the sender");
+    assert!(
+        String::from_utf8_lossy(&report.data)
+            .contains("Final-Recipient: rfc822; nobody@fabrikam.com")
     );
 }

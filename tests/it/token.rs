@@ -528,20 +528,120 @@ async fn unreachable_endpoint_is_transient() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_secret_is_reported_before_entra_says_so() {
+async fn a_past_secret_expires_is_a_warning_and_entra_decides() {
+    // secret_expires is read as 00:00 UTC of that day; the real secret lives until later.
     let fake = FakeEntra::start();
     let dir = tempfile::tempdir().unwrap();
     let mut a = account(&fake, secret(SecretStyle::Body));
     a.credential = Credential::ClientSecret {
         secret: SecretSource::Inline(Secret::new(fe::SECRET.into())),
         style: SecretStyle::Body,
-        expires: Some(now_secs() - 86_400),
+        expires: Some(now_secs() - 3600),
     };
-    let s = store(dir.path(), vec![a], fast());
-    let m = config_error(s.token("contoso", "", Audience::Smtp).await.unwrap_err());
-    assert!(m.meaning.contains("client secret expired"), "{m}");
-    assert_eq!(fake.token_requests(), 0);
-    assert!(s.expiry_warnings()[0].contains("expired"));
+    let mut old = a.clone();
+    old.name = "old".into();
+    old.credential = Credential::ClientSecret {
+        secret: SecretSource::Inline(Secret::new(fe::SECRET.into())),
+        style: SecretStyle::Body,
+        expires: Some(now_secs() - 3 * 86_400),
+    };
+    let s = store(dir.path(), vec![a, old], fast());
+    s.token("contoso", "", Audience::Smtp)
+        .await
+        .expect("Entra still accepts the secret, so mail flows");
+    assert_eq!(fake.token_requests(), 1);
+    let w = s.expiry_warnings();
+    assert!(
+        w.iter()
+            .any(|l| l.starts_with("account contoso: the client secret expires today")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(
+            |l| l.starts_with("account old: the client secret expired on")
+                && l.contains("until Entra refuses it (AADSTS7000222)")
+        ),
+        "{w:?}"
+    );
+    // When Entra does refuse it, that is the configuration error.
+    fake.state().broken = Some(Scripted::aadsts(7000222));
+    let m = config_error(s.refresh_now("old", "", Audience::Smtp).await.unwrap_err());
+    assert_eq!(m.code, Some(7000222));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_replaced_once_for_all_who_report_it() {
+    let fake = FakeEntra::start();
+    fake.state().delay = Duration::from_millis(200);
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(
+        dir.path(),
+        vec![account(&fake, secret(SecretStyle::Body))],
+        fast(),
+    );
+    let first = s
+        .token("contoso", "a@contoso.com", Audience::Smtp)
+        .await
+        .unwrap();
+    assert_eq!(fake.token_requests(), 1);
+    // Twenty deliveries had the cached token refused at once: one new request between them.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (s, first) = (s.clone(), first.clone());
+        tasks.push(tokio::spawn(async move {
+            s.renew(
+                "contoso",
+                &format!("m{i}@contoso.com"),
+                Audience::Smtp,
+                &first,
+            )
+            .await
+        }));
+    }
+    let mut renewed = std::collections::HashSet::new();
+    for t in tasks {
+        let t = t.await.unwrap().unwrap().expect("a replacement");
+        renewed.insert(t.token.expose().clone());
+    }
+    assert_eq!(fake.token_requests(), 2, "no stampede");
+    assert_eq!(renewed.len(), 1);
+    let second = s.token("contoso", "", Audience::Smtp).await.unwrap();
+    assert!(
+        renewed.contains(second.token.expose()),
+        "the replacement is cached"
+    );
+    assert_ne!(second.token, first.token);
+    // The replacement is refused too: a fresh token is not the problem, permissions are.
+    assert!(
+        s.renew("contoso", "", Audience::Smtp, &second)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.renew("contoso", "x@contoso.com", Audience::Smtp, &second)
+            .await
+            .unwrap()
+            .is_none(),
+        "a late report of the same refusal gets the same answer"
+    );
+    assert_eq!(fake.token_requests(), 2, "no request for a verdict");
+    // The next delivery (the hold's probe) gets a new token, which again counts as fresh.
+    let third = s.token("contoso", "", Audience::Smtp).await.unwrap();
+    assert_eq!(fake.token_requests(), 3);
+    assert!(
+        s.renew("contoso", "", Audience::Smtp, &third)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(fake.token_requests(), 3);
+    // App-only lines do not name an empty mailbox.
+    let log = log_text();
+    assert!(
+        !log.contains("mailbox=\"\"") && !log.contains("mailbox= ") && !log.contains("mailbox=\n"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,18 +12,21 @@ use postern::secret::Secret;
 use postern::spool::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient};
 use postern::token::{AccessToken, Audience, TokenError, TokenSource};
 use postern::upstream::smtp::{SmtpTransport, Timeouts};
-use postern::upstream::{BoxFuture, Outcome, Outgoing, RcptResult, Transport};
+use postern::upstream::{BoxFuture, HoldScope, Outcome, Outgoing, RcptResult, Transport};
 
 use crate::fake::exchange::{AuthFailure, FakeExchange, Script, replies};
 
 const MAILBOX: &str = "printer@contoso.com";
 const TOKEN: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.fake-token-for-printer";
 
-/// Tokens per mailbox, or an error; counts calls.
+/// Tokens per mailbox, or an error; counts calls. `renewal`, when set, is what `renew`
+/// hands out (once) after a refusal.
 #[derive(Default)]
 struct Tokens {
     map: Mutex<HashMap<String, Result<String, TokenError>>>,
     calls: Mutex<Vec<(String, String, Audience)>>,
+    renewal: Mutex<Option<String>>,
+    renewed: Mutex<Vec<String>>,
 }
 
 impl Tokens {
@@ -62,6 +65,25 @@ impl TokenSource for Tokens {
                     "script one in the test".into(),
                 )),
             }
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        _account: &'a str,
+        _mailbox: &'a str,
+        _audience: Audience,
+        refused: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<Option<AccessToken>, TokenError>> {
+        Box::pin(async move {
+            self.renewed
+                .lock()
+                .unwrap()
+                .push(refused.token.expose().clone());
+            Ok(self.renewal.lock().unwrap().take().map(|t| AccessToken {
+                token: Secret::new(t),
+                expires_at: u64::MAX,
+            }))
         })
     }
 }
@@ -177,8 +199,15 @@ fn assert_no_secret(o: &Outcome) {
 fn held(o: &Outcome) -> &str {
     assert_no_secret(o);
     match o {
-        Outcome::Held { reason } => reason,
+        Outcome::Held { reason, .. } => reason,
         other => panic!("expected Held, got {other:?}"),
+    }
+}
+
+fn throttled(o: &Outcome) -> &str {
+    match o {
+        Outcome::Throttled { reason, .. } => reason,
+        other => panic!("expected Throttled, got {other:?}"),
     }
 }
 
@@ -521,10 +550,37 @@ async fn bad_ca_file_fails_construction() {
 }
 
 #[tokio::test]
+async fn a_refused_token_is_renewed_and_the_message_sent_at_once() {
+    let fake = Script::new().token(MAILBOX, "the-new-token").start();
+    let tokens = Tokens::with(MAILBOX, Ok(TOKEN));
+    *tokens.renewal.lock().unwrap() = Some("the-new-token".into());
+    let t = transport(&fake, tokens.clone());
+    sent(&t.send(&simple(&["a@example.org"]).out).await);
+    assert_eq!(*tokens.renewed.lock().unwrap(), vec![TOKEN.to_string()]);
+    let auths = fake.auths();
+    assert_eq!(auths.len(), 2, "refused once, then the new token");
+    assert!(auths[0].reply.starts_with("535 5.7.3"), "{auths:?}");
+    assert!(auths[1].reply.starts_with("235"), "{auths:?}");
+    assert_eq!(fake.delivered().len(), 1);
+}
+
+#[tokio::test]
 async fn rejected_token_is_held_with_the_service_principal_fix() {
+    // The source has nothing newer (the refused token was fresh): hold with the advice.
     let fake = Script::new().token(MAILBOX, "another-token").start();
-    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let tokens = Tokens::with(MAILBOX, Ok(TOKEN));
+    let t = transport(&fake, tokens.clone());
     let o = t.send(&simple(&["a@example.org"]).out).await;
+    assert_eq!(
+        tokens.renewed.lock().unwrap().len(),
+        1,
+        "asked for a new one"
+    );
+    assert_eq!(
+        fake.auths().len(),
+        1,
+        "no second sign-in without a new token"
+    );
     let reason = held(&o);
     assert!(
         reason.contains(
@@ -610,6 +666,14 @@ async fn send_as_denied_after_data_is_held() {
         b"From: Scanner <scanner@contoso.com>\r\n\r\nscan\r\n",
     );
     let o = t.send(&m.out).await;
+    let Outcome::Held { scope, .. } = &o else {
+        panic!("{o:?}")
+    };
+    assert_eq!(
+        *scope,
+        HoldScope::Sender("scanner@contoso.com".into()),
+        "only this sender's mail is held"
+    );
     let reason = held(&o);
     assert!(
         reason.contains("554 5.2.252 SendAsDenied; printer@contoso.com not allowed to send as scanner@contoso.com;"),
@@ -653,14 +717,14 @@ async fn replies_during_sending_are_classified() {
         Case {
             stage: "mail",
             reply: replies::THROTTLED_SEND_AS,
-            kind: "held",
+            kind: "throttled",
             advice: "prolongs",
         },
         Case {
             stage: "data",
             reply: replies::QUOTA,
-            kind: "transient",
-            advice: "10,000 recipients",
+            kind: "throttled",
+            advice: "10,000, rolling",
         },
         Case {
             stage: "data",
@@ -728,6 +792,7 @@ async fn replies_during_sending_are_classified() {
         let reason = match c.kind {
             "held" => held(&o),
             "transient" => transient(&o),
+            "throttled" => throttled(&o),
             _ => permanent(&o),
         };
         assert!(reason.contains(c.reply), "{}: {reason}", c.reply);
@@ -747,7 +812,7 @@ async fn old_tls_complaint_is_held() {
 }
 
 #[tokio::test]
-async fn sender_quota_is_transient_once_used_up() {
+async fn sender_quota_throttles_the_mailbox_once_used_up() {
     let mut script = fake();
     script.recipient_quota = 2;
     let fake = script.start();
@@ -757,7 +822,47 @@ async fn sender_quota_is_transient_once_used_up() {
             .await,
     );
     let o = t.send(&simple(&["c@example.org"]).out).await;
-    assert!(transient(&o).contains(replies::QUOTA));
+    assert!(throttled(&o).contains(replies::QUOTA));
+    assert!(
+        matches!(o, Outcome::Throttled { wait: None, .. }),
+        "waits for the recipient window: {o:?}"
+    );
+}
+
+#[tokio::test]
+async fn recipients_refused_at_rcpt_stay_refused_when_the_message_then_fails() {
+    let fake = fake()
+        .rcpt_reply("nobody@example.org", replies::RECIPIENT_NOT_FOUND)
+        .data_end_reply(MAILBOX, replies::TEMPORARY)
+        .start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let o = t
+        .send(&simple(&["a@example.org", "nobody@example.org"]).out)
+        .await;
+    let Outcome::Partial { refused, then } = o else {
+        panic!("{o:?}")
+    };
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].address, "nobody@example.org");
+    assert_eq!(refused[0].status, RcptStatus::Failed);
+    assert!(refused[0].reply.contains("5.1.10"));
+    assert!(transient(&then).contains(replies::TEMPORARY));
+}
+
+#[tokio::test]
+async fn a_connection_cut_after_tls_is_told_in_plain_words() {
+    let mut script = fake();
+    script.drop_after_tls = true;
+    let fake = script.start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let reason = transient(&t.send(&simple(&["a@example.org"]).out).await).to_string();
+    assert!(
+        reason.contains("the server closed the connection while waiting for the reply to EHLO"),
+        "{reason}"
+    );
+    for jargon in ["close_notify", "docs.rs", "http", "peer"] {
+        assert!(!reason.contains(jargon), "{jargon} in {reason}");
+    }
 }
 
 #[tokio::test]

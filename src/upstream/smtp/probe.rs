@@ -28,6 +28,7 @@ impl SmtpTransport {
             app_only: self.app_only,
             mailbox,
             sender: mailbox,
+            from: None,
             queue_id: "ID",
         };
         let token = match self
@@ -37,9 +38,7 @@ impl SmtpTransport {
         {
             Ok(t) => t.token,
             Err(e) => {
-                return Err(Outcome::Held {
-                    reason: format!("no access token for {mailbox}: {e}"),
-                });
+                return Err(Outcome::held(format!("no access token for {mailbox}: {e}")));
             }
         };
         let tcp = match tokio::time::timeout(
@@ -73,14 +72,12 @@ impl SmtpTransport {
         let result = async {
             let caps = self.ehlo(&mut c, &ctx).await?;
             if !caps.xoauth2 {
-                return Err(Outcome::Held {
-                    reason: format!(
-                        "{server} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\")",
-                        caps.text
-                    ),
-                });
+                return Err(Outcome::held(format!(
+                    "{server} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\")",
+                    caps.text
+                )));
             }
-            self.auth(&mut c, &ctx, &token).await
+            self.auth(&mut c, &ctx, &token).await.map_err(|f| f.outcome)
         }
         .await;
         c.quit().await;

@@ -218,6 +218,10 @@ pub struct State {
     pub apps: HashMap<String, App>,
     /// `expires_in` of issued access tokens.
     pub lifetime: u64,
+    /// Seconds Microsoft's clock is ahead of this host's: issued tokens' `iat`/`nbf`/`exp`
+    /// use it (move it together with the fake Exchange's `clock_offset`, as when this host
+    /// was suspended).
+    pub clock_offset: u64,
     /// The next token requests fail with these, in order.
     pub script: VecDeque<Scripted>,
     /// Every token request fails with this until cleared.
@@ -327,6 +331,7 @@ impl FakeEntra {
             base: base.clone(),
             apps,
             lifetime: 3599,
+            clock_offset: 0,
             script: VecDeque::new(),
             broken: None,
             delay: Duration::ZERO,
@@ -591,7 +596,7 @@ fn access_token(
     delegated: Option<(&str, &[String])>,
 ) -> String {
     let n = st.next();
-    let t = now();
+    let t = now() + st.clock_offset;
     let mut claims = json!({
         "aud": resource,
         "iss": format!("https://sts.windows.net/{TENANT_ID}/"),

@@ -135,6 +135,9 @@ pub struct Script {
     pub error_challenge: bool,
     /// Reply to the post-TLS EHLO instead of the capability list (a `421` closes).
     pub ehlo_after_tls: Option<String>,
+    /// Drop the connection right after the TLS handshake, without a TLS close_notify (as a
+    /// middlebox that cuts connections does).
+    pub drop_after_tls: bool,
     /// Reply to MAIL FROM per mailbox.
     pub mail_replies: HashMap<String, String>,
     /// Reply to RCPT TO per recipient.
@@ -147,6 +150,12 @@ pub struct Script {
     pub max_concurrent: usize,
     /// Recipients per mailbox before 554 5.2.0 (Exchange: 10,000 per 24 h).
     pub recipient_quota: usize,
+    /// The rolling window of `recipient_quota` (`None`: recipients count forever).
+    pub quota_window: Option<Duration>,
+    /// How far Exchange's clock is ahead of this host's: a token whose `exp` claim is behind
+    /// Exchange's clock gets `535 5.7.3 Authentication unsuccessful` (§3.4, §9 row 1), as
+    /// when this host was suspended while the token aged.
+    pub clock_offset: Duration,
     /// Advertised SIZE.
     pub max_size: u64,
 }
@@ -164,12 +173,15 @@ impl Default for Script {
             auth_failures: HashMap::new(),
             error_challenge: false,
             ehlo_after_tls: None,
+            drop_after_tls: false,
             mail_replies: HashMap::new(),
             rcpt_replies: HashMap::new(),
             data_end_replies: HashMap::new(),
             send_as: HashMap::new(),
             max_concurrent: 3,
             recipient_quota: 10_000,
+            quota_window: None,
+            clock_offset: Duration::ZERO,
             max_size: 157_286_400,
         }
     }
@@ -290,7 +302,8 @@ pub struct Session {
 struct State {
     sessions: Vec<Session>,
     active: HashMap<String, usize>,
-    recipients_sent: HashMap<String, usize>,
+    /// Recipients accepted per mailbox, with when.
+    recipients_sent: HashMap<String, Vec<(std::time::Instant, usize)>>,
 }
 
 struct Shared {
@@ -526,6 +539,10 @@ async fn serve(
             return;
         };
         conn.record(|s| s.tls = true);
+        if conn.script().drop_after_tls {
+            drop(tls);
+            return;
+        }
         let mut secure = BufReader::new(tls);
         dialogue(&mut secure, &mut conn, true).await;
         let _ = secure.shutdown().await;
@@ -694,6 +711,8 @@ async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
         unsuccessful.clone()
     } else if let Some(f) = script.auth_failures.get(&user.to_lowercase()) {
         f.line(&diag(script))
+    } else if expired(&token, script.clock_offset) {
+        unsuccessful.clone()
     } else if script.tokens.get(&user.to_lowercase()) == Some(&token)
         || script
             .token_check
@@ -735,6 +754,25 @@ async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
         conn.mailbox = Some(m);
     }
     Some(reply)
+}
+
+/// The token is a JWT whose `exp` is not after Exchange's clock (this host's plus `offset`).
+fn expired(token: &str, offset: Duration) -> bool {
+    let exp = token
+        .split('.')
+        .nth(1)
+        .and_then(|c| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+        })
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+        .and_then(|c| c["exp"].as_u64());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        + offset;
+    exp.is_some_and(|e| e <= now.as_secs())
 }
 
 /// `user=U^Aauth=Bearer T^A^A` → (U, T).
@@ -842,10 +880,15 @@ async fn data<S: AsyncRead + AsyncWrite + Unpin>(
     let mailbox = conn.mailbox.clone().unwrap_or_default();
     let (mail_from, mail_params) = conn.mail.take().unwrap_or_default();
     let rcpt_to = std::mem::take(&mut conn.rcpts);
-    let sent_so_far = lock(&conn.shared.state)
+    let sent_so_far: usize = lock(&conn.shared.state)
         .recipients_sent
         .get(&mailbox)
-        .copied()
+        .map(|v| {
+            v.iter()
+                .filter(|(t, _)| script.quota_window.is_none_or(|w| t.elapsed() < w))
+                .map(|(_, n)| n)
+                .sum()
+        })
         .unwrap_or(0);
     let from = from_header(&content).unwrap_or_else(|| mail_from.clone());
     let may_send_as = from.eq_ignore_ascii_case(&mailbox)
@@ -873,10 +916,11 @@ async fn data<S: AsyncRead + AsyncWrite + Unpin>(
         )
     };
     if reply.starts_with('2') {
-        *lock(&conn.shared.state)
+        lock(&conn.shared.state)
             .recipients_sent
             .entry(mailbox.clone())
-            .or_default() += rcpt_to.len();
+            .or_default()
+            .push((std::time::Instant::now(), rcpt_to.len()));
     }
     let msg = Message {
         mailbox,
