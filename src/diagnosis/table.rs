@@ -379,7 +379,7 @@ pub static TABLE: &[Entry] = &[
             "Another system (a second postern, a scanner sending directly) sends as {mailbox} at the same time",
         ],
         fix: &[all(
-            "Set per_mailbox_concurrency = 3 (or lower) in [delivery], and make sure no other system sends as {mailbox} at the same time",
+            "postern will retry. Set per_mailbox_concurrency = 3 (or lower) in [delivery], and make sure no other system sends as {mailbox} at the same time",
         )],
         postern: RETRY,
     },
@@ -388,12 +388,12 @@ pub static TABLE: &[Entry] = &[
         rows: &[15],
         title: "The mailbox sent to more than 10,000 recipients in 24 hours (554 5.2.0)",
         signs: &[st((5, 2, 0), "SubmissionQuotaExceeded")],
-        meaning: "{mailbox} has sent to more than 10,000 recipients in the last 24 hours, Exchange Online's rolling limit per mailbox.",
+        meaning: "{mailbox} has sent to more than its recipient limit in the last 24 hours (Exchange Online: 10,000, rolling, per mailbox).",
         causes: &["A burst of mail from one device or app through one mailbox"],
         fix: &[
             all("Wait: the limit frees gradually over up to 24 hours"),
             all(
-                "If it recurs, spread the senders over several mailboxes (one route per group of senders)",
+                "If it recurs, lower daily_recipients of the route (other systems may send as {mailbox} too) or spread the senders over several mailboxes (one route per group of senders)",
             ),
         ],
         postern: WAIT,
@@ -1185,7 +1185,7 @@ pub static TABLE: &[Entry] = &[
         title: "postern cannot connect to the server",
         signs: &[
             Phrase("cannot connect to"),
-            Phrase("connection refused"),
+            Phrase("connection refused (nothing listens"),
             Phrase("cannot be resolved"),
         ],
         meaning: "The TCP connection to the upstream failed.",

@@ -129,7 +129,7 @@ const ROWS: &[(u8, &str, &str, &[&str])] = &[
         15,
         "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
         "smtp.quota",
-        &["10,000 recipients", "24 hours"],
+        &["10,000, rolling", "24 hours", "daily_recipients"],
     ),
     (
         16,
