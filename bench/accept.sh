@@ -5,8 +5,9 @@
 #   For each cell (message size 2 KB and 100 KB) x (1 and 10 concurrent SMTP clients),
 #   MSGS messages (default 5000) are sent with Postfix's `smtp-source` (one message per
 #   connection, as legacy devices do) to
-#     - postern (target/release/postern; transport = "discard" like Postfix's, or "file"
-#       with PX_TRANSPORT=file) on 127.0.0.1:$PX_PORT, and
+#     - postern (target/benchmark/postern: release code with symbols and line tables, for
+#       profilers; transport = "discard" like Postfix's, or "file" with PX_TRANSPORT=file) on
+#       127.0.0.1:$PX_PORT, and
 #     - Postfix (a relay with its normal durable queue; default_transport = discard)
 #       on 127.0.0.1:$PF_PORT,
 #   alternating the two servers within each cell for ROUNDS rounds (odd rounds postern
@@ -29,7 +30,7 @@
 #   after the timed cells so it does not disturb them (PROFILE=0 skips it).
 #
 # HOW TO RUN (as root: it installs packages and runs Postfix)
-#   cargo build --release            # once; the script builds it if the binary is missing
+#   cargo build --profile benchmark  # once; the script builds it if the binary is missing
 #   bench/accept.sh                  # full run: 5000 msgs/cell, 3 rounds (~10-20 min)
 #   QUICK=1 bench/accept.sh          # development: 500 msgs/cell, 1 round
 #   Knobs (env): MSGS, ROUNDS, CEIL_SECS, BENCH_DIR (scratch, default /tmp/bench/accept),
@@ -56,7 +57,7 @@ else
   MSGS=${MSGS:-5000}; ROUNDS=${ROUNDS:-3}; CEIL_SECS=${CEIL_SECS:-3}
 fi
 BENCH_DIR=${BENCH_DIR:-/tmp/bench/accept}
-POSTERN_BIN=${POSTERN_BIN:-$REPO/target/release/postern}
+POSTERN_BIN=${POSTERN_BIN:-$REPO/target/benchmark/postern}
 PX_PORT=${PX_PORT:-2526}
 PF_PORT=${PF_PORT:-2527}
 PROFILE=${PROFILE:-1}
@@ -117,8 +118,8 @@ if ((${#need_pkgs[@]})); then
 fi
 export PATH=$PATH:/usr/sbin
 if [[ ! -x $POSTERN_BIN ]]; then
-  log "building postern (cargo build --release)"
-  (cd "$REPO" && cargo build --release)
+  log "building postern (cargo build --profile benchmark)"
+  (cd "$REPO" && cargo build --profile benchmark)
 fi
 [[ -x $POSTERN_BIN ]] || die "no postern binary at $POSTERN_BIN"
 

@@ -45,7 +45,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Control(#[from] control::ControlError),
     /// A listener could not be bound.
-    #[error("listener \"{name}\": cannot listen on {address}: {source}")]
+    #[error(
+        "listener \"{name}\": cannot listen on {address}: {source}{}",
+        bind_advice(source, address)
+    )]
     Bind {
         /// Listener name.
         name: String,
@@ -64,13 +67,64 @@ pub enum DaemonError {
     },
 }
 
+/// What to do about a bind error the operator meets on a fresh install.
+fn bind_advice(e: &std::io::Error, addr: &SocketAddr) -> String {
+    let port = addr.port();
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => format!(
+            "; another program already listens on port {port} (often another mail server: \
+             Postfix, Exim, sendmail). `ss -ltnp 'sport = :{port}'` shows which; stop it, or give \
+             this listener another address or port"
+        ),
+        Some(libc::EACCES) if port < 1024 => {
+            "; ports below 1024 need root or the CAP_NET_BIND_SERVICE capability: the systemd \
+             unit grants it (AmbientCapabilities=CAP_NET_BIND_SERVICE); by hand, \
+             `setcap cap_net_bind_service=+ep $(command -v postern)`, or use a port above 1023 \
+             such as 2525"
+                .into()
+        }
+        Some(libc::EADDRNOTAVAIL) => format!(
+            "; no network interface of this machine has the address {}: listen on an address \
+             that `ip -brief address` shows, or on 0.0.0.0",
+            addr.ip()
+        ),
+        Some(libc::EAFNOSUPPORT) => {
+            "; IPv6 is disabled on this machine: remove this listener or enable IPv6".into()
+        }
+        _ => String::new(),
+    }
+}
+
+static JSON_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Print the ready lines on standard output as JSON objects (with `--log-format json`), so a
+/// JSON log has no plain lines.
+pub fn set_json_stdout(on: bool) {
+    JSON_STDOUT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A line on standard output for scripts and tests: `postern: listening on NAME ADDR` and
+/// `postern: ready`, or the same as JSON.
+fn announce(listener: Option<(&str, SocketAddr)>) {
+    let json = JSON_STDOUT.load(std::sync::atomic::Ordering::Relaxed);
+    match (listener, json) {
+        (Some((name, addr)), false) => println!("postern: listening on {name} {addr}"),
+        (Some((name, addr)), true) => println!(
+            "{}",
+            serde_json::json!({"event": "listening", "listener": name, "address": addr.to_string()})
+        ),
+        (None, false) => println!("postern: ready"),
+        (None, true) => println!("{}", serde_json::json!({"event": "ready"})),
+    }
+}
+
 /// Live listeners of one configuration generation.
 struct Listeners {
     stop: CancellationToken,
     /// Listening sockets by their bound address (reused by a reload).
     sockets: HashMap<SocketAddr, std::net::TcpListener>,
-    /// Bound address of each configured listener, in config order.
-    bound: Vec<SocketAddr>,
+    /// Name and bound address of each listener that listens, in config order.
+    bound: Vec<(String, SocketAddr)>,
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -80,12 +134,14 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     crate::trust::prepare_serve(&config)?;
     let spool = Spool::open_exclusive(&config.spool_dir)?;
     spool.set_min_free(config.limits.min_free_disk);
+    spool.set_message_memory(config.limits.message_memory);
     let r = spool.recover()?;
     info!(
         spool = %config.spool_dir.display(),
         drafts_removed = r.drafts_removed,
         restored = r.restored,
         delivered_removed = r.delivered_removed,
+        duplicates_removed = r.duplicates_removed,
         requeued = r.requeued,
         quarantined = r.quarantined,
         "spool recovered"
@@ -132,10 +188,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         config.limits.auth_max_failures,
         config.limits.auth_lockout,
     ));
-    let limiter = Arc::new(ConnLimiter::new(
-        config.limits.max_connections,
-        config.limits.max_connections_per_ip,
-    ));
+    let limiter = Arc::new(ConnLimiter::from_limits(&config.limits));
     let shared = Shared {
         spool: spool.clone(),
         shutdown: shutdown.clone(),
@@ -144,19 +197,21 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         limiter,
         live: live.clone(),
     };
-    live.expect_listeners(config.listeners.len());
     let admin_task = start_admin(&config, &spool, config_rx, &live, &shutdown)?;
     let mut live_listeners = shared.start_listeners(&config, &HashMap::new())?;
-    for (l, addr) in config.listeners.iter().zip(&live_listeners.bound) {
+    // Listeners skipped for want of IPv6 are not expected to run.
+    live.expect_listeners(live_listeners.bound.len());
+    for (name, addr) in &live_listeners.bound {
         // The ready lines on stdout are how scripts and tests learn the bound ports.
-        println!("postern: listening on {} {}", l.name, addr);
+        announce(Some((name, *addr)));
     }
     if let Some((addr, _)) = &admin_task {
-        println!("postern: listening on [admin] {addr}");
+        announce(Some(("[admin]", *addr)));
     }
-    println!("postern: ready");
+    announce(None);
     live.set_ready();
     sd_notify("READY=1");
+    let mut watchdog = watchdog_interval().map(tokio::time::interval);
     info!(config = %config.source, "postern started");
 
     let mut current = config;
@@ -173,6 +228,19 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     };
     loop {
         tokio::select! {
+            // Alive means: this loop turns, and the forwarder has not died.
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(w) => { w.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            }, if watchdog.is_some() => {
+                if !forwarder.is_finished() {
+                    sd_notify("WATCHDOG=1");
+                } else {
+                    error!("the forwarder has stopped; not pinging the watchdog, so systemd restarts postern");
+                }
+            }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
@@ -191,15 +259,16 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                         match shared.start_listeners(&new, &live_listeners.sockets) {
                             Ok(l) => {
                                 live_listeners.stop.cancel();
+                                live.expect_listeners(l.bound.len());
                                 live_listeners = l;
-                                live.expect_listeners(new.listeners.len());
                                 crate::metrics::configure(&new);
                                 if new.admin.as_ref().map(|a| a.address) != current.admin.as_ref().map(|a| a.address) {
                                     warn!("[admin] address changed; that takes a restart");
                                 }
                                 let _ = config_tx.send(new.clone());
                                 spool.set_min_free(new.limits.min_free_disk);
-                                shared.limiter.set_limits(new.limits.max_connections, new.limits.max_connections_per_ip);
+                                spool.set_message_memory(new.limits.message_memory);
+                                shared.limiter.set_limits(&new.limits);
                                 shared.auth_guard.set_limits(new.limits.auth_max_failures, new.limits.auth_lockout);
                                 tokens.1.cancel();
                                 tokens = start_tokens(&new, &shutdown);
@@ -288,6 +357,7 @@ impl Shared {
         let mut sockets = HashMap::new();
         let mut bound = Vec::new();
         let mut prepared = Vec::new();
+        let mut skipped = None;
         for l in &config.listeners {
             let tls = match &l.tls_files {
                 Some(files) if l.tls != crate::config::TlsMode::None => {
@@ -306,13 +376,27 @@ impl Shared {
             // Port 0 means "any free port": never reuse for it.
             let std_sock = match old.get(&l.address).filter(|_| l.address.port() != 0) {
                 Some(s) => s.try_clone().map_err(bind_err)?,
-                None => bind(l.address).map_err(bind_err)?,
+                None => match bind(l.address) {
+                    Ok(s) => s,
+                    // A host (or container) without IPv6 cannot listen on [::1] or [::]: the
+                    // packaged configuration listens on both 127.0.0.1 and [::1], and must
+                    // start there too. Any other listener failing is fatal.
+                    Err(e) if ipv6_unavailable(&e, l.address) => {
+                        warn!(listener = %l.name, address = %l.address, error = %e, "IPv6 is not available on this machine; this listener is skipped");
+                        skipped.get_or_insert(bind_err(e));
+                        continue;
+                    }
+                    Err(e) => return Err(bind_err(e)),
+                },
             };
             let addr = std_sock.local_addr().map_err(bind_err)?;
             let clone = std_sock.try_clone().map_err(bind_err)?;
             sockets.insert(addr, std_sock);
-            bound.push(addr);
+            bound.push((l.name.clone(), addr));
             prepared.push((l.clone(), tls, clone));
+        }
+        if let (true, Some(e)) = (prepared.is_empty(), skipped) {
+            return Err(e);
         }
         for (l, tls, sock) in prepared {
             let tcp =
@@ -344,6 +428,15 @@ impl Shared {
             bound,
         })
     }
+}
+
+/// The error of binding an IPv6 address on a machine where IPv6 is off.
+fn ipv6_unavailable(e: &std::io::Error, addr: SocketAddr) -> bool {
+    addr.is_ipv6()
+        && matches!(
+            e.raw_os_error(),
+            Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+        )
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -399,12 +492,30 @@ async fn test_stop_forwarder() {
 
 /// Tell systemd (Type=notify) about our state; a no-op outside systemd.
 fn sd_notify(state: &str) {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let path = std::path::PathBuf::from(path);
-        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
-            let _ = sock.send_to(state.as_bytes(), &path);
-        }
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    // "@name" is a socket in the abstract namespace.
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    if let (Ok(sock), Ok(addr)) = (std::os::unix::net::UnixDatagram::unbound(), addr) {
+        let _ = sock.send_to_addr(state.as_bytes(), &addr);
     }
+}
+
+/// Half the watchdog timeout systemd gave us (WatchdogSec=), if it is meant for this process.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Each connection costs a descriptor; raise the soft limit to the hard one (as Postfix

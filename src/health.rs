@@ -16,16 +16,12 @@ pub fn check(config: &Config) -> Result<String, String> {
         return healthz(admin.address, config);
     }
     let path = crate::control::socket_path(&config.spool_dir);
-    match std::os::unix::net::UnixStream::connect(&path) {
-        Ok(_) => Ok(format!(
-            "the daemon answers on {} (add an [admin] listener for a deeper check)",
+    crate::control::ping(&path).map(|()| {
+        format!(
+            "the daemon answers on {} (an [admin] listener makes this check its listeners and forwarder too)",
             path.display()
-        )),
-        Err(e) => Err(format!(
-            "no daemon answers on {}: {e} (is postern running with this configuration?)",
-            path.display()
-        )),
-    }
+        )
+    })
 }
 
 /// GET /healthz on the admin listener.

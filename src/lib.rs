@@ -29,6 +29,8 @@
 //! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
+//! - [`sendmail`]: `postern sendmail` / the `sendmail` command: submits a message from standard
+//!   input to the running daemon over SMTP, with sendmail's options.
 //! - [`trust`]: who may touch postern's files: the start-up checks of `serve` and `check`.
 //! - [`address`]: the envelope address type: parsed once, written back in RFC 5321 form.
 //! - [`escape`]: client and upstream text made safe to print (controls, bidi).
@@ -48,6 +50,7 @@ pub mod health;
 pub mod maillog;
 pub mod metrics;
 pub mod secret;
+pub mod sendmail;
 pub mod smtp;
 pub mod spool;
 pub mod status;

@@ -85,6 +85,11 @@ pub fn released(id: &str) {
     info!(target: "postern::maillog", event = "released", queue_id = id, "released");
 }
 
+/// A message was queued for immediate delivery by the admin (`postern queue retry`).
+pub fn retried(id: &str) {
+    info!(target: "postern::maillog", event = "retried", queue_id = id, "retry requested");
+}
+
 /// A message failed permanently or outlived its lifetime.
 pub fn failed(id: &str, mailbox: &str, reason: &str) {
     warn!(target: "postern::maillog", event = "failed", queue_id = id, mailbox, reason, "failed");

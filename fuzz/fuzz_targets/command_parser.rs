@@ -2,66 +2,39 @@
 //! and every reply must be a well-formed SMTP reply.
 #![no_main]
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use postern::config::{
-    AddressPattern, AuthMode, BareLfPolicy, Config, DeliveryConfig, GlobalLimits, ListenerConfig,
-    RouteConfig, TlsMode, TransportConfig,
-};
+use postern::config::Config;
 use postern::smtp::command;
 use postern::smtp::data::DataOutcome;
 use postern::smtp::reply::Reply;
 use postern::smtp::session::{AuthResult, Finish, Session, SessionParams, Step};
 
-fn config() -> Config {
-    let listener = ListenerConfig {
-        name: "fuzz".into(),
-        address: "127.0.0.1:2525".parse().unwrap(),
-        tls: TlsMode::StartTls,
-        tls_files: None,
-        auth: AuthMode::Optional,
-        allow_networks: vec!["0.0.0.0/0".parse().unwrap()],
-        max_message_size: 1000,
-        max_recipients: 5,
-        command_timeout: Duration::from_secs(300),
-        data_timeout: Duration::from_secs(300),
-        session_timeout: Duration::from_secs(3600),
-        max_errors: 10,
-        bare_lf: BareLfPolicy::Normalize,
-    };
-    Config {
-        source: "fuzz.toml".into(),
-        hostname: "mx.fuzz".into(),
-        spool_dir: "/nonexistent".into(),
-        state_dir: "/nonexistent".into(),
-        limits: GlobalLimits {
-            max_connections: 10,
-            max_connections_per_ip: 10,
-            min_free_disk: 0,
-            auth_max_failures: 5,
-            auth_lockout: Duration::from_secs(600),
-        },
-        listeners: vec![listener],
-        users: vec![],
-        routes: vec![RouteConfig {
-            name: "r".into(),
-            senders: vec![AddressPattern::parse("*@example.com").unwrap()],
-            mailbox: None,
-            transport: TransportConfig::File {
-                dir: "/nonexistent".into(),
-            },
-        }],
-        delivery: DeliveryConfig {
-            max_concurrency: 1,
-            per_mailbox_concurrency: 1,
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(1),
-            max_lifetime: Duration::from_secs(1),
-            shutdown_grace: Duration::from_secs(1),
-        },
-    }
+/// Tables after `postern_fuzz`'s common top.
+const CONFIG: &str = r#"
+[listener.fuzz]
+address = "127.0.0.1:2525"
+auth = "optional"
+allow_networks = ["127.0.0.0/8"]
+max_message_size = 1000
+max_recipients = 5
+
+[user.scanner]
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$cG9zdGVybi10ZXN0LXNhbHQ$vQHoBfYySye3Ul3+1wE9tIiPw+P/TYI5Er0b+aERM6c"
+may_send_as = ["*@example.com"]
+
+[route.r]
+senders = ["*@example.com"]
+transport = "file"
+dir = "/nonexistent"
+"#;
+
+fn config() -> Arc<Config> {
+    static CONFIG_ONCE: OnceLock<Arc<Config>> = OnceLock::new();
+    CONFIG_ONCE
+        .get_or_init(|| Arc::new(postern_fuzz::config(CONFIG)))
+        .clone()
 }
 
 fn check(r: &Reply) {
@@ -83,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = config();
     let mut s = Session::new(SessionParams {
         listener: cfg.listeners[0].clone(),
-        config: Arc::new(cfg),
+        config: cfg,
         client: "127.0.0.1:1".parse().unwrap(),
         tls_active: false,
         starttls: true,

@@ -31,9 +31,11 @@ impl Config {
         writeln!(o, "state_dir:      {}", self.state_dir.display())?;
         writeln!(
             o,
-            "limits:         {} connections, {} per client address; AUTH lockout after {} failures for {}; {}",
+            "limits:         {} connections, {} per client address ({} before login where auth is required); {} of memory for messages being received; AUTH lockout after {} failures for {}; {}",
             l.max_connections,
             l.max_connections_per_ip,
+            l.max_unauthenticated_per_ip,
+            size(l.message_memory),
             l.auth_max_failures,
             dur(l.auth_lockout),
             if l.min_free_disk == 0 {
@@ -243,9 +245,14 @@ fn write_listener(o: &mut String, l: &ListenerConfig) -> std::fmt::Result {
     )?;
     writeln!(
         o,
-        "  timeouts:       command {}, data {}, session {}",
+        "  timeouts:       command {}, data {} (at least {}), session {}",
         dur(l.command_timeout),
         dur(l.data_timeout),
+        if l.min_data_rate == 0 {
+            "any rate".to_owned()
+        } else {
+            format!("{} bytes/s", l.min_data_rate)
+        },
         dur(l.session_timeout)
     )?;
     let bare_lf = match l.bare_lf {

@@ -6,6 +6,8 @@
 //! - `error.rs`: [`ConfigError`]/[`ConfigErrors`], collected so one run reports every mistake,
 //!   each as `file:line:column: key: what is wrong; what to write`.
 //! - `describe.rs`: [`Config::describe`] and [`Config::warnings`] for `postern check`.
+//! - `env.rs`: the `POSTERN_*` environment variables of a container turned into the TOML they
+//!   stand for and validated like a file, errors naming the variable.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use ipnet::IpNet;
 
 mod address;
 mod describe;
+pub mod env;
 mod error;
 pub mod pacing;
 mod raw;
@@ -25,7 +28,7 @@ pub mod validate;
 pub use address::AddressPattern;
 pub use error::{ConfigError, ConfigErrors};
 pub use pacing::{Pacing, Rate};
-pub use validate::{EMBEDDED_SOURCE, load_default, load_file, load_str};
+pub use validate::{EMBEDDED_SOURCE, load_default, load_default_in, load_file, load_str};
 
 /// The embedded default configuration used when no config file exists.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -73,6 +76,11 @@ pub struct GlobalLimits {
     pub max_connections: usize,
     /// Maximum simultaneous SMTP connections from one client IP address.
     pub max_connections_per_ip: usize,
+    /// Maximum simultaneous connections from one client IP address that have not logged in
+    /// yet, on listeners with `auth = "required"`.
+    pub max_unauthenticated_per_ip: usize,
+    /// Memory all messages being received may buffer together; beyond it bodies go to disk.
+    pub message_memory: u64,
     /// Refuse new messages (452 4.3.1) when the spool's filesystem has less free space than this.
     pub min_free_disk: u64,
     /// Failed AUTH attempts per client address before AUTH is refused for `auth_lockout`.
@@ -151,10 +159,13 @@ pub struct ListenerConfig {
     pub max_message_size: u64,
     /// Most recipients per message.
     pub max_recipients: usize,
-    /// Longest time to wait for one command line.
+    /// Longest time one whole command line may take to arrive.
     pub command_timeout: Duration,
-    /// Longest time to wait for more DATA/BDAT bytes.
+    /// Longest time to wait for more DATA/BDAT bytes (the transfer's time budget).
     pub data_timeout: Duration,
+    /// Slowest average DATA/BDAT rate in bytes per second that keeps the time budget from
+    /// running out (0: only `data_timeout` applies).
+    pub min_data_rate: u64,
     /// Longest time a whole connection may last.
     pub session_timeout: Duration,
     /// Protocol errors tolerated before the connection is closed with 421.

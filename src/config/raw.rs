@@ -45,6 +45,8 @@ pub(crate) const ADMIN_KEYS: &[&str] = &[
 pub(crate) const LIMITS_KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_ip",
+    "max_unauthenticated_per_ip",
+    "message_memory",
     "min_free_disk",
     "auth_max_failures",
     "auth_lockout",
@@ -72,6 +74,7 @@ pub(crate) const LISTENER_KEYS: &[&str] = &[
     "max_recipients",
     "command_timeout",
     "data_timeout",
+    "min_data_rate",
     "session_timeout",
     "max_errors",
     "bare_lf",
@@ -173,6 +176,8 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawLimits {
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub max_unauthenticated_per_ip: Option<Spanned<i64>>,
+    pub message_memory: Option<Spanned<RawSize>>,
     pub min_free_disk: Option<Spanned<RawSize>>,
     pub auth_max_failures: Option<Spanned<i64>>,
     pub auth_lockout: Option<Spanned<String>>,
@@ -207,6 +212,7 @@ pub(crate) struct RawListener {
     pub max_recipients: Option<Spanned<i64>>,
     pub command_timeout: Option<Spanned<String>>,
     pub data_timeout: Option<Spanned<String>>,
+    pub min_data_rate: Option<Spanned<RawSize>>,
     pub session_timeout: Option<Spanned<String>>,
     pub max_errors: Option<Spanned<i64>>,
     pub bare_lf: Option<Spanned<String>>,
@@ -375,6 +381,10 @@ fn limits(c: &mut Collector<'_>, t: &DeTable<'_>) -> RawLimits {
         match key {
             "max_connections" => r.max_connections = integer(c, &path, v, "200"),
             "max_connections_per_ip" => r.max_connections_per_ip = integer(c, &path, v, "20"),
+            "max_unauthenticated_per_ip" => {
+                r.max_unauthenticated_per_ip = integer(c, &path, v, "5")
+            }
+            "message_memory" => r.message_memory = size(c, &path, v, "\"64 MiB\""),
             "min_free_disk" => r.min_free_disk = size(c, &path, v, "\"100 MB\""),
             "auth_max_failures" => r.auth_max_failures = integer(c, &path, v, "5"),
             "auth_lockout" => r.auth_lockout = duration(c, &path, v, "\"15m\""),
@@ -451,6 +461,7 @@ fn listener(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) 
             "max_recipients" => r.max_recipients = integer(c, p, v, "100"),
             "command_timeout" => r.command_timeout = duration(c, p, v, "\"5m\""),
             "data_timeout" => r.data_timeout = duration(c, p, v, "\"5m\""),
+            "min_data_rate" => r.min_data_rate = size(c, p, v, "500"),
             "session_timeout" => r.session_timeout = duration(c, p, v, "\"30m\""),
             "max_errors" => r.max_errors = integer(c, p, v, "10"),
             "bare_lf" => r.bare_lf = string(c, p, v, "write one of \"normalize\", \"reject\""),

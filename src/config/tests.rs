@@ -451,6 +451,7 @@ max_message_size = 1000
 max_recipients = 1
 command_timeout = "1s"
 data_timeout = "1s"
+min_data_rate = 1
 session_timeout = "1s"
 max_errors = 1
 bare_lf = "reject"
@@ -486,7 +487,7 @@ dir = "d"
     assert_eq!(c.hostname, "relay.example.com");
     assert_eq!(c.listeners[0].bare_lf, BareLfPolicy::Reject);
     // tls_cert, tls_key and tls_min_version are covered by the TLS tests above.
-    assert_eq!(LISTENER_KEYS.len(), 14);
+    assert_eq!(LISTENER_KEYS.len(), 15);
 }
 
 #[test]

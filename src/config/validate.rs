@@ -41,7 +41,7 @@ pub const EMBEDDED_SOURCE: &str = "<embedded default>";
 /// file's directory, so `postern -c /etc/postern/postern.toml` behaves the same from any cwd.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
-    let text = fs::read_to_string(path).map_err(|e| {
+    let bytes = fs::read(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: file.clone(),
             line: None,
@@ -52,7 +52,37 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
             ),
         }])
     })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| ConfigErrors(vec![not_utf8(&file, e.as_bytes(), e.utf8_error())]))?;
     load(&text, &file, &parent_dir(path))
+}
+
+/// A file that is not UTF-8 (TOML must be): where the first bad byte is, and how to fix it.
+fn not_utf8(file: &str, bytes: &[u8], e: std::str::Utf8Error) -> ConfigError {
+    let good = &bytes[..e.valid_up_to()];
+    let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+    // The valid prefix of the line is UTF-8: count its characters.
+    let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+    let bad = bytes.get(e.valid_up_to()).copied().unwrap_or(0);
+    let message = if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+        "the file is UTF-16 text, but the configuration must be UTF-8; save it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`)".to_owned()
+    } else if e.error_len().is_none() {
+        format!(
+            "the file is not UTF-8 text: it ends in the middle of a character (byte 0x{bad:02X}); save it as UTF-8"
+        )
+    } else {
+        format!(
+            "the file is not UTF-8 text: byte 0x{bad:02X} here is not valid UTF-8 (the editor probably saved it as Latin-1 or Windows-1252); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
+    };
+    ConfigError {
+        file: file.to_owned(),
+        line: Some(line),
+        column: Some(column),
+        key: String::new(),
+        message,
+    }
 }
 
 /// Parse and validate configuration `text`; `source` names it in errors.
@@ -71,6 +101,12 @@ pub fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors> {
 /// Load the embedded default configuration ([`super::EMBEDDED_DEFAULT`]).
 pub fn load_default() -> Result<Config, ConfigErrors> {
     load_str(super::EMBEDDED_DEFAULT, EMBEDDED_SOURCE)
+}
+
+/// The embedded default with its relative paths resolved against `dir` (the directory its
+/// daemon was started in) instead of the current one.
+pub fn load_default_in(dir: &Path) -> Result<Config, ConfigErrors> {
+    load(super::EMBEDDED_DEFAULT, EMBEDDED_SOURCE, dir)
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -106,6 +142,11 @@ mod defaults {
     pub const STATE_DIR: &str = "/var/lib/postern";
     pub const MAX_CONNECTIONS: usize = 200;
     pub const MAX_CONNECTIONS_PER_IP: usize = 20;
+    /// A client logs in within a few hundred milliseconds of connecting; five at once from one
+    /// address is plenty for a NAT gateway of devices, and keeps a flood that never logs in
+    /// from taking every slot.
+    pub const MAX_UNAUTHENTICATED_PER_IP: usize = 5;
+    pub const MESSAGE_MEMORY: u64 = crate::spool::DEFAULT_MESSAGE_MEMORY;
     pub const MIN_FREE_DISK: u64 = 100_000_000;
     pub const AUTH_MAX_FAILURES: u32 = 5;
     pub const AUTH_LOCKOUT: Duration = Duration::from_secs(15 * 60);
@@ -123,6 +164,8 @@ mod defaults {
     pub const MAX_RECIPIENTS: usize = 100;
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
     pub const DATA_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+    /// Postfix's smtpd_min_data_rate.
+    pub const MIN_DATA_RATE: u64 = 500;
     pub const SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
     pub const MAX_ERRORS: u32 = 10;
 }
@@ -299,6 +342,18 @@ impl Checker<'_, '_> {
                 "limits.max_connections_per_ip",
                 r.max_connections_per_ip,
                 defaults::MAX_CONNECTIONS_PER_IP,
+            ),
+            max_unauthenticated_per_ip: self.count(
+                "limits.max_unauthenticated_per_ip",
+                r.max_unauthenticated_per_ip,
+                defaults::MAX_UNAUTHENTICATED_PER_IP,
+            ),
+            // 0 is allowed: every body then goes straight to disk.
+            message_memory: self.size(
+                "limits.message_memory",
+                r.message_memory,
+                defaults::MESSAGE_MEMORY,
+                true,
             ),
             // 0 is allowed here: it turns the free-space check off.
             min_free_disk: self.size(
@@ -531,6 +586,13 @@ impl Checker<'_, '_> {
                 defaults::DATA_TIMEOUT,
                 false,
             ),
+            // 0 is allowed: only data_timeout applies.
+            min_data_rate: self.size(
+                &k("min_data_rate"),
+                r.min_data_rate,
+                defaults::MIN_DATA_RATE,
+                true,
+            ),
             session_timeout: self.duration(
                 &k("session_timeout"),
                 r.session_timeout.as_ref(),
@@ -603,11 +665,27 @@ impl Checker<'_, '_> {
             )?,
             None => TlsMinVersion::Tls12,
         };
-        Some(TlsFiles {
+        let files = TlsFiles {
             cert: cert?,
             key: key?,
             min_version,
-        })
+        };
+        // Both files are readable PEM: build the TLS configuration exactly as `serve` will, so
+        // `check` refuses what start-up would (a key of another certificate, an unsupported
+        // key type).
+        if let (Err(e), Some(key_raw), Some(cert_raw)) = (
+            crate::smtp::tls::server_config(&files),
+            &r.tls_key,
+            &r.tls_cert,
+        ) {
+            let cert_line = line_of(self.text, cert_raw.span().start);
+            self.c.at(
+                &key_raw.span(),
+                &format!("{table}.tls_key"),
+                tls_pair_error(&e, &files, cert_line),
+            );
+        }
+        Some(files)
     }
 
     /// Checks that need the whole listener plus the user list.
@@ -1161,6 +1239,24 @@ fn check_password_hash(hash: &str) -> Result<(), String> {
         return Err("the PHC string has no salt or hash part (was it cut short?)".to_owned());
     }
     Ok(())
+}
+
+/// Why a certificate and key that each parse cannot serve together, and what to do.
+fn tls_pair_error(e: &crate::smtp::tls::TlsError, files: &TlsFiles, cert_line: usize) -> String {
+    use crate::smtp::tls::TlsError;
+    let (cert, key) = (files.cert.display(), files.key.display());
+    match e {
+        TlsError::Config {
+            source: rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch),
+            ..
+        } => format!(
+            "the private key in \"{key}\" does not belong to the certificate in \"{cert}\" (tls_cert, line {cert_line}), so postern could not start TLS; write the key that was created with this certificate (certbot: privkey.pem beside fullchain.pem), or the certificate issued for this key (`openssl x509 -noout -pubkey -in CERT` and `openssl pkey -pubout -in KEY` print the same public key for a matching pair)"
+        ),
+        TlsError::Config { source, .. } => format!(
+            "the certificate in \"{cert}\" (tls_cert, line {cert_line}) and the private key in \"{key}\" cannot be used together ({source}), so postern could not start TLS; write an RSA, ECDSA or Ed25519 key in PEM with its certificate"
+        ),
+        other => format!("{other}; so postern could not start TLS"),
+    }
 }
 
 /// The file exists, is readable by us, and holds what it should, so a bad path is reported

@@ -2,19 +2,21 @@
 //!
 //! Passwords are never logged; decoded credentials live in [`Zeroizing`] buffers and are wiped
 //! when dropped. An unknown user still costs one argon2 verification (against a dummy hash
-//! with the same parameters as the configured users), so user names cannot be probed by
-//! timing.
+//! with the most expensive parameters among the configured users), so user names cannot be
+//! probed by timing. Few checks run at once ([`AuthGuard::check`]), so a crowd of clients
+//! sending wrong passwords costs time, not memory.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, PasswordHash};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -72,66 +74,143 @@ pub fn decode_plain(b64: &str) -> Result<Credentials, SaslError> {
     })
 }
 
-/// Check a password against the configured users. Slow on purpose (argon2): run it on a
-/// blocking thread. Unknown users cost the same as known ones.
-pub fn verify_password(config: &Config, user: &str, password: &[u8]) -> bool {
+/// Argon2 working memory for one check (1 KiB blocks), kept and reused: see
+/// [`AuthGuard::check`].
+pub type Memory = Vec<Block>;
+
+/// Check a password against the configured users, computing in `memory` (grown to the hash's
+/// memory cost if smaller). Slow on purpose (argon2): run it on a blocking thread, through
+/// [`AuthGuard::check`] so that few run at once. Unknown users cost as much as the most
+/// expensive known one.
+pub fn verify_password(config: &Config, user: &str, password: &[u8], memory: &mut Memory) -> bool {
     let Some(u) = config.user(user) else {
-        dummy_verify(config, password);
+        dummy_verify(config, password, memory);
         return false;
     };
     match PasswordHash::new(&u.password_hash) {
-        Ok(hash) => Argon2::default().verify_password(password, &hash).is_ok(),
+        Ok(hash) => verify_hash(&hash, password, memory),
         Err(e) => {
             tracing::warn!(user = %u.name, error = %e, "password_hash of user is not a valid argon2 PHC string");
-            dummy_verify(config, password);
+            dummy_verify(config, password, memory);
             false
         }
     }
 }
 
-/// Verify against a dummy hash with the parameters of the first configured user, so an
-/// unknown user name takes as long as a known one.
-fn dummy_verify(config: &Config, password: &[u8]) {
-    static DUMMY: Mutex<Option<(String, String)>> = Mutex::new(None);
-    let params = config
+/// What argon2's `verify_password` does, in caller-provided memory instead of a fresh
+/// allocation per check (which the C allocator keeps per thread after it is freed: with
+/// allocations of 19 MiB, 200 checks queued one after the other still grew RSS to 669 MB).
+fn verify_hash(hash: &PasswordHash<'_>, password: &[u8], memory: &mut Memory) -> bool {
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (Algorithm::try_from(hash.algorithm), Params::try_from(hash))
+    else {
+        return false;
+    };
+    let version = match hash.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let computed = argon2_in(
+        algorithm,
+        version,
+        params,
+        password,
+        salt,
+        expected.len(),
+        memory,
+    );
+    // `Output`'s equality is constant-time.
+    computed.is_some_and(|c| c == *expected)
+}
+
+/// Argon2 of `password` in `memory`, with an output of `len` bytes.
+fn argon2_in(
+    algorithm: Algorithm,
+    version: Version,
+    params: Params,
+    password: &[u8],
+    salt: &[u8],
+    len: usize,
+    memory: &mut Memory,
+) -> Option<Output> {
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let argon = Argon2::new(algorithm, version, params);
+    let out = Output::init_with(len, |out| {
+        argon
+            .hash_password_into_with_memory(password, salt, out, &mut memory[..blocks])
+            .map_err(Into::into)
+    });
+    // What the blocks hold is derived from the password: do not leave it lying around.
+    memory[..blocks].fill(Block::default());
+    out.ok()
+}
+
+/// The most expensive argon2 parameters among the configured users (memory × passes, then
+/// lanes), or argon2's defaults without users. A dummy check with them takes at least as long
+/// as any real one, so a fast "535" never tells that a name is unknown.
+fn dummy_params(config: &Config) -> Params {
+    config
         .users
         .iter()
-        .find_map(|u| {
+        .filter_map(|u| {
             let h = PasswordHash::new(&u.password_hash).ok()?;
             Params::try_from(&h).ok()
         })
-        .unwrap_or_default();
-    let key = format!(
-        "{}/{}/{}",
-        params.m_cost(),
-        params.t_cost(),
-        params.p_cost()
+        .max_by_key(|p| {
+            (
+                u64::from(p.m_cost()) * u64::from(p.t_cost()),
+                p.p_cost(),
+                p.output_len(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// The work of a check against [`dummy_params`], so an unknown user name takes as long as the
+/// slowest known one. (Computing the hash is the cost; comparing it with nothing costs nothing.)
+fn dummy_verify(config: &Config, password: &[u8], memory: &mut Memory) {
+    let params = dummy_params(config);
+    let len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    let _ = argon2_in(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        params,
+        password,
+        b"postern-dummy-salt",
+        len,
+        memory,
     );
-    let cached = DUMMY.lock().ok().and_then(|g| {
-        g.as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, h)| h.clone())
-    });
-    let phc = match cached {
-        Some(h) => h,
-        None => {
-            let Ok(salt) = SaltString::encode_b64(b"postern-dummy-salt") else {
-                return;
-            };
-            let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-            let Ok(h) = argon.hash_password(b"postern-dummy-password", &salt) else {
-                return;
-            };
-            let h = h.to_string();
-            if let Ok(mut g) = DUMMY.lock() {
-                *g = Some((key, h.clone()));
-            }
-            h
-        }
-    };
-    if let Ok(hash) = PasswordHash::new(&phc) {
-        let _ = Argon2::default().verify_password(password, &hash);
-    }
+}
+
+/// Password checks that may run at once, over all listeners. Each needs its hash's memory
+/// cost (19 MiB with `postern hash-password`'s parameters): without a bound, 200 clients
+/// sending one wrong password each took 3.5 GB. One per core (so checks never queue behind
+/// each other for CPU), and no more than four even on a big machine. Each slot keeps its
+/// memory for the next check, so the checks never hold more than slots × the largest cost.
+fn check_slots() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// Why a password could not be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckError {
+    /// No check slot came free before the deadline (`454 4.7.0`, try again).
+    Busy,
+    /// The blocking task failed (panicked).
+    Failed,
 }
 
 /// What the guard says after a failed attempt.
@@ -165,6 +244,10 @@ const PRUNE_AT: usize = 4096;
 pub struct AuthGuard {
     table: Mutex<HashMap<IpAddr, Entry>>,
     limits: Mutex<(u32, Duration)>,
+    /// Permits to run an argon2 check (see [`check_slots`]).
+    checks: Arc<Semaphore>,
+    /// Working memory of the checks, one per slot, reused (see [`verify_hash`]).
+    memory: Arc<Mutex<Vec<Memory>>>,
 }
 
 impl AuthGuard {
@@ -173,7 +256,43 @@ impl AuthGuard {
         Self {
             table: Mutex::new(HashMap::new()),
             limits: Mutex::new((max_failures, lockout)),
+            checks: Arc::new(Semaphore::new(check_slots())),
+            memory: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// Check `creds` against `config`'s users on a blocking thread, once one of the few check
+    /// slots is free. Clients queue here holding nothing but their place in line; one still
+    /// waiting at `deadline` gets [`CheckError::Busy`].
+    pub async fn check(
+        &self,
+        config: Arc<Config>,
+        creds: Credentials,
+        deadline: Instant,
+    ) -> Result<bool, CheckError> {
+        let permit =
+            match tokio::time::timeout_at(deadline, self.checks.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) | Err(_) => return Err(CheckError::Busy),
+            };
+        let pool = self.memory.clone();
+        // The blocking task gives back the memory, then the slot, even if this client is gone
+        // by then: at most one buffer per slot ever exists.
+        tokio::task::spawn_blocking(move || {
+            let mut memory = pool
+                .lock()
+                .ok()
+                .and_then(|mut p| p.pop())
+                .unwrap_or_default();
+            let ok = verify_password(&config, &creds.user, &creds.password, &mut memory);
+            if let Ok(mut p) = pool.lock() {
+                p.push(memory);
+            }
+            drop(permit);
+            ok
+        })
+        .await
+        .map_err(|_| CheckError::Failed)
     }
 
     /// A guard from `config.limits`.
@@ -287,12 +406,124 @@ mod tests {
     #[test]
     fn argon2_verification() {
         let cfg = config_with_users(vec![user("scanner", "right", &["*"])]);
-        assert!(verify_password(&cfg, "scanner", b"right"));
-        assert!(!verify_password(&cfg, "scanner", b"wrong"));
-        assert!(!verify_password(&cfg, "nobody", b"right"));
+        let mut m = Memory::new();
+        assert!(verify_password(&cfg, "scanner", b"right", &mut m));
+        assert!(!verify_password(&cfg, "scanner", b"wrong", &mut m));
+        assert!(!verify_password(&cfg, "nobody", b"right", &mut m));
         let mut bad = cfg.clone();
         bad.users[0].password_hash = "not-a-hash".into();
-        assert!(!verify_password(&bad, "scanner", b"right"));
+        assert!(!verify_password(&bad, "scanner", b"right", &mut m));
+        // The same answers as the argon2 crate's own verifier, for every variant and version
+        // `postern hash-password` or another tool may have written.
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
+        let salt = SaltString::encode_b64(b"some-salt-bytes").unwrap();
+        for alg in [Algorithm::Argon2id, Algorithm::Argon2i, Algorithm::Argon2d] {
+            for ver in [Version::V0x10, Version::V0x13] {
+                let params = Params::new(64, 2, 2, Some(24)).unwrap();
+                let phc = Argon2::new(alg, ver, params)
+                    .hash_password(b"pw", &salt)
+                    .unwrap()
+                    .to_string();
+                let hash = PasswordHash::new(&phc).unwrap();
+                for pw in [&b"pw"[..], b"px", b""] {
+                    assert_eq!(
+                        verify_hash(&hash, pw, &mut m),
+                        Argon2::default().verify_password(pw, &hash).is_ok(),
+                        "{phc} {pw:?}"
+                    );
+                }
+            }
+        }
+        // The memory grew to the largest cost seen and was wiped after use.
+        assert!(m.len() >= 64);
+        assert!(m.iter().all(|b| b.as_ref().iter().all(|&x| x == 0)));
+    }
+
+    /// A PHC string with these parameters (the hash bytes are never checked here).
+    fn phc(m: u32, t: u32, p: u32) -> String {
+        format!(
+            "$argon2id$v=19$m={m},t={t},p={p}$cG9zdGVybi10ZXN0LXNhbHQ$vQHoBfYySye3Ul3+1wE9tIiPw+P/TYI5Er0b+aERM6c"
+        )
+    }
+
+    #[test]
+    fn unknown_users_cost_as_much_as_the_most_expensive_user() {
+        let mut cfg = config_with_users(vec![
+            user("cheap", "a", &["*"]),
+            user("default", "b", &["*"]),
+            user("heavy", "c", &["*"]),
+            user("wide", "d", &["*"]),
+        ]);
+        // The first user is the cheapest (the old dummy copied its parameters): the dummy
+        // must take the heaviest, by memory × passes, not the first or the widest.
+        cfg.users[0].password_hash = phc(8, 1, 1);
+        cfg.users[1].password_hash = phc(19456, 2, 1);
+        cfg.users[2].password_hash = phc(65536, 3, 4);
+        cfg.users[3].password_hash = phc(32768, 1, 8);
+        let p = dummy_params(&cfg);
+        assert_eq!((p.m_cost(), p.t_cost(), p.p_cost()), (65536, 3, 4));
+        // Whatever the file order.
+        cfg.users.reverse();
+        let p = dummy_params(&cfg);
+        assert_eq!((p.m_cost(), p.t_cost(), p.p_cost()), (65536, 3, 4));
+        // No users: argon2's defaults (what `postern hash-password` uses).
+        let p = dummy_params(&config_with_users(vec![]));
+        let d = Params::default();
+        assert_eq!(
+            (p.m_cost(), p.t_cost(), p.p_cost()),
+            (d.m_cost(), d.t_cost(), d.p_cost())
+        );
+    }
+
+    #[tokio::test]
+    async fn checks_wait_for_a_free_slot_without_running() {
+        let cfg = Arc::new(config_with_users(vec![user("scanner", "right", &["*"])]));
+        let g = AuthGuard::new(5, Duration::from_secs(600));
+        assert!(g.checks.available_permits() >= 1);
+        let creds = |pw: &[u8]| Credentials {
+            user: "scanner".into(),
+            password: Zeroizing::new(pw.to_vec()),
+        };
+        let soon = || Instant::now() + Duration::from_millis(200);
+        assert_eq!(
+            g.check(cfg.clone(), creds(b"right"), soon()).await,
+            Ok(true)
+        );
+        assert_eq!(
+            g.check(cfg.clone(), creds(b"wrong"), soon()).await,
+            Ok(false)
+        );
+        // Every slot busy: a client waits, then gives up at its deadline.
+        let held = g
+            .checks
+            .clone()
+            .acquire_many_owned(g.checks.available_permits() as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            g.check(cfg.clone(), creds(b"right"), soon()).await,
+            Err(CheckError::Busy)
+        );
+        // A slot comes free while it waits: it runs.
+        let waiting = tokio::spawn({
+            let g = Arc::new(g);
+            let cfg = cfg.clone();
+            async move {
+                let r = g
+                    .check(
+                        cfg,
+                        creds(b"right"),
+                        Instant::now() + Duration::from_secs(30),
+                    )
+                    .await;
+                (r, g.checks.available_permits())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        let (r, free) = waiting.await.unwrap();
+        assert_eq!(r, Ok(true));
+        assert_eq!(free, check_slots(), "every slot given back");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,8 @@
 //! Drives a [`Session`] over any `AsyncRead + AsyncWrite` stream: line framing with a length
-//! cap, per-command / DATA / whole-session timeouts, the error budget, pipelining, the
-//! STARTTLS upgrade, AUTH checks off the async threads, streaming bodies into the spool, and
-//! `421` on shutdown. How a connection ended is a [`ConnEnd`], logged once.
+//! cap, a deadline per command line, a time budget with a minimum rate for DATA/BDAT, the
+//! whole-session deadline, the error budget, pipelining, the STARTTLS upgrade, AUTH checks off
+//! the async threads, streaming bodies into the spool, and `421` on shutdown or when the
+//! connection limiter takes the slot back. How a connection ended is a [`ConnEnd`], logged once.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,11 +21,11 @@ use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::maillog;
 use crate::spool::SpoolError;
 
-use super::auth::{self, AuthGuard, Credentials};
+use super::auth::{AuthGuard, CheckError, Credentials};
 use super::command::{self, Command};
 use super::data::{BdatDecoder, DataDecoder, DataOutcome};
 use super::reply::Reply;
-use super::server::ConnLimiter;
+use super::server::{ConnLimiter, Slot};
 use super::session::{AuthResult, Finish, Session, SessionParams, Step};
 use super::{MessageDraft, MessageSink};
 
@@ -78,6 +79,8 @@ pub enum ConnEnd {
     Denied,
     /// Over the connection limits (`421 4.7.0`).
     TooManyConnections,
+    /// Closed to make room for a client with fewer connections (`421 4.7.0`).
+    Evicted,
     /// An HTTP request or header instead of SMTP.
     NonSmtp,
     /// A socket error.
@@ -95,6 +98,7 @@ impl fmt::Display for ConnEnd {
             Self::TlsFailed(e) => write!(f, "TLS handshake failed: {e}"),
             Self::Denied => f.write_str("denied by allow_networks"),
             Self::TooManyConnections => f.write_str("too many connections"),
+            Self::Evicted => f.write_str("evicted at the connection limit"),
             Self::NonSmtp => f.write_str("non-SMTP command"),
             Self::Io(e) => write!(f, "I/O error: {e}"),
         }
@@ -113,18 +117,20 @@ pub struct ConnSummary {
 }
 
 /// Serve one connection: greeting to close. `tls_active` is true for implicit TLS (the
-/// handshake is done). Never panics on input; logs one line at the end.
+/// handshake is done); `slot` is its place in the connection limiter. Never panics on input;
+/// logs one line at the end.
 pub async fn serve<S, IO>(
     stream: IO,
     peer: SocketAddr,
     tls_active: bool,
     ctx: &ListenerContext<S>,
+    slot: Arc<Slot>,
 ) -> ConnSummary
 where
     S: MessageSink,
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut conn = Conn::new(ctx, peer, tls_active);
+    let mut conn = Conn::new(ctx, peer, tls_active, slot);
     let mut io = Io::new(stream);
     let greeting = conn.session.greeting();
     greeting.write_to(&mut io.wbuf);
@@ -224,6 +230,7 @@ struct BdatTransfer<D> {
 struct Conn<'a, S: MessageSink> {
     ctx: &'a ListenerContext<S>,
     session: Session,
+    slot: Arc<Slot>,
     peer: SocketAddr,
     client: String,
     deadline: Instant,
@@ -231,6 +238,47 @@ struct Conn<'a, S: MessageSink> {
     accepted: u32,
     rejected: u32,
     bdat: Option<BdatTransfer<S::Draft>>,
+}
+
+/// The time budget of one DATA body or BDAT chunk, as Postfix's `smtpd_min_data_rate`: it
+/// starts at `data_timeout` and runs down with time; every byte received adds back
+/// `1 / min_data_rate` seconds, never above `data_timeout`. A stalled client is cut off after
+/// `data_timeout`, one trickling slower than `min_data_rate` a little later, and a client at
+/// or above the rate never (short of the session deadline). `min_data_rate = 0` makes it a
+/// plain timeout for each read.
+#[derive(Debug, Clone, Copy)]
+struct DataClock {
+    deadline: Instant,
+    budget: Duration,
+    min_rate: u64,
+}
+
+impl DataClock {
+    fn new(budget: Duration, min_rate: u64) -> Self {
+        Self {
+            deadline: deadline_after(budget),
+            budget,
+            min_rate,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// `n` bytes arrived.
+    fn received(&mut self, n: usize) {
+        let full = deadline_after(self.budget);
+        if self.min_rate == 0 {
+            self.deadline = full;
+            return;
+        }
+        let credit = Duration::from_secs_f64(n as f64 / self.min_rate as f64);
+        self.deadline = self
+            .deadline
+            .checked_add(credit)
+            .map_or(full, |d| d.min(full));
+    }
 }
 
 /// `now + d`, capped so that an absurd configured duration cannot overflow `Instant`.
@@ -247,7 +295,12 @@ fn unix_now() -> u64 {
 }
 
 impl<'a, S: MessageSink> Conn<'a, S> {
-    fn new(ctx: &'a ListenerContext<S>, peer: SocketAddr, tls_active: bool) -> Self {
+    fn new(
+        ctx: &'a ListenerContext<S>,
+        peer: SocketAddr,
+        tls_active: bool,
+        slot: Arc<Slot>,
+    ) -> Self {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let session = Session::new(SessionParams {
             config: ctx.config.clone(),
@@ -259,6 +312,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         Self {
             ctx,
             session,
+            slot,
             peer,
             client: peer.to_string(),
             deadline: deadline_after(ctx.listener.session_timeout),
@@ -328,14 +382,20 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         Self::flush_within(io, deadline).await
     }
 
-    /// Flush pending replies, then read more input (waiting at most `wait`, and never past
-    /// the session deadline). When `idle`, shutdown interrupts the wait.
-    async fn fill<T>(&mut self, io: &mut Io<T>, wait: Duration, idle: bool) -> Result<(), ConnEnd>
+    /// Flush pending replies, then read more input (until `deadline` at the latest, and never
+    /// past the session deadline); returns how many bytes came. When `idle`, shutdown
+    /// interrupts the wait; eviction by the connection limiter always does.
+    async fn fill<T>(
+        &mut self,
+        io: &mut Io<T>,
+        deadline: Instant,
+        idle: bool,
+    ) -> Result<usize, ConnEnd>
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
         self.flush(io).await?;
-        let deadline = deadline_after(wait).min(self.deadline);
+        let deadline = deadline.min(self.deadline);
         let Io {
             stream,
             rbuf,
@@ -346,6 +406,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         let result = tokio::select! {
             biased;
             () = self.ctx.shutdown.cancelled(), if idle => return Err(ConnEnd::Shutdown),
+            () = self.slot.evicted().cancelled() => return Err(ConnEnd::Evicted),
             r = read => r,
         };
         match result {
@@ -353,13 +414,15 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             Ok(Ok(0)) => Err(ConnEnd::ClientClosed),
             Ok(Ok(n)) => {
                 rbuf.extend_from_slice(&chunk[..n]);
-                Ok(())
+                Ok(n)
             }
             Ok(Err(e)) => Err(ConnEnd::Io(e.to_string())),
         }
     }
 
     /// The next line, CRLF included. Longer than the cap: discarded to its end, `TooLong`.
+    /// The whole line must arrive within `command_timeout` (a deadline, not a per-read
+    /// timeout: a client trickling a byte at a time cannot hold the connection open).
     async fn next_line<T>(&mut self, io: &mut Io<T>) -> Result<Line, ConnEnd>
     where
         T: AsyncRead + AsyncWrite + Unpin,
@@ -371,6 +434,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             COMMAND_LINE_MAX
         };
         let mut discarding = false;
+        let deadline = deadline_after(self.ctx.listener.command_timeout);
         loop {
             let idle = !self.session.in_transaction();
             if idle && self.ctx.shutdown.is_cancelled() {
@@ -389,8 +453,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 io.rbuf.zeroize();
                 io.rbuf.clear();
             }
-            self.fill(io, self.ctx.listener.command_timeout, idle)
-                .await?;
+            self.fill(io, deadline, idle).await?;
         }
     }
 
@@ -440,7 +503,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         if matches!(cmd, Command::Auth { .. }) {
             line.zeroize();
         }
-        let name = cmd.name();
+        let mut name = cmd.name();
         debug!(target: "postern::smtp", client = %self.client, command = name, "command");
         let (from, rcpt) = match &cmd {
             Command::Mail(m) => (Some(m.sender.to_string()), None),
@@ -448,6 +511,15 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 self.session.sender().map(ToString::to_string),
                 Some(a.to_string()),
             ),
+            // A RCPT refused for its syntax is still logged as a RCPT, with the address as the
+            // client wrote it: that is what the admin searches the log for.
+            _ if refused_rcpt_address(&line).is_some() => {
+                name = "RCPT";
+                (
+                    self.session.sender().map(ToString::to_string),
+                    refused_rcpt_address(&line),
+                )
+            }
             _ => (self.session.sender().map(ToString::to_string), None),
         };
         let ctx = self.ctx;
@@ -524,13 +596,11 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             AuthResult::LockedOut
         } else {
             let config = self.ctx.config.clone();
-            let checked = tokio::task::spawn_blocking(move || {
-                auth::verify_password(&config, &creds.user, &creds.password)
-            })
-            .await;
-            match checked {
+            let wait = deadline_after(self.ctx.listener.command_timeout).min(self.deadline);
+            match guard.check(config, creds, wait).await {
                 Ok(true) => {
                     guard.record_success(ip);
+                    self.slot.authenticated();
                     AuthResult::Success
                 }
                 Ok(false) => {
@@ -546,8 +616,12 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                     }
                     AuthResult::Failed
                 }
-                Err(e) => {
-                    error!(target: "postern::smtp", error = %e, "password check task failed");
+                Err(CheckError::Busy) => {
+                    warn!(target: "postern::smtp", client = %self.client, "no password check slot came free in time; answering 454");
+                    AuthResult::Unavailable
+                }
+                Err(CheckError::Failed) => {
+                    error!(target: "postern::smtp", "password check task failed");
                     AuthResult::Unavailable
                 }
             }
@@ -570,15 +644,24 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         Flow::Continue
     }
 
+    fn data_clock(&self) -> DataClock {
+        DataClock::new(
+            self.ctx.listener.data_timeout,
+            self.ctx.listener.min_data_rate,
+        )
+    }
+
     /// Read and drop exactly `size` octets (a refused BDAT chunk).
     async fn skip<T>(&mut self, io: &mut Io<T>, size: u64) -> Result<(), ConnEnd>
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
         let mut remaining = size;
+        let mut clock = self.data_clock();
         while remaining > 0 {
             if io.rbuf.is_empty() {
-                self.fill(io, self.ctx.listener.data_timeout, false).await?;
+                let n = self.fill(io, clock.deadline(), false).await?;
+                clock.received(n);
             }
             let n = (io.rbuf.len() as u64).min(remaining) as usize;
             io.rbuf.drain(..n);
@@ -612,6 +695,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             self.ctx.listener.max_message_size,
         );
         let mut out = Vec::with_capacity(READ_CHUNK + 64);
+        let mut clock = self.data_clock();
         loop {
             if !io.rbuf.is_empty() {
                 let fed = decoder.feed(&io.rbuf, &mut out);
@@ -624,9 +708,12 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                     break;
                 }
             }
-            if let Err(end) = self.fill(io, self.ctx.listener.data_timeout, false).await {
-                draft.discard().await;
-                return Flow::End(end);
+            match self.fill(io, clock.deadline(), false).await {
+                Ok(n) => clock.received(n),
+                Err(end) => {
+                    draft.discard().await;
+                    return Flow::End(end);
+                }
             }
         }
         self.finish(
@@ -680,12 +767,16 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         };
         let mut remaining = size;
         let mut out = Vec::new();
+        let mut clock = self.data_clock();
         while remaining > 0 {
-            if io.rbuf.is_empty()
-                && let Err(end) = self.fill(io, self.ctx.listener.data_timeout, false).await
-            {
-                transfer.draft.discard().await;
-                return Flow::End(end);
+            if io.rbuf.is_empty() {
+                match self.fill(io, clock.deadline(), false).await {
+                    Ok(n) => clock.received(n),
+                    Err(end) => {
+                        transfer.draft.discard().await;
+                        return Flow::End(end);
+                    }
+                }
             }
             let n = (io.rbuf.len() as u64).min(remaining) as usize;
             transfer.decoder.feed(&io.rbuf[..n], &mut out);
@@ -780,6 +871,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             ConnEnd::Timeout => Some(Reply::timeout(self.hostname())),
             ConnEnd::TooManyErrors => Some(Reply::too_many_errors(self.hostname())),
             ConnEnd::Shutdown => Some(Reply::shutting_down(self.hostname())),
+            ConnEnd::Evicted => Some(Reply::too_many_connections(self.hostname())),
             _ => None,
         };
         let broken = matches!(end, ConnEnd::ClientClosed | ConnEnd::Io(_));
@@ -792,6 +884,32 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         }
         end
     }
+}
+
+/// The argument of a `RCPT TO:` line as the client wrote it (for the log), control characters
+/// replaced and cut at 256 characters; `None` if the line is not a RCPT.
+fn refused_rcpt_address(line: &[u8]) -> Option<String> {
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"RCPT") {
+        return None;
+    }
+    let rest = String::from_utf8_lossy(&line[4..]);
+    let rest = rest.trim_start();
+    let arg = match rest.get(..3) {
+        Some(to) if to.eq_ignore_ascii_case("TO:") => &rest[3..],
+        _ => rest,
+    };
+    let arg = arg.trim();
+    let arg = match arg.find('>') {
+        Some(end) if arg.starts_with('<') => &arg[..=end],
+        _ => arg.split(' ').next().unwrap_or(""),
+    };
+    Some(
+        arg.chars()
+            .take(256)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -896,7 +1014,8 @@ pub(crate) mod tests {
     ) -> (Client<DuplexStream>, JoinHandle<ConnSummary>) {
         let (client, server) = tokio::io::duplex(256 * 1024);
         let ctx = ctx.clone();
-        let h = tokio::spawn(async move { serve(server, peer, false, &ctx).await });
+        let h =
+            tokio::spawn(async move { serve(server, peer, false, &ctx, Slot::detached()).await });
         (Client::new(client), h)
     }
 
@@ -1332,6 +1451,93 @@ pub(crate) mod tests {
         );
         assert_eq!(t0.elapsed().as_secs(), 1000);
         assert_eq!(h.await.unwrap().end, ConnEnd::Timeout);
+    }
+
+    /// The command timeout is a deadline for the whole line: a client trickling one byte
+    /// every few seconds gets 421 when it runs out, however often it sends.
+    #[tokio::test(start_paused = true)]
+    async fn a_command_line_must_arrive_within_the_command_timeout() {
+        let mut cfg = config();
+        cfg.listeners[0].command_timeout = Duration::from_secs(5);
+        let ctx = context(cfg, MemSink::default());
+        let (mut c, h) = start(&ctx, loopback());
+        c.reply().await;
+        assert_eq!(c.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+        let t0 = Instant::now();
+        c.send(b"N").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        c.send(b"O").await;
+        assert_eq!(
+            c.reply().await,
+            "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        );
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        assert_eq!(h.await.unwrap().end, ConnEnd::Timeout);
+        // The deadline starts with each line: lines that come in time go on for ever.
+        let (mut c, h) = start(&ctx, loopback());
+        c.reply().await;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            c.send(b"NO").await;
+            assert_eq!(c.cmd("OP").await, "250 2.0.0 Ok\r\n");
+        }
+        c.cmd("QUIT").await;
+        assert_eq!(h.await.unwrap().end, ConnEnd::Quit);
+    }
+
+    /// DATA has a time budget of data_timeout, refilled by the bytes that arrive at
+    /// min_data_rate: slower than the rate, the budget runs out; at the rate, never.
+    #[tokio::test(start_paused = true)]
+    async fn data_slower_than_the_minimum_rate_times_out() {
+        let mut cfg = config();
+        cfg.listeners[0].data_timeout = Duration::from_secs(10);
+        cfg.listeners[0].min_data_rate = 100;
+        cfg.listeners[0].max_message_size = 1_000_000;
+        let sink = MemSink::default();
+        let ctx = context(cfg, sink.clone());
+        let line = [b"x".repeat(48), b"\r\n".to_vec()].concat();
+        // 50 bytes a second: the budget shrinks by half a second each second, and runs out
+        // 19.5 s in (10 s + 0.5 s for each of the 19 lines received by then).
+        let (mut c, h) = start(&ctx, loopback());
+        c.reply().await;
+        c.cmd("EHLO x").await;
+        tx(&mut c).await;
+        c.cmd("DATA").await;
+        let t0 = Instant::now();
+        let slow = tokio::spawn(async move {
+            for _ in 0..40 {
+                if c.io.write_all(&line).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            c
+        });
+        assert_eq!(h.await.unwrap().end, ConnEnd::Timeout);
+        assert_eq!(t0.elapsed(), Duration::from_millis(19_500));
+        let mut c = slow.await.unwrap();
+        assert_eq!(
+            c.reply().await,
+            "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        );
+        assert!(sink.committed().is_empty());
+        assert_eq!(sink.discarded(), 1);
+        // 150 bytes a second for a minute, longer than data_timeout: accepted.
+        let (mut c, h) = start(&ctx, loopback());
+        c.reply().await;
+        c.cmd("EHLO x").await;
+        tx(&mut c).await;
+        c.cmd("DATA").await;
+        let line = [b"y".repeat(148), b"\r\n".to_vec()].concat();
+        for _ in 0..60 {
+            c.send(&line).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        c.send(b".\r\n").await;
+        starts(&c.reply().await, "250 2.0.0 Ok: queued as");
+        c.cmd("QUIT").await;
+        h.await.unwrap();
+        assert_eq!(sink.committed().len(), 1);
     }
 
     async fn tx(c: &mut Client<DuplexStream>) {

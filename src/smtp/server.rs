@@ -3,16 +3,17 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{GlobalLimits, TlsMode};
+use crate::config::{AuthMode, GlobalLimits, TlsMode};
 use crate::maillog;
 
 use super::MessageSink;
@@ -32,19 +33,105 @@ pub enum LimitExceeded {
     Total,
     /// `limits.max_connections_per_ip`
     PerIp,
+    /// `limits.max_unauthenticated_per_ip`
+    Unauthenticated,
+}
+
+/// One live connection as the limiter sees it.
+#[derive(Debug)]
+pub struct Slot {
+    id: u64,
+    /// Cancelled when the limiter takes the slot back for a newcomer (`421 4.7.0`).
+    evict: CancellationToken,
+    /// The listener requires AUTH: until login the slot counts against the lower limit.
+    auth_required: bool,
+    authenticated: AtomicBool,
+}
+
+impl Slot {
+    /// A slot outside any limiter.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Arc<Self> {
+        Arc::new(Self {
+            id: 0,
+            evict: CancellationToken::new(),
+            auth_required: false,
+            authenticated: AtomicBool::new(false),
+        })
+    }
+
+    /// Cancelled when this connection must make room for another.
+    pub fn evicted(&self) -> &CancellationToken {
+        &self.evict
+    }
+
+    /// The client logged in: it no longer counts as unauthenticated and is never evicted.
+    pub fn authenticated(&self) {
+        self.authenticated.store(true, Ordering::Relaxed);
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Relaxed)
+    }
+
+    fn before_login(&self) -> bool {
+        self.auth_required && !self.is_authenticated()
+    }
 }
 
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Live slots by client address, oldest first.
+    per_ip: HashMap<IpAddr, Vec<Arc<Slot>>>,
+    next_id: u64,
 }
 
-/// Connection counts, total and per client IP, shared by all listeners.
+impl Counts {
+    fn remove(&mut self, ip: IpAddr, id: u64) -> bool {
+        let Some(slots) = self.per_ip.get_mut(&ip) else {
+            return false;
+        };
+        let Some(pos) = slots.iter().position(|s| s.id == id) else {
+            return false;
+        };
+        slots.remove(pos);
+        if slots.is_empty() {
+            self.per_ip.remove(&ip);
+        }
+        self.total = self.total.saturating_sub(1);
+        true
+    }
+
+    /// At the global limit, the slot to take back for a newcomer from `ip`: the oldest
+    /// connection that has not logged in, of the address holding the most connections, if that
+    /// address holds at least two more than `ip` would after admission. So a client with few
+    /// connections always gets in past one that hoards them, and hoarders cannot evict each
+    /// other below an equal share.
+    fn victim(&self, ip: IpAddr) -> Option<(IpAddr, Arc<Slot>)> {
+        let mine = self.per_ip.get(&ip).map_or(0, Vec::len);
+        self.per_ip
+            .iter()
+            .filter(|(other, slots)| **other != ip && slots.len() >= mine + 2)
+            .filter_map(|(other, slots)| {
+                let oldest = slots.iter().find(|s| !s.is_authenticated())?;
+                Some((slots.len(), *other, oldest.clone()))
+            })
+            .max_by_key(|(n, _, slot)| (*n, std::cmp::Reverse(slot.id)))
+            .map(|(_, other, slot)| (other, slot))
+    }
+}
+
+/// Connection counts, total and per client IP, shared by all listeners. Only connections that
+/// passed `allow_networks` are counted. When all `max_connections` slots are taken, a client
+/// from an address with few connections takes the slot of an idle hoarder (see
+/// [`Counts::victim`]), so a flood of slow connections from some addresses cannot lock out
+/// the others.
 #[derive(Debug)]
 pub struct ConnLimiter {
     max_total: AtomicUsize,
     max_per_ip: AtomicUsize,
+    max_unauthenticated: AtomicUsize,
     counts: Mutex<Counts>,
 }
 
@@ -53,27 +140,45 @@ pub struct ConnLimiter {
 pub struct ConnPermit {
     limiter: Arc<ConnLimiter>,
     ip: IpAddr,
+    slot: Arc<Slot>,
+}
+
+impl ConnPermit {
+    /// This connection's slot.
+    pub fn slot(&self) -> &Arc<Slot> {
+        &self.slot
+    }
 }
 
 impl ConnLimiter {
-    /// A limiter allowing `max_total` connections, `max_per_ip` from one address.
-    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+    /// A limiter allowing `max_total` connections, `max_per_ip` from one address, of which
+    /// `max_unauthenticated` may be waiting to log in on listeners that require it.
+    pub fn new(max_total: usize, max_per_ip: usize, max_unauthenticated: usize) -> Self {
         Self {
             max_total: AtomicUsize::new(max_total),
             max_per_ip: AtomicUsize::new(max_per_ip),
+            max_unauthenticated: AtomicUsize::new(max_unauthenticated),
             counts: Mutex::new(Counts::default()),
         }
     }
 
     /// A limiter from `config.limits`.
     pub fn from_limits(limits: &GlobalLimits) -> Self {
-        Self::new(limits.max_connections, limits.max_connections_per_ip)
+        Self::new(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            limits.max_unauthenticated_per_ip,
+        )
     }
 
     /// Change the limits (config reload); live connections keep their slots.
-    pub fn set_limits(&self, max_total: usize, max_per_ip: usize) {
-        self.max_total.store(max_total, Ordering::Relaxed);
-        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+    pub fn set_limits(&self, limits: &GlobalLimits) {
+        self.max_total
+            .store(limits.max_connections, Ordering::Relaxed);
+        self.max_per_ip
+            .store(limits.max_connections_per_ip, Ordering::Relaxed);
+        self.max_unauthenticated
+            .store(limits.max_unauthenticated_per_ip, Ordering::Relaxed);
     }
 
     /// Connections open now.
@@ -81,22 +186,54 @@ impl ConnLimiter {
         self.counts.lock().map(|c| c.total).unwrap_or(0)
     }
 
-    /// Count a new connection from `ip`, or say which limit it would exceed.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, LimitExceeded> {
+    /// Count a new connection from `ip` to a listener (`auth_required`: it requires AUTH), or
+    /// say which limit it would exceed. At the global limit this may evict another
+    /// connection (its slot's token is cancelled; it answers `421` and closes).
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        auth_required: bool,
+    ) -> Result<ConnPermit, LimitExceeded> {
         let ip = ip.to_canonical();
         let mut c = self.counts.lock().map_err(|_| LimitExceeded::Total)?;
-        if c.total >= self.max_total.load(Ordering::Relaxed) {
-            return Err(LimitExceeded::Total);
-        }
-        let per_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
-        if per_ip >= self.max_per_ip.load(Ordering::Relaxed) {
+        let mine = c.per_ip.get(&ip).map(Vec::as_slice).unwrap_or_default();
+        if mine.len() >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err(LimitExceeded::PerIp);
         }
+        if auth_required
+            && mine.iter().filter(|s| s.before_login()).count()
+                >= self.max_unauthenticated.load(Ordering::Relaxed)
+        {
+            return Err(LimitExceeded::Unauthenticated);
+        }
+        if c.total >= self.max_total.load(Ordering::Relaxed) {
+            let Some((other, victim)) = c.victim(ip) else {
+                return Err(LimitExceeded::Total);
+            };
+            let held = c.per_ip.get(&other).map_or(0, Vec::len);
+            c.remove(other, victim.id);
+            victim.evict.cancel();
+            warn!(
+                target: "postern::smtp",
+                client = %ip,
+                evicted = %other,
+                evicted_held = held,
+                "connection limit reached: closing the oldest idle connection of the address holding the most, to serve a client with fewer"
+            );
+        }
+        c.next_id += 1;
+        let slot = Arc::new(Slot {
+            id: c.next_id,
+            evict: CancellationToken::new(),
+            auth_required,
+            authenticated: AtomicBool::new(false),
+        });
         c.total += 1;
-        c.per_ip.insert(ip, per_ip + 1);
+        c.per_ip.entry(ip).or_default().push(slot.clone());
         Ok(ConnPermit {
             limiter: self.clone(),
             ip,
+            slot,
         })
     }
 }
@@ -104,13 +241,8 @@ impl ConnLimiter {
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         if let Ok(mut c) = self.limiter.counts.lock() {
-            c.total = c.total.saturating_sub(1);
-            if let Some(n) = c.per_ip.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    c.per_ip.remove(&self.ip);
-                }
-            }
+            // Already gone if it was evicted.
+            c.remove(self.ip, self.slot.id);
         }
     }
 }
@@ -120,7 +252,8 @@ impl Drop for ConnPermit {
 /// live connections go on.
 pub async fn run_listener<S: MessageSink>(tcp: TcpListener, ctx: Arc<ListenerContext<S>>) {
     let local = tcp.local_addr().ok();
-    info!(target: "postern::smtp", listener = %ctx.listener.name, address = ?local, "listening");
+    let address = local.map(|a| a.to_string()).unwrap_or_default();
+    info!(target: "postern::smtp", listener = %ctx.listener.name, address, "listening");
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => break,
@@ -162,20 +295,27 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
         }
         return;
     }
-    let permit = match ctx.limiter.try_acquire(ip) {
+    let auth_required = ctx.listener.auth == AuthMode::Required;
+    let permit = match ctx.limiter.try_acquire(ip, auth_required) {
         Ok(p) => p,
         Err(which) => {
             warn!(
                 target: "postern::smtp",
                 client = %peer,
                 listener = %ctx.listener.name,
-                limit = ?which,
+                limit = match which {
+                    LimitExceeded::Total => "max_connections",
+                    LimitExceeded::PerIp => "max_connections_per_ip",
+                    LimitExceeded::Unauthenticated => "max_unauthenticated_per_ip",
+                },
                 end = %ConnEnd::TooManyConnections,
                 "refused: too many connections"
             );
             let reply = match which {
                 LimitExceeded::Total => Reply::too_many_connections(&host),
-                LimitExceeded::PerIp => Reply::too_many_connections_from_ip(&host),
+                LimitExceeded::PerIp | LimitExceeded::Unauthenticated => {
+                    Reply::too_many_connections_from_ip(&host)
+                }
             };
             maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
             crate::metrics::refused(&ctx.listener.name, "CONNECT", &reply.to_string());
@@ -187,7 +327,7 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
     };
     let ctx = ctx.clone();
     ctx.tracker.clone().spawn(async move {
-        let _permit = permit;
+        let slot = permit.slot().clone();
         let _open = crate::metrics::connection(&ctx.listener.name);
         if implicit {
             let Some(acceptor) = ctx.tls.clone() else {
@@ -196,7 +336,7 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
             };
             match timeout(ctx.listener.command_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    serve(tls, peer, true, &ctx).await;
+                    serve(tls, peer, true, &ctx, slot).await;
                 }
                 Ok(Err(e)) => warn!(
                     target: "postern::smtp",
@@ -214,8 +354,9 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 ),
             }
         } else {
-            serve(stream, peer, false, &ctx).await;
+            serve(stream, peer, false, &ctx, slot).await;
         }
+        drop(permit);
     });
 }
 
@@ -265,21 +406,89 @@ mod tests {
         Client::new(TcpStream::connect(addr).await.unwrap())
     }
 
+    fn limits(total: usize, per_ip: usize, unauthenticated: usize) -> GlobalLimits {
+        let mut l = config().limits;
+        l.max_connections = total;
+        l.max_connections_per_ip = per_ip;
+        l.max_unauthenticated_per_ip = unauthenticated;
+        l
+    }
+
     #[test]
     fn limiter_counts_and_releases() {
-        let l = Arc::new(ConnLimiter::new(3, 2));
+        let l = Arc::new(ConnLimiter::new(3, 2, 2));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let p1 = l.try_acquire(a).unwrap();
-        let _p2 = l.try_acquire("::ffff:192.0.2.1".parse().unwrap()).unwrap();
-        assert_eq!(l.try_acquire(a).unwrap_err(), LimitExceeded::PerIp);
-        let _p3 = l.try_acquire(b).unwrap();
-        assert_eq!(l.try_acquire(b).unwrap_err(), LimitExceeded::Total);
+        let p1 = l.try_acquire(a, false).unwrap();
+        let _p2 = l
+            .try_acquire("::ffff:192.0.2.1".parse().unwrap(), false)
+            .unwrap();
+        assert_eq!(l.try_acquire(a, false).unwrap_err(), LimitExceeded::PerIp);
+        let p3 = l.try_acquire(b, false).unwrap();
+        // Full; b would hold as many as a: nobody is evicted.
+        assert_eq!(l.try_acquire(b, false).unwrap_err(), LimitExceeded::Total);
+        assert!(!p3.slot().evicted().is_cancelled());
         drop(p1);
         assert_eq!(l.active(), 2);
-        assert!(l.try_acquire(a).is_ok());
-        l.set_limits(10, 10);
-        assert!(l.try_acquire(b).is_ok());
+        assert!(l.try_acquire(a, false).is_ok());
+        l.set_limits(&limits(10, 10, 10));
+        assert!(l.try_acquire(b, false).is_ok());
+    }
+
+    #[test]
+    fn at_the_limit_a_newcomer_takes_the_slot_of_the_biggest_hoarder() {
+        let l = Arc::new(ConnLimiter::new(6, 10, 10));
+        let ip = |n: u8| IpAddr::from([192, 0, 2, n]);
+        let hoard: Vec<_> = (0..4)
+            .map(|_| l.try_acquire(ip(1), false).unwrap())
+            .collect();
+        let two: Vec<_> = (0..2)
+            .map(|_| l.try_acquire(ip(2), false).unwrap())
+            .collect();
+        // A logged-in connection is never taken back.
+        hoard[0].slot().authenticated();
+        let newcomer = l.try_acquire(ip(3), false).unwrap();
+        assert_eq!(l.active(), 6);
+        assert!(!hoard[0].slot().evicted().is_cancelled(), "logged in");
+        assert!(hoard[1].slot().evicted().is_cancelled(), "oldest of ip1");
+        assert!(
+            hoard[2..]
+                .iter()
+                .all(|p| !p.slot().evicted().is_cancelled())
+        );
+        assert!(two.iter().all(|p| !p.slot().evicted().is_cancelled()));
+        // ip2 (2 held) cannot take from ip1 (3 held now): it would end up with as many.
+        assert_eq!(
+            l.try_acquire(ip(2), false).unwrap_err(),
+            LimitExceeded::Total
+        );
+        // ip4 (none) can: ip1 is left with 2, like ip2.
+        let _fourth = l.try_acquire(ip(4), false).unwrap();
+        assert!(hoard[2].slot().evicted().is_cancelled());
+        // The evicted connections' permits still drop cleanly, without freeing a slot twice.
+        assert_eq!(l.active(), 6);
+        drop(hoard);
+        assert_eq!(l.active(), 4, "ip2's two, ip3 and ip4");
+        drop(newcomer);
+        assert_eq!(l.active(), 3);
+    }
+
+    #[test]
+    fn before_login_a_lower_limit_per_address() {
+        let l = Arc::new(ConnLimiter::new(100, 4, 2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let p1 = l.try_acquire(a, true).unwrap();
+        let _p2 = l.try_acquire(a, true).unwrap();
+        assert_eq!(
+            l.try_acquire(a, true).unwrap_err(),
+            LimitExceeded::Unauthenticated
+        );
+        // Listeners that do not require AUTH only know the per-address limit.
+        let _p3 = l.try_acquire(a, false).unwrap();
+        // Once one logs in, another may wait for its login.
+        p1.slot().authenticated();
+        let _p4 = l.try_acquire(a, true).unwrap();
+        assert_eq!(l.try_acquire(a, true).unwrap_err(), LimitExceeded::PerIp);
     }
 
     #[tokio::test]
@@ -333,13 +542,49 @@ mod tests {
             c2.reply().await,
             "421 4.7.0 mx.test Too many connections from your address, try again later\r\n"
         );
-        ctx.limiter.set_limits(1, 5);
+        ctx.limiter.set_limits(&limits(1, 5, 5));
         let mut c3 = connect(addr).await;
         assert_eq!(
             c3.reply().await,
             "421 4.7.0 mx.test Too many connections, try again later\r\n"
         );
         c1.cmd("QUIT").await;
+        ctx.shutdown.cancel();
+    }
+
+    /// A client from `src` (any 127.0.0.0/8 address is local on Linux).
+    async fn connect_from(src: &str, addr: SocketAddr) -> Client<TcpStream> {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src.parse().unwrap(), 0)).unwrap();
+        Client::new(sock.connect(addr).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_hoarder_makes_room_for_a_newcomer() {
+        let mut cfg = config();
+        cfg.limits.max_connections = 2;
+        let (addr, ctx, _h) = listen(cfg).await;
+        let mut h1 = connect_from("127.0.0.2", addr).await;
+        assert_eq!(h1.reply().await, "220 mx.test ESMTP postern\r\n");
+        let mut h2 = connect_from("127.0.0.2", addr).await;
+        assert_eq!(h2.reply().await, "220 mx.test ESMTP postern\r\n");
+        // Full: the newcomer gets in, the hoarder's oldest connection is told why and closed.
+        let mut n = connect_from("127.0.0.3", addr).await;
+        assert_eq!(n.reply().await, "220 mx.test ESMTP postern\r\n");
+        assert_eq!(
+            h1.reply().await,
+            "421 4.7.0 mx.test Too many connections, try again later\r\n"
+        );
+        assert!(h1.closed().await);
+        assert_eq!(h2.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+        assert_eq!(n.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+        // One each now: a third address waits its turn.
+        let mut third = connect_from("127.0.0.4", addr).await;
+        assert_eq!(
+            third.reply().await,
+            "421 4.7.0 mx.test Too many connections, try again later\r\n"
+        );
+        assert_eq!(ctx.limiter.active(), 2);
         ctx.shutdown.cancel();
     }
 

@@ -57,6 +57,7 @@ pub fn listener() -> ListenerConfig {
         max_recipients: 3,
         command_timeout: Duration::from_secs(300),
         data_timeout: Duration::from_secs(600),
+        min_data_rate: 0,
         session_timeout: Duration::from_secs(3600),
         max_errors: 10,
         bare_lf: BareLfPolicy::Normalize,
@@ -88,6 +89,8 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
         limits: GlobalLimits {
             max_connections: 10,
             max_connections_per_ip: 5,
+            max_unauthenticated_per_ip: 3,
+            message_memory: 1 << 20,
             min_free_disk: 0,
             auth_max_failures: 5,
             auth_lockout: Duration::from_secs(600),

@@ -1,8 +1,11 @@
 //! A message being received. Messages up to the journal's record size stay in memory until
 //! commit, which hands the whole queue file (body, then envelope) to the intake journal;
 //! larger ones stream into `tmp/<id>` in bounded chunks (the file is created when the body
-//! spills over). Beyond the first chunk, memory comes from a budget shared by all sessions,
-//! so RSS stays bounded however many clients send at once; without budget a draft spills.
+//! spills over). Every byte a draft buffers comes from one budget shared by all sessions
+//! (`limits.message_memory`): a draft first takes a chunk, then, if the message may still fit
+//! the journal, room for a whole record; when the budget is spent a draft spills to `tmp/`,
+//! and with no memory at all it writes each piece straight through. So RSS stays bounded
+//! however many clients send at once.
 
 use std::fs::File;
 use std::io::Write;
@@ -16,12 +19,13 @@ use super::journal::MAX_RECORD;
 use super::{Envelope, Inner, SpoolError, durable, msgfile};
 use crate::smtp::MessageDraft;
 
-/// Bytes every draft may buffer in memory before it writes them out.
+/// What a draft buffers before it writes out (when the message is too big for the journal,
+/// or the budget has no room for a whole record).
 const CHUNK: usize = 64 * 1024;
-/// Memory all drafts together may hold beyond their first chunk.
-pub(super) const MEMORY_BUDGET: u64 = 64 << 20;
-/// What a draft takes from the budget to keep a whole journal-sized message in memory.
-const RESERVE: u64 = MAX_RECORD - CHUNK as u64;
+/// Default of `limits.message_memory`: memory all drafts together may buffer.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
+/// Room kept free in a journal-sized buffer for the envelope trailer.
+const TRAILER_ROOM: usize = 4096;
 
 /// A message being received.
 pub struct Draft {
@@ -29,6 +33,7 @@ pub struct Draft {
     pub(super) path: PathBuf,
     /// `tmp/<id>`, once the body outgrew the buffer.
     pub(super) file: Option<File>,
+    /// Never holds more capacity than `reserved`.
     pub(super) buf: Vec<u8>,
     /// Bytes taken from the spool's shared memory budget.
     pub(super) reserved: u64,
@@ -50,68 +55,93 @@ impl Draft {
         self.size
     }
 
-    /// Take memory from the shared budget to keep the whole message in memory.
-    fn reserve(&mut self) -> bool {
-        let budget = &self.spool.draft_memory;
-        let ok = budget
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |free| {
-                free.checked_sub(RESERVE)
+    /// Hold `total` bytes of the shared budget (more or fewer than now); false, holding what
+    /// it held, when the budget has no room.
+    fn hold(&mut self, total: u64) -> bool {
+        let used = &self.spool.draft_memory_used;
+        if total <= self.reserved {
+            used.fetch_sub(self.reserved - total, Ordering::AcqRel);
+            self.reserved = total;
+            return true;
+        }
+        let more = total - self.reserved;
+        let budget = self.spool.draft_memory_budget.load(Ordering::Relaxed);
+        let ok = used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(more).filter(|&n| n <= budget)
             })
             .is_ok();
         if ok {
-            self.reserved = RESERVE;
+            self.reserved = total;
         }
         ok
     }
 
     fn release(&mut self) {
-        if self.reserved > 0 {
-            self.spool
-                .draft_memory
-                .fetch_add(self.reserved, Ordering::AcqRel);
-            self.reserved = 0;
-        }
+        self.buf = Vec::new();
+        self.hold(0);
     }
 
-    /// Should the buffer be written out now?
-    fn must_spill(&mut self) -> bool {
-        if self.buf.len() < CHUNK {
+    /// Make room in memory for `extra` more bytes, within the budget. False: write out.
+    fn room_for(&mut self, extra: usize) -> bool {
+        let need = self.buf.len() + extra;
+        if need <= self.buf.capacity() {
+            return true;
+        }
+        // A chunk; or, while the message may still go to the journal in one record, a whole
+        // record (never more than that: a message that outgrows it streams to tmp/).
+        let journal_ok = self.file.is_none()
+            && self.spool.journal.is_some()
+            && need + TRAILER_ROOM <= MAX_RECORD as usize;
+        let want = if need <= CHUNK {
+            CHUNK
+        } else if journal_ok {
+            MAX_RECORD as usize
+        } else {
+            return false;
+        };
+        if !self.hold(want as u64) {
             return false;
         }
-        if self.file.is_none() && self.spool.journal.is_some() {
-            // Still small enough for the journal: keep it in memory if the budget allows.
-            let fits = self.buf.len() as u64 + 4096 <= MAX_RECORD;
-            if fits && (self.reserved > 0 || self.reserve()) {
-                return false;
-            }
-        }
-        self.release();
+        self.buf.reserve_exact(want - self.buf.len());
         true
     }
 
-    async fn flush_buf(&mut self) -> Result<(), SpoolError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
+    /// Write the buffer (then `direct`, if any) to `tmp/<id>`, creating it on first use. The
+    /// buffer comes back empty, shrunk to a chunk: a draft that spilled never buffers more.
+    async fn spill(&mut self, direct: Option<&[u8]>) -> Result<(), SpoolError> {
         let file = self.file.take();
-        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let mut buf = std::mem::take(&mut self.buf);
+        let direct = direct.map(<[u8]>::to_vec);
         let path = self.path.clone();
-        let (file, res) = tokio::task::spawn_blocking(move || {
+        let (file, buf, res) = tokio::task::spawn_blocking(move || {
             let mut file = match file {
                 Some(f) => f,
                 None => match create(&path) {
                     Ok(f) => f,
-                    Err(e) => return (None, Err(e)),
+                    Err(e) => return (None, buf, Err(e)),
                 },
             };
-            let r = file
+            let mut r = file
                 .write_all(&buf)
                 .map_err(|e| SpoolError::io("write", &path, e));
-            (Some(file), r)
+            if let (Ok(()), Some(d)) = (&r, &direct) {
+                r = file
+                    .write_all(d)
+                    .map_err(|e| SpoolError::io("write", &path, e));
+            }
+            buf.clear();
+            (Some(file), buf, r)
         })
         .await
         .map_err(|e| SpoolError::other("write", &self.path, e))?;
         self.file = file;
+        if buf.capacity() <= CHUNK {
+            self.buf = buf;
+        } else {
+            self.buf = Vec::new();
+            self.hold(0);
+        }
         res
     }
 }
@@ -123,11 +153,18 @@ impl MessageDraft for Draft {
 
     async fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
         self.size += chunk.len() as u64;
-        self.buf.extend_from_slice(chunk);
-        if self.must_spill() {
-            self.flush_buf().await?;
+        if self.room_for(chunk.len()) {
+            self.buf.extend_from_slice(chunk);
+            return Ok(());
         }
-        Ok(())
+        self.spill(None).await?;
+        if self.room_for(chunk.len()) {
+            self.buf.extend_from_slice(chunk);
+            Ok(())
+        } else {
+            // No memory left in the budget: straight through to the file.
+            self.spill(Some(chunk)).await
+        }
     }
 
     async fn commit(mut self, mut envelope: Envelope) -> Result<(), SpoolError> {
@@ -136,10 +173,14 @@ impl MessageDraft for Draft {
         let trailer = msgfile::trailer(&envelope)
             .map_err(|e| SpoolError::other("encode envelope", &self.path, e))?;
         let total = self.size + trailer.len() as u64;
-        let journal = self.spool.journal.is_some() && total <= MAX_RECORD;
+        let mut journal = self.spool.journal.is_some() && total <= MAX_RECORD;
+        if journal && self.file.is_some() && !self.hold(total.max(self.reserved)) {
+            // Spilled, and no memory to read it back for the journal: flush the file itself.
+            journal = false;
+        }
+        // The reservation stays until the committer is done with the bytes (drop gives it back).
         let mut buf = std::mem::take(&mut self.buf);
         buf.extend_from_slice(&trailer);
-        self.release();
         let payload = match self.file.take() {
             // Never touched the disk: the journal gets it all, the queue file comes later.
             None if journal => Payload::Memory(buf),

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-pub use draft::Draft;
+pub use draft::{DEFAULT_MEMORY_BUDGET as DEFAULT_MESSAGE_MEMORY, Draft};
 pub use envelope::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient};
 pub use id::{is_valid as is_valid_id, new_id};
 pub use state::State;
@@ -134,6 +134,9 @@ pub struct Recovery {
     /// Queue files of delivered messages that a crash brought back, removed (their journal
     /// done record says they were sent).
     pub delivered_removed: usize,
+    /// Second names of one message in two queue directories (a move a crash left on both
+    /// sides), removed.
+    pub duplicates_removed: usize,
 }
 
 /// A message as listed by `queue list`.
@@ -158,8 +161,10 @@ pub(crate) struct Inner {
     /// Queue files of delivered mail, kept to be written over (daemon only, see `recycle.rs`).
     free: Option<Arc<recycle::FreeFiles>>,
     min_free: AtomicU64,
-    /// Bytes that drafts may still hold in memory beyond their first chunk (see draft.rs).
-    draft_memory: AtomicU64,
+    /// Memory all drafts together may buffer (`limits.message_memory`, see draft.rs).
+    draft_memory_budget: AtomicU64,
+    /// Memory drafts hold now.
+    draft_memory_used: AtomicU64,
     new_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     _lock: Option<File>,
 }
@@ -248,7 +253,8 @@ impl Spool {
                 moves,
                 free: exclusive.then_some(free),
                 min_free: AtomicU64::new(0),
-                draft_memory: AtomicU64::new(draft::MEMORY_BUDGET),
+                draft_memory_budget: AtomicU64::new(draft::DEFAULT_MEMORY_BUDGET),
+                draft_memory_used: AtomicU64::new(0),
                 new_rx: Mutex::new(Some(new_rx)),
                 _lock: lock,
             }),
@@ -269,6 +275,14 @@ impl Spool {
     /// message; what follows is envelope bookkeeping (see `msgfile.rs`).
     pub fn msg_path(&self, s: State, id: &str) -> PathBuf {
         self.state_dir(s).join(id)
+    }
+
+    /// Set the memory all messages being received may buffer together; beyond it their
+    /// bodies go to `tmp/` as they arrive. Drafts keep what they hold until they finish.
+    pub fn set_message_memory(&self, bytes: u64) {
+        self.inner
+            .draft_memory_budget
+            .store(bytes, Ordering::Relaxed);
     }
 
     /// Set the free-space reserve below which new mail is refused.
@@ -354,6 +368,7 @@ impl Spool {
                 r.requeued += 1;
             }
         }
+        r.duplicates_removed = self.remove_second_names()?;
         for s in [State::Incoming, State::Deferred, State::Hold, State::Failed] {
             for name in list_names(&self.state_dir(s))? {
                 match self.check_message(s, &name) {
@@ -373,6 +388,28 @@ impl Spool {
                 .map_err(|e| SpoolError::io("reset", &jpath, e))?;
         }
         Ok(r)
+    }
+
+    /// After a power cut, a move between two queue directories can survive on both sides (the
+    /// destination's directory was flushed, the source's was not): one message, two names.
+    /// Keep one, so the message is neither scheduled twice nor skipped as already known. The
+    /// name kept is the one that sends least eagerly (failed, then hold, incoming, deferred):
+    /// the crash may have undone an admin's retry or release, never a delivery or a refusal.
+    fn remove_second_names(&self) -> Result<usize, SpoolError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut removed = 0;
+        for s in [State::Failed, State::Hold, State::Incoming, State::Deferred] {
+            for id in list_names(&self.state_dir(s))? {
+                if !is_valid_id(&id) || seen.insert(id.clone()) {
+                    continue;
+                }
+                let p = self.msg_path(s, &id);
+                warn!(path = %p.display(), "second name of a queued message left by a crash; removed");
+                durable::remove_file_durable(&p).map_err(|e| SpoolError::io("remove", &p, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Make sure the journaled message `id` exists as a queue file starting with `bytes`;

@@ -152,6 +152,7 @@ async fn recovery_wipes_tmp_requeues_active_and_quarantines_corrupt() {
             quarantined: 2,
             restored: 0,
             delivered_removed: 0,
+            duplicates_removed: 0,
         }
     );
     assert_eq!(spool.find(&a), Some(State::Incoming));
@@ -442,38 +443,54 @@ async fn journal_rotates_and_checkpoints_a_full_segment() {
     assert_eq!(spool.ids(State::Incoming).unwrap().len(), 40);
 }
 
-/// Drafts keep bodies in memory only while the shared budget lasts; past it they spill to
-/// tmp/ (bounded RSS however many clients send at once), and both kinds commit intact.
+/// Every byte drafts buffer comes from the shared budget (`limits.message_memory`), their
+/// first chunk included: past it they spill to tmp/, or write straight through when nothing is
+/// left, so memory stays within the budget however many clients send at once; both kinds
+/// commit intact and every reservation is given back.
 #[tokio::test]
-async fn drafts_spill_to_disk_when_the_memory_budget_is_spent() {
+async fn drafts_stay_within_the_memory_budget_and_spill_beyond_it() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open_exclusive(dir.path()).unwrap();
-    let body = vec![b'q'; 200_000];
+    let budget = 8 << 20;
+    spool.set_message_memory(budget);
+    let used = |s: &Spool| s.inner.draft_memory_used.load(Ordering::Relaxed);
+    let body: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let mut drafts = Vec::new();
     for _ in 0..80 {
         let mut d = spool.begin().await.unwrap();
-        d.write(&body).await.unwrap();
+        // In pieces, as a session writes them.
+        for piece in body.chunks(20_000) {
+            d.write(piece).await.unwrap();
+            assert!(used(&spool) <= budget, "{} > {budget}", used(&spool));
+        }
         drafts.push(d);
     }
+    // A journal-sized message in memory holds a whole record; 8 of them fill the budget.
+    let record = super::journal::MAX_RECORD;
+    let in_memory = (budget / record) as usize;
     let spilled = list_names(&spool.state_dir(State::Tmp)).unwrap().len();
-    let per_draft = super::journal::MAX_RECORD - 64 * 1024;
-    let in_memory = (draft::MEMORY_BUDGET / per_draft) as usize;
     assert_eq!(spilled, 80 - in_memory, "drafts written to tmp/");
+    assert_eq!(used(&spool), in_memory as u64 * record);
+    // No memory at all: a new message still streams, straight to the file.
+    spool.set_message_memory(0);
+    let mut d = spool.begin().await.unwrap();
+    d.write(b"Subject: tiny\r\n\r\n").await.unwrap();
+    assert!(d.buf.capacity() == 0 && d.file.is_some());
+    drafts.push(d);
+    spool.set_message_memory(budget);
     let mut ids = Vec::new();
     for d in drafts {
         ids.push(d.id().to_string());
         d.commit(envelope("a@example.com")).await.unwrap();
     }
-    for id in &ids {
+    for id in &ids[..80] {
         let raw = std::fs::read(spool.msg_path(State::Incoming, id)).unwrap();
         assert!(raw.starts_with(&body), "{id}");
     }
+    let raw = std::fs::read(spool.msg_path(State::Incoming, &ids[80])).unwrap();
+    assert!(raw.starts_with(b"Subject: tiny\r\n\r\n"));
     assert!(list_names(&spool.state_dir(State::Tmp)).unwrap().is_empty());
-    // Every reservation was given back.
-    assert_eq!(
-        spool.inner.draft_memory.load(Ordering::Relaxed),
-        draft::MEMORY_BUDGET
-    );
+    assert_eq!(used(&spool), 0, "every reservation given back");
 }
 
 /// A delivered message's queue file is written over by the next message (same inode, no new
@@ -829,4 +846,46 @@ fn lock_file_is_private() {
     let _spool = Spool::open_exclusive(dir.path()).unwrap();
     let mode = std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+}
+
+/// A move a power cut left on both sides (the destination's directory flushed, the source's
+/// not) is one message under two names: recovery keeps one, so the forwarder neither schedules
+/// it twice nor skips the second name as already known (found by the power-cut test).
+#[tokio::test]
+async fn a_message_left_in_two_queue_directories_keeps_one_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (deferred_too, held_too);
+    {
+        let spool = Spool::open_exclusive(dir.path()).unwrap();
+        deferred_too = queue_one(&spool, b"Subject: a\r\n\r\nx\r\n").await;
+        held_too = queue_one(&spool, b"Subject: b\r\n\r\ny\r\n").await;
+        spool.claim(&deferred_too, State::Incoming).unwrap();
+        let active = spool.msg_path(State::Active, &deferred_too);
+        std::fs::hard_link(&active, spool.msg_path(State::Deferred, &deferred_too)).unwrap();
+        std::fs::hard_link(
+            spool.msg_path(State::Incoming, &held_too),
+            spool.msg_path(State::Hold, &held_too),
+        )
+        .unwrap();
+    }
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let r = spool.recover().unwrap();
+    assert_eq!(r.duplicates_removed, 2, "{r:?}");
+    assert_eq!(r.quarantined, 0);
+    let names = |id: &str| {
+        State::QUEUED
+            .into_iter()
+            .filter(|s| spool.msg_path(*s, id).exists())
+            .collect::<Vec<_>>()
+    };
+    // active/ was requeued into incoming/, which is kept over deferred/; hold/ over incoming/
+    assert_eq!(names(&deferred_too), vec![State::Incoming]);
+    assert_eq!(names(&held_too), vec![State::Hold]);
+    assert_eq!(
+        spool
+            .read_envelope(State::Incoming, &deferred_too)
+            .unwrap()
+            .id,
+        deferred_too
+    );
 }

@@ -94,6 +94,41 @@ fn config_errors_name_file_line_and_key_and_exit_78() {
     assert_eq!(out.status.code(), Some(78));
 }
 
+/// Issue 7 item 9: `check` said OK for a certificate and key that do not match, which `serve`
+/// then refused (exit 70); and a file that is not UTF-8 got no line and "check the path and
+/// its permissions". Both now fail `check` and `serve` alike, at the right line.
+#[test]
+fn check_refuses_a_mismatched_tls_pair_and_a_non_utf8_file() {
+    let cases = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs");
+    let run = |sub: &str, case: &str| {
+        let out = Command::new(bin())
+            .args([sub, "--config"])
+            .arg(cases.join(case).join("postern.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for sub in ["check", "serve"] {
+        let (code, err) = run(sub, "32-tls-key-mismatch");
+        assert_eq!(code, Some(78), "{sub}: {err}");
+        assert!(
+            err.contains("postern.toml:7:11: listener.submission.tls_key: the private key in")
+                && err.contains("does not belong to the certificate"),
+            "{sub}: {err}"
+        );
+        let (code, err) = run(sub, "33-not-utf8");
+        assert_eq!(code, Some(78), "{sub}: {err}");
+        assert!(
+            err.contains("postern.toml:4:6: the file is not UTF-8 text: byte 0xE9"),
+            "{sub}: {err}"
+        );
+        assert!(!err.contains("permissions"), "{sub}: {err}");
+    }
+}
+
 #[test]
 fn queue_commands_work_while_the_daemon_runs() {
     // Deliveries fail (the target directory is a file), so messages stay deferred.
@@ -214,11 +249,15 @@ fn json_logs_have_one_object_per_line_with_queue_ids() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut addr = None;
     let mut line = String::new();
+    // In JSON mode the ready lines on stdout are JSON objects too.
     while out.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some(rest) = line.trim().strip_prefix("postern: listening on local ") {
-            addr = rest.parse::<std::net::SocketAddr>().ok();
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("a JSON ready line");
+        if v["event"] == "listening" && v["listener"] == "local" {
+            addr = v["address"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
         }
-        if line.trim() == "postern: ready" {
+        if v["event"] == "ready" {
             break;
         }
         line.clear();

@@ -22,8 +22,10 @@ pub struct Postern {
     pub umask: Option<u32>,
     /// More arguments for `postern serve` (e.g. `--log-format json`).
     pub serve_args: Vec<String>,
-    /// Extra environment variables of the daemon.
-    pub env: Vec<(String, String)>,
+    /// More environment variables for the daemon.
+    pub envs: Vec<(String, String)>,
+    /// What the daemon printed on standard output, line by line.
+    pub stdout_lines: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn bin() -> &'static str {
@@ -60,33 +62,29 @@ dir = "delivered"
 impl Postern {
     /// Write `config` into a new temp dir and start `postern serve` on it.
     pub fn start(config: &str) -> Postern {
-        Self::start_inner(config, None, &[])
+        Self::start_inner(config, None, &[], &[])
     }
 
     /// Like `start`, with the daemon's umask set to `umask`.
     pub fn start_with_umask(config: &str, umask: u32) -> Postern {
-        Self::start_inner(config, Some(umask), &[])
+        Self::start_inner(config, Some(umask), &[], &[])
     }
 
     /// Like `start`, with more arguments for `postern serve`.
     pub fn start_with(config: &str, serve_args: &[&str]) -> Postern {
-        Self::start_inner(config, None, serve_args)
+        Self::start_inner(config, None, serve_args, &[])
     }
 
-    /// Like `start`, with extra environment variables for the daemon.
-    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Postern {
-        Self::start_full(config, None, &[], env)
+    /// Like `start`, with more arguments and environment variables for `postern serve`.
+    pub fn start_with_env(config: &str, serve_args: &[&str], envs: &[(&str, &str)]) -> Postern {
+        Self::start_inner(config, None, serve_args, envs)
     }
 
-    fn start_inner(config: &str, umask: Option<u32>, serve_args: &[&str]) -> Postern {
-        Self::start_full(config, umask, serve_args, &[])
-    }
-
-    fn start_full(
+    fn start_inner(
         config: &str,
         umask: Option<u32>,
         serve_args: &[&str],
-        env: &[(&str, &str)],
+        envs: &[(&str, &str)],
     ) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("postern.toml");
@@ -99,10 +97,11 @@ impl Postern {
             config_path,
             umask,
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
-            env: env
+            envs: envs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            stdout_lines: Arc::new(Mutex::new(Vec::new())),
         };
         p.spawn();
         p
@@ -115,7 +114,7 @@ impl Postern {
             .arg(&self.config_path)
             .args(&self.serve_args)
             .env("POSTERN_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(mask) = self.umask {
@@ -139,10 +138,13 @@ impl Postern {
             }
         });
         let (tx, rx) = std::sync::mpsc::channel();
+        let out_lines = self.stdout_lines.clone();
         std::thread::spawn(move || {
+            let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+                out_lines.lock().unwrap().push(line.clone());
+                if tx.as_ref().is_some_and(|t| t.send(line).is_err()) {
+                    tx = None;
                 }
             }
         });
@@ -151,12 +153,20 @@ impl Postern {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line == "postern: ready" => break,
+                Ok(line) if line == "postern: ready" || line == r#"{"event":"ready"}"# => break,
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("postern: listening on ") {
                         let (name, addr) = rest.split_once(' ').expect("listening line");
                         self.listeners
                             .insert(name.to_string(), addr.parse().expect("addr"));
+                    } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                        && v["event"] == "listening"
+                    {
+                        let (name, addr) = (&v["listener"], &v["address"]);
+                        self.listeners.insert(
+                            name.as_str().expect("listener").to_string(),
+                            addr.as_str().expect("address").parse().expect("addr"),
+                        );
                     }
                 }
                 Err(_) => {
@@ -304,7 +314,12 @@ impl Raw {
     pub fn try_connect(addr: SocketAddr) -> Option<Raw> {
         let s = TcpStream::connect(addr).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
-        Some(Raw { s, buf: Vec::new() })
+        Some(Raw::from_stream(s))
+    }
+
+    /// A client over a stream connected some other way (e.g. from another local address).
+    pub fn from_stream(s: TcpStream) -> Raw {
+        Raw { s, buf: Vec::new() }
     }
 
     /// Write bytes; a server that already closed the connection is not an error here

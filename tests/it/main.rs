@@ -3,6 +3,7 @@
 mod fake;
 mod harness;
 
+mod abuse;
 mod cli;
 mod clients;
 mod crash;
@@ -11,9 +12,11 @@ mod input;
 mod load;
 mod m365;
 mod observe;
+mod operations;
 mod powercut;
 mod protocol;
 mod secrets;
+mod sendmail;
 mod spool_trust;
 mod tls;
 mod token;

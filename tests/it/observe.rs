@@ -933,6 +933,7 @@ fn healthz_turns_503_when_the_forwarder_stops_and_health_says_so() {
         .port();
     let p = Postern::start_with_env(
         &basic_config("", &format!("[admin]\naddress = \"127.0.0.1:{port}\"")),
+        &[],
         &[("POSTERN_TEST_STOP_FORWARDER", stop.to_str().unwrap())],
     );
     let admin = admin_addr(&p);
