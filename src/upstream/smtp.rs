@@ -248,6 +248,40 @@ impl SmtpTransport {
         }
     }
 
+    /// The TCP connection to the server (Nagle off: commands are small and each waits for
+    /// its reply), or the transient outcome that says why not.
+    async fn connect(&self) -> Result<TcpStream, Outcome> {
+        let server = self.server();
+        let tcp = match tokio::time::timeout(
+            self.timeouts.connect,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(Outcome::Transient {
+                    reason: format!(
+                        "cannot connect to {server}: {} (check DNS and that outbound TCP port {} is open)",
+                        super::network_error(&e),
+                        self.port
+                    ),
+                });
+            }
+            Err(_) => {
+                return Err(Outcome::Transient {
+                    reason: format!(
+                        "cannot connect to {server}: no answer within {} (check that outbound TCP port {} is open)",
+                        humantime::format_duration(self.timeouts.connect),
+                        self.port
+                    ),
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
     /// One connection: connect, greeting, EHLO, STARTTLS, EHLO, AUTH, then the message.
     async fn attempt(
         &self,
@@ -258,34 +292,10 @@ impl SmtpTransport {
         msg: &Outgoing,
     ) -> Result<Outcome, Failure> {
         let server = ctx.server;
-        let tcp = match tokio::time::timeout(
-            self.timeouts.connect,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Ok(Outcome::Transient {
-                    reason: format!(
-                        "cannot connect to {server}: {} (check DNS and that outbound TCP port {} is open)",
-                        super::network_error(&e),
-                        self.port
-                    ),
-                });
-            }
-            Err(_) => {
-                return Ok(Outcome::Transient {
-                    reason: format!(
-                        "cannot connect to {server}: no answer within {} (check that outbound TCP port {} is open)",
-                        humantime::format_duration(self.timeouts.connect),
-                        self.port
-                    ),
-                });
-            }
+        let tcp = match self.connect().await {
+            Ok(s) => s,
+            Err(o) => return Ok(o),
         };
-        // Commands are small and we wait for each reply: Nagle would only add latency.
-        let _ = tcp.set_nodelay(true);
         let mut plain = Conn::new(tcp, server.to_string(), self.timeouts);
 
         let tls_stream = match self.plain_phase(&mut plain, ctx).await {

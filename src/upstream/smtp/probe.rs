@@ -2,8 +2,6 @@
 //! mailbox, QUIT. No message is sent. Every step goes through the same code as a delivery, so
 //! what doctor reports is what the forwarder would meet.
 
-use tokio::net::TcpStream;
-
 use super::{Conn, Context, SmtpTransport};
 use crate::upstream::Outcome;
 
@@ -41,27 +39,7 @@ impl SmtpTransport {
                 return Err(Outcome::held(format!("no access token for {mailbox}: {e}")));
             }
         };
-        let tcp = match tokio::time::timeout(
-            self.timeouts.connect,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(Outcome::Transient {
-                    reason: format!("cannot connect to {server}: {e}"),
-                });
-            }
-            Err(_) => {
-                return Err(Outcome::Transient {
-                    reason: format!(
-                        "cannot connect to {server}: no answer within {}",
-                        humantime::format_duration(self.timeouts.connect)
-                    ),
-                });
-            }
-        };
+        let tcp = self.connect().await?;
         let mut plain = Conn::new(tcp, server.clone(), self.timeouts);
         if let Err(o) = self.plain_phase(&mut plain, &ctx).await {
             plain.quit().await;
