@@ -36,7 +36,8 @@ pub struct Cli {
 /// Exit codes, for `postern --help` and the man page.
 pub const EXIT_CODES: &str = "Exit codes (sysexits.h, as Postfix and sendmail use them):
   0   success
-  1   `postern health`: the daemon does not answer
+  1   `postern health`: the daemon is not healthy; `postern doctor`: a check failed;
+      `postern explain`: the error is not known
   2   wrong command line (clap usage error)
   64  wrong sendmail command line (EX_USAGE)
   65  bad input: an empty password, a malformed message (EX_DATAERR)
@@ -119,8 +120,16 @@ pub enum Command {
     /// postern as `sendmail`.
     #[command(after_long_help = SENDMAIL_HELP)]
     Sendmail(SendmailArgs),
-    /// Check that the daemon runs and answers on its control socket (exit 0), else exit 1;
-    /// for Docker's HEALTHCHECK and monitoring.
+    /// Explain an error: paste an SMTP reply, an AADSTS code or Entra's error JSON, a Graph
+    /// error, a postern log line, or give a queue id; prints what it means, the likely causes
+    /// and the fix (exit 1 when the error is not known).
+    Explain(ExplainArgs),
+    /// Check everything postern depends on, in order (configuration, spool, listeners, TLS,
+    /// Entra, Exchange, the queue) and print each ✓/✗ with its fix; exit 1 if any failed.
+    Doctor(DoctorArgs),
+    /// Is the running daemon healthy? With an [admin] listener its /healthz (listeners bound,
+    /// forwarder running), else its control socket answers: exit 0, else exit 1; for Docker's
+    /// HEALTHCHECK and monitoring.
     Health {
         #[command(flatten)]
         config: ConfigArg,
@@ -138,6 +147,36 @@ pub enum Command {
     },
     /// Print the version.
     Version,
+}
+
+/// `postern explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The error text (several words are joined); read from standard input when absent.
+    #[arg(
+        value_name = "TEXT",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub text: Vec<String>,
+    /// List every known error instead.
+    #[arg(long, conflicts_with = "text")]
+    pub list: bool,
+}
+
+/// `postern doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print one JSON object (for scripts) instead of the ✓/✗ lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the checks that need the network (Entra, Exchange, Graph).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// Help for `postern sendmail`.

@@ -26,6 +26,7 @@ use crate::smtp::conn::ListenerContext;
 use crate::smtp::server::{ConnLimiter, run_listener};
 use crate::smtp::tls;
 use crate::spool::{Spool, SpoolError};
+use crate::status::Liveness;
 use crate::token::store::TokenStore;
 
 /// Re-reads the configuration (on SIGHUP).
@@ -147,6 +148,9 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     );
     let control_path = control::socket_path(&config.spool_dir);
     let control_listener = control::bind(&control_path)?;
+    let live = Liveness::new();
+    crate::metrics::configure(&config);
+    let (config_tx, config_rx) = watch::channel(config.clone());
 
     let shutdown = CancellationToken::new();
     let conns = TaskTracker::new();
@@ -165,7 +169,14 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         kick.clone(),
         shutdown.clone(),
     );
-    let forwarder = tokio::spawn(forwarder.run());
+    let running = live.forwarder();
+    let forwarder = tokio::spawn(async move {
+        let _running = running;
+        tokio::select! {
+            () = forwarder.run() => {}
+            () = test_stop_forwarder() => error!("the forwarder was stopped (POSTERN_TEST_STOP_FORWARDER)"),
+        }
+    });
     let control_task = tokio::spawn(control::serve(
         control_listener,
         control_path,
@@ -184,13 +195,21 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         conns: conns.clone(),
         auth_guard,
         limiter,
+        live: live.clone(),
     };
-    let mut live = shared.start_listeners(&config, &HashMap::new())?;
-    for (name, addr) in &live.bound {
+    let admin_task = start_admin(&config, &spool, config_rx, &live, &shutdown)?;
+    let mut live_listeners = shared.start_listeners(&config, &HashMap::new())?;
+    // Listeners skipped for want of IPv6 are not expected to run.
+    live.expect_listeners(live_listeners.bound.len());
+    for (name, addr) in &live_listeners.bound {
         // The ready lines on stdout are how scripts and tests learn the bound ports.
         announce(Some((name, *addr)));
     }
+    if let Some((addr, _)) = &admin_task {
+        announce(Some(("[admin]", *addr)));
+    }
     announce(None);
+    live.set_ready();
     sd_notify("READY=1");
     let mut watchdog = watchdog_interval().map(tokio::time::interval);
     info!(config = %config.source, "postern started");
@@ -237,10 +256,16 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                         // unchanged addresses), and only then do the old ones stop accepting:
                         // no connection attempt is refused during a reload, and a failure
                         // leaves everything as it was.
-                        match shared.start_listeners(&new, &live.sockets) {
+                        match shared.start_listeners(&new, &live_listeners.sockets) {
                             Ok(l) => {
-                                live.stop.cancel();
-                                live = l;
+                                live_listeners.stop.cancel();
+                                live.expect_listeners(l.bound.len());
+                                live_listeners = l;
+                                crate::metrics::configure(&new);
+                                if new.admin.as_ref().map(|a| a.address) != current.admin.as_ref().map(|a| a.address) {
+                                    warn!("[admin] address changed; that takes a restart");
+                                }
+                                let _ = config_tx.send(new.clone());
                                 spool.set_min_free(new.limits.min_free_disk);
                                 spool.set_message_memory(new.limits.message_memory);
                                 shared.limiter.set_limits(&new.limits);
@@ -262,8 +287,9 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     }
 
     sd_notify("STOPPING=1");
+    live.set_stopping();
     shutdown.cancel();
-    live.stop.cancel();
+    live_listeners.stop.cancel();
     conns.close();
     let grace = current.delivery.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
@@ -275,6 +301,9 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         warn!(grace = %humantime::format_duration(grace), "shutdown grace period over; unfinished work stays in the spool for the next start");
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
+    if let Some((_, task)) = admin_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
     // Leave every queued message durable as a queue file of its own, so the next start has
     // nothing to replay from the journal.
     let s = spool.clone();
@@ -309,6 +338,7 @@ fn start_tokens(
 }
 
 struct Shared {
+    live: Arc<Liveness>,
     spool: Spool,
     shutdown: CancellationToken,
     conns: TaskTracker,
@@ -386,7 +416,11 @@ impl Shared {
                 stop: stop.clone(),
                 tracker: self.conns.clone(),
             });
-            tokio::spawn(run_listener(tcp, ctx));
+            let running = self.live.listener();
+            tokio::spawn(async move {
+                let _running = running;
+                run_listener(tcp, ctx).await;
+            });
         }
         Ok(Listeners {
             stop,
@@ -414,6 +448,46 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     sock.bind(addr)?;
     let l = sock.listen(1024)?;
     l.into_std()
+}
+
+/// Bind and start the admin HTTP listener, when configured: its bound address and task.
+fn start_admin(
+    config: &Config,
+    spool: &Spool,
+    config_rx: watch::Receiver<Arc<Config>>,
+    live: &Arc<Liveness>,
+    shutdown: &CancellationToken,
+) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<()>)>, DaemonError> {
+    let Some(admin) = &config.admin else {
+        return Ok(None);
+    };
+    let err = |source| DaemonError::Bind {
+        name: "[admin]".into(),
+        address: admin.address,
+        source,
+    };
+    let l = crate::web::bind(admin.address).map_err(err)?;
+    let addr = l.local_addr().map_err(err)?;
+    let state = crate::web::AdminState {
+        spool: spool.clone(),
+        config: config_rx,
+        live: live.clone(),
+    };
+    let task = tokio::spawn(crate::web::serve(l, state, shutdown.clone()));
+    info!(address = %addr, "admin listener (metrics, health, status page) started");
+    Ok(Some((addr, task)))
+}
+
+/// A test hook: when `POSTERN_TEST_STOP_FORWARDER` names a file, the forwarder stops once
+/// that file exists (so tests can see `/healthz` turn 503). Never resolves otherwise.
+async fn test_stop_forwarder() {
+    let Some(path) = std::env::var_os("POSTERN_TEST_STOP_FORWARDER") else {
+        return std::future::pending().await;
+    };
+    let path = std::path::PathBuf::from(path);
+    while !path.exists() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Tell systemd (Type=notify) about our state; a no-op outside systemd.

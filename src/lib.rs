@@ -15,8 +15,17 @@
 //!   and `file`; `classify` turns every upstream reply into an outcome and advice.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
 //!   single-flight), refresh-token files, `postern login` and `postern token`.
+//! - [`diagnosis`]: the one table of errors (Exchange SMTP replies, AADSTS codes, Graph errors,
+//!   postern's own hold reasons) → meaning, likely causes and fix; feeds `explain`, `doctor`,
+//!   the status page and the advice in log lines.
 //! - [`daemon`]: start-up order, signals, reload and graceful stop.
 //! - [`control`]: the socket through which queue commands wake the daemon.
+//! - [`doctor`]: `postern doctor`: every dependency checked in order, ✓/✗ with the fix.
+//! - [`health`]: `postern health`: ask the running daemon (its `/healthz`, or its control socket).
+//! - [`explain`]: `postern explain`: a pasted error or a queue id → the diagnosis.
+//! - [`metrics`]: Prometheus counters, gauges and histograms, fed by one-line hooks.
+//! - [`status`]: one snapshot of the queue, mailboxes, credentials and liveness.
+//! - [`web`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, the status page.
 //! - [`admin`]: what the queue commands print.
 //! - [`maillog`]: the operator's log, one line per message state change.
 //! - [`secret`]: a wrapper that never prints its contents.
@@ -32,13 +41,20 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod diagnosis;
+pub mod doctor;
 pub mod escape;
+pub mod explain;
 pub mod forward;
+pub mod health;
 pub mod maillog;
+pub mod metrics;
 pub mod secret;
 pub mod sendmail;
 pub mod smtp;
 pub mod spool;
+pub mod status;
 pub mod token;
 pub mod trust;
 pub mod upstream;
+pub mod web;

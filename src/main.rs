@@ -105,10 +105,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Health { config } => {
             let cfg = ConfigSource::resolve(config_path(&config, &cli.config).as_deref())
                 .load_for_client()?;
-            let path = control::socket_path(&cfg.spool_dir);
-            match control::ping(&path) {
-                Ok(()) => {
-                    println!("postern: healthy: the daemon answers on {}", path.display());
+            match postern::health::check(&cfg) {
+                Ok(line) => {
+                    println!("postern: healthy: {line}");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(why) => {
@@ -197,6 +196,60 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 a.show_token,
             ));
             Ok(ExitCode::from(code))
+        }
+        Command::Explain(a) => {
+            if a.list {
+                print!("{}", postern::diagnosis::list());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let input = if a.text.is_empty() {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading the error from standard input")?;
+                s
+            } else {
+                a.text.join(" ")
+            };
+            // The configuration only adds detail (queue ids, the account's names): explain
+            // works without one, e.g. on a laptop.
+            let cfg = ConfigSource::resolve(config_path(&a.config, &cli.config).as_deref())
+                .load_for_client()
+                .ok();
+            let (text, known) = postern::explain::run(&input, cfg.as_ref());
+            print!("{text}");
+            Ok(if known {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Doctor(a) => {
+            let source = ConfigSource::resolve(config_path(&a.config, &cli.config).as_deref());
+            let name = match &source {
+                ConfigSource::File(p) => p.display().to_string(),
+                ConfigSource::FileIgnoringEnv(_) => DEFAULT_CONFIG.to_string(),
+                ConfigSource::Env(_) => "the POSTERN_* environment variables".to_string(),
+                ConfigSource::Default => config::EMBEDDED_SOURCE.to_string(),
+            };
+            let report = runtime()?.block_on(postern::doctor::run(
+                source.load_for_client(),
+                &name,
+                a.offline,
+            ));
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).context("encoding the report")?
+                );
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(if report.failed() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Queue(QueueArgs { config, command }) => {
             let cfg = ConfigSource::resolve(config.or(cli.config).as_deref()).load_for_client()?;

@@ -56,6 +56,17 @@ pub struct Config {
     pub accounts: Vec<AccountConfig>,
     /// Forwarder settings.
     pub delivery: DeliveryConfig,
+    /// The admin HTTP listener (metrics, health, status page), if configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the HTTP listener for `/metrics`, `/healthz`, `/readyz` and the status page.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address and port to bind (loopback unless a token is set).
+    pub address: SocketAddr,
+    /// The token clients must present (Bearer, or as the Basic password), if any.
+    pub token: Option<SecretSource>,
 }
 
 /// Limits shared by all listeners.

@@ -31,6 +31,15 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "user",
     "route",
     "account",
+    "admin",
+];
+/// Keys allowed in `[admin]`.
+pub(crate) const ADMIN_KEYS: &[&str] = &[
+    "address",
+    "token",
+    "token_file",
+    "token_env",
+    "token_credential",
 ];
 /// Keys allowed in `[limits]`.
 pub(crate) const LIMITS_KEYS: &[&str] = &[
@@ -119,6 +128,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("a [user.NAME] table", USER_KEYS),
     ("a [route.NAME] table", ROUTE_KEYS),
     ("an [account.NAME] table", ACCOUNT_KEYS),
+    ("[admin]", ADMIN_KEYS),
 ];
 
 /// A size as written: a string such as `"35 MB"`, or a plain number of bytes.
@@ -153,6 +163,8 @@ pub(crate) struct RawConfig {
     pub users: Vec<RawUser>,
     pub routes: Vec<RawRoute>,
     pub accounts: Vec<RawAccount>,
+    /// `[admin]`: string values kept like an account's (its token is a secret source).
+    pub admin: Option<RawAccount>,
     /// `listener` / `route` was present but malformed (already reported), so "no listener" or
     /// "no route" would only repeat that error.
     pub listener_section_broken: bool,
@@ -326,10 +338,39 @@ pub(crate) fn parse(text: &str, c: &mut Collector<'_>) -> Option<RawConfig> {
                     raw.accounts.push(account(c, name, header, t));
                 }
             }
+            "admin" => {
+                if let Some(t) = table(c, key, v, "[admin]") {
+                    raw.admin = Some(admin(c, k.span(), t));
+                }
+            }
             _ => unknown_key(c, "", k, TOP_KEYS),
         }
     }
     Some(raw)
+}
+
+fn admin(c: &mut Collector<'_>, header: Span, t: &DeTable<'_>) -> RawAccount {
+    let mut r = RawAccount {
+        name: "admin".into(),
+        header,
+        ..RawAccount::default()
+    };
+    for (k, v) in entries(t) {
+        let key = k.get_ref().as_ref();
+        if !ADMIN_KEYS.contains(&key) {
+            unknown_key(c, "admin", k, ADMIN_KEYS);
+            continue;
+        }
+        let fix = if key == "address" {
+            "write an IP address and port such as \"127.0.0.1:9925\""
+        } else {
+            "write the value in quotes"
+        };
+        if let Some(value) = string(c, &format!("admin.{key}"), v, fix) {
+            r.values.push((key.to_owned(), value));
+        }
+    }
+    r
 }
 
 fn limits(c: &mut Collector<'_>, t: &DeTable<'_>) -> RawLimits {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    ACCOUNT_KEYS, DELIVERY_KEYS, LIMITS_KEYS, LISTENER_KEYS, ROUTE_KEYS, TOP_KEYS, USER_KEYS,
+    ACCOUNT_KEYS, ADMIN_KEYS, DELIVERY_KEYS, LIMITS_KEYS, LISTENER_KEYS, ROUTE_KEYS, TOP_KEYS,
+    USER_KEYS,
 };
 use super::*;
 
@@ -125,6 +126,7 @@ fn example_config_loads_and_documents_every_key() {
         .chain(USER_KEYS)
         .chain(ROUTE_KEYS)
         .chain(ACCOUNT_KEYS)
+        .chain(ADMIN_KEYS)
     {
         assert!(
             text.contains(&format!("{key} =")) || text.contains(&format!("[{key}")),

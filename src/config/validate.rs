@@ -28,6 +28,7 @@ use super::{
 };
 
 mod account;
+mod admin;
 
 pub use super::error::{ConfigError, ConfigErrors};
 
@@ -223,6 +224,7 @@ impl Checker<'_, '_> {
         let state_dir = self.dir("state_dir", raw.state_dir, defaults::STATE_DIR);
         let limits = self.limits(raw.limits);
         let delivery = self.delivery(raw.delivery);
+        let admin = self.admin(raw.admin);
 
         let mut listeners = Vec::new();
         let mut facts = Vec::new();
@@ -275,6 +277,7 @@ impl Checker<'_, '_> {
             routes,
             accounts,
             delivery,
+            admin,
         }
     }
 

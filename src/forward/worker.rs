@@ -87,7 +87,10 @@ pub async fn attempt(
     .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))??;
     for b in bounces {
         match b.queue(spool, hostname).await {
-            Ok(report) => maillog::bounced(id, &report, &b.original.sender),
+            Ok(report) => {
+                maillog::bounced(id, &report, &b.original.sender);
+                crate::metrics::bounced(&b.original);
+            }
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "cannot queue the delivery status notification")
             }
@@ -143,6 +146,7 @@ fn record(
             }
             if !sent.is_empty() {
                 maillog::sent(id, &env.mailbox, &sent, &relay, &reply, env.attempts);
+                crate::metrics::sent(&env);
             }
             let delivered = u32::try_from(sent.len()).unwrap_or(u32::MAX);
             // The report needs the original's header, so it is built before the file goes.
@@ -194,6 +198,7 @@ fn record(
             spool.write_envelope(State::Active, &env)?;
             spool.move_msg(id, State::Active, State::Hold)?;
             maillog::held(id, &env.mailbox, super::hold::brief(&reason));
+            crate::metrics::held(&env);
             Ok((report(Next::Held(scope)), bounces))
         }
         Outcome::Throttled { reason, wait } => {
@@ -245,6 +250,7 @@ fn settle(
         RcptStatus::Sent => sent.push(r.address),
         RcptStatus::Failed => {
             maillog::failed(id, &env.mailbox, &format!("<{}>: {}", r.address, r.reply));
+            crate::metrics::failed(env);
             failed.push((r.address, r.reply));
         }
         RcptStatus::Pending => {}
@@ -314,6 +320,7 @@ fn to_deferred(
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Deferred)?;
     maillog::deferred(&env.id, &env.mailbox, logged, env.attempts, retry_in);
+    crate::metrics::deferred(&env);
     Ok(())
 }
 
@@ -346,5 +353,6 @@ fn fail(
     spool.write_envelope(State::Active, &env)?;
     spool.move_msg(&env.id, State::Active, State::Failed)?;
     maillog::failed(&env.id, &env.mailbox, &reason);
+    crate::metrics::failed(&env);
     Ok((Next::Failed, bounce.into_iter().collect()))
 }

@@ -351,6 +351,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 from,
                 rcpt,
             );
+            crate::metrics::refused(&self.ctx.listener.name, stage, &r.to_string());
         }
     }
 
@@ -847,6 +848,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 match draft.commit(*env).await {
                     Ok(()) => {
                         maillog::queued(&id, &self.client, &sender, nrcpt, stored, user.as_deref());
+                        crate::metrics::received(&self.ctx.listener.name);
                         self.accepted += 1;
                         self.reply(io, Reply::queued(&id), stage, from, None);
                     }

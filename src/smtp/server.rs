@@ -289,6 +289,7 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
         );
         let reply = Reply::access_denied(&ip.to_string(), &ctx.listener.name);
         maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
+        crate::metrics::refused(&ctx.listener.name, "CONNECT", &reply.to_string());
         if !implicit {
             refuse(stream, reply, &ctx.tracker);
         }
@@ -317,6 +318,7 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 }
             };
             maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
+            crate::metrics::refused(&ctx.listener.name, "CONNECT", &reply.to_string());
             if !implicit {
                 refuse(stream, reply, &ctx.tracker);
             }
@@ -326,6 +328,7 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
     let ctx = ctx.clone();
     ctx.tracker.clone().spawn(async move {
         let slot = permit.slot().clone();
+        let _open = crate::metrics::connection(&ctx.listener.name);
         if implicit {
             let Some(acceptor) = ctx.tls.clone() else {
                 error!(target: "postern::smtp", listener = %ctx.listener.name, "implicit TLS listener without a certificate");

@@ -111,6 +111,7 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
             shutdown_grace: Duration::from_secs(5),
             hold_retry: Duration::from_secs(300),
         },
+        admin: None,
     }
 }
 

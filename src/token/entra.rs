@@ -255,145 +255,65 @@ fn cloud_name(c: Cloud) -> &'static str {
     }
 }
 
-/// What an AADSTS code means and what to do, for this account (§1.7, §9 rows 23–39).
+/// What an AADSTS code means and what to do, for this account (§1.7, §9 rows 23–39): the
+/// words of [`crate::diagnosis`]'s table, filled in with this account's names and paths, so
+/// the log, `explain` and `doctor` say the same; Entra's own words for codes it lacks.
 pub fn explain(code: Option<u32>, e: &EntraError, cx: &Context<'_>) -> (String, String) {
     let a = cx.account;
     let app = cx.app();
-    let (meaning, advice): (String, String) = match code {
-        Some(7000215) => (
-            "the client secret is wrong".into(),
-            format!(
-                "{app} → Certificates & secrets → Client secrets: paste the secret Value, not the Secret ID, into {}; if the Value is lost, click New client secret and copy its Value (it is shown only once)",
-                cx.secret_place()
-            ),
-        ),
-        Some(7000222) => (
-            "the client secret has expired".into(),
-            format!(
-                "{app} → Certificates & secrets → New client secret; copy the Value into {} and update secret_expires (or switch to a certificate)",
-                cx.secret_place()
-            ),
-        ),
-        Some(7000218) => (
-            "the request had no client secret or certificate and the app is not a public client".into(),
-            format!(
-                "for device-code login: {app} → Authentication → Advanced settings → Allow public client flows = Yes; otherwise give the account a client secret or certificate"
-            ),
-        ),
-        Some(700016) => (
-            format!("application {} was not found in tenant {}", a.client_id, a.tenant),
-            format!(
-                "compare client_id with Entra admin centre → App registrations → your app → Overview → Application (client) ID, and tenant with Directory (tenant) ID; an app registered in another tenant needs admin consent in {} (Enterprise applications)",
-                a.tenant
-            ),
-        ),
-        Some(90002) => (
-            format!(
-                "tenant {} was not found in the {} cloud",
-                a.tenant,
-                cloud_name(a.cloud)
-            ),
-            "compare tenant with Entra admin centre → Overview → Tenant ID or Primary domain, and check cloud = global | usgov | usgov-dod | china (a GCC High or 21Vianet tenant does not exist in the global cloud)".into(),
-        ),
-        Some(50194) => (
-            "the app is single-tenant but the request used /common or /organizations".into(),
-            format!(
-                "set tenant to the Directory (tenant) ID shown in {app} → Overview (or make the app multi-tenant under Authentication → Supported account types)"
-            ),
-        ),
-        Some(65001) => (
-            "nobody has consented to the permission postern needs".into(),
-            format!(
-                "{app} → API permissions → Add a permission → {} → Grant admin consent for the tenant",
-                cx.permission()
-            ),
-        ),
-        Some(700082) => (
-            "the refresh token expired after 90 days without use".into(),
-            format!("sign the mailbox in again: {}", cx.login_cmd()),
-        ),
-        Some(50173) | Some(70043) | Some(70000) | Some(70008) => (
-            "the sign-in was revoked or has expired (password change, admin revocation or a Conditional Access sign-in frequency)".into(),
-            format!(
-                "sign the mailbox in again: {}; if it recurs, check Entra admin centre → Protection → Conditional Access → Session → Sign-in frequency for this user",
-                cx.login_cmd()
-            ),
-        ),
-        Some(50076) => (
-            "multi-factor authentication is required for this sign-in".into(),
-            format!(
-                "run {} and complete MFA; a Conditional Access policy requiring MFA applies (Entra admin centre → Protection → Conditional Access)",
-                cx.login_cmd()
-            ),
-        ),
-        Some(50079) => (
-            "the user must register for multi-factor authentication".into(),
-            format!(
-                "sign in as the mailbox user once at https://aka.ms/mfasetup, then run {}",
-                cx.login_cmd()
-            ),
-        ),
-        Some(53003) => (
-            "Conditional Access blocked the sign-in".into(),
-            "Entra admin centre → Monitoring & health → Sign-in logs → this sign-in → Conditional Access shows the policy; exclude this app or user, or allow this location or device, under Protection → Conditional Access".into(),
-        ),
-        Some(700027) | Some(50012) => (
-            "Entra rejected the certificate assertion (certificate not uploaded to the app, key and certificate mismatch, or clock skew)".into(),
-            format!(
-                "{app} → Certificates & secrets → Certificates → Upload certificate ({}); check the thumbprint Entra shows matches `postern check`, and that this host's clock is right",
+    if let Some(entry) = code.and_then(crate::diagnosis::for_aadsts) {
+        let mailbox = if cx.mailbox.is_empty() {
+            "ADDRESS"
+        } else {
+            cx.mailbox
+        };
+        let vars = crate::diagnosis::Vars::new()
+            .set("account", a.name.clone())
+            .set("mailbox", mailbox)
+            .set("client_id", a.client_id.clone())
+            .set("tenant", a.tenant.clone())
+            .set("cloud", cloud_name(a.cloud))
+            // One style of admin-centre path in every message: the table's "A > B".
+            .set("app", app.replace(" → ", " > "))
+            .set("secret_place", cx.secret_place())
+            .set("login_cmd", cx.login_cmd())
+            .set("permission", cx.permission().replace(" → ", " > "))
+            .set(
+                "scope",
+                scope(&a.endpoints, cx.audience, grant_kind(a), false),
+            )
+            .set(
+                "cert",
                 match &a.credential {
                     Credential::Certificate { cert, .. } => cert.display().to_string(),
                     _ => "the account's certificate".into(),
-                }
-            ),
+                },
+            )
+            .app_only(grant_kind(a) == GrantKind::AppOnly);
+        // A clause of the log line ("account contoso: the client secret is wrong ..."), so
+        // its first word goes lower-case unless it is a name (Entra, Conditional Access...).
+        let meaning = vars.fill(entry.meaning);
+        let meaning = match meaning.split_once(' ') {
+            Some((first @ ("The" | "A" | "An" | "Nobody"), rest)) => {
+                format!("{} {rest}", first.to_ascii_lowercase())
+            }
+            _ => meaning,
+        };
+        return (
+            meaning.trim_end_matches('.').to_string(),
+            crate::diagnosis::fix_steps(entry, &vars),
+        );
+    }
+    let meaning = if e.summary().is_empty() {
+        format!("Entra refused the request ({})", e.error)
+    } else {
+        format!("Entra refused the request: {}", e.summary())
+    };
+    let advice = match code {
+        Some(c) => format!(
+            "look up AADSTS{c} at https://login.microsoftonline.com/error?code={c} and check {app}"
         ),
-        Some(70011) | Some(700022) | Some(1002012) => (
-            "the scope postern asked for is not valid".into(),
-            format!(
-                "postern asked for \"{}\"; check the graph_url / smtp resource overrides of this account for cloud {}",
-                scope(&a.endpoints, cx.audience, grant_kind(a), false),
-                cloud_name(a.cloud)
-            ),
-        ),
-        Some(500011) => (
-            "the API (resource) is not present in this tenant".into(),
-            "check the account's cloud and endpoint overrides; for SMTP the tenant needs Exchange Online (Entra admin centre → Enterprise applications → Office 365 Exchange Online must exist)".into(),
-        ),
-        Some(7000112) => (
-            "the application is disabled".into(),
-            "Entra admin centre → Enterprise applications → the app → Properties → Enabled for users to sign in = Yes".into(),
-        ),
-        Some(501481) => (
-            "the PKCE code verifier did not match the challenge".into(),
-            format!("start the sign-in again: {} --browser", cx.login_cmd()),
-        ),
-        Some(54005) => (
-            "the authorization code was already used".into(),
-            format!("start the sign-in again: {}", cx.login_cmd()),
-        ),
-        Some(50011) => (
-            "the redirect URI is not registered".into(),
-            format!(
-                "{app} → Authentication → Add a platform → Mobile and desktop applications → add http://localhost"
-            ),
-        ),
-        Some(50126) => (
-            "invalid username or password".into(),
-            format!("use {} instead of a password", cx.login_cmd()),
-        ),
-        _ => (
-            if e.summary().is_empty() {
-                format!("Entra refused the request ({})", e.error)
-            } else {
-                format!("Entra refused the request: {}", e.summary())
-            },
-            match code {
-                Some(c) => format!(
-                    "look up AADSTS{c} at https://login.microsoftonline.com/error?code={c} and check {app}"
-                ),
-                None => format!("check {app}"),
-            },
-        ),
+        None => format!("check {app}"),
     };
     (meaning, advice)
 }
@@ -726,9 +646,12 @@ impl EntraClient {
         mailbox: &str,
         audience: Audience,
     ) -> Result<TokenResponse, TokenError> {
-        self.token_request(form, mailbox, audience)
-            .await?
-            .map_err(|e| classify(&e, &self.cx(mailbox, audience)))
+        let r = self
+            .token_request(form, mailbox, audience)
+            .await
+            .and_then(|r| r.map_err(|e| classify(&e, &self.cx(mailbox, audience))));
+        crate::metrics::token(&self.account.name, &r);
+        r
     }
 
     /// Client credentials grant (§1.1, §1.2): an app-only token for `audience`.

@@ -14,8 +14,11 @@
 //! - for RCPT, **that recipient** Failed or Pending, unless the reply is about the sender or
 //!   the tenant (then the whole message gets the verdict).
 //!
-//! Every reason quotes the server's full reply, then the advice. The table is
-//! microsoft-reference.md §3.4, §3.5 and §9 rows 1–22; the unit tests below use those texts.
+//! Every reason quotes the server's full reply, then the advice. This module decides the
+//! verdict (microsoft-reference.md §3.4, §3.5 and §9 rows 1–22; the unit tests below use those
+//! texts); the advice's words come from [`crate::diagnosis`]'s table, filled in for the
+//! mailbox and account, so the log, `postern explain`, `doctor` and the status page agree
+//! (`advice_is_the_tables` checks it).
 
 use std::time::Duration;
 
@@ -127,6 +130,7 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
     let esc = esc.as_ref().map(|e| (e.class, e.subject, e.detail));
     let text = reply.text().to_ascii_lowercase();
     let mailbox = ctx.mailbox;
+    let advice = |id: &str| table_advice(id, &reply.text(), ctx);
 
     // Not a failure at all where a failure was expected: the dialogue is out of step.
     if !(400..600).contains(&code) {
@@ -137,127 +141,63 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
 
     // TLS version complaints first: they come as 421 and would otherwise look transient.
     if matches!(esc, Some((_, 7, 66 | 67))) || text.contains("tls 1.0 and 1.1") {
-        return held(format!(
-            "Exchange says the connection used TLS 1.0 or 1.1. postern only speaks TLS 1.2 or later, \
-             so a firewall or proxy between this host and {} is terminating TLS with an old version: \
-             exempt this traffic from TLS inspection.",
-            ctx.server
-        ));
+        return held(advice("smtp.tls-old"));
     }
 
     // Replies about the sender, the mailbox or the tenant: they decide the whole message even
     // when they come in answer to RCPT.
     match esc {
-        Some((5, 7, 3)) => return held(token_rejected(ctx)),
-        Some((5, 7, 139)) => return held(auth_139(&text, ctx)),
-        Some((5, 7, 30)) => {
-            return held(format!(
-                "Exchange refused Basic authentication. postern signs in with OAuth (XOAUTH2), so the \
-                 server did not take the XOAUTH2 login as OAuth: check that smtp_host of \
-                 [account.{}] is Exchange Online (smtp.office365.com), not \
-                 smtp-legacy.office365.com or another server.",
-                ctx.account
-            ));
+        Some((5, 7, 3)) => return held(advice("smtp.auth.token-rejected")),
+        Some((5, 7, 4)) if stage == Stage::Auth => return held(advice("smtp.auth.mechanism")),
+        Some((5, 7, 139)) => return held(advice(auth_139(&text))),
+        Some((5, 7, 30)) => return held(advice("smtp.auth.basic-retired")),
+        Some((5, 7, 57)) => return held(advice("smtp.not-authenticated")),
+        Some((5, 5, 124)) => return held(advice("smtp.xoauth2-data")),
+        Some((_, 5, 127)) => return transient(&advice("smtp.token-expiring")),
+        Some((5, 2, 252)) if text.contains("sendasdenied") => {
+            return held_sender(advice("smtp.send-as"));
         }
-        Some((5, 7, 57)) => {
-            return held(format!(
-                "Exchange did not consider the session authenticated. postern sends MAIL only after \
-                 \"235 Authentication successful\", so check that smtp_host of [account.{}] points \
-                 at Exchange Online directly and that no firewall or proxy rewrites the SMTP session.",
-                ctx.account
-            ));
-        }
-        Some((5, 5, 124)) => {
-            return held(format!(
-                "Exchange could not read the XOAUTH2 login. The token must be an OAuth access token \
-                 for SMTP ({}) for mailbox {mailbox}, not an ID token or a Microsoft Graph token.",
-                if ctx.app_only {
-                    "scope https://outlook.office365.com/.default"
-                } else {
-                    "scope https://outlook.office.com/SMTP.Send"
-                }
-            ));
-        }
-        Some((_, 5, 127)) => {
-            return transient(
-                "The access token was about to expire; postern gets a fresh one on the next attempt.",
+        Some((5, 7, 60)) => return held_sender(advice("smtp.send-as")),
+        Some((5, 2, d @ 251..=255)) => {
+            return throttled(
+                format!(
+                    "{} postern holds back all mail of {mailbox} for {}, then tries one message.",
+                    advice(continuous_errors(d)),
+                    humantime::format_duration(CONTINUOUS_ERROR_WAIT)
+                ),
+                Some(CONTINUOUS_ERROR_WAIT),
             );
         }
-        Some((5, 2, 252)) if text.contains("sendasdenied") => {
-            return held_sender(send_as(&reply.text(), ctx));
-        }
-        Some((5, 7, 60)) => return held_sender(send_as(&reply.text(), ctx)),
-        Some((5, 2, d @ 251..=255)) => {
-            return throttled(continuous_errors(d, ctx), Some(CONTINUOUS_ERROR_WAIT));
-        }
-        Some((4, 3, 2)) => {
-            return transient(&format!(
-                "More than 3 connections were sending as {mailbox} at once; Exchange Online allows 3 \
-                 per mailbox. postern will retry. Set per_mailbox_concurrency = 3 (or lower) in \
-                 [delivery], and make sure no other system sends as {mailbox} at the same time."
-            ));
+        // "432 4.3.2 Concurrent connections limit exceeded" (or the older "sender thread
+        // limit"); a "421 4.3.2 Service not available" is the server closing, below.
+        Some((4, 3, 2)) if text.contains("concurrent") || text.contains("thread limit") => {
+            return transient(&advice("smtp.concurrency"));
         }
         Some((5, 2, 0)) if text.contains("submissionquotaexceeded") => {
             return throttled(
                 format!(
-                    "{mailbox} has sent to more than its recipient limit in the last 24 hours \
-                     (Exchange Online: 10,000, rolling). postern holds back all mail of {mailbox} \
-                     until its record of the last 24 hours frees room, then sends again; nothing \
-                     bounces. If this recurs, lower daily_recipients of the route (other systems \
-                     may send as {mailbox} too) or spread the senders over several mailboxes."
+                    "{} postern holds back all mail of {mailbox} until its record of the last 24 \
+                     hours frees room, then sends again; nothing bounces.",
+                    advice("smtp.quota")
                 ),
                 None,
             );
         }
-        Some((5, 7, 705)) => {
-            return held(
-                "Exchange Online has blocked the whole tenant from sending because it went over the \
-                 outbound spam threshold, usually after an account was compromised. Check for \
-                 compromised accounts in the Microsoft Defender portal and open a case with Microsoft \
-                 support; no retry can succeed until Microsoft lifts the block."
-                    .into(),
-            );
-        }
-        Some((5, 7, 708)) => {
-            return held(
-                "Exchange Online does not accept mail from this host's public IP address (poor \
-                 reputation). Contact Microsoft support to have it removed from the block, or relay \
-                 from another IP address; no retry can succeed until then."
-                    .into(),
-            );
-        }
-        Some((5, 7, 750)) => {
-            return held(
-                "The tenant is blocked from sending from domains it has not registered. Add and verify \
-                 the sender's domain in the Microsoft 365 admin center (Settings > Domains), or \
-                 contact Microsoft support."
-                    .into(),
-            );
-        }
-        Some((5, 1, 8)) => {
-            return held(format!(
-                "{mailbox} is on Exchange Online's list of restricted senders (blocked for sending \
-                 spam, usually after a compromise). Secure the account, then remove it in the \
-                 Microsoft Defender portal: Email & collaboration > Review > Restricted entities."
-            ));
-        }
+        Some((5, 7, 705)) => return held(advice("smtp.tenant-threshold")),
+        Some((5, 7, 708)) => return held(advice("smtp.ip-blocked")),
+        Some((5, 7, 750)) => return held(advice("smtp.unregistered-domain")),
+        Some((5, 1, 8)) => return held(advice("smtp.restricted-sender")),
         Some((5, 7, 233)) if stage == Stage::Rcpt => {
             // Only external recipients are over the limit; internal ones still go.
             return Verdict::Recipient(RcptStatus::Pending);
         }
-        Some((5, 7, 233)) => {
-            return transient(
-                "The tenant reached its daily limit for mail to external recipients (tenant external \
-                 recipient rate limit). postern will retry; the limit frees over 24 hours. Reduce or \
-                 spread the external volume if this recurs.",
-            );
-        }
+        Some((5, 7, 233)) => return transient(&advice("smtp.terrl")),
         _ => {}
     }
 
     // 421: the server is closing the connection, whatever we asked.
     if code == 421 {
-        return transient("The server closed the session; postern will retry with backoff.");
+        return transient(&advice("smtp.closing"));
     }
 
     if stage == Stage::Rcpt {
@@ -269,36 +209,15 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
     }
 
     match esc {
-        Some((5, 2, 2)) => {
-            return held(format!(
-                "Mailbox {mailbox} is full. Exchange saves every message sent with SMTP AUTH to Sent \
-                 Items: empty or archive Sent Items, or give it a retention policy (Exchange admin \
-                 center > Recipients > Mailboxes > {mailbox})."
-            ));
-        }
-        Some((5, 7, 520)) => {
-            // About this message only: other mail from the mailbox still goes, so do not hold.
-            return permanent(
-                "Exchange detected this message as automatically forwarded and the outbound spam \
-                 policy blocks forwarding to external recipients. Allow it in the Microsoft Defender \
-                 portal (Email & collaboration > Policies & rules > Threat policies > Anti-spam > \
-                 Anti-spam outbound policy > Automatic forwarding rules), or send it as new mail."
-                    .into(),
-            );
-        }
-        Some((5, 3, 4)) => {
-            return permanent(format!(
-                "The message is larger than Exchange accepts for {mailbox} (35 MB by default, at most \
-                 150 MB). Raise the limit with `Set-Mailbox -Identity {mailbox} -MaxSendSize 150MB` \
-                 (Exchange admin center > Recipients > Mailboxes > {mailbox} > Mailbox settings > \
-                 Message size restrictions), then resend."
-            ));
-        }
+        Some((5, 2, 2)) => return held(advice("smtp.mailbox-full")),
+        // About this message only: other mail from the mailbox still goes, so do not hold.
+        Some((5, 7, 520)) => return permanent(advice("smtp.forwarding")),
+        Some((5, 3, 4)) => return permanent(advice("smtp.size")),
         _ => {}
     }
 
     if code < 500 {
-        return transient("Exchange reports a temporary problem; postern will retry with backoff.");
+        return transient(&advice("smtp.temporary"));
     }
     match stage {
         Stage::Greeting | Stage::Ehlo | Stage::StartTls => held(format!(
@@ -309,7 +228,7 @@ pub fn classify(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Verdict {
         )),
         Stage::Auth => held(format!(
             "Exchange refused the sign-in for {mailbox}. {}",
-            token_rejected(ctx)
+            advice("smtp.auth.token-rejected")
         )),
         Stage::Mail => permanent(format!("Exchange refused the sender <{}>.", ctx.sender)),
         Stage::Data | Stage::DataEnd | Stage::Rcpt => {
@@ -335,92 +254,46 @@ pub fn sender_release_hint(queue_id: &str) -> String {
     )
 }
 
-/// 535 5.7.3: the token was not good enough (§9 row 1).
-fn token_rejected(ctx: &Context<'_>) -> String {
-    let mailbox = ctx.mailbox;
-    if ctx.app_only {
-        format!(
-            "Exchange Online rejected the access token for {mailbox}. For an app that signs in with \
-             its own credentials: (1) in Exchange Online PowerShell run `New-ServicePrincipal -AppId \
-             {client} -ObjectId <Object ID>` with the Object ID shown under Microsoft Entra admin \
-             center > Enterprise applications (not the one under App registrations); (2) run \
-             `Add-MailboxPermission -Identity {mailbox} -User <that Object ID> -AccessRights \
-             FullAccess`; (3) under App registrations > API permissions add Office 365 Exchange \
-             Online > Application permissions > SMTP.SendAsApp and select \"Grant admin consent\". \
-             Changes can take up to an hour to apply.",
-            client = ctx.client_id
+/// The diagnosis table's advice for entry `id` (what it means and how to fix it), filled in
+/// for this attempt: the same words `postern explain`, `doctor` and the status page use.
+fn table_advice(id: &str, reply: &str, ctx: &Context<'_>) -> String {
+    let vars = crate::diagnosis::Vars::new()
+        .set("mailbox", ctx.mailbox)
+        .set("account", ctx.account)
+        .set("client_id", ctx.client_id)
+        .set("server", ctx.server)
+        .set("queue_id", ctx.queue_id)
+        .set("from", send_as_target(reply, ctx).unwrap_or_default())
+        .set(
+            "app",
+            format!(
+                "Microsoft Entra admin center > App registrations > the app with Application (client) ID {}",
+                ctx.client_id
+            ),
         )
-    } else {
-        format!(
-            "Exchange Online rejected the access token for {mailbox}. The token must carry the \
-             delegated permission SMTP.Send: under Microsoft Entra admin center > App registrations \
-             > {client} > API permissions add Microsoft Graph > Delegated permissions > SMTP.Send \
-             (and grant consent), then sign in again with `postern login`. The signed-in user must \
-             be {mailbox} itself or have Full Access to it (shared mailbox).",
-            client = ctx.client_id
+        .set(
+            "login_cmd",
+            format!("`postern login {} --mailbox {}`", ctx.account, ctx.mailbox),
         )
-    }
+        .app_only(ctx.app_only);
+    crate::diagnosis::advice(id, &vars)
 }
 
-/// 535 5.7.139 and its variants (§3.4, §9 rows 2–6).
-fn auth_139(text: &str, ctx: &Context<'_>) -> String {
-    let mailbox = ctx.mailbox;
+/// The table entry of a 535 5.7.139 variant (§3.4, §9 rows 2–6), by its reason text.
+fn auth_139(text: &str) -> &'static str {
     if text.contains("disabled for the tenant") {
-        format!(
-            "SMTP AUTH is turned off for the whole organization. In Exchange Online PowerShell run \
-             `Set-TransportConfig -SmtpClientAuthenticationDisabled $false` (Exchange admin center > \
-             Settings > Mail flow: clear \"Turn off SMTP AUTH protocol for your organization\"), or \
-             enable it for this mailbox only with `Set-CASMailbox -Identity {mailbox} \
-             -SmtpClientAuthenticationDisabled $false`."
-        )
+        "smtp.auth.tenant"
     } else if text.contains("disabled for the mailbox") {
-        format!(
-            "SMTP AUTH is turned off for mailbox {mailbox}. Run `Set-CASMailbox -Identity {mailbox} \
-             -SmtpClientAuthenticationDisabled $false` (Microsoft 365 admin center > Users > Active \
-             users > {mailbox} > Mail > Manage email apps: tick \"Authenticated SMTP\"). Changes can \
-             take up to an hour to apply."
-        )
+        "smtp.auth.mailbox"
     } else if text.contains("basic authentication is disabled") {
-        format!(
-            "Exchange took the sign-in for Basic authentication (a password), which is disabled. \
-             postern signs in with OAuth (XOAUTH2): check that smtp_host of [account.{}] is \
-             Exchange Online and that nothing between rewrites the AUTH command.",
-            ctx.account
-        )
+        "smtp.auth.basic"
     } else if text.contains("did not meet the criteria") {
-        format!(
-            "A Conditional Access policy (or an MFA requirement) blocked the sign-in for {mailbox}. \
-             In Microsoft Entra admin center > Protection > Conditional Access, find the policy in \
-             the sign-in logs of {mailbox} and exclude this app ({}) or this location from it.",
-            ctx.client_id
-        )
+        "smtp.auth.conditional-access"
     } else if text.contains("security defaults") {
-        "Security defaults block this sign-in. Replace security defaults with Conditional Access \
-         policies (Microsoft Entra admin center > Identity > Overview > Properties > Manage \
-         security defaults) that allow this app's OAuth sign-in."
-            .into()
+        "smtp.auth.security-defaults"
     } else {
-        format!(
-            "Exchange refused the sign-in for {mailbox}. Usual causes: SMTP AUTH turned off for the \
-             organization (`Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) or the \
-             mailbox (`Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false`), \
-             or a Conditional Access policy / security defaults blocking it."
-        )
+        "smtp.auth.refused"
     }
-}
-
-/// 554 5.2.252 SendAsDenied / 550 5.7.60 (§9 rows 10–11).
-fn send_as(reply: &str, ctx: &Context<'_>) -> String {
-    format!(
-        "Mailbox {mailbox} may not send as {who}. {fix} postern holds instead of retrying: \
-         repeated SendAsDenied errors make Exchange block {mailbox} (550 5.2.252 Sender \
-         throttled).",
-        mailbox = ctx.mailbox,
-        who = send_as_target(reply, ctx)
-            .map(|a| format!("<{a}>"))
-            .unwrap_or_else(|| "the message's From address".into()),
-        fix = send_as_fix(reply, ctx)
-    )
 }
 
 /// Whom the mailbox tried to send as: Exchange names it in SendAsDenied ("A not allowed to
@@ -441,51 +314,21 @@ fn send_as_target(reply: &str, ctx: &Context<'_>) -> Option<String> {
         .map(str::to_lowercase)
 }
 
-fn send_as_fix(reply: &str, ctx: &Context<'_>) -> String {
-    let mailbox = ctx.mailbox;
-    let who = send_as_target(reply, ctx).unwrap_or_else(|| "<From address>".into());
-    format!(
-        "Either route this sender to its own mailbox (a route without a fixed `mailbox` sends \
-         each sender as itself), or grant Send As: `Add-RecipientPermission -Identity {who} \
-         -Trustee {mailbox} -AccessRights SendAs` (Exchange admin center > Recipients > \
-         Mailboxes > {who} > Delegation > Send as)."
-    )
-}
-
 /// How long a mailbox waits after Exchange's continuous-error throttling (5.2.25x). Microsoft
 /// does not say how long the block lasts and every refused submission prolongs it, so postern
 /// waits an hour, then tries one message alone.
 pub const CONTINUOUS_ERROR_WAIT: Duration = Duration::from_secs(3600);
 
-/// 550 5.2.251–255 "Sender throttled due to continuous ... errors" (§9 rows 12–13).
-fn continuous_errors(detail: u16, ctx: &Context<'_>) -> String {
-    let (what, fix) = match detail {
-        251 => (
-            "mailbox full",
-            "Empty or archive Sent Items of the mailbox.".to_string(),
-        ),
-        252 => ("send as denied", send_as_fix("", ctx)),
-        253 => (
-            "invalid license",
-            "Assign an Exchange Online licence to the mailbox.".to_string(),
-        ),
-        254 => (
-            "too many recipients",
-            "Send to fewer recipients per message (500 at most).".to_string(),
-        ),
-        _ => (
-            "invalid recipients",
-            "Correct or remove the invalid recipient addresses.".to_string(),
-        ),
-    };
-    format!(
-        "Exchange has blocked {mailbox} from sending over SMTP AUTH for a period it chooses, after \
-         repeated \"{what}\" errors; Microsoft support cannot lift it, and every retry prolongs it. \
-         postern holds back all mail of {mailbox} for {wait}, then tries one message. Fix the \
-         cause meanwhile: {fix}",
-        mailbox = ctx.mailbox,
-        wait = humantime::format_duration(CONTINUOUS_ERROR_WAIT)
-    )
+/// The table entry of 550 5.2.251–255 "Sender throttled due to continuous ... errors" (§9
+/// rows 12–13).
+fn continuous_errors(detail: u16) -> &'static str {
+    match detail {
+        251 => "smtp.throttled.mailbox-full",
+        252 => "smtp.throttled.send-as",
+        253 => "smtp.throttled.licence",
+        254 => "smtp.throttled.recipients",
+        _ => "smtp.throttled.invalid-recipients",
+    }
 }
 
 #[cfg(test)]
@@ -789,7 +632,7 @@ mod tests {
             Stage::Auth,
             "504 5.7.4 Unrecognized authentication type",
             K::Held,
-            "New-ServicePrincipal",
+            "smtp_host",
         ),
         (Stage::Data, "250 2.0.0 OK", K::Transient, "does not fit"),
     ];
@@ -867,6 +710,35 @@ mod tests {
             wait(outcome(Stage::Mail, blocked, &ctx())),
             Some(CONTINUOUS_ERROR_WAIT)
         );
+    }
+
+    /// The advice in a reason is the diagnosis table's for the same reply, word for word, so
+    /// the log and `postern explain` never disagree.
+    #[test]
+    fn advice_is_the_tables() {
+        let mut checked = 0;
+        for (stage, line, want, _) in TABLE {
+            let (got, reason) = kind(*stage, line);
+            if matches!(got, K::RcptFailed | K::RcptPending)
+                || *want == K::Permanent && !line.contains("5.3.4") && !line.contains("5.7.520")
+            {
+                continue;
+            }
+            let Some(m) = crate::diagnosis::diagnose(&crate::diagnosis::evidence(line))
+                .into_iter()
+                .next()
+            else {
+                continue;
+            };
+            let table = table_advice(m.entry.id, line, &ctx());
+            assert!(
+                reason.contains(&table),
+                "{line}: the reason does not carry the table's advice for {}:\n{reason}\n---\n{table}",
+                m.entry.id
+            );
+            checked += 1;
+        }
+        assert!(checked >= 30, "only {checked} replies checked");
     }
 
     #[test]

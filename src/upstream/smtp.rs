@@ -31,6 +31,8 @@ use tracing::{debug, trace, warn};
 use zeroize::Zeroizing;
 
 use super::classify::{Context, Stage, Verdict, classify, release_hint};
+
+mod probe;
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::address;
 use crate::config::{AccountConfig, Credential};
@@ -38,6 +40,7 @@ use crate::escape;
 use crate::secret::Secret;
 use crate::spool::RcptStatus;
 use crate::token::{AccessToken, Audience, TokenError, TokenSource};
+pub use probe::Probe;
 
 /// Longest reply line we accept. RFC 5321 says 512, but Exchange's diagnostic replies
 /// (SendAsDenied with `[BeginDiagnosticData]...`) run longer.
@@ -245,6 +248,40 @@ impl SmtpTransport {
         }
     }
 
+    /// The TCP connection to the server (Nagle off: commands are small and each waits for
+    /// its reply), or the transient outcome that says why not.
+    async fn connect(&self) -> Result<TcpStream, Outcome> {
+        let server = self.server();
+        let tcp = match tokio::time::timeout(
+            self.timeouts.connect,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(Outcome::Transient {
+                    reason: format!(
+                        "cannot connect to {server}: {} (check DNS and that outbound TCP port {} is open)",
+                        super::network_error(&e),
+                        self.port
+                    ),
+                });
+            }
+            Err(_) => {
+                return Err(Outcome::Transient {
+                    reason: format!(
+                        "cannot connect to {server}: no answer within {} (check that outbound TCP port {} is open)",
+                        humantime::format_duration(self.timeouts.connect),
+                        self.port
+                    ),
+                });
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
     /// One connection: connect, greeting, EHLO, STARTTLS, EHLO, AUTH, then the message.
     async fn attempt(
         &self,
@@ -255,34 +292,10 @@ impl SmtpTransport {
         msg: &Outgoing,
     ) -> Result<Outcome, Failure> {
         let server = ctx.server;
-        let tcp = match tokio::time::timeout(
-            self.timeouts.connect,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Ok(Outcome::Transient {
-                    reason: format!(
-                        "cannot connect to {server}: {} (check DNS and that outbound TCP port {} is open)",
-                        super::network_error(&e),
-                        self.port
-                    ),
-                });
-            }
-            Err(_) => {
-                return Ok(Outcome::Transient {
-                    reason: format!(
-                        "cannot connect to {server}: no answer within {} (check that outbound TCP port {} is open)",
-                        humantime::format_duration(self.timeouts.connect),
-                        self.port
-                    ),
-                });
-            }
+        let tcp = match self.connect().await {
+            Ok(s) => s,
+            Err(o) => return Ok(o),
         };
-        // Commands are small and we wait for each reply: Nagle would only add latency.
-        let _ = tcp.set_nodelay(true);
         let mut plain = Conn::new(tcp, server.to_string(), self.timeouts);
 
         let tls_stream = match self.plain_phase(&mut plain, ctx).await {
@@ -1075,6 +1088,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         match tokio::time::timeout(t, self.read_reply()).await {
             Ok(Ok(r)) => {
                 trace!(server = %self.server, "S: {}", r.text());
+                crate::metrics::upstream_reply(&self.server, &r.text());
                 Ok(r)
             }
             Ok(Err(e)) => Err(self.lost(format!(

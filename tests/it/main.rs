@@ -11,6 +11,7 @@ mod delivery;
 mod input;
 mod load;
 mod m365;
+mod observe;
 mod operations;
 mod powercut;
 mod protocol;

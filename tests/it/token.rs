@@ -285,7 +285,7 @@ async fn certificate_assertion_ps256_and_rs256() {
     assert_eq!(m.code, Some(700027));
     assert!(
         m.advice
-            .contains("Certificates & secrets → Certificates → Upload certificate"),
+            .contains("Certificates & secrets > Certificates > Upload certificate"),
         "{m}"
     );
     assert_no_leaks(&fake, &[shown(&e), key_pem.clone()]);
@@ -1052,7 +1052,7 @@ async fn device_code_login_config_error_exit_78() {
     .unwrap_err();
     assert_eq!(e.exit_code(), 78, "{e}");
     assert!(
-        e.to_string().contains("Delegated permissions → SMTP.Send"),
+        e.to_string().contains("Delegated permissions > SMTP.Send"),
         "{e}"
     );
 }

@@ -303,7 +303,7 @@ impl Checker<'_, '_> {
 
     /// Exactly one of `{base}` (inline), `{base}_file`, `{base}_env`, `{base}_credential`.
     /// `Some(None)` when none is written and none is required.
-    fn secret(
+    pub(super) fn secret(
         &mut self,
         r: &RawAccount,
         table: &str,

@@ -115,7 +115,16 @@ fn wrong_secret_7000215_says_value_not_id() {
     ));
     assert_eq!(m.code, Some(7000215));
     assert_eq!(m.error.as_deref(), Some("invalid_client"));
-    assert_eq!(m.meaning, "the client secret is wrong");
+    assert!(
+        m.meaning.starts_with("the client secret is wrong"),
+        "{}",
+        m.meaning
+    );
+    assert!(
+        m.meaning.contains("11111111-2222-3333-4444-555555555555"),
+        "{}",
+        m.meaning
+    );
     assert!(m.advice.contains("Certificates & secrets"), "{}", m.advice);
     assert!(
         m.advice.contains("Value, not the Secret ID"),
@@ -135,7 +144,7 @@ fn wrong_secret_7000215_says_value_not_id() {
     assert!(!line.contains('\n') && !line.contains('\r'), "{line}");
     assert!(
         line.starts_with(
-            "account contoso: the client secret is wrong (AADSTS7000215, invalid_client); fix: "
+            "account contoso: the client secret is wrong: Entra did not accept the secret of app 11111111-2222-3333-4444-555555555555 (AADSTS7000215, invalid_client); fix: "
         ),
         "{line}"
     );
@@ -203,7 +212,7 @@ fn each_documented_code_has_its_own_advice() {
             65001,
             Some("consent_required"),
             &del,
-            "Delegated permissions → SMTP.Send",
+            "Delegated permissions > SMTP.Send",
         ),
         (
             "invalid_grant",
@@ -301,7 +310,7 @@ fn graph_consent_names_mail_send() {
     ));
     assert!(
         m.advice
-            .contains("Microsoft Graph → Application permissions → Mail.Send")
+            .contains("Microsoft Graph > Application permissions > Mail.Send")
     );
 }
 

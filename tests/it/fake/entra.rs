@@ -234,6 +234,9 @@ pub struct State {
     pub device_interval: u64,
     /// Refresh tokens that Entra now answers with 700082.
     pub expired_refresh_tokens: HashSet<String>,
+    /// Application permissions (`roles`) of app-only tokens instead of the usual one
+    /// (`SMTP.SendAsApp` or `Mail.Send`): an app whose permission was never granted.
+    pub app_roles: Option<Vec<String>>,
     /// Every request, in order.
     pub log: Vec<Request>,
     /// Access tokens issued.
@@ -335,6 +338,7 @@ impl FakeEntra {
             device_plan: vec![Poll::Pending, Poll::Approve],
             device_interval: 1,
             expired_refresh_tokens: HashSet::new(),
+            app_roles: None,
             log: Vec::new(),
             issued_access: Vec::new(),
             issued_refresh: Vec::new(),
@@ -615,7 +619,10 @@ fn access_token(
             } else {
                 "SMTP.SendAsApp"
             };
-            claims["roles"] = json!([role]);
+            claims["roles"] = match &st.app_roles {
+                Some(r) => json!(r),
+                None => json!([role]),
+            };
         }
     }
     let tok = format!(
