@@ -108,7 +108,12 @@ fn refused_recipients_are_logged_with_their_address() {
 
 #[test]
 fn queue_commands_are_logged_by_the_daemon() {
-    let cfg = basic_config("", "").replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#);
+    // A retry an hour away keeps the message in deferred/ while the commands run (with the
+    // harness's 1 s retries, `hold` could find it in active/ and answer "wrong state").
+    let cfg = basic_config("", "")
+        .replace(r#"dir = "delivered""#, r#"dir = "blocked/sub""#)
+        .replace(r#"retry_initial = "1s""#, r#"retry_initial = "1h""#)
+        .replace(r#"retry_max = "2s""#, r#"retry_max = "2h""#);
     let p = Postern::start(&cfg);
     std::fs::write(p.path("blocked"), b"not a directory").unwrap();
     let id = queued_id(&send_mail(
@@ -140,6 +145,14 @@ fn queue_commands_are_logged_by_the_daemon() {
             "{cmd} not in the daemon's log:\n{}",
             p.log_text()
         );
+        // A released message is tried at once; the next command waits until it is back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cmd == "release"
+            && !p.path("spool/deferred").join(&id).exists()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     // Nothing odd gets into the log through the control socket.
     let socket = p.path("spool/control.sock");
