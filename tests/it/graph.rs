@@ -795,3 +795,108 @@ fn the_base64_request_streams_the_queue_file() {
         sent[0].mime
     );
 }
+
+#[test]
+fn delegated_shared_mailbox_uses_users_path_with_mail_send_shared() {
+    let w = world(Setup {
+        auth: "auth = \"delegated\"",
+        route: "mailbox = \"shared@contoso.com\"",
+        ..Setup::default()
+    });
+    // The signed-in user (scanner) has Send As on the shared mailbox.
+    w.graph
+        .state()
+        .shared_access
+        .insert((MAILBOX.into(), "shared@contoso.com".into()));
+    let (code, out, err) = w.postern.cli(&[
+        "login",
+        "contoso",
+        "--mailbox",
+        "shared@contoso.com",
+        "--for",
+        "graph",
+        "--shared",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    send(
+        &w,
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"From: shared@contoso.com\r\nTo: boss@fabrikam.com\r\nSubject: from the shared mailbox\r\n\r\nx\r\n",
+    );
+    let sent = w.wait_sent(1);
+    assert_eq!(sent[0].mailbox, "shared@contoso.com");
+    let last = w.graph.requests().pop().unwrap();
+    assert_eq!(last.path, "/v1.0/users/shared@contoso.com/sendMail");
+    let st = w.entra.state();
+    let refresh = st
+        .log
+        .iter()
+        .find(|r| r.field("grant_type") == Some("refresh_token"))
+        .expect("refreshed");
+    assert_eq!(
+        refresh.field("scope"),
+        Some(
+            format!(
+                "{g}/Mail.Send {g}/Mail.Send.Shared offline_access",
+                g = w.graph.base
+            )
+            .as_str()
+        )
+    );
+}
+
+#[test]
+fn doctor_checks_a_graph_route_without_sending() {
+    let w = world(Setup {
+        route: "mailbox = \"scanner@contoso.com\"",
+        ..Setup::default()
+    });
+    let (code, out, err) = w.postern.cli(&["doctor"]);
+    assert!(
+        out.contains("refused as expected") && out.contains("ErrorMimeContentInvalidBase64String"),
+        "{code}\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("app-only token for graph: granted by Entra"),
+        "{out}"
+    );
+    assert!(w.graph.sent().is_empty(), "doctor sent nothing");
+    // With the mailbox outside the app's access policy, doctor names the fix.
+    w.graph
+        .state()
+        .mailbox_errors
+        .insert(MAILBOX.into(), GraphErr::odata_disabled());
+    let (code, out, _) = w.postern.cli(&["doctor"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("Access to OData is disabled") && out.contains("Test-ApplicationAccessPolicy"),
+        "{out}"
+    );
+    assert!(w.graph.sent().is_empty());
+}
+
+#[test]
+fn graph_routes_are_paced_like_smtp_ones() {
+    let w = world(Setup {
+        route: "rate = \"1/2s\"",
+        ..Setup::default()
+    });
+    for i in 0..2 {
+        send(
+            &w,
+            MAILBOX,
+            &["boss@fabrikam.com"],
+            format!(
+                "From: scanner@contoso.com\r\nTo: boss@fabrikam.com\r\nSubject: {i}\r\n\r\nx\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    let sent = w.wait_sent(2);
+    let gap = sent[1].at - sent[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "the second message went {gap:?} after the first with rate 1/2s"
+    );
+}
