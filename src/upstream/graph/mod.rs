@@ -331,7 +331,19 @@ impl GraphTransport {
             match step {
                 Step1::Sent(reply) => return self.sent(reply, wanted, refused),
                 Step1::End(o) => return with_refused(refused, o),
-                Step1::Invalid(names, answer) => {
+                Step1::Invalid(mut names, answer) => {
+                    // Only recipients still being sent to; if Graph names none of them, the
+                    // refusal is about the message.
+                    names.retain(|n| wanted.iter().any(|w| w.eq_ignore_ascii_case(n)));
+                    if names.is_empty() {
+                        let step = if a.progress.as_ref().is_some_and(|p| p.draft_id.is_some()) {
+                            Step::SendDraft
+                        } else {
+                            Step::SendMail
+                        };
+                        self.discard_draft(&mut a).await;
+                        return with_refused(refused, classify::outcome(&answer, step, &a.ctx));
+                    }
                     let why = format!(
                         "Graph refused the recipient: {} ({})",
                         answer.summary(),
