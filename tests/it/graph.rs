@@ -900,3 +900,53 @@ fn graph_routes_are_paced_like_smtp_ones() {
         "the second message went {gap:?} after the first with rate 1/2s"
     );
 }
+
+#[test]
+fn sigkill_after_the_draft_was_made_resumes_that_draft_after_restart() {
+    let mut w = world(Setup {
+        roles: &["Mail.Send", "Mail.ReadWrite"],
+        ..Setup::default()
+    });
+    // Every request takes 2 s: time to kill postern while it sets the draft's recipients.
+    w.graph.state().delay = Duration::from_secs(2);
+    let id = send(
+        &w,
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"From: scanner@contoso.com\r\nTo: boss@fabrikam.com\r\nCc: ops@fabrikam.com\r\nSubject: resumed\r\n\r\nx\r\n",
+    );
+    // The envelope records the draft's id before the next request goes out.
+    let active = w.postern.path("spool/active").join(&id);
+    assert!(
+        wait_until(Duration::from_secs(30), || queue_envelope(&active)
+            .is_some_and(|e| e["graph"]["draft_id"].is_string())),
+        "no draft recorded; log:\n{}",
+        w.postern.log_text()
+    );
+    let draft_id = queue_envelope(&active).unwrap()["graph"]["draft_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    w.postern.kill9();
+    assert!(w.graph.sent().is_empty());
+    w.graph.state().delay = Duration::ZERO;
+    w.postern.spawn();
+    let sent = w.wait_sent(1);
+    assert_eq!(sent[0].to, vec!["boss@fabrikam.com"]);
+    assert!(sent[0].cc.is_empty());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(w.graph.sent().len(), 1, "sent once");
+    let st = w.graph.state();
+    assert_eq!(
+        st.drafts.len(),
+        1,
+        "no second draft: the recorded one was used"
+    );
+    assert!(st.drafts.contains_key(&draft_id));
+    assert!(
+        st.requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with(&draft_id)),
+        "the restarted daemon asked about the recorded draft"
+    );
+}
