@@ -950,3 +950,152 @@ fn sigkill_after_the_draft_was_made_resumes_that_draft_after_restart() {
         "the restarted daemon asked about the recorded draft"
     );
 }
+
+/// A JWT-shaped token the fake Graph accepts (its issued check says yes to everything).
+fn test_token(aud: &str, roles: &[&str]) -> String {
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.sig",
+        b.encode(r#"{"typ":"JWT","alg":"RS256"}"#),
+        b.encode(serde_json::json!({"aud": aud, "appid": "app", "roles": roles}).to_string())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_graph_answers_as_the_reference_says() {
+    let g = FakeGraph::start(std::sync::Arc::new(|_: &str| true));
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1.0/users/{MAILBOX}/sendMail", g.base);
+    let token = test_token("https://graph.microsoft.com", &["Mail.Send"]);
+    let mime = b"From: scanner@contoso.com\r\nTo: a@fabrikam.com\r\nSubject: s\r\n\r\nx\r\n";
+    // 202 with an empty body.
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .header("client-request-id", "c-1")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert!(r.headers().get("request-id").is_some());
+    assert_eq!(r.headers()["client-request-id"], "c-1");
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(g.sent()[0].to, vec!["a@fabrikam.com"]);
+    // Not base64: 400 ErrorMimeContentInvalidBase64String, in the §4.5 shape.
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .header("client-request-id", "c-2")
+        .body("not base64!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "ErrorMimeContentInvalidBase64String");
+    assert_eq!(
+        v["error"]["message"],
+        "Invalid base64 string for MIME content."
+    );
+    assert_eq!(v["error"]["innerError"]["client-request-id"], "c-2");
+    assert!(v["error"]["innerError"]["request-id"].is_string());
+    assert!(v["error"]["innerError"]["date"].is_string());
+    // Over 4 MB: 413.
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .body(vec![b'A'; 4 * 1024 * 1024 + 4])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // No token, a token for another API: 401 InvalidAuthenticationToken.
+    let r = http.post(&url).body("").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "InvalidAuthenticationToken");
+    assert_eq!(v["error"]["message"], "Access token is empty.");
+    let smtp = test_token("https://outlook.office365.com", &["SMTP.SendAsApp"]);
+    let r = http.post(&url).bearer_auth(&smtp).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // Throttled: 429 ApplicationThrottled with Retry-After.
+    g.state().script.push_back(GraphErr::throttled(7));
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers()["retry-after"], "7");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "ApplicationThrottled");
+    assert_eq!(
+        v["error"]["message"],
+        "Application is over its MailboxConcurrency limit."
+    );
+    // Drafts need Mail.ReadWrite.
+    let r = http
+        .post(format!("{}/v1.0/users/{MAILBOX}/messages", g.base))
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let rw = test_token(
+        "https://graph.microsoft.com",
+        &["Mail.Send", "Mail.ReadWrite"],
+    );
+    let r = http
+        .post(format!("{}/v1.0/users/{MAILBOX}/messages", g.base))
+        .bearer_auth(&rw)
+        .header("Content-Type", "text/plain")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["isDraft"], true);
+    let id = v["id"].as_str().unwrap().to_string();
+    // send (Content-Length: 0): 202, and the draft is no longer a draft (same immutable id).
+    let send = format!("{}/v1.0/users/{MAILBOX}/messages/{id}/send", g.base);
+    let r = http
+        .post(&send)
+        .bearer_auth(&rw)
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let r = http
+        .get(format!("{}/v1.0/users/{MAILBOX}/messages/{id}", g.base))
+        .bearer_auth(&rw)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["isDraft"], false);
+    let r = http
+        .delete(format!("{}/v1.0/users/{MAILBOX}/messages/{id}", g.base))
+        .bearer_auth(&rw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let r = http
+        .get(format!("{}/v1.0/users/{MAILBOX}/messages/{id}", g.base))
+        .bearer_auth(&rw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
