@@ -564,12 +564,11 @@ fn invalid_recipients_fail_with_a_dsn_the_others_are_delivered() {
         roles: &["Mail.Send", "Mail.ReadWrite"],
         ..Setup::default()
     });
-    {
-        let mut st = w.graph.state();
-        st.invalid_recipients.insert("nobody@fabrikam.com".into());
-        // The report is From postern's postmaster; Send As is not what this test is about.
-        st.check_send_as = false;
-    }
+    // The report is From the mailbox itself, so Send As lets it through.
+    w.graph
+        .state()
+        .invalid_recipients
+        .insert("nobody@fabrikam.com".into());
     send(
         &w,
         MAILBOX,

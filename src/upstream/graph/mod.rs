@@ -430,10 +430,11 @@ impl GraphTransport {
         prefix: Vec<u8>,
     ) -> impl Fn() -> std::io::Result<(reqwest::Body, u64)> + Send + Sync + '_ {
         move || {
-            let file = msg.open_message()?.into_inner();
-            let file =
-                tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), msg.envelope.size);
-            Ok(body::base64_body(prefix.clone(), file, msg.envelope.size))
+            let (first, file, len) = message_parts(msg)?;
+            let mut head = prefix.clone();
+            head.extend_from_slice(&first);
+            let file = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), len);
+            Ok(body::base64_body(head, file, len))
         }
     }
 
@@ -856,6 +857,15 @@ fn with_refused(refused: Vec<RcptResult>, o: Outcome) -> Outcome {
             then: Box::new(o),
         }
     }
+}
+
+/// The message as it goes out, in parts: bytes to send first, then the queue file positioned
+/// where the rest starts, and how many bytes of it to send. Today the whole message comes from
+/// the file; a transport-independent rewrite of the header (such as `rewrite_from`) plugs in
+/// here (`Outgoing::open_parts`), so the Graph body and the SMTP DATA stay the same message.
+fn message_parts(msg: &Outgoing) -> std::io::Result<(Vec<u8>, std::fs::File, u64)> {
+    let file = msg.open_message()?.into_inner();
+    Ok((Vec::new(), file, msg.envelope.size))
 }
 
 /// The message's header section (at most [`MAX_HEADER`] bytes).
