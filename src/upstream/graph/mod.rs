@@ -73,7 +73,7 @@ use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::config::{AccountConfig, Credential};
 use crate::escape;
 use crate::spool::{GraphProgress, RcptStatus};
-use crate::token::{AccessToken, TokenError};
+use crate::token::{AccessToken, TokenError, TokenSource};
 use classify::{Context, Step};
 use recipients::{HeaderRecipients, Plan, Recipients};
 pub use request::{Answer, Failure, GraphClient, GraphError, Req, ReqBody};
@@ -914,8 +914,6 @@ impl Transport for GraphTransport {
         true
     }
 }
-
-use crate::token::TokenSource;
 
 #[cfg(test)]
 mod tests {
