@@ -61,6 +61,35 @@ pub fn sent(id: &str, mailbox: &str, rcpts: &[String], relay: &str, reply: &str,
     );
 }
 
+/// A message went out as its route's mailbox (`rewrite_from`): what the device had written.
+pub fn rewritten(
+    id: &str,
+    mailbox: &str,
+    sender: &str,
+    header_from: Option<&str>,
+    from_changed: bool,
+    reply_to_added: bool,
+) {
+    let what = match (from_changed, reply_to_added) {
+        (true, true) => {
+            "sender and From: rewritten to the mailbox; the device's address is in Reply-To:"
+        }
+        (true, false) => {
+            "sender and From: rewritten to the mailbox; the message's own Reply-To: kept"
+        }
+        (false, _) => "sender rewritten to the mailbox (From: already was the mailbox)",
+    };
+    info!(
+        target: "postern::maillog",
+        event = "rewritten",
+        queue_id = id,
+        mailbox,
+        from = sender,
+        header_from = header_from.unwrap_or(""),
+        "{what}"
+    );
+}
+
 /// A delivery attempt failed temporarily; the message will be retried.
 pub fn deferred(id: &str, mailbox: &str, reason: &str, attempt: u32, retry_in_secs: u64) {
     warn!(

@@ -90,6 +90,7 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "account",
     "rate",
     "daily_recipients",
+    "rewrite_from",
 ];
 /// Keys allowed in `[account.NAME]`.
 pub(crate) const ACCOUNT_KEYS: &[&str] = &[
@@ -239,6 +240,7 @@ pub(crate) struct RawRoute {
     pub account: Option<Spanned<String>>,
     pub rate: Option<Spanned<String>>,
     pub daily_recipients: Option<Spanned<RawCount>>,
+    pub rewrite_from: Option<Spanned<bool>>,
 }
 
 /// A count written as a number (`10000`) or as text (`"5/3s"`, `"unlimited"`).
@@ -547,6 +549,14 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
+            "rewrite_from" => {
+                r.rewrite_from = boolean(
+                    c,
+                    &path,
+                    v,
+                    "write rewrite_from = true (send as the route's mailbox) or false",
+                )
+            }
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }
     }
@@ -640,6 +650,28 @@ fn found(v: &DeValue<'_>) -> String {
         DeValue::Datetime(d) => format!("the date {d}"),
         DeValue::Array(_) => "a list".to_owned(),
         DeValue::Table(_) => "a table".to_owned(),
+    }
+}
+
+fn boolean(
+    c: &mut Collector<'_>,
+    path: &str,
+    v: &Spanned<DeValue<'_>>,
+    fix: &str,
+) -> Option<Spanned<bool>> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Some(Spanned::new(v.span(), *b)),
+        other => {
+            c.at(
+                &v.span(),
+                path,
+                format!(
+                    "expected true or false (without quotes), found {}; {fix}",
+                    found(other)
+                ),
+            );
+            None
+        }
     }
 }
 

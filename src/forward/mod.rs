@@ -43,6 +43,7 @@ use crate::maillog;
 use crate::spool::{Envelope, Spool, SpoolError, State, now_secs};
 use crate::token::TokenSource;
 use crate::upstream::file::FileTransport;
+use crate::upstream::rewrite::RewriteFrom;
 use crate::upstream::smtp::SmtpTransport;
 use crate::upstream::{Discard, HoldScope, Transport, Unavailable};
 use hold::{HoldKey, Pause};
@@ -75,6 +76,11 @@ impl Plan {
                     TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
                     TransportConfig::Smtp { account } => smtp_transport(&config, account, &tokens),
                     TransportConfig::Discard => Arc::new(Discard),
+                };
+                let t: Arc<dyn Transport> = if r.rewrite_from {
+                    Arc::new(RewriteFrom::new(t))
+                } else {
+                    t
                 };
                 (r.name.clone(), t)
             })

@@ -65,10 +65,7 @@ pub async fn attempt(
     let env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
-            let msg = Outgoing {
-                envelope: env.clone(),
-                message: spool.msg_path(State::Active, id),
-            };
+            let msg = Outgoing::new(env.clone(), spool.msg_path(State::Active, id));
             t.send(&msg).await
         }
         None => Outcome::held(format!(

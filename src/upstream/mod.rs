@@ -5,20 +5,27 @@
 //! tokens from [`crate::token::TokenSource`].
 
 use std::future::Future;
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::spool::{Envelope, RcptStatus};
 
 pub mod classify;
 pub mod file;
+pub mod rewrite;
 pub mod smtp;
 
 /// A boxed future, so transports can live behind `dyn Transport`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A message handed to a transport: its envelope and where its bytes are.
+///
+/// Transports read the message and its sender through the methods here, never from the
+/// envelope and the file directly: with `rewrite_from` the message goes out with another
+/// sender and header than it was received with ([`rewrite`]).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The envelope (recipients with their status; only `Pending` ones are to be sent).
@@ -26,18 +33,62 @@ pub struct Outgoing {
     /// Path of the queue file. Only its first `envelope.size` bytes are the message (after
     /// them comes postern's bookkeeping): read it with [`Outgoing::open_message`].
     pub message: PathBuf,
+    /// Set when the route rewrites the sender and `From:` to its mailbox.
+    pub rewrite: Option<Arc<rewrite::Rewritten>>,
 }
 
 impl Outgoing {
-    /// A reader of exactly the message bytes (our `Received:` header plus what the client sent).
-    pub fn open_message(&self) -> std::io::Result<std::io::Take<std::fs::File>> {
-        crate::spool::msgfile::open_message(&self.message, self.envelope.size)
+    /// The message as received.
+    pub fn new(envelope: Envelope, message: PathBuf) -> Self {
+        Outgoing {
+            envelope,
+            message,
+            rewrite: None,
+        }
     }
 
-    /// The address of the message's `From:` header (see [`from_address`]), read from the
-    /// first 64 KiB of the queue file; `None` if it has none or cannot be read.
+    /// The envelope sender to send with (`MAIL FROM`): the mailbox when rewritten.
+    pub fn sender(&self) -> &str {
+        match &self.rewrite {
+            Some(r) => &r.mailbox,
+            None => &self.envelope.sender,
+        }
+    }
+
+    /// How many bytes the transport sends.
+    pub fn size(&self) -> u64 {
+        match &self.rewrite {
+            Some(r) => r.size(),
+            None => self.envelope.size,
+        }
+    }
+
+    /// A reader of exactly the message bytes as they go out (our `Received:` header plus
+    /// what the client sent; with the rewritten header when rewritten).
+    pub fn open_message(&self) -> std::io::Result<rewrite::MessageReader> {
+        let file = crate::spool::msgfile::open_message(&self.message, self.envelope.size)?;
+        match &self.rewrite {
+            Some(r) => r.reader(file.into_inner()),
+            None => Ok(std::io::Cursor::new(Vec::new()).chain(file)),
+        }
+    }
+
+    /// The message bytes as they go out, read from `file`: the queue file, opened by the
+    /// transport and positioned at its start.
+    pub async fn stream(&self, file: tokio::fs::File) -> std::io::Result<rewrite::MessageStream> {
+        use tokio::io::AsyncReadExt;
+        match &self.rewrite {
+            Some(r) => r.stream(file).await,
+            None => Ok(AsyncReadExt::chain(
+                std::io::Cursor::new(Vec::new()),
+                file.take(self.envelope.size),
+            )),
+        }
+    }
+
+    /// The address of the message's `From:` header as it goes out (see [`from_address`]),
+    /// read from the first 64 KiB of the message; `None` if it has none or cannot be read.
     pub fn from_header(&self) -> Option<String> {
-        use std::io::Read;
         let mut head = Vec::new();
         self.open_message()
             .ok()?

@@ -165,7 +165,7 @@ impl SmtpTransport {
                 ),
             })
         };
-        let (sender, mailbox) = match (wire(&env.sender), wire(&env.mailbox)) {
+        let (sender, mailbox) = match (wire(msg.sender()), wire(&env.mailbox)) {
             (Ok(s), Ok(m)) => (s, m),
             (Err(o), _) | (_, Err(o)) => return o,
         };
@@ -381,7 +381,7 @@ impl SmtpTransport {
         msg: &Outgoing,
     ) -> Result<Outcome, Failure> {
         let env = &msg.envelope;
-        let size = env.size;
+        let size = msg.size();
         let caps = self.ehlo(c, ctx).await?;
         if !caps.xoauth2 {
             return Err(Outcome::held(format!(
@@ -523,12 +523,17 @@ impl SmtpTransport {
         file: tokio::fs::File,
         msg: &Outgoing,
     ) -> Result<Reply, Outcome> {
-        let size = msg.envelope.size;
+        let size = msg.size();
         let r = c.command("DATA", Stage::Data).await?;
         if r.code != 354 {
             return Err(verdict(Stage::Data, &r, ctx));
         }
-        c.send_message(file.take(size), size, &msg.message).await?;
+        // The message as it goes out (rewritten by `rewrite_from`, or as received).
+        let body = msg
+            .stream(file)
+            .await
+            .map_err(|e| cannot_read(&msg.message, &e))?;
+        c.send_message(body, size, &msg.message).await?;
         let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
         if !end.is_positive() {
             return Err(verdict(Stage::DataEnd, &end, ctx));

@@ -15,6 +15,7 @@ mod observe;
 mod operations;
 mod powercut;
 mod protocol;
+mod rewrite;
 mod secrets;
 mod sendmail;
 mod spool_trust;
