@@ -146,12 +146,41 @@ impl Address {
         !is_dot_string(&self.local)
     }
 
+    /// Is this an address no internet mailbox can have (see [`local_only_domain`])? A device
+    /// that sends as `scanner@localhost` or `printer@SN12345` can never be sent as by a
+    /// Microsoft 365 mailbox.
+    pub fn is_local_only(&self) -> bool {
+        local_only_domain(&self.domain)
+    }
+
     fn checked(self) -> Result<Address, AddressError> {
         if self.to_string().len() + 2 > MAX_PATH {
             return Err(AddressError::TooLong);
         }
         Ok(self)
     }
+}
+
+/// Is `domain` one that exists only on a local network, so no internet mailbox has it: an
+/// address literal (`[192.0.2.1]`), a single label (`localhost`, a printer's serial number),
+/// or a name under a suffix reserved for local use (`.local`, `.localdomain`, `.lan`,
+/// `.internal`, `.home.arpa`, `.localhost`, `.invalid`).
+pub fn local_only_domain(domain: &str) -> bool {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    const LOCAL: &[&str] = &[
+        "local",
+        "localdomain",
+        "lan",
+        "internal",
+        "home.arpa",
+        "localhost",
+        "invalid",
+    ];
+    d.starts_with('[')
+        || !d.contains('.')
+        || LOCAL
+            .iter()
+            .any(|s| d == *s || d.strip_suffix(s).is_some_and(|p| p.ends_with('.')))
 }
 
 /// The RFC 5321 form: `local@domain`, the local part quoted when it is not a dot-string.
@@ -523,6 +552,34 @@ mod tests {
 
     fn mailbox(s: &str) -> Address {
         Address::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn local_only_domains() {
+        for d in [
+            "localhost",
+            "SN12345",
+            "printer.local",
+            "Office.LAN",
+            "x.home.arpa",
+            "corp.internal",
+            "a.localdomain",
+            "localhost.",
+            "[192.0.2.1]",
+            "x.invalid",
+        ] {
+            assert!(local_only_domain(d), "{d}");
+        }
+        for d in [
+            "contoso.com",
+            "example.org",
+            "mail.lan.example.com",
+            "local.example",
+        ] {
+            assert!(!local_only_domain(d), "{d}");
+        }
+        assert!(mailbox("scanner@localhost").is_local_only());
+        assert!(!mailbox("scanner@contoso.com").is_local_only());
     }
 
     #[test]

@@ -124,6 +124,33 @@ pub fn failed(id: &str, mailbox: &str, reason: &str) {
     warn!(target: "postern::maillog", event = "failed", queue_id = id, mailbox, reason, "failed");
 }
 
+/// A delivery status notification postern sent could not be delivered; it is kept in
+/// `failed/` (reports never get reports of their own).
+pub fn report_undeliverable(id: &str, mailbox: &str, to: &str, reason: &str) {
+    warn!(
+        target: "postern::maillog",
+        event = "report_undeliverable",
+        queue_id = id,
+        mailbox,
+        to,
+        reason,
+        "a delivery status notification could not be delivered; kept in failed/ (postern queue list)"
+    );
+}
+
+/// Recipients of a message failed and its sender gets no report (`why`); it is kept in
+/// `failed/`.
+pub fn unreported(id: &str, mailbox: &str, why: &str) {
+    warn!(
+        target: "postern::maillog",
+        event = "unreported",
+        queue_id = id,
+        mailbox,
+        why,
+        "no delivery status notification for this failure; kept in failed/ (postern queue list)"
+    );
+}
+
 /// A message was deleted by the admin.
 pub fn deleted(id: &str) {
     info!(target: "postern::maillog", event = "deleted", queue_id = id, "deleted");

@@ -432,7 +432,7 @@ fn a_refused_recipient_is_reported_to_the_sender_through_the_same_mailbox() {
     );
     expect(&r, "250");
     // The original reaches the good recipient; then the report reaches the sender, sent as the
-    // same mailbox with the null sender.
+    // same mailbox, from it (Exchange's client submission takes mail from a mailbox).
     assert!(
         wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
             == 2),
@@ -442,7 +442,7 @@ fn a_refused_recipient_is_reported_to_the_sender_through_the_same_mailbox() {
     let msgs = w.exchange.delivered();
     assert_eq!(msgs[0].rcpt_to, vec!["boss@fabrikam.com"]);
     let report = &msgs[1];
-    assert_eq!(report.mail_from, "", "reports use the null sender");
+    assert_eq!(report.mail_from, MAILBOX, "reports come from the mailbox");
     assert_eq!(report.mailbox, MAILBOX);
     assert_eq!(report.rcpt_to, vec![MAILBOX]);
     let text = String::from_utf8_lossy(&report.data);
