@@ -98,6 +98,15 @@ impl Bounce {
         let mut original = original.clone();
         original.sender =
             address::wire_form(&original.sender).map_err(|_| NoReport::UnsafeSender)?;
+        // A device that sent as `scanner@localhost` (a route with rewrite_from) cannot be
+        // reached by mail: the mailbox it went out as gets the report instead.
+        if original
+            .sender
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| address::local_only_domain(d))
+        {
+            original.sender = original.mailbox.clone();
+        }
         Ok(Bounce {
             headers,
             original,
@@ -429,6 +438,10 @@ mod tests {
                 .unwrap()
                 .contains("To: <\"a b\"@contoso.com>\r\n")
         );
+        // A sender no mail can reach: the mailbox gets the report.
+        o.sender = "scanner@localhost".into();
+        let b = Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).unwrap();
+        assert_eq!(b.build("h", 0).0.recipients[0].address, "scanner@contoso.com");
         // A sender that would break the header gets no report.
         o.sender = "x\r\nBcc: victim@example.com@contoso.com".into();
         assert!(Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).is_none());
