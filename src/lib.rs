@@ -21,6 +21,8 @@
 //! - [`daemon`]: start-up order, signals, reload and graceful stop.
 //! - [`control`]: the socket through which queue commands wake the daemon.
 //! - [`doctor`]: `postern doctor`: every dependency checked in order, ✓/✗ with the fix.
+//! - [`trial`]: `postern test`: one test message through the configured path now, every
+//!   step printed with the upstream's reply, the fix on failure.
 //! - [`health`]: `postern health`: ask the running daemon (its `/healthz`, or its control socket).
 //! - [`explain`]: `postern explain`: a pasted error or a queue id → the diagnosis.
 //! - [`metrics`]: Prometheus counters, gauges and histograms, fed by one-line hooks.
@@ -55,6 +57,7 @@ pub mod smtp;
 pub mod spool;
 pub mod status;
 pub mod token;
+pub mod trial;
 pub mod trust;
 pub mod upstream;
 pub mod web;

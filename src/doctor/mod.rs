@@ -11,7 +11,7 @@
 //! written: tokens are requested but not stored (a delegated refresh token stays valid after
 //! Entra rotates it), so doctor can run as root beside the daemon.
 
-mod tokens;
+pub(crate) mod tokens;
 
 use std::fmt::Write;
 use std::net::SocketAddr;

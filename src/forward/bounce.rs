@@ -441,7 +441,10 @@ mod tests {
         // A sender no mail can reach: the mailbox gets the report.
         o.sender = "scanner@localhost".into();
         let b = Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).unwrap();
-        assert_eq!(b.build("h", 0).0.recipients[0].address, "scanner@contoso.com");
+        assert_eq!(
+            b.build("h", 0).0.recipients[0].address,
+            "scanner@contoso.com"
+        );
         // A sender that would break the header gets no report.
         o.sender = "x\r\nBcc: victim@example.com@contoso.com".into();
         assert!(Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).is_none());

@@ -17,6 +17,7 @@ pub mod classify;
 pub mod file;
 pub mod rewrite;
 pub mod smtp;
+pub mod watch;
 
 /// A boxed future, so transports can live behind `dyn Transport`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -279,6 +279,9 @@ impl SmtpTransport {
             }
         };
         let _ = tcp.set_nodelay(true);
+        super::watch::emit(|| super::watch::Event::Connected {
+            server: server.clone(),
+        });
         Ok(tcp)
     }
 
@@ -360,7 +363,23 @@ impl SmtpTransport {
         )
         .await
         {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => {
+                super::watch::emit(|| {
+                    let c = s.get_ref().1;
+                    super::watch::Event::Tls {
+                        version: match c.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".into(),
+                            Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2".into(),
+                            v => format!("{v:?}"),
+                        },
+                        subject: c
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .and_then(|der| super::watch::certificate_subject(der)),
+                    }
+                });
+                Ok(s)
+            }
             Ok(Err(e)) => Err(tls_failure(&e, ctx, &self.host, &self.account)),
             Err(_) => Err(Outcome::Transient {
                 reason: format!(
@@ -1047,6 +1066,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn write(&mut self, bytes: &[u8], shown: Option<&str>) -> Result<(), Outcome> {
         if let Some(s) = shown {
             trace!(server = %self.server, "C: {s}");
+            super::watch::emit(|| super::watch::Event::Sent(s.to_string()));
         }
         let t = self.timeouts.command;
         match tokio::time::timeout(t, async {
@@ -1093,6 +1113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         match tokio::time::timeout(t, self.read_reply()).await {
             Ok(Ok(r)) => {
                 trace!(server = %self.server, "S: {}", r.text());
+                super::watch::emit(|| super::watch::Event::Reply(r.text()));
                 crate::metrics::upstream_reply(&self.server, &r.text());
                 Ok(r)
             }

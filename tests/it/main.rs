@@ -22,4 +22,5 @@ mod sendmail;
 mod spool_trust;
 mod tls;
 mod token;
+mod trial;
 mod upstream_smtp;
