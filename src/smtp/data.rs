@@ -31,6 +31,38 @@
 
 use crate::config::BareLfPolicy;
 
+/// Keeps the start of a message's header section as it is stored, to read its `From:` at
+/// the end of DATA (policy: an address the route's upstream never sends as is refused).
+/// Bounded: at most [`HeaderCapture::MAX`] bytes are kept.
+#[derive(Debug, Default)]
+pub struct HeaderCapture {
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl HeaderCapture {
+    /// Header bytes kept at most.
+    pub const MAX: usize = 64 * 1024;
+
+    /// Append stored message bytes (until the header section has ended).
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.done {
+            return;
+        }
+        let from = self.buf.len().saturating_sub(3);
+        let room = Self::MAX - self.buf.len();
+        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if self.buf.len() >= Self::MAX || self.buf[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            self.done = true;
+        }
+    }
+
+    /// The `From:` address of what was kept, lowercased.
+    pub fn from(&self) -> Option<String> {
+        crate::address::header_from(&self.buf)
+    }
+}
+
 /// How a body ended up, for the reply at its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DataOutcome {
@@ -603,5 +635,30 @@ mod tests {
             }
             prop_assert_eq!((out, d.outcome()), bdat(&[&input], policy, 40));
         }
+    }
+
+    #[test]
+    fn header_capture_finds_from_at_every_split_and_stops_at_the_body() {
+        let msg: &[u8] =
+            b"Received: x\r\nFrom: \"Scanner\" <Scanner@Localhost>\r\n\r\nFrom: body@x.test\r\n";
+        for i in 0..=msg.len() {
+            let mut h = HeaderCapture::default();
+            h.feed(&msg[..i]);
+            h.feed(&msg[i..]);
+            assert_eq!(
+                h.from().as_deref(),
+                Some("scanner@localhost"),
+                "split at {i}"
+            );
+        }
+        let mut h = HeaderCapture::default();
+        h.feed(b"Subject: x\r\n\r\n");
+        h.feed(b"From: body@x.test\r\n");
+        assert_eq!(h.from(), None, "a From: in the body is not the header's");
+        let mut h = HeaderCapture::default();
+        for _ in 0..10_000 {
+            h.feed(b"X-Filler: aaaaaaaaaaaaaaaa\r\n");
+        }
+        assert!(h.buf.len() <= HeaderCapture::MAX);
     }
 }

@@ -252,71 +252,10 @@ pub fn tls_error(e: &rustls::Error) -> String {
     }
 }
 
-/// The first address of the `From:` field of an RFC 5322 header section (`header` may go on
-/// into the body; only the part before the first empty line is read), lowercased. `None`
-/// when there is no `From:` or no address in it.
+/// The first address of the `From:` field of an RFC 5322 header section, lowercased (see
+/// [`crate::address::header_from`]).
 pub fn from_address(header: &[u8]) -> Option<String> {
-    let end = header
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .or_else(|| header.windows(2).position(|w| w == b"\n\n"))
-        .unwrap_or(header.len());
-    let text = String::from_utf8_lossy(&header[..end]);
-    // Unfold: a line starting with white space continues the field before it.
-    let mut value: Option<String> = None;
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        match &mut value {
-            Some(v) if line.starts_with([' ', '\t']) => v.push_str(line),
-            Some(_) => break,
-            None => {
-                if let Some((name, rest)) = line.split_once(':')
-                    && name.trim_end().eq_ignore_ascii_case("from")
-                {
-                    value = Some(rest.to_string());
-                }
-            }
-        }
-    }
-    let value = strip_comments(&value?);
-    // `Name <a@b>` (a quoted name may hold '<' or ','), else the first bare address.
-    let mut in_quotes = false;
-    let mut start = None;
-    for (i, ch) in value.char_indices() {
-        match ch {
-            '"' => in_quotes = !in_quotes,
-            '<' if !in_quotes => start = Some(i + 1),
-            '>' if !in_quotes => {
-                if let Some(s) = start {
-                    let a = value[s..i].trim();
-                    return a.contains('@').then(|| a.to_lowercase());
-                }
-            }
-            ',' if !in_quotes && start.is_none() => break,
-            _ => {}
-        }
-    }
-    let first = value.split(',').next().unwrap_or("").trim();
-    let a = first.rsplit([' ', ':']).next().unwrap_or("").trim();
-    (a.contains('@') && !a.contains('"')).then(|| a.to_lowercase())
-}
-
-/// `value` without RFC 5322 comments `(...)` outside quoted strings.
-fn strip_comments(value: &str) -> String {
-    let (mut out, mut depth, mut in_quotes) = (String::new(), 0u32, false);
-    for ch in value.chars() {
-        match ch {
-            '"' if depth == 0 => {
-                in_quotes = !in_quotes;
-                out.push(ch);
-            }
-            '(' if !in_quotes => depth += 1,
-            ')' if !in_quotes && depth > 0 => depth -= 1,
-            _ if depth == 0 => out.push(ch),
-            _ => {}
-        }
-    }
-    out
+    crate::address::header_from(header)
 }
 
 /// Something that can deliver a spooled message.

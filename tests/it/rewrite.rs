@@ -104,3 +104,50 @@ fn rewrite_from_sends_as_the_mailbox_and_keeps_the_device_in_reply_to() {
     // Nothing was refused by Exchange on the way.
     assert!(w.exchange.messages().iter().all(|m| m.accepted()));
 }
+
+#[test]
+fn without_rewrite_from_an_address_microsoft_never_sends_as_is_refused_when_sent() {
+    let w = world_routes(CLIENT_SECRET_AUTH, &devices_route(""));
+    // The envelope sender: refused at MAIL FROM.
+    let mut c = Raw::connect(w.postern.addr());
+    expect(&c.reply(), "220");
+    expect(&c.cmd("EHLO printer"), "250");
+    let r = c.cmd("MAIL FROM:<scanner@localhost>");
+    assert!(
+        r.starts_with("550 5.7.1 Sender <scanner@localhost> rejected: Microsoft 365 cannot send mail as this address"),
+        "{r}"
+    );
+    // A good envelope sender, but the From: is the device's: refused at the end of DATA.
+    expect(&c.cmd("MAIL FROM:<scanner@contoso.com>"), "250");
+    expect(&c.cmd("RCPT TO:<boss@fabrikam.com>"), "250");
+    expect(&c.cmd("DATA"), "354");
+    c.send(b"From: Printer <printer@SN-4711>\r\nSubject: x\r\n\r\nFrom: not@this.one\r\n.\r\n");
+    let r = c.reply();
+    assert!(
+        r.starts_with("550 5.7.1 Message rejected: its From: <printer@sn-4711> is not an address Microsoft 365 can send as"),
+        "{r}"
+    );
+    // The session goes on; a message Exchange can take is accepted.
+    expect(&c.cmd("MAIL FROM:<scanner@contoso.com>"), "250");
+    expect(&c.cmd("RCPT TO:<boss@fabrikam.com>"), "250");
+    expect(&c.cmd("DATA"), "354");
+    c.send(b"From: scanner@contoso.com\r\nSubject: ok\r\n\r\nx\r\n.\r\n");
+    expect(&c.reply(), "250");
+    let _ = c.cmd("QUIT");
+    let m = w.first_delivered();
+    assert_eq!(header(&m.data, "Subject").as_deref(), Some("ok"));
+    assert_eq!(
+        w.exchange.messages().len(),
+        1,
+        "nothing refused reached Exchange"
+    );
+    // The log says what to change.
+    let log = w.postern.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("event=\"rejected\"") && l.contains("rewrite_from = true in [route.devices]")
+        })
+        .collect();
+    assert_eq!(refusals.len(), 2, "{log}");
+}
