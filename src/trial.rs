@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::address::{self, Address};
+use crate::address::Address;
 use crate::config::{Config, RouteConfig, TransportConfig};
 use crate::diagnosis::{self, Vars};
 use crate::doctor::tokens::DoctorTokens;
@@ -136,18 +136,16 @@ async fn trial(cfg: &Config, t: &Trial, out: &Steps) -> u8 {
             }
         ),
     );
-    if !route.rewrite_from
-        && microsoft(&route.transport)
-        && let Some((_, domain)) = t.from.rsplit_once('@')
-        && address::local_only_domain(domain)
-    {
-        out.warn(
-            "route",
+    // The daemon refuses such a sender at MAIL FROM: say so, with the same words.
+    if let Some(why) = crate::smtp::policy::cannot_send_as(cfg, route, &t.from) {
+        out.fail(
+            "sender",
             &format!(
-                "Microsoft 365 never sends as <{}>; set rewrite_from = true in [route.{}]",
-                t.from, route.name
+                "the daemon refuses <{}> at MAIL FROM: Microsoft 365 cannot send mail as this address; {why}",
+                t.from
             ),
         );
+        return FAILED;
     }
     match &route.transport {
         TransportConfig::Discard => {
@@ -300,11 +298,6 @@ async fn send(
             FAILED
         }
     }
-}
-
-/// Is this one of the Microsoft transports (which only send as mailboxes)?
-fn microsoft(t: &TransportConfig) -> bool {
-    matches!(t, TransportConfig::Smtp { .. })
 }
 
 fn describe(t: &TransportConfig) -> String {

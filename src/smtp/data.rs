@@ -31,35 +31,64 @@
 
 use crate::config::BareLfPolicy;
 
-/// Keeps the start of a message's header section as it is stored, to read its `From:` at
-/// the end of DATA (policy: an address the route's upstream never sends as is refused).
-/// Bounded: at most [`HeaderCapture::MAX`] bytes are kept.
+/// Reads a message's `From:` field as the message is stored, to check it at the end of DATA
+/// (policy: an address the route's upstream never sends as is refused). Keeps only the line
+/// being read and the `From:` field (each at most [`HeaderCapture::MAX`] bytes), and stops at
+/// the end of the header section: a few bytes per session, whatever the message.
 #[derive(Debug, Default)]
 pub struct HeaderCapture {
-    buf: Vec<u8>,
+    line: Vec<u8>,
+    field: Vec<u8>,
+    in_from: bool,
     done: bool,
 }
 
 impl HeaderCapture {
-    /// Header bytes kept at most.
-    pub const MAX: usize = 64 * 1024;
+    /// Longest line or `From:` field kept (RFC 5322 allows 998 bytes a line).
+    pub const MAX: usize = 4096;
 
-    /// Append stored message bytes (until the header section has ended).
+    /// Append stored message bytes (CRLF line ends), until the header section has ended.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.done {
-            return;
-        }
-        let from = self.buf.len().saturating_sub(3);
-        let room = Self::MAX - self.buf.len();
-        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        if self.buf.len() >= Self::MAX || self.buf[from..].windows(4).any(|w| w == b"\r\n\r\n") {
-            self.done = true;
+        for &b in bytes {
+            if self.done {
+                return;
+            }
+            if b != b'\n' {
+                if self.line.len() < Self::MAX {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            self.end_line(&line);
         }
     }
 
-    /// The `From:` address of what was kept, lowercased.
+    fn end_line(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            self.done = true;
+        } else if matches!(line[0], b' ' | b'\t') {
+            if self.in_from && self.field.len() + line.len() + 2 <= Self::MAX {
+                self.field.extend_from_slice(b"\r\n");
+                self.field.extend_from_slice(line);
+            }
+        } else if self.in_from {
+            // The first From: field is complete: nothing else is needed.
+            self.done = true;
+        } else if line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"from:") {
+            self.in_from = true;
+            self.field = line.to_vec();
+        }
+    }
+
+    /// The `From:` address read, lowercased.
     pub fn from(&self) -> Option<String> {
-        crate::address::header_from(&self.buf)
+        let mut f = self.field.clone();
+        f.extend_from_slice(b"\r\n\r\n");
+        crate::address::header_from(&f)
     }
 }
 
@@ -656,9 +685,12 @@ mod tests {
         h.feed(b"From: body@x.test\r\n");
         assert_eq!(h.from(), None, "a From: in the body is not the header's");
         let mut h = HeaderCapture::default();
+        h.feed(b"Subject: x\r\nFrom:\r\n  Folded <f@sn1>\r\nTo: y\r\n");
+        assert_eq!(h.from().as_deref(), Some("f@sn1"));
+        let mut h = HeaderCapture::default();
         for _ in 0..10_000 {
-            h.feed(b"X-Filler: aaaaaaaaaaaaaaaa\r\n");
+            h.feed(b"X-Filler: aaaaaaaaaaaaaaaa");
         }
-        assert!(h.buf.len() <= HeaderCapture::MAX);
+        assert!(h.line.len() <= HeaderCapture::MAX && h.field.is_empty());
     }
 }

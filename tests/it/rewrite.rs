@@ -150,4 +150,18 @@ fn without_rewrite_from_an_address_microsoft_never_sends_as_is_refused_when_sent
         })
         .collect();
     assert_eq!(refusals.len(), 2, "{log}");
+    // `postern test` says the same before trying anything.
+    let (code, out, _) = w.postern.cli(&[
+        "test",
+        "--from",
+        "scanner@localhost",
+        "--to",
+        "boss@fabrikam.com",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✗ sender: the daemon refuses <scanner@localhost> at MAIL FROM")
+            && out.contains("rewrite_from = true in [route.devices]"),
+        "{out}"
+    );
 }
