@@ -137,7 +137,7 @@ async fn trial(cfg: &Config, t: &Trial, out: &Steps) -> u8 {
         ),
     );
     // The daemon refuses such a sender at MAIL FROM: say so, with the same words.
-    if let Some(why) = crate::smtp::policy::cannot_send_as(cfg, route, &t.from) {
+    if let Some(why) = crate::smtp::policy::cannot_send_as(cfg, route, &t.from, true) {
         out.fail(
             "sender",
             &format!(

@@ -61,7 +61,7 @@ pub fn route_sender(
             ),
         ));
     };
-    if let Some(why) = cannot_send_as(config, route, &text) {
+    if let Some(why) = cannot_send_as(config, route, &text, true) {
         return Err(Reply::sender_cannot_be_sent_as(&text, why));
     }
     let mailbox = match (&route.mailbox, sender) {
@@ -86,22 +86,35 @@ pub fn route_sender(
     })
 }
 
-/// Why `route` cannot deliver mail that names `address` as its sender (envelope or `From:`),
-/// or `None` if it may: Microsoft 365 never sends as an address in a local-only domain
-/// (`scanner@localhost`, a printer's serial number), so such mail would only be held
-/// upstream with `SendAsDenied`; with `rewrite_from` the route sends as its mailbox instead.
-pub fn cannot_send_as(config: &Config, route: &RouteConfig, address: &str) -> Option<String> {
+/// Why `route` cannot deliver mail that names `address` as its sender (the envelope sender
+/// when `envelope`, else the `From:`), or `None` if it may: Microsoft 365 never sends as an
+/// address in a local-only domain (`scanner@localhost`, a printer's serial number), so such
+/// mail would only be held upstream with `SendAsDenied`. With `rewrite_from` the route sends
+/// as its mailbox instead, which for the envelope sender needs a fixed `mailbox` (a route
+/// without one would sign in as the device's address itself).
+pub fn cannot_send_as(
+    config: &Config,
+    route: &RouteConfig,
+    address: &str,
+    envelope: bool,
+) -> Option<String> {
     let microsoft = matches!(route.transport, TransportConfig::Smtp { .. });
     let (_, domain) = address.rsplit_once('@')?;
-    (microsoft && !route.rewrite_from && crate::address::local_only_domain(domain)).then(|| {
-        format!(
-            "route \"{}\" in {} delivers to Microsoft 365, which sends only as real mailboxes; set rewrite_from = true in [route.{}] to send such mail as {}",
-            route.name,
-            config.source,
-            route.name,
-            route.mailbox.as_deref().unwrap_or("the route's mailbox (set mailbox too)")
-        )
-    })
+    if !microsoft || !crate::address::local_only_domain(domain) {
+        return None;
+    }
+    match (&route.mailbox, route.rewrite_from) {
+        (Some(_), true) => None,
+        (None, true) if !envelope => None,
+        (Some(m), false) => Some(format!(
+            "route \"{}\" in {} delivers to Microsoft 365, which sends only as real mailboxes; set rewrite_from = true in [route.{}] to send such mail as {m}",
+            route.name, config.source, route.name
+        )),
+        (None, _) => Some(format!(
+            "route \"{}\" in {} delivers to Microsoft 365 as each sender's own mailbox, and no mailbox has this address; set mailbox = \"ADDRESS\" and rewrite_from = true in [route.{}] to send such mail as that mailbox",
+            route.name, config.source, route.name
+        )),
+    }
 }
 
 /// The refusal at the end of DATA for a message whose `From:` (`from`, when it has one) its
@@ -109,7 +122,7 @@ pub fn cannot_send_as(config: &Config, route: &RouteConfig, address: &str) -> Op
 pub fn check_header_from(config: &Config, route: &str, from: Option<&str>) -> Option<Reply> {
     let from = from?;
     let route = config.routes.iter().find(|r| r.name == route)?;
-    cannot_send_as(config, route, from).map(|why| Reply::from_cannot_be_sent_as(from, why))
+    cannot_send_as(config, route, from, false).map(|why| Reply::from_cannot_be_sent_as(from, why))
 }
 
 fn patterns(p: &[AddressPattern]) -> String {
@@ -262,6 +275,15 @@ mod tests {
         // With rewrite_from the route sends as its mailbox: both are fine.
         cfg.routes[0].rewrite_from = true;
         assert!(route_sender(&cfg, &from("scanner@localhost"), None).is_ok());
+        assert!(check_header_from(&cfg, "office", Some("printer@sn12345")).is_none());
+        // Without a fixed mailbox, rewrite_from cannot make the device's address one.
+        cfg.routes[0].mailbox = None;
+        let e = route_sender(&cfg, &from("scanner@localhost"), None).unwrap_err();
+        assert!(
+            e.detail
+                .unwrap()
+                .contains("set mailbox = \"ADDRESS\" and rewrite_from = true")
+        );
         assert!(check_header_from(&cfg, "office", Some("printer@sn12345")).is_none());
         // The file transport sends as anything.
         assert!(check_header_from(&cfg, "own", Some("printer@sn12345")).is_none());
