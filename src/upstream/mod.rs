@@ -74,6 +74,17 @@ impl Outgoing {
         }
     }
 
+    /// The message as it goes out, in parts, for a transport that builds its own reader
+    /// (an async body, base64): the bytes to send first (empty unless rewritten), then the
+    /// queue file positioned where the rest starts, and how many bytes of it to send.
+    pub fn open_parts(&self) -> std::io::Result<(Vec<u8>, std::fs::File, u64)> {
+        let file = crate::spool::msgfile::open_message(&self.message, self.envelope.size)?;
+        match &self.rewrite {
+            Some(r) => r.parts(file.into_inner()),
+            None => Ok((Vec::new(), file.into_inner(), self.envelope.size)),
+        }
+    }
+
     /// The message bytes as they go out, read from `file`: the queue file, opened by the
     /// transport and positioned at its start.
     pub async fn stream(&self, file: tokio::fs::File) -> std::io::Result<rewrite::MessageStream> {

@@ -193,6 +193,13 @@ impl Rewritten {
         Ok(io::Cursor::new(self.head.clone()).chain(file.take(self.rest())))
     }
 
+    /// The rewritten message as parts: the new header, then `file` (the queue file)
+    /// positioned where the rest starts, and the length of the rest.
+    pub fn parts(&self, mut file: std::fs::File) -> io::Result<(Vec<u8>, std::fs::File, u64)> {
+        file.seek(SeekFrom::Start(self.body_offset))?;
+        Ok((self.head.clone(), file, self.rest()))
+    }
+
     /// The rewritten message, read asynchronously from `file` (the queue file).
     pub async fn stream(&self, mut file: tokio::fs::File) -> io::Result<MessageStream> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt as _};
@@ -506,6 +513,27 @@ mod tests {
         );
         assert_eq!(plan.size(), out.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), file);
+        // The same as parts, for transports that build their own reader.
+        let o = crate::upstream::Outgoing {
+            envelope: crate::spool::Envelope {
+                size: msg.len() as u64,
+                ..serde_json::from_str(ENVELOPE).unwrap()
+            },
+            message: path.clone(),
+            rewrite: Some(Arc::new(plan.clone())),
+        };
+        let (head, mut rest, n) = o.open_parts().unwrap();
+        let mut joined = head;
+        (&mut rest).take(n).read_to_end(&mut joined).unwrap();
+        assert_eq!(joined, out);
+        let mut via_reader = Vec::new();
+        o.open_message()
+            .unwrap()
+            .read_to_end(&mut via_reader)
+            .unwrap();
+        assert_eq!(via_reader, out);
+        assert_eq!(o.size(), out.len() as u64);
+        assert_eq!(o.sender(), "m@contoso.com");
         // A message that is all header.
         let head_only = b"Received: x\r\nFrom: dev@localhost\r\n";
         std::fs::write(&path, head_only).unwrap();
@@ -520,6 +548,9 @@ mod tests {
             b"Received: x\r\nFrom: m@contoso.com\r\nReply-To: dev@localhost\r\n"
         );
     }
+
+    /// A minimal envelope (the fields `Outgoing` needs).
+    const ENVELOPE: &str = r#"{"version":1,"id":"0123456789ABCDEF","received_at":1,"sender":"dev@localhost","recipients":[],"client_addr":"x","client_helo":"x","auth_user":null,"listener":"l","route":"r","mailbox":"m@contoso.com","size":0,"body_8bit":false,"smtputf8":false,"attempts":0,"next_attempt":null,"last_error":null,"hold_reason":null,"auto_hold":false}"#;
 
     #[test]
     fn an_endless_header_is_refused() {
