@@ -223,7 +223,7 @@ impl Metrics {
         );
         r.register(
             "upstream_replies",
-            "Replies from upstream SMTP servers, per server and (enhanced) status code",
+            "Replies from upstream servers, per server and status: the (enhanced) SMTP code, or for Microsoft Graph the HTTP status and error code (\"403 ErrorAccessDenied\")",
             m.upstream_replies.clone(),
         );
         r.register(
@@ -446,6 +446,23 @@ pub fn upstream_reply(server: &str, reply: &str) {
         .inc();
 }
 
+/// Microsoft Graph (`server`: the graph_url's host) answered with HTTP `status` and, for an
+/// error, Graph's error `code` (`ErrorAccessDenied`). Counted with the SMTP replies, labelled
+/// "403 ErrorAccessDenied" (or "202").
+pub fn graph_reply(server: &str, status: u16, code: Option<&str>) {
+    let m = &*METRICS;
+    let label = match code {
+        Some(c) => format!("{status} {c}"),
+        None => status.to_string(),
+    };
+    m.upstream_replies
+        .get_or_create(&ServerCode {
+            server: m.bounded("server", server),
+            code: m.bounded("upstream_code", &label),
+        })
+        .inc();
+}
+
 /// A token request for `account` ended; `Err` carries its AADSTS code, or "transient" /
 /// "local" when it has none.
 pub fn token<T>(account: &str, result: &Result<T, crate::token::TokenError>) {
@@ -560,6 +577,25 @@ mod tests {
         );
         assert_eq!(reply_code("421 Service not available"), "421");
         assert_eq!(reply_code("250 2.6.0 <x> Queued"), "2.6.0");
+    }
+
+    #[test]
+    fn graph_answers_are_counted_by_status_and_code() {
+        graph_reply("graph.test:443", 403, Some("ErrorAccessDenied"));
+        graph_reply("graph.test:443", 202, None);
+        let text = encode();
+        assert!(
+            text.contains(
+                "postern_upstream_replies_total{server=\"graph.test:443\",code=\"403 ErrorAccessDenied\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "postern_upstream_replies_total{server=\"graph.test:443\",code=\"202\"} 1"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::spool::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient, now_secs};
 use crate::token::inspect::{decode_claims, warnings};
 use crate::token::{Audience, TokenSource};
 use crate::upstream::file::FileTransport;
+use crate::upstream::graph::GraphTransport;
 use crate::upstream::rewrite::Rewritten;
 use crate::upstream::smtp::SmtpTransport;
 use crate::upstream::watch::{self, Event, Watcher};
@@ -161,6 +162,10 @@ async fn trial(cfg: &Config, t: &Trial, out: &Steps) -> u8 {
             send(cfg, t, route, &mailbox, &transport, out).await
         }
         TransportConfig::Smtp { account } => smtp(cfg, t, route, account, &mailbox, out).await,
+        TransportConfig::Graph {
+            account,
+            save_to_sent_items,
+        } => graph(cfg, t, route, account, *save_to_sent_items, &mailbox, out).await,
         // Transports added later (Graph) say so rather than fail to build; allowed because
         // today every variant is matched above.
         #[allow(unreachable_patterns)]
@@ -191,7 +196,41 @@ async fn smtp(
     };
     let vars = crate::explain::account_vars(Vars::new(), acc, mailbox);
     let tokens = Arc::new(DoctorTokens::new(cfg));
-    match tokens.token(account, mailbox, Audience::Smtp).await {
+    if !token_step(&tokens, acc, mailbox, Audience::Smtp, &vars, out).await {
+        return FAILED;
+    }
+    let source: Arc<dyn TokenSource> = tokens;
+    let transport = match SmtpTransport::new(acc, source, cfg.hostname.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            out.fail("transport", &e.to_string());
+            return FAILED;
+        }
+    };
+    let watcher: Arc<dyn Watcher> = Arc::new(out.clone());
+    if t.dry_run {
+        return match watch::watched(watcher, transport.probe_login(mailbox)).await {
+            Ok(_) => OK,
+            Err(o) => {
+                out.outcome(&o, &vars);
+                FAILED
+            }
+        };
+    }
+    send(cfg, t, route, mailbox, &transport, out).await
+}
+
+/// Get a token for `mailbox` and print what it allows; false (after printing why and the fix)
+/// when there is none.
+async fn token_step(
+    tokens: &DoctorTokens,
+    acc: &crate::config::AccountConfig,
+    mailbox: &str,
+    audience: Audience,
+    vars: &Vars,
+    out: &Steps,
+) -> bool {
+    match tokens.token(&acc.name, mailbox, audience).await {
         Ok(tok) => {
             let now = now_secs();
             match decode_claims(tok.token.expose()) {
@@ -211,7 +250,7 @@ async fn smtp(
                         let _ = write!(s, ", expires {}", when(exp, now));
                     }
                     out.ok("token", &s);
-                    for w in warnings(&c, Audience::Smtp, &acc.endpoints, now) {
+                    for w in warnings(&c, audience, &acc.endpoints, now) {
                         out.warn("token", &w);
                     }
                 }
@@ -221,21 +260,42 @@ async fn smtp(
         Err(e) => {
             let text = e.to_string();
             out.fail("token", &text);
-            out.fix(&text, &vars);
-            return FAILED;
+            out.fix(&text, vars);
+            return false;
         }
     }
+    true
+}
+
+async fn graph(
+    cfg: &Config,
+    t: &Trial,
+    route: &RouteConfig,
+    account: &str,
+    save_to_sent_items: bool,
+    mailbox: &str,
+    out: &Steps,
+) -> u8 {
+    let Some(acc) = cfg.account(account) else {
+        out.fail("account", &format!("there is no [account.{account}]"));
+        return FAILED;
+    };
+    let vars = crate::explain::account_vars(Vars::new(), acc, mailbox);
+    let tokens = Arc::new(DoctorTokens::new(cfg));
+    if !token_step(&tokens, acc, mailbox, Audience::Graph, &vars, out).await {
+        return FAILED;
+    }
     let source: Arc<dyn TokenSource> = tokens;
-    let transport = match SmtpTransport::new(acc, source, cfg.hostname.clone()) {
+    let transport = match GraphTransport::new(acc, source, save_to_sent_items) {
         Ok(t) => t,
         Err(e) => {
             out.fail("transport", &e.to_string());
             return FAILED;
         }
     };
-    let watcher: Arc<dyn Watcher> = Arc::new(out.clone());
     if t.dry_run {
-        return match watch::watched(watcher, transport.probe_login(mailbox)).await {
+        let watcher: Arc<dyn Watcher> = Arc::new(out.clone());
+        return match watch::watched(watcher, transport.probe(mailbox)).await {
             Ok(_) => OK,
             Err(o) => {
                 out.outcome(&o, &vars);
@@ -304,6 +364,7 @@ fn describe(t: &TransportConfig) -> String {
     match t {
         TransportConfig::File { dir } => format!("file {}", dir.display()),
         TransportConfig::Smtp { account } => format!("smtp, account {account}"),
+        TransportConfig::Graph { account, .. } => format!("graph, account {account}"),
         TransportConfig::Discard => "discard".into(),
         #[allow(unreachable_patterns)]
         _ => "this transport".into(),
@@ -381,6 +442,7 @@ impl MessageFile {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         };
         Ok(MessageFile { path, envelope })
     }

@@ -79,6 +79,17 @@ impl Config {
             let transport = match &route.transport {
                 TransportConfig::File { dir } => format!("file {}", dir.display()),
                 TransportConfig::Smtp { account } => format!("smtp (XOAUTH2, account {account})"),
+                TransportConfig::Graph {
+                    account,
+                    save_to_sent_items,
+                } => format!(
+                    "graph (Microsoft Graph sendMail, account {account}{})",
+                    if *save_to_sent_items {
+                        ""
+                    } else {
+                        ", no copy in Sent Items"
+                    }
+                ),
                 TransportConfig::Discard => "discard (accepted and dropped)".to_owned(),
             };
             let mut mailbox = match &route.mailbox {

@@ -91,6 +91,7 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "rate",
     "daily_recipients",
     "rewrite_from",
+    "save_to_sent_items",
 ];
 /// Keys allowed in `[account.NAME]`.
 pub(crate) const ACCOUNT_KEYS: &[&str] = &[
@@ -241,6 +242,7 @@ pub(crate) struct RawRoute {
     pub rate: Option<Spanned<String>>,
     pub daily_recipients: Option<Spanned<RawCount>>,
     pub rewrite_from: Option<Spanned<bool>>,
+    pub save_to_sent_items: Option<Spanned<bool>>,
 }
 
 /// A count written as a number (`10000`) or as text (`"5/3s"`, `"unlimited"`).
@@ -522,7 +524,12 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "transport" => {
-                r.transport = string(c, &path, v, "write transport = \"smtp\" or \"file\"")
+                r.transport = string(
+                    c,
+                    &path,
+                    v,
+                    "write transport = \"smtp\", \"graph\", \"file\" or \"discard\"",
+                )
             }
             "account" => {
                 r.account = string(
@@ -549,14 +556,8 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
-            "rewrite_from" => {
-                r.rewrite_from = boolean(
-                    c,
-                    &path,
-                    v,
-                    "write rewrite_from = true (send as the route's mailbox) or false",
-                )
-            }
+            "rewrite_from" => r.rewrite_from = boolean(c, &path, v),
+            "save_to_sent_items" => r.save_to_sent_items = boolean(c, &path, v),
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }
     }
@@ -653,28 +654,6 @@ fn found(v: &DeValue<'_>) -> String {
     }
 }
 
-fn boolean(
-    c: &mut Collector<'_>,
-    path: &str,
-    v: &Spanned<DeValue<'_>>,
-    fix: &str,
-) -> Option<Spanned<bool>> {
-    match v.get_ref() {
-        DeValue::Boolean(b) => Some(Spanned::new(v.span(), *b)),
-        other => {
-            c.at(
-                &v.span(),
-                path,
-                format!(
-                    "expected true or false (without quotes), found {}; {fix}",
-                    found(other)
-                ),
-            );
-            None
-        }
-    }
-}
-
 fn string(
     c: &mut Collector<'_>,
     path: &str,
@@ -688,6 +667,24 @@ fn string(
                 &v.span(),
                 path,
                 format!("expected a string in quotes, found {}; {fix}", found(other)),
+            );
+            None
+        }
+    }
+}
+
+/// `true` or `false`, unquoted.
+fn boolean(c: &mut Collector<'_>, path: &str, v: &Spanned<DeValue<'_>>) -> Option<Spanned<bool>> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Some(Spanned::new(v.span(), *b)),
+        other => {
+            c.at(
+                &v.span(),
+                path,
+                format!(
+                    "expected true or false, found {}; write true or false without quotes",
+                    found(other)
+                ),
             );
             None
         }

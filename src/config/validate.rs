@@ -844,50 +844,28 @@ impl Checker<'_, '_> {
                     }
                 },
                 "discard" => Some(TransportConfig::Discard),
-                "smtp" => match &r.account {
-                    Some(a) if accounts.contains(a.get_ref()) => Some(TransportConfig::Smtp {
-                        account: a.get_ref().clone(),
-                    }),
-                    Some(a) => {
-                        let known = if accounts.is_empty() {
-                            "no [account.NAME] table is defined; add one (see config/postern.toml)"
-                                .to_owned()
-                        } else {
-                            format!(
-                                "write one of {}",
-                                accounts
-                                    .iter()
-                                    .map(|n| format!("\"{n}\""))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
-                        };
-                        self.c.at(
-                            &a.span(),
-                            &format!("{table}.account"),
-                            format!("there is no [account.{}]; {known}", key_name(a.get_ref())),
-                        );
-                        None
-                    }
-                    None => {
-                        self.missing(&r.header, &table, "account", "account = \"NAME\" (the [account.NAME] whose tokens transport \"smtp\" uses)");
-                        None
-                    }
-                },
-                "graph" => {
-                    self.c.at(
-                        &t.span(),
-                        &format!("{table}.transport"),
-                        "transport \"graph\" is not available in this version of postern; write transport = \"smtp\" (Exchange Online SMTP with OAuth2) or \"file\"".to_owned(),
-                    );
-                    None
+                kind @ ("smtp" | "graph") => {
+                    self.route_account(&r, &table, kind, accounts)
+                        .map(|account| {
+                            if kind == "smtp" {
+                                TransportConfig::Smtp { account }
+                            } else {
+                                TransportConfig::Graph {
+                                    account,
+                                    save_to_sent_items: r
+                                        .save_to_sent_items
+                                        .as_ref()
+                                        .is_none_or(|v| *v.get_ref()),
+                                }
+                            }
+                        })
                 }
                 other => {
                     self.c.at(
                         &t.span(),
                         &format!("{table}.transport"),
                         format!(
-                            "unknown value \"{other}\"; write \"smtp\", \"file\" or \"discard\""
+                            "unknown value \"{other}\"; write \"smtp\", \"graph\", \"file\" or \"discard\""
                         ),
                     );
                     None
@@ -910,7 +888,16 @@ impl Checker<'_, '_> {
         if let (Some(a), Some(TransportConfig::File { .. } | TransportConfig::Discard)) =
             (&r.account, &transport)
         {
-            self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\"; remove it, or write transport = \"smtp\"".to_owned());
+            self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\" or \"graph\"; remove it, or write transport = \"smtp\"".to_owned());
+        }
+        if let Some(v) = &r.save_to_sent_items
+            && !matches!(transport, Some(TransportConfig::Graph { .. }) | None)
+        {
+            self.c.at(
+                &v.span(),
+                &format!("{table}.save_to_sent_items"),
+                "save_to_sent_items only applies to transport = \"graph\" (Exchange always keeps a copy of mail sent over SMTP in Sent Items); remove it".to_owned(),
+            );
         }
         let transport = transport?;
         let pacing = self.pacing(&table, &r, &transport);
@@ -923,6 +910,50 @@ impl Checker<'_, '_> {
             pacing,
             rewrite_from: r.rewrite_from.is_some_and(|b| *b.get_ref()),
         })
+    }
+
+    /// The `account` of a Microsoft route (`kind` is "smtp" or "graph"), reported when it is
+    /// missing or names no `[account.NAME]`.
+    fn route_account(
+        &mut self,
+        r: &RawRoute,
+        table: &str,
+        kind: &str,
+        accounts: &[String],
+    ) -> Option<String> {
+        match &r.account {
+            Some(a) if accounts.contains(a.get_ref()) => Some(a.get_ref().clone()),
+            Some(a) => {
+                let known = if accounts.is_empty() {
+                    "no [account.NAME] table is defined; add one (see config/postern.toml)"
+                        .to_owned()
+                } else {
+                    format!(
+                        "write one of {}",
+                        accounts
+                            .iter()
+                            .map(|n| format!("\"{n}\""))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                self.c.at(
+                    &a.span(),
+                    &format!("{table}.account"),
+                    format!("there is no [account.{}]; {known}", key_name(a.get_ref())),
+                );
+                None
+            }
+            None => {
+                self.missing(
+                    &r.header,
+                    table,
+                    "account",
+                    &format!("account = \"NAME\" (the [account.NAME] whose tokens transport \"{kind}\" uses)"),
+                );
+                None
+            }
+        }
     }
 
     /// `rate` and `daily_recipients` of a route; Exchange Online's limits by default for the

@@ -220,6 +220,7 @@ impl Bounce {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         };
         (env, bytes)
     }
@@ -352,6 +353,7 @@ mod tests {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         }
     }
 

@@ -98,7 +98,10 @@ pub fn cannot_send_as(
     address: &str,
     envelope: bool,
 ) -> Option<String> {
-    let microsoft = matches!(route.transport, TransportConfig::Smtp { .. });
+    let microsoft = matches!(
+        route.transport,
+        TransportConfig::Smtp { .. } | TransportConfig::Graph { .. }
+    );
     let (_, domain) = address.rsplit_once('@')?;
     if !microsoft || !crate::address::local_only_domain(domain) {
         return None;

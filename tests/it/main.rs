@@ -9,6 +9,7 @@ mod clients;
 mod crash;
 mod delivery;
 mod dsn;
+mod graph;
 mod input;
 mod load;
 mod m365;
