@@ -146,12 +146,108 @@ impl Address {
         !is_dot_string(&self.local)
     }
 
+    /// Is this an address no internet mailbox can have (see [`local_only_domain`])? A device
+    /// that sends as `scanner@localhost` or `printer@SN12345` can never be sent as by a
+    /// Microsoft 365 mailbox.
+    pub fn is_local_only(&self) -> bool {
+        local_only_domain(&self.domain)
+    }
+
     fn checked(self) -> Result<Address, AddressError> {
         if self.to_string().len() + 2 > MAX_PATH {
             return Err(AddressError::TooLong);
         }
         Ok(self)
     }
+}
+
+/// The first address of the `From:` field of an RFC 5322 header section (`header` may go on
+/// into the body; only the part before the first empty line is read), lowercased. `None`
+/// when there is no `From:` or no address in it.
+pub fn header_from(header: &[u8]) -> Option<String> {
+    let end = header
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| header.windows(2).position(|w| w == b"\n\n"))
+        .unwrap_or(header.len());
+    let text = String::from_utf8_lossy(&header[..end]);
+    // Unfold: a line starting with white space continues the field before it.
+    let mut value: Option<String> = None;
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        match &mut value {
+            Some(v) if line.starts_with([' ', '\t']) => v.push_str(line),
+            Some(_) => break,
+            None => {
+                if let Some((name, rest)) = line.split_once(':')
+                    && name.trim_end().eq_ignore_ascii_case("from")
+                {
+                    value = Some(rest.to_string());
+                }
+            }
+        }
+    }
+    let value = strip_comments(&value?);
+    // `Name <a@b>` (a quoted name may hold '<' or ','), else the first bare address.
+    let mut in_quotes = false;
+    let mut start = None;
+    for (i, ch) in value.char_indices() {
+        match ch {
+            '"' => in_quotes = !in_quotes,
+            '<' if !in_quotes => start = Some(i + 1),
+            '>' if !in_quotes => {
+                if let Some(s) = start {
+                    let a = value[s..i].trim();
+                    return a.contains('@').then(|| a.to_lowercase());
+                }
+            }
+            ',' if !in_quotes && start.is_none() => break,
+            _ => {}
+        }
+    }
+    let first = value.split(',').next().unwrap_or("").trim();
+    let a = first.rsplit([' ', ':']).next().unwrap_or("").trim();
+    (a.contains('@') && !a.contains('"')).then(|| a.to_lowercase())
+}
+
+/// `value` without RFC 5322 comments `(...)` outside quoted strings.
+fn strip_comments(value: &str) -> String {
+    let (mut out, mut depth, mut in_quotes) = (String::new(), 0u32, false);
+    for ch in value.chars() {
+        match ch {
+            '"' if depth == 0 => {
+                in_quotes = !in_quotes;
+                out.push(ch);
+            }
+            '(' if !in_quotes => depth += 1,
+            ')' if !in_quotes && depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Is `domain` one that exists only on a local network, so no internet mailbox has it: an
+/// address literal (`[192.0.2.1]`), a single label (`localhost`, a printer's serial number),
+/// or a name under a suffix reserved for local use (`.local`, `.localdomain`, `.lan`,
+/// `.internal`, `.home.arpa`, `.localhost`, `.invalid`).
+pub fn local_only_domain(domain: &str) -> bool {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    const LOCAL: &[&str] = &[
+        "local",
+        "localdomain",
+        "lan",
+        "internal",
+        "home.arpa",
+        "localhost",
+        "invalid",
+    ];
+    d.starts_with('[')
+        || !d.contains('.')
+        || LOCAL
+            .iter()
+            .any(|s| d == *s || d.strip_suffix(s).is_some_and(|p| p.ends_with('.')))
 }
 
 /// The RFC 5321 form: `local@domain`, the local part quoted when it is not a dot-string.
@@ -523,6 +619,34 @@ mod tests {
 
     fn mailbox(s: &str) -> Address {
         Address::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn local_only_domains() {
+        for d in [
+            "localhost",
+            "SN12345",
+            "printer.local",
+            "Office.LAN",
+            "x.home.arpa",
+            "corp.internal",
+            "a.localdomain",
+            "localhost.",
+            "[192.0.2.1]",
+            "x.invalid",
+        ] {
+            assert!(local_only_domain(d), "{d}");
+        }
+        for d in [
+            "contoso.com",
+            "example.org",
+            "mail.lan.example.com",
+            "local.example",
+        ] {
+            assert!(!local_only_domain(d), "{d}");
+        }
+        assert!(mailbox("scanner@localhost").is_local_only());
+        assert!(!mailbox("scanner@contoso.com").is_local_only());
     }
 
     #[test]

@@ -124,6 +124,10 @@ pub enum Command {
     /// error, a postern log line, or give a queue id; prints what it means, the likely causes
     /// and the fix (exit 1 when the error is not known).
     Explain(ExplainArgs),
+    /// Send one test message through the configured path now, printing every step with the
+    /// upstream's reply (route, token, connect, STARTTLS, AUTH, MAIL, RCPT, DATA) and, on
+    /// failure, the cause and fix; exit 0 only when the upstream accepted it.
+    Test(TestArgs),
     /// Check everything postern depends on, in order (configuration, spool, listeners, TLS,
     /// Entra, Exchange, the queue) and print each ✓/✗ with its fix; exit 1 if any failed.
     Doctor(DoctorArgs),
@@ -164,6 +168,25 @@ pub struct ExplainArgs {
     /// List every known error instead.
     #[arg(long, conflicts_with = "text")]
     pub list: bool,
+}
+
+/// `postern test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Envelope sender and From: of the test message (picks the route, as the daemon would).
+    #[arg(long, value_name = "ADDRESS")]
+    pub from: String,
+    /// The recipient.
+    #[arg(long, value_name = "ADDRESS")]
+    pub to: String,
+    /// Use this route instead of the one the sender picks.
+    #[arg(long, value_name = "NAME")]
+    pub route: Option<String>,
+    /// Sign in only: stop before MAIL FROM, send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `postern doctor`.

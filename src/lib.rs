@@ -14,7 +14,8 @@
 //! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2,
 //!   Microsoft Graph (`graph/`: sendMail with the MIME, drafts when the envelope differs from
 //!   the headers), and `file`; `classify` (and `graph/classify`) turn every upstream answer
-//!   into an outcome and advice.
+//!   into an outcome and advice; `rewrite` sends a device's mail as its route's mailbox
+//!   (`rewrite_from`); `watch` lets `postern test` see each step of the dialogue.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
 //!   single-flight), refresh-token files, `postern login` and `postern token`.
 //! - [`diagnosis`]: the one table of errors (Exchange SMTP replies, AADSTS codes, Graph errors,
@@ -23,6 +24,8 @@
 //! - [`daemon`]: start-up order, signals, reload and graceful stop.
 //! - [`control`]: the socket through which queue commands wake the daemon.
 //! - [`doctor`]: `postern doctor`: every dependency checked in order, ✓/✗ with the fix.
+//! - [`trial`]: `postern test`: one test message through the configured path now, every
+//!   step printed with the upstream's reply, the fix on failure.
 //! - [`health`]: `postern health`: ask the running daemon (its `/healthz`, or its control socket).
 //! - [`explain`]: `postern explain`: a pasted error or a queue id → the diagnosis.
 //! - [`metrics`]: Prometheus counters, gauges and histograms, fed by one-line hooks.
@@ -57,6 +60,7 @@ pub mod smtp;
 pub mod spool;
 pub mod status;
 pub mod token;
+pub mod trial;
 pub mod trust;
 pub mod upstream;
 pub mod web;

@@ -61,6 +61,35 @@ pub fn sent(id: &str, mailbox: &str, rcpts: &[String], relay: &str, reply: &str,
     );
 }
 
+/// A message went out as its route's mailbox (`rewrite_from`): what the device had written.
+pub fn rewritten(
+    id: &str,
+    mailbox: &str,
+    sender: &str,
+    header_from: Option<&str>,
+    from_changed: bool,
+    reply_to_added: bool,
+) {
+    let what = match (from_changed, reply_to_added) {
+        (true, true) => {
+            "sender and From: rewritten to the mailbox; the device's address is in Reply-To:"
+        }
+        (true, false) => {
+            "sender and From: rewritten to the mailbox; the message's own Reply-To: kept"
+        }
+        (false, _) => "sender rewritten to the mailbox (From: already was the mailbox)",
+    };
+    info!(
+        target: "postern::maillog",
+        event = "rewritten",
+        queue_id = id,
+        mailbox,
+        from = sender,
+        header_from = header_from.unwrap_or(""),
+        "{what}"
+    );
+}
+
 /// A delivery attempt failed temporarily; the message will be retried.
 pub fn deferred(id: &str, mailbox: &str, reason: &str, attempt: u32, retry_in_secs: u64) {
     warn!(
@@ -93,6 +122,33 @@ pub fn retried(id: &str) {
 /// A message failed permanently or outlived its lifetime.
 pub fn failed(id: &str, mailbox: &str, reason: &str) {
     warn!(target: "postern::maillog", event = "failed", queue_id = id, mailbox, reason, "failed");
+}
+
+/// A delivery status notification postern sent could not be delivered; it is kept in
+/// `failed/` (reports never get reports of their own).
+pub fn report_undeliverable(id: &str, mailbox: &str, to: &str, reason: &str) {
+    warn!(
+        target: "postern::maillog",
+        event = "report_undeliverable",
+        queue_id = id,
+        mailbox,
+        to,
+        reason,
+        "a delivery status notification could not be delivered; kept in failed/ (postern queue list)"
+    );
+}
+
+/// Recipients of a message failed and its sender gets no report (`why`); it is kept in
+/// `failed/`.
+pub fn unreported(id: &str, mailbox: &str, why: &str) {
+    warn!(
+        target: "postern::maillog",
+        event = "unreported",
+        queue_id = id,
+        mailbox,
+        why,
+        "no delivery status notification for this failure; kept in failed/ (postern queue list)"
+    );
 }
 
 /// A message was deleted by the admin.

@@ -224,6 +224,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Test(a) => {
+            let cfg = ConfigSource::resolve(config_path(&a.config, &cli.config).as_deref())
+                .load_for_client()?;
+            let code = runtime()?.block_on(postern::trial::run(
+                &cfg,
+                &postern::trial::Trial {
+                    from: a.from,
+                    to: a.to,
+                    route: a.route,
+                    dry_run: a.dry_run,
+                },
+            ));
+            Ok(ExitCode::from(code))
+        }
         Command::Doctor(a) => {
             let source = ConfigSource::resolve(config_path(&a.config, &cli.config).as_deref());
             let name = match &source {

@@ -123,6 +123,9 @@ pub enum MailboxState {
     Flowing,
     /// Some mail waits for a retry after a temporary error.
     Retrying,
+    /// Its mail waits its turn: the route's pacing (`rate`, `daily_recipients`) or an
+    /// upstream's throttle (`SubmissionQuotaExceeded`, `Retry-After`); nothing failed.
+    Paced,
     /// postern holds its mail: its configuration is broken.
     Held,
 }
@@ -159,6 +162,9 @@ pub struct MailboxStatus {
     pub held: Option<Held>,
     /// The most recent error of its waiting mail.
     pub last_error: Option<String>,
+    /// Why its mail waits without having failed, and until when, as `queue list` shows it
+    /// (`paced: 30/min for scanner@contoso.com, next at 2026-01-31 10:42:05 UTC`).
+    pub paced: Option<String>,
 }
 
 /// An account's client secret or certificate.
@@ -308,6 +314,30 @@ pub fn collect(spool: &Spool, config: &Config, live: Option<&Liveness>, detail: 
             }
         }
     }
+    // Pacing and throttles, from the forwarder's state file (what `queue list` shows too).
+    let saved = crate::forward::state::load(&config.state_dir).unwrap_or_default();
+    let now_ms = now.saturating_mul(1000);
+    for (mailbox, m) in &saved.mailboxes {
+        let note = m
+            .waiting
+            .iter()
+            .chain(m.blocked.iter())
+            .filter(|n| n.until > now_ms)
+            .max_by_key(|n| n.until);
+        if let Some(n) = note {
+            let b = boxes
+                .entry(mailbox.to_ascii_lowercase())
+                .or_insert_with(|| new_box(mailbox));
+            b.paced = Some(format!(
+                "{}, next at {}",
+                n.why,
+                crate::forward::fmt_ms(n.until)
+            ));
+            if b.state != MailboxState::Held {
+                b.state = MailboxState::Paced;
+            }
+        }
+    }
     for b in boxes.values_mut() {
         if let Some(h) = &mut b.held {
             b.state = MailboxState::Held;
@@ -343,6 +373,7 @@ fn new_box(mailbox: &str) -> MailboxStatus {
         waiting: 0,
         held: None,
         last_error: None,
+        paced: None,
     }
 }
 

@@ -92,10 +92,13 @@ impl Config {
                 ),
                 TransportConfig::Discard => "discard (accepted and dropped)".to_owned(),
             };
-            let mailbox = match &route.mailbox {
+            let mut mailbox = match &route.mailbox {
                 Some(m) => format!("as mailbox {m}"),
                 None => "as the sender's own mailbox".to_owned(),
             };
+            if route.rewrite_from {
+                mailbox.push_str(" (sender and From: rewritten to it)");
+            }
             writeln!(
                 o,
                 "route {} (#{}): {} -> {transport}, {mailbox}",

@@ -418,6 +418,9 @@ pub struct RouteConfig {
     /// Limits for each mailbox this route sends as (`rate`, `daily_recipients`): Exchange
     /// Online's by default for Microsoft transports, none for `file` and `discard`.
     pub pacing: Pacing,
+    /// `rewrite_from`: send every message as `mailbox`, envelope sender and `From:` header,
+    /// keeping the device's address in `Reply-To:` (see [`crate::upstream::rewrite`]).
+    pub rewrite_from: bool,
 }
 
 /// Forwarder settings.

@@ -90,6 +90,7 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "account",
     "rate",
     "daily_recipients",
+    "rewrite_from",
     "save_to_sent_items",
 ];
 /// Keys allowed in `[account.NAME]`.
@@ -240,6 +241,7 @@ pub(crate) struct RawRoute {
     pub account: Option<Spanned<String>>,
     pub rate: Option<Spanned<String>>,
     pub daily_recipients: Option<Spanned<RawCount>>,
+    pub rewrite_from: Option<Spanned<bool>>,
     pub save_to_sent_items: Option<Spanned<bool>>,
 }
 
@@ -554,6 +556,7 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
+            "rewrite_from" => r.rewrite_from = boolean(c, &path, v),
             "save_to_sent_items" => r.save_to_sent_items = boolean(c, &path, v),
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }

@@ -908,6 +908,7 @@ impl Checker<'_, '_> {
             mailbox,
             transport,
             pacing,
+            rewrite_from: r.rewrite_from.is_some_and(|b| *b.get_ref()),
         })
     }
 

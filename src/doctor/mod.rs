@@ -12,7 +12,7 @@
 //! Entra rotates it), so doctor can run as root beside the daemon.
 
 mod graph;
-mod tokens;
+pub(crate) mod tokens;
 
 use std::fmt::Write;
 use std::net::SocketAddr;

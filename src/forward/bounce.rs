@@ -2,10 +2,13 @@
 //! fail for good (a permanent refusal, or the message outlived `max_lifetime`), the envelope
 //! sender gets a report, queued like any other message and sent the same way as the original.
 //!
-//! A report goes out with the null sender `<>` and `Auto-Submitted: auto-replied`, and a
-//! message with the null sender never gets one, so reports cannot loop. Its `From:` is the
-//! mailbox the original went out as (named "Mail Delivery System"): Microsoft 365 only lets a
-//! mailbox send as itself, so that is what makes the report deliverable.
+//! Exchange Online's client submission is not documented to accept the null sender `<>`, and
+//! takes mail only from a mailbox the token may send as; so a report goes out *from the
+//! mailbox the original went out as*, envelope sender and `From:` ("Mail Delivery System"),
+//! with `Auto-Submitted: auto-replied` (RFC 3834). Loops are prevented by the header, not the
+//! null sender: a message with the null sender, or with `Auto-Submitted:` other than `no`
+//! (every report postern sends, vacation replies, other systems' reports), never gets one.
+//! A report that cannot be delivered is kept in `failed/` and logged by the worker.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -19,6 +22,8 @@ use crate::spool::{
 
 /// At most this much of the original's header is returned in the report.
 const MAX_HEADERS: u64 = 64 * 1024;
+/// The `listener` of a report's envelope: reports come from postern, not from a client.
+const REPORT_LISTENER: &str = "bounce";
 
 /// A report to send.
 #[derive(Debug, Clone)]
@@ -33,27 +38,86 @@ pub struct Bounce {
     pub expired: bool,
 }
 
+/// Why a failed message gets no report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoReport {
+    /// It was sent with the null sender `<>`: nobody to tell.
+    NullSender,
+    /// It carries `Auto-Submitted:` other than `no` (a report, an auto-reply): telling its
+    /// sender could loop.
+    AutoSubmitted(String),
+    /// Its sender cannot be written safely into a header (an older version's spool).
+    UnsafeSender,
+}
+
+impl std::fmt::Display for NoReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoReport::NullSender => f.write_str("it has the null sender <>"),
+            NoReport::AutoSubmitted(v) => write!(
+                f,
+                "it is automatic mail (Auto-Submitted: {}), which never gets a delivery status notification, so reports cannot loop",
+                crate::escape::untrusted(v)
+            ),
+            NoReport::UnsafeSender => f.write_str("its sender cannot be written into a report"),
+        }
+    }
+}
+
 impl Bounce {
-    /// A report for `original` if it needs one (not for the null sender, not for nothing).
+    /// A report for `original` if it needs one (not for nothing; see [`Bounce::report_for`]).
     pub fn for_failed(
         original: &Envelope,
         failed: Vec<(String, String)>,
         queue_file: &Path,
         expired: bool,
     ) -> Option<Bounce> {
-        if original.sender.is_empty() || failed.is_empty() {
+        if failed.is_empty() {
             return None;
+        }
+        Self::report_for(original, failed, queue_file, expired).ok()
+    }
+
+    /// The report for `original`'s `failed` recipients, or why it gets none: the null sender,
+    /// `Auto-Submitted:` other than `no`, a sender that cannot be written safely.
+    pub fn report_for(
+        original: &Envelope,
+        failed: Vec<(String, String)>,
+        queue_file: &Path,
+        expired: bool,
+    ) -> Result<Bounce, NoReport> {
+        if original.sender.is_empty() {
+            return Err(NoReport::NullSender);
+        }
+        let headers = header_section(queue_file, original.size);
+        if let Some(v) = auto_submitted(&headers) {
+            return Err(NoReport::AutoSubmitted(v));
         }
         // The report goes to the sender as the address type writes it (into `To:` and the
         // report's RCPT); one that cannot be written safely gets no report.
         let mut original = original.clone();
-        original.sender = address::wire_form(&original.sender).ok()?;
-        Some(Bounce {
-            headers: header_section(queue_file, original.size),
+        original.sender =
+            address::wire_form(&original.sender).map_err(|_| NoReport::UnsafeSender)?;
+        // A device that sent as `scanner@localhost` (a route with rewrite_from) cannot be
+        // reached by mail: the mailbox it went out as gets the report instead.
+        if original
+            .sender
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| address::local_only_domain(d))
+        {
+            original.sender = original.mailbox.clone();
+        }
+        Ok(Bounce {
+            headers,
             original,
             failed,
             expired,
         })
+    }
+
+    /// Is `env` a report postern made (so its own failure is kept, never reported)?
+    pub fn is_report(env: &Envelope) -> bool {
+        env.listener == REPORT_LISTENER && env.client_addr == "postern"
     }
 
     /// The report's envelope and bytes.
@@ -107,7 +171,16 @@ impl Bounce {
                 m,
                 "\r\nFinal-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {status}\r\n"
             );
-            push_folded(&mut m, &format!("Diagnostic-Code: smtp; {why}"));
+            // An SMTP reply is an `smtp` diagnostic; postern's own reason (expiry) is not.
+            let kind = if why
+                .get(..3)
+                .is_some_and(|c| c.bytes().all(|b| b.is_ascii_digit()))
+            {
+                "smtp"
+            } else {
+                "x-postern"
+            };
+            push_folded(&mut m, &format!("Diagnostic-Code: {kind}; {why}"));
             let _ = write!(m, "Last-Attempt-Date: {date}\r\n");
         }
         // 3: the original's headers
@@ -125,7 +198,9 @@ impl Bounce {
             version: ENVELOPE_VERSION,
             id: String::new(),
             received_at: now,
-            sender: String::new(),
+            // From the mailbox, not `<>`: Exchange's client submission takes mail from a
+            // mailbox the token may send as (see the module documentation).
+            sender: o.mailbox.clone(),
             recipients: vec![Recipient {
                 address: o.sender.clone(),
                 status: RcptStatus::Pending,
@@ -134,7 +209,7 @@ impl Bounce {
             client_addr: "postern".into(),
             client_helo: hostname.into(),
             auth_user: None,
-            listener: "bounce".into(),
+            listener: REPORT_LISTENER.into(),
             route: o.route.clone(),
             mailbox: o.mailbox.clone(),
             size: bytes.len() as u64,
@@ -177,6 +252,35 @@ fn header_section(path: &Path, size: u64) -> Vec<u8> {
         }
     }
     buf
+}
+
+/// The value of the first `Auto-Submitted:` field of `headers` when it is not `no` (RFC 3834:
+/// `auto-generated`, `auto-replied`, `auto-notified`, anything else but `no`).
+fn auto_submitted(headers: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(headers);
+    let mut value: Option<String> = None;
+    for line in text.split("\r\n") {
+        match &mut value {
+            Some(v) if line.starts_with([' ', '\t']) => v.push_str(line),
+            Some(_) => break,
+            None => {
+                if let Some((name, rest)) = line.split_once(':')
+                    && name.trim_end().eq_ignore_ascii_case("auto-submitted")
+                {
+                    value = Some(rest.to_string());
+                }
+            }
+        }
+    }
+    let value = value?;
+    // The keyword, before any parameters (`auto-generated; type=...`) or comment.
+    let keyword = value
+        .split([';', '('])
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    (keyword != "no").then(|| value.trim().to_string())
 }
 
 /// The first enhanced status code (RFC 3463) in a reply, if any, e.g. "5.1.10".
@@ -267,7 +371,12 @@ mod tests {
         };
         let (env, bytes) = b.build("relay.test", 1_700_000_100);
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert_eq!(env.sender, "", "reports go out with the null sender");
+        assert_eq!(
+            env.sender, "scanner@contoso.com",
+            "reports go out from the mailbox, not the null sender"
+        );
+        assert!(Bounce::is_report(&env));
+        assert!(!Bounce::is_report(&original()));
         assert_eq!(env.recipients[0].address, "scanner@contoso.com");
         assert_eq!(
             (env.route.as_str(), env.mailbox.as_str()),
@@ -331,9 +440,53 @@ mod tests {
                 .unwrap()
                 .contains("To: <\"a b\"@contoso.com>\r\n")
         );
+        // A sender no mail can reach: the mailbox gets the report.
+        o.sender = "scanner@localhost".into();
+        let b = Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).unwrap();
+        assert_eq!(
+            b.build("h", 0).0.recipients[0].address,
+            "scanner@contoso.com"
+        );
         // A sender that would break the header gets no report.
         o.sender = "x\r\nBcc: victim@example.com@contoso.com".into();
         assert!(Bounce::for_failed(&o, failed(), Path::new("/nonexistent"), false).is_none());
+    }
+
+    #[test]
+    fn automatic_mail_gets_no_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q");
+        let failed = || vec![("a@b.test".to_string(), "550 5.1.1 no".to_string())];
+        for (head, reported) in [
+            ("Subject: x\r\nAuto-Submitted: auto-replied\r\n", false),
+            ("Auto-Submitted:\r\n auto-generated; type=report\r\n", false),
+            ("AUTO-SUBMITTED: Auto-Notified\r\n", false),
+            ("Auto-Submitted: no\r\n", true),
+            ("Auto-Submitted: No (a person sent it)\r\n", true),
+            ("Subject: x\r\n", true),
+        ] {
+            let msg = format!("{head}\r\nbody Auto-Submitted: auto-replied\r\n");
+            std::fs::write(&path, &msg).unwrap();
+            let mut o = original();
+            o.size = msg.len() as u64;
+            let r = Bounce::report_for(&o, failed(), &path, false);
+            assert_eq!(r.is_ok(), reported, "{head:?}: {r:?}");
+        }
+        let mut null = original();
+        null.sender = String::new();
+        assert_eq!(
+            Bounce::report_for(&null, failed(), &path, false).unwrap_err(),
+            NoReport::NullSender
+        );
+        // A report postern built never gets a report of its own.
+        let b =
+            Bounce::for_failed(&original(), failed(), Path::new("/nonexistent"), false).unwrap();
+        let (env, bytes) = b.build("h", 0);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            Bounce::report_for(&env, failed(), &path, false),
+            Err(NoReport::AutoSubmitted(_))
+        ));
     }
 
     #[test]

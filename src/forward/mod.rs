@@ -44,6 +44,7 @@ use crate::spool::{Envelope, Spool, SpoolError, State, now_secs};
 use crate::token::TokenSource;
 use crate::upstream::file::FileTransport;
 use crate::upstream::graph::GraphTransport;
+use crate::upstream::rewrite::RewriteFrom;
 use crate::upstream::smtp::SmtpTransport;
 use crate::upstream::{Discard, HoldScope, Transport, Unavailable};
 use hold::{HoldKey, Pause};
@@ -80,6 +81,11 @@ impl Plan {
                         save_to_sent_items,
                     } => graph_transport(&config, account, *save_to_sent_items, &tokens),
                     TransportConfig::Discard => Arc::new(Discard),
+                };
+                let t: Arc<dyn Transport> = if r.rewrite_from {
+                    Arc::new(RewriteFrom::new(t))
+                } else {
+                    t
                 };
                 (r.name.clone(), t)
             })

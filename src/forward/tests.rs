@@ -103,7 +103,7 @@ async fn partial_success_keeps_sent_recipients_and_retries_only_the_rest() {
     assert_eq!(env.last_error.as_deref(), Some("452 4.5.3 try later"));
     // The refused recipient is reported to the sender at once, not when the rest is done.
     let (report_env, report) = only_report(&spool);
-    assert_eq!(report_env.sender, "");
+    assert_eq!(report_env.sender, "a@example.com", "from the mailbox");
     assert_eq!(report_env.recipients[0].address, "a@example.com");
     assert!(
         report
@@ -438,6 +438,90 @@ async fn held_mailbox_is_paused_probed_and_released() {
     );
     shutdown.cancel();
     fwd.await.unwrap();
+}
+
+/// A message whose recipients all fail and whose sender gets no report (it is a report, or
+/// automatic mail, or has the null sender) is kept in failed/, never dropped, and produces no
+/// report of its own.
+#[tokio::test]
+async fn failures_nobody_is_told_about_are_kept_in_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_exclusive(dir.path()).unwrap();
+    let refused = || Outcome::Sent {
+        relay: "r".into(),
+        reply: "no recipient was accepted".into(),
+        recipients: vec![rcpt(
+            "x@x.test",
+            RcptStatus::Failed,
+            "550 5.1.10 RecipientNotFound",
+        )],
+    };
+    let t = Arc::new(Scripted {
+        outcomes: Mutex::new(vec![
+            refused(),
+            Outcome::Permanent {
+                reason: "554 5.6.0 rejected".into(),
+            },
+            refused(),
+            refused(),
+        ]),
+        asked: Mutex::new(vec![]),
+    });
+    // 1. A report postern queued (to x@x.test), refused at RCPT.
+    let mut to_x = spool_envelope();
+    to_x.sender = "x@x.test".into();
+    let original = crate::forward::bounce::Bounce::for_failed(
+        &to_x,
+        vec![("y@y.test".into(), "550 5.1.1 no".into())],
+        std::path::Path::new("/nonexistent"),
+        false,
+    )
+    .unwrap();
+    let report_id = original.queue(&spool, "relay.test").await.unwrap();
+    spool
+        .move_msg(&report_id, State::Incoming, State::Active)
+        .unwrap();
+    // 2. Automatic mail refused as a whole, 3. with the null sender, 4. a normal message.
+    let claimed_with = |head: &'static [u8], sender: &'static str| {
+        let spool = spool.clone();
+        async move {
+            let mut d = spool.begin().await.unwrap();
+            let id = d.id().to_string();
+            d.write(head).await.unwrap();
+            let mut env = spool_envelope();
+            env.sender = sender.into();
+            d.commit(env).await.unwrap();
+            spool.move_msg(&id, State::Incoming, State::Active).unwrap();
+            id
+        }
+    };
+    let auto = claimed_with(
+        b"Auto-Submitted: auto-generated\r\n\r\nx\r\n",
+        "a@example.com",
+    )
+    .await;
+    let null = claimed_with(b"Subject: t\r\n\r\nx\r\n", "").await;
+    let normal = claimed_with(b"Subject: t\r\n\r\nx\r\n", "a@example.com").await;
+    for id in [&report_id, &auto, &null] {
+        let next = worker::attempt(&spool, id, Some(t.clone()), POLICY, "relay.test")
+            .await
+            .unwrap()
+            .next;
+        assert_eq!(next, Next::Failed, "{id}");
+        let env = spool.read_envelope(State::Failed, id).unwrap();
+        assert!(env.last_error.is_some(), "{id}: the reason is kept");
+        assert!(
+            spool.ids(State::Incoming).unwrap().is_empty(),
+            "no report for {id}"
+        );
+    }
+    // A message that does get a report is done: its sender is told.
+    let next = worker::attempt(&spool, &normal, Some(t.clone()), POLICY, "relay.test")
+        .await
+        .unwrap()
+        .next;
+    assert_eq!(next, Next::Done);
+    assert_eq!(spool.ids(State::Incoming).unwrap().len(), 1);
 }
 
 fn spool_envelope() -> Envelope {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::bounce::Bounce;
+use super::bounce::{Bounce, NoReport};
 use super::retry;
 use crate::maillog;
 use crate::spool::{Envelope, RcptStatus, Spool, SpoolError, State, now_secs};
@@ -65,10 +65,7 @@ pub async fn attempt(
     let mut env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
-            let msg = Outgoing {
-                envelope: env.clone(),
-                message: spool.msg_path(State::Active, id),
-            };
+            let msg = Outgoing::new(env.clone(), spool.msg_path(State::Active, id));
             let outcome = t.send(&msg).await;
             // The transport may have recorded how far it got (Graph's draft): keep that in
             // the envelope written with the outcome. A message it delivered is removed anyway.
@@ -143,6 +140,14 @@ fn record(
             .into_iter()
             .collect()
     };
+    // Recipients failed and nobody will be told (a report itself, automatic mail, the null
+    // sender): the message is kept in failed/ with the reason instead of being removed.
+    let unreported = |env: &Envelope, failed: &[(String, String)]| -> Option<NoReport> {
+        if failed.is_empty() {
+            return None;
+        }
+        Bounce::report_for(env, failed.to_vec(), &queue_file, false).err()
+    };
     match outcome {
         Outcome::Sent {
             relay,
@@ -159,8 +164,19 @@ fn record(
             }
             let delivered = u32::try_from(sent.len()).unwrap_or(u32::MAX);
             // The report needs the original's header, so it is built before the file goes.
-            let mut bounces = bounce_now(&env, failed);
+            let why_none = unreported(&env, &failed);
+            let mut bounces = bounce_now(&env, failed.clone());
             if env.pending().next().is_none() {
+                if let Some(why) = why_none {
+                    keep_unreported(spool, env, &failed, &why)?;
+                    return Ok((
+                        Report {
+                            next: Next::Failed,
+                            delivered,
+                        },
+                        bounces,
+                    ));
+                }
                 spool.remove_delivered(id)?;
                 return Ok((
                     Report {
@@ -182,6 +198,10 @@ fn record(
         // Every recipient was refused at RCPT and nothing else is left to try.
         _ if !failed.is_empty() && env.pending().next().is_none() => {
             count(&mut env);
+            if let Some(why) = unreported(&env, &failed) {
+                keep_unreported(spool, env, &failed, &why)?;
+                return Ok((report(Next::Failed), Vec::new()));
+            }
             let bounces = bounce_now(&env, failed);
             spool.remove_delivered(id)?;
             Ok((report(Next::Done), bounces))
@@ -351,7 +371,7 @@ fn fail(
         r.status = RcptStatus::Failed;
         failed.push((r.address.clone(), reason.clone()));
     }
-    let bounce = Bounce::for_failed(
+    let bounce = Bounce::report_for(
         &env,
         failed,
         &spool.msg_path(State::Active, &env.id),
@@ -363,5 +383,48 @@ fn fail(
     spool.move_msg(&env.id, State::Active, State::Failed)?;
     maillog::failed(&env.id, &env.mailbox, &reason);
     crate::metrics::failed(&env);
-    Ok((Next::Failed, bounce.into_iter().collect()))
+    match bounce {
+        Ok(b) => Ok((Next::Failed, vec![b])),
+        Err(why) => {
+            log_unreported(&env, &reason, &why);
+            Ok((Next::Failed, Vec::new()))
+        }
+    }
+}
+
+/// Move a message whose every recipient is settled, some failed, to `failed/` rather than
+/// removing it, because no report tells its sender (`why`): the admin finds it there
+/// (`postern queue list`), with the replies in its envelope.
+fn keep_unreported(
+    spool: &Spool,
+    mut env: Envelope,
+    failed: &[(String, String)],
+    why: &NoReport,
+) -> Result<(), SpoolError> {
+    let reason = failed
+        .iter()
+        .map(|(a, r)| format!("<{a}>: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    env.last_error = Some(reason.clone());
+    env.next_attempt = None;
+    spool.write_envelope(State::Active, &env)?;
+    spool.move_msg(&env.id, State::Active, State::Failed)?;
+    log_unreported(&env, &reason, why);
+    Ok(())
+}
+
+/// The log line for a failure nobody is told about: a report that could not be delivered,
+/// or mail that gets no report.
+fn log_unreported(env: &Envelope, reason: &str, why: &NoReport) {
+    if Bounce::is_report(env) {
+        let to = env
+            .recipients
+            .first()
+            .map(|r| r.address.as_str())
+            .unwrap_or("");
+        maillog::report_undeliverable(&env.id, &env.mailbox, to, reason);
+    } else {
+        maillog::unreported(&env.id, &env.mailbox, &why.to_string());
+    }
 }

@@ -23,7 +23,7 @@ use crate::spool::SpoolError;
 
 use super::auth::{AuthGuard, CheckError, Credentials};
 use super::command::{self, Command};
-use super::data::{BdatDecoder, DataDecoder, DataOutcome};
+use super::data::{BdatDecoder, DataDecoder, DataOutcome, HeaderCapture};
 use super::reply::Reply;
 use super::server::{ConnLimiter, Slot};
 use super::session::{AuthResult, Finish, Session, SessionParams, Step};
@@ -225,6 +225,7 @@ struct BdatTransfer<D> {
     decoder: BdatDecoder,
     header_len: u64,
     write_failed: Option<SpoolError>,
+    head: HeaderCapture,
 }
 
 struct Conn<'a, S: MessageSink> {
@@ -696,10 +697,12 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         );
         let mut out = Vec::with_capacity(READ_CHUNK + 64);
         let mut clock = self.data_clock();
+        let mut head = HeaderCapture::default();
         loop {
             if !io.rbuf.is_empty() {
                 let fed = decoder.feed(&io.rbuf, &mut out);
                 io.rbuf.drain(..fed.consumed);
+                head.feed(&out);
                 if !out.is_empty() && write_failed.is_none() {
                     write_failed = draft.write(&out).await.err();
                 }
@@ -722,6 +725,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             decoder.outcome(),
             header.len() as u64,
             write_failed,
+            head.from(),
             "DATA",
             from,
         )
@@ -752,6 +756,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                         ),
                         header_len: header.len() as u64,
                         write_failed,
+                        head: HeaderCapture::default(),
                     }
                 }
                 Err(e) => {
@@ -780,6 +785,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             }
             let n = (io.rbuf.len() as u64).min(remaining) as usize;
             transfer.decoder.feed(&io.rbuf[..n], &mut out);
+            transfer.head.feed(&out);
             io.rbuf.drain(..n);
             remaining -= n as u64;
             if !out.is_empty() && transfer.write_failed.is_none() {
@@ -793,6 +799,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 decoder,
                 header_len,
                 write_failed,
+                head,
             } = transfer;
             self.finish(
                 io,
@@ -800,6 +807,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 decoder.outcome(),
                 header_len,
                 write_failed,
+                head.from(),
                 "BDAT",
                 from,
             )
@@ -821,6 +829,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         outcome: DataOutcome,
         header_len: u64,
         write_failed: Option<SpoolError>,
+        header_from: Option<String>,
         stage: &str,
         from: Option<&str>,
     ) -> Flow
@@ -836,6 +845,13 @@ impl<'a, S: MessageSink> Conn<'a, S> {
             return Flow::Continue;
         }
         let stored = header_len + outcome.size;
+        if !outcome.doomed()
+            && let Some(r) = self.session.refuse_header_from(header_from.as_deref())
+        {
+            draft.discard().await;
+            self.reply(io, r, stage, from, None);
+            return Flow::Continue;
+        }
         match self.session.finish_data(&outcome, &id, stored, unix_now()) {
             Finish::Reject(r) => {
                 draft.discard().await;

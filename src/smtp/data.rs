@@ -31,6 +31,67 @@
 
 use crate::config::BareLfPolicy;
 
+/// Reads a message's `From:` field as the message is stored, to check it at the end of DATA
+/// (policy: an address the route's upstream never sends as is refused). Keeps only the line
+/// being read and the `From:` field (each at most [`HeaderCapture::MAX`] bytes), and stops at
+/// the end of the header section: a few bytes per session, whatever the message.
+#[derive(Debug, Default)]
+pub struct HeaderCapture {
+    line: Vec<u8>,
+    field: Vec<u8>,
+    in_from: bool,
+    done: bool,
+}
+
+impl HeaderCapture {
+    /// Longest line or `From:` field kept (RFC 5322 allows 998 bytes a line).
+    pub const MAX: usize = 4096;
+
+    /// Append stored message bytes (CRLF line ends), until the header section has ended.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.done {
+                return;
+            }
+            if b != b'\n' {
+                if self.line.len() < Self::MAX {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            self.end_line(&line);
+        }
+    }
+
+    fn end_line(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            self.done = true;
+        } else if matches!(line[0], b' ' | b'\t') {
+            if self.in_from && self.field.len() + line.len() + 2 <= Self::MAX {
+                self.field.extend_from_slice(b"\r\n");
+                self.field.extend_from_slice(line);
+            }
+        } else if self.in_from {
+            // The first From: field is complete: nothing else is needed.
+            self.done = true;
+        } else if line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"from:") {
+            self.in_from = true;
+            self.field = line.to_vec();
+        }
+    }
+
+    /// The `From:` address read, lowercased.
+    pub fn from(&self) -> Option<String> {
+        let mut f = self.field.clone();
+        f.extend_from_slice(b"\r\n\r\n");
+        crate::address::header_from(&f)
+    }
+}
+
 /// How a body ended up, for the reply at its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DataOutcome {
@@ -603,5 +664,33 @@ mod tests {
             }
             prop_assert_eq!((out, d.outcome()), bdat(&[&input], policy, 40));
         }
+    }
+
+    #[test]
+    fn header_capture_finds_from_at_every_split_and_stops_at_the_body() {
+        let msg: &[u8] =
+            b"Received: x\r\nFrom: \"Scanner\" <Scanner@Localhost>\r\n\r\nFrom: body@x.test\r\n";
+        for i in 0..=msg.len() {
+            let mut h = HeaderCapture::default();
+            h.feed(&msg[..i]);
+            h.feed(&msg[i..]);
+            assert_eq!(
+                h.from().as_deref(),
+                Some("scanner@localhost"),
+                "split at {i}"
+            );
+        }
+        let mut h = HeaderCapture::default();
+        h.feed(b"Subject: x\r\n\r\n");
+        h.feed(b"From: body@x.test\r\n");
+        assert_eq!(h.from(), None, "a From: in the body is not the header's");
+        let mut h = HeaderCapture::default();
+        h.feed(b"Subject: x\r\nFrom:\r\n  Folded <f@sn1>\r\nTo: y\r\n");
+        assert_eq!(h.from().as_deref(), Some("f@sn1"));
+        let mut h = HeaderCapture::default();
+        for _ in 0..10_000 {
+            h.feed(b"X-Filler: aaaaaaaaaaaaaaaa");
+        }
+        assert!(h.line.len() <= HeaderCapture::MAX && h.field.is_empty());
     }
 }

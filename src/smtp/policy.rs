@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::address::ReversePath;
-use crate::config::{AddressPattern, Config, ListenerConfig, UserConfig};
+use crate::config::{
+    AddressPattern, Config, ListenerConfig, RouteConfig, TransportConfig, UserConfig,
+};
 
 use super::reply::Reply;
 
@@ -59,6 +61,9 @@ pub fn route_sender(
             ),
         ));
     };
+    if let Some(why) = cannot_send_as(config, route, &text, true) {
+        return Err(Reply::sender_cannot_be_sent_as(&text, why));
+    }
     let mailbox = match (&route.mailbox, sender) {
         (Some(m), _) => m.clone(),
         (None, ReversePath::Mailbox(a)) if a.needs_quoting() => {
@@ -79,6 +84,48 @@ pub fn route_sender(
         route: route.name.clone(),
         mailbox,
     })
+}
+
+/// Why `route` cannot deliver mail that names `address` as its sender (the envelope sender
+/// when `envelope`, else the `From:`), or `None` if it may: Microsoft 365 never sends as an
+/// address in a local-only domain (`scanner@localhost`, a printer's serial number), so such
+/// mail would only be held upstream with `SendAsDenied`. With `rewrite_from` the route sends
+/// as its mailbox instead, which for the envelope sender needs a fixed `mailbox` (a route
+/// without one would sign in as the device's address itself).
+pub fn cannot_send_as(
+    config: &Config,
+    route: &RouteConfig,
+    address: &str,
+    envelope: bool,
+) -> Option<String> {
+    let microsoft = matches!(
+        route.transport,
+        TransportConfig::Smtp { .. } | TransportConfig::Graph { .. }
+    );
+    let (_, domain) = address.rsplit_once('@')?;
+    if !microsoft || !crate::address::local_only_domain(domain) {
+        return None;
+    }
+    match (&route.mailbox, route.rewrite_from) {
+        (Some(_), true) => None,
+        (None, true) if !envelope => None,
+        (Some(m), false) => Some(format!(
+            "route \"{}\" in {} delivers to Microsoft 365, which sends only as real mailboxes; set rewrite_from = true in [route.{}] to send such mail as {m}",
+            route.name, config.source, route.name
+        )),
+        (None, _) => Some(format!(
+            "route \"{}\" in {} delivers to Microsoft 365 as each sender's own mailbox, and no mailbox has this address; set mailbox = \"ADDRESS\" and rewrite_from = true in [route.{}] to send such mail as that mailbox",
+            route.name, config.source, route.name
+        )),
+    }
+}
+
+/// The refusal at the end of DATA for a message whose `From:` (`from`, when it has one) its
+/// route `route` cannot send (see [`cannot_send_as`]).
+pub fn check_header_from(config: &Config, route: &str, from: Option<&str>) -> Option<Reply> {
+    let from = from?;
+    let route = config.routes.iter().find(|r| r.name == route)?;
+    cannot_send_as(config, route, from, false).map(|why| Reply::from_cannot_be_sent_as(from, why))
 }
 
 fn patterns(p: &[AddressPattern]) -> String {
@@ -204,6 +251,45 @@ mod tests {
             e.to_string(),
             "550 5.7.1 Sender <boss@example.com> rejected: user \"scanner\" may not send as it (may_send_as: scanner@example.com)"
         );
+    }
+
+    #[test]
+    fn microsoft_never_sends_as_local_only_addresses() {
+        let mut cfg = config();
+        cfg.routes[0].transport = TransportConfig::Smtp {
+            account: "contoso".into(),
+        };
+        cfg.routes[0].senders.push(AddressPattern::Any);
+        let e = route_sender(&cfg, &from("scanner@localhost"), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "550 5.7.1 Sender <scanner@localhost> rejected: Microsoft 365 cannot send mail as this address"
+        );
+        assert!(
+            e.detail
+                .unwrap()
+                .contains("rewrite_from = true in [route.office]")
+        );
+        assert!(route_sender(&cfg, &from("scanner@example.com"), None).is_ok());
+        let r = check_header_from(&cfg, "office", Some("printer@sn12345")).unwrap();
+        assert_eq!(r.code, 550);
+        assert!(check_header_from(&cfg, "office", Some("printer@example.com")).is_none());
+        assert!(check_header_from(&cfg, "office", None).is_none());
+        // With rewrite_from the route sends as its mailbox: both are fine.
+        cfg.routes[0].rewrite_from = true;
+        assert!(route_sender(&cfg, &from("scanner@localhost"), None).is_ok());
+        assert!(check_header_from(&cfg, "office", Some("printer@sn12345")).is_none());
+        // Without a fixed mailbox, rewrite_from cannot make the device's address one.
+        cfg.routes[0].mailbox = None;
+        let e = route_sender(&cfg, &from("scanner@localhost"), None).unwrap_err();
+        assert!(
+            e.detail
+                .unwrap()
+                .contains("set mailbox = \"ADDRESS\" and rewrite_from = true")
+        );
+        assert!(check_header_from(&cfg, "office", Some("printer@sn12345")).is_none());
+        // The file transport sends as anything.
+        assert!(check_header_from(&cfg, "own", Some("printer@sn12345")).is_none());
     }
 
     #[test]

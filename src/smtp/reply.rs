@@ -478,6 +478,33 @@ impl Reply {
         .with_detail(rules)
     }
 
+    /// The route delivers to Microsoft 365, which never sends as an address in a local-only
+    /// domain (`scanner@localhost`); `why` (the route, and `rewrite_from`) goes to the log.
+    pub fn sender_cannot_be_sent_as(sender: &str, why: String) -> Self {
+        Self::one(
+            550,
+            "5.7.1",
+            format!(
+                "Sender <{}> rejected: Microsoft 365 cannot send mail as this address",
+                printable(sender)
+            ),
+        )
+        .with_detail(why)
+    }
+
+    /// The message's `From:` is an address Microsoft 365 never sends as (end of DATA).
+    pub fn from_cannot_be_sent_as(from: &str, why: String) -> Self {
+        Self::one(
+            550,
+            "5.7.1",
+            format!(
+                "Message rejected: its From: <{}> is not an address Microsoft 365 can send as",
+                printable(from)
+            ),
+        )
+        .with_detail(why)
+    }
+
     /// The authenticated user may not use this sender.
     pub fn sender_not_permitted(sender: &str, user: &str, may_send_as: &str) -> Self {
         Self::one(

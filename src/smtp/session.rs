@@ -701,6 +701,19 @@ impl Session {
         h
     }
 
+    /// The refusal for a message whose `From:` is `from` (read from the body as it arrived),
+    /// if its route cannot send it ([`policy::check_header_from`]); the transaction is over
+    /// when there is one.
+    pub fn refuse_header_from(&mut self, from: Option<&str>) -> Option<Reply> {
+        let route = match &self.state {
+            State::Data(t, _) | State::Bdat(t) => t.route.clone(),
+            _ => return None,
+        };
+        let r = policy::check_header_from(&self.p.config, &route, from)?;
+        self.state = self.greeted();
+        Some(r)
+    }
+
     /// Beginning or writing the draft failed: the transaction is over, answer `451 4.3.0`.
     pub fn data_failed(&mut self) -> Reply {
         self.state = self.greeted();

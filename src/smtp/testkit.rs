@@ -80,6 +80,7 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
             dir: PathBuf::from("/nonexistent"),
         },
         pacing: Default::default(),
+        rewrite_from: false,
     };
     Config {
         source: "test.toml".into(),

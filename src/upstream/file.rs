@@ -51,7 +51,7 @@ impl FileTransport {
             .pending()
             .map(|r| wire(&r.address))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((wire(&env.sender)?, wire(&env.mailbox)?, recipients))
+        Ok((wire(msg.sender())?, wire(&env.mailbox)?, recipients))
     }
 
     fn deliver(&self, msg: &Outgoing) -> std::io::Result<Vec<RcptResult>> {

@@ -5,8 +5,10 @@
 //! tokens from [`crate::token::TokenSource`].
 
 use std::future::Future;
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::spool::{Envelope, RcptStatus};
@@ -14,12 +16,18 @@ use crate::spool::{Envelope, RcptStatus};
 pub mod classify;
 pub mod file;
 pub mod graph;
+pub mod rewrite;
 pub mod smtp;
+pub mod watch;
 
 /// A boxed future, so transports can live behind `dyn Transport`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A message handed to a transport: its envelope and where its bytes are.
+///
+/// Transports read the message and its sender through the methods here, never from the
+/// envelope and the file directly: with `rewrite_from` the message goes out with another
+/// sender and header than it was received with ([`rewrite`]).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The envelope (recipients with their status; only `Pending` ones are to be sent).
@@ -27,18 +35,73 @@ pub struct Outgoing {
     /// Path of the queue file. Only its first `envelope.size` bytes are the message (after
     /// them comes postern's bookkeeping): read it with [`Outgoing::open_message`].
     pub message: PathBuf,
+    /// Set when the route rewrites the sender and `From:` to its mailbox.
+    pub rewrite: Option<Arc<rewrite::Rewritten>>,
 }
 
 impl Outgoing {
-    /// A reader of exactly the message bytes (our `Received:` header plus what the client sent).
-    pub fn open_message(&self) -> std::io::Result<std::io::Take<std::fs::File>> {
-        crate::spool::msgfile::open_message(&self.message, self.envelope.size)
+    /// The message as received.
+    pub fn new(envelope: Envelope, message: PathBuf) -> Self {
+        Outgoing {
+            envelope,
+            message,
+            rewrite: None,
+        }
     }
 
-    /// The address of the message's `From:` header (see [`from_address`]), read from the
-    /// first 64 KiB of the queue file; `None` if it has none or cannot be read.
+    /// The envelope sender to send with (`MAIL FROM`): the mailbox when rewritten.
+    pub fn sender(&self) -> &str {
+        match &self.rewrite {
+            Some(r) => &r.mailbox,
+            None => &self.envelope.sender,
+        }
+    }
+
+    /// How many bytes the transport sends.
+    pub fn size(&self) -> u64 {
+        match &self.rewrite {
+            Some(r) => r.size(),
+            None => self.envelope.size,
+        }
+    }
+
+    /// A reader of exactly the message bytes as they go out (our `Received:` header plus
+    /// what the client sent; with the rewritten header when rewritten).
+    pub fn open_message(&self) -> std::io::Result<rewrite::MessageReader> {
+        let file = crate::spool::msgfile::open_message(&self.message, self.envelope.size)?;
+        match &self.rewrite {
+            Some(r) => r.reader(file.into_inner()),
+            None => Ok(std::io::Cursor::new(Vec::new()).chain(file)),
+        }
+    }
+
+    /// The message as it goes out, in parts, for a transport that builds its own reader
+    /// (an async body, base64): the bytes to send first (empty unless rewritten), then the
+    /// queue file positioned where the rest starts, and how many bytes of it to send.
+    pub fn open_parts(&self) -> std::io::Result<(Vec<u8>, std::fs::File, u64)> {
+        let file = crate::spool::msgfile::open_message(&self.message, self.envelope.size)?;
+        match &self.rewrite {
+            Some(r) => r.parts(file.into_inner()),
+            None => Ok((Vec::new(), file.into_inner(), self.envelope.size)),
+        }
+    }
+
+    /// The message bytes as they go out, read from `file`: the queue file, opened by the
+    /// transport and positioned at its start.
+    pub async fn stream(&self, file: tokio::fs::File) -> std::io::Result<rewrite::MessageStream> {
+        use tokio::io::AsyncReadExt;
+        match &self.rewrite {
+            Some(r) => r.stream(file).await,
+            None => Ok(AsyncReadExt::chain(
+                std::io::Cursor::new(Vec::new()),
+                file.take(self.envelope.size),
+            )),
+        }
+    }
+
+    /// The address of the message's `From:` header as it goes out (see [`from_address`]),
+    /// read from the first 64 KiB of the message; `None` if it has none or cannot be read.
     pub fn from_header(&self) -> Option<String> {
-        use std::io::Read;
         let mut head = Vec::new();
         self.open_message()
             .ok()?
@@ -201,71 +264,10 @@ pub fn tls_error(e: &rustls::Error) -> String {
     }
 }
 
-/// The first address of the `From:` field of an RFC 5322 header section (`header` may go on
-/// into the body; only the part before the first empty line is read), lowercased. `None`
-/// when there is no `From:` or no address in it.
+/// The first address of the `From:` field of an RFC 5322 header section, lowercased (see
+/// [`crate::address::header_from`]).
 pub fn from_address(header: &[u8]) -> Option<String> {
-    let end = header
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .or_else(|| header.windows(2).position(|w| w == b"\n\n"))
-        .unwrap_or(header.len());
-    let text = String::from_utf8_lossy(&header[..end]);
-    // Unfold: a line starting with white space continues the field before it.
-    let mut value: Option<String> = None;
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        match &mut value {
-            Some(v) if line.starts_with([' ', '\t']) => v.push_str(line),
-            Some(_) => break,
-            None => {
-                if let Some((name, rest)) = line.split_once(':')
-                    && name.trim_end().eq_ignore_ascii_case("from")
-                {
-                    value = Some(rest.to_string());
-                }
-            }
-        }
-    }
-    let value = strip_comments(&value?);
-    // `Name <a@b>` (a quoted name may hold '<' or ','), else the first bare address.
-    let mut in_quotes = false;
-    let mut start = None;
-    for (i, ch) in value.char_indices() {
-        match ch {
-            '"' => in_quotes = !in_quotes,
-            '<' if !in_quotes => start = Some(i + 1),
-            '>' if !in_quotes => {
-                if let Some(s) = start {
-                    let a = value[s..i].trim();
-                    return a.contains('@').then(|| a.to_lowercase());
-                }
-            }
-            ',' if !in_quotes && start.is_none() => break,
-            _ => {}
-        }
-    }
-    let first = value.split(',').next().unwrap_or("").trim();
-    let a = first.rsplit([' ', ':']).next().unwrap_or("").trim();
-    (a.contains('@') && !a.contains('"')).then(|| a.to_lowercase())
-}
-
-/// `value` without RFC 5322 comments `(...)` outside quoted strings.
-fn strip_comments(value: &str) -> String {
-    let (mut out, mut depth, mut in_quotes) = (String::new(), 0u32, false);
-    for ch in value.chars() {
-        match ch {
-            '"' if depth == 0 => {
-                in_quotes = !in_quotes;
-                out.push(ch);
-            }
-            '(' if !in_quotes => depth += 1,
-            ')' if !in_quotes && depth > 0 => depth -= 1,
-            _ if depth == 0 => out.push(ch),
-            _ => {}
-        }
-    }
-    out
+    crate::address::header_from(header)
 }
 
 /// Something that can deliver a spooled message.

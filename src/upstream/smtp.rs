@@ -165,7 +165,7 @@ impl SmtpTransport {
                 ),
             })
         };
-        let (sender, mailbox) = match (wire(&env.sender), wire(&env.mailbox)) {
+        let (sender, mailbox) = match (wire(msg.sender()), wire(&env.mailbox)) {
             (Ok(s), Ok(m)) => (s, m),
             (Err(o), _) | (_, Err(o)) => return o,
         };
@@ -279,6 +279,9 @@ impl SmtpTransport {
             }
         };
         let _ = tcp.set_nodelay(true);
+        super::watch::emit(|| super::watch::Event::Connected {
+            server: server.clone(),
+        });
         Ok(tcp)
     }
 
@@ -360,7 +363,23 @@ impl SmtpTransport {
         )
         .await
         {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => {
+                super::watch::emit(|| {
+                    let c = s.get_ref().1;
+                    super::watch::Event::Tls {
+                        version: match c.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".into(),
+                            Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2".into(),
+                            v => format!("{v:?}"),
+                        },
+                        subject: c
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .and_then(|der| super::watch::certificate_subject(der)),
+                    }
+                });
+                Ok(s)
+            }
             Ok(Err(e)) => Err(tls_failure(&e, ctx, &self.host, &self.account)),
             Err(_) => Err(Outcome::Transient {
                 reason: format!(
@@ -381,7 +400,7 @@ impl SmtpTransport {
         msg: &Outgoing,
     ) -> Result<Outcome, Failure> {
         let env = &msg.envelope;
-        let size = env.size;
+        let size = msg.size();
         let caps = self.ehlo(c, ctx).await?;
         if !caps.xoauth2 {
             return Err(Outcome::held(format!(
@@ -523,12 +542,17 @@ impl SmtpTransport {
         file: tokio::fs::File,
         msg: &Outgoing,
     ) -> Result<Reply, Outcome> {
-        let size = msg.envelope.size;
+        let size = msg.size();
         let r = c.command("DATA", Stage::Data).await?;
         if r.code != 354 {
             return Err(verdict(Stage::Data, &r, ctx));
         }
-        c.send_message(file.take(size), size, &msg.message).await?;
+        // The message as it goes out (rewritten by `rewrite_from`, or as received).
+        let body = msg
+            .stream(file)
+            .await
+            .map_err(|e| cannot_read(&msg.message, &e))?;
+        c.send_message(body, size, &msg.message).await?;
         let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
         if !end.is_positive() {
             return Err(verdict(Stage::DataEnd, &end, ctx));
@@ -1042,6 +1066,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn write(&mut self, bytes: &[u8], shown: Option<&str>) -> Result<(), Outcome> {
         if let Some(s) = shown {
             trace!(server = %self.server, "C: {s}");
+            super::watch::emit(|| super::watch::Event::Sent(s.to_string()));
         }
         let t = self.timeouts.command;
         match tokio::time::timeout(t, async {
@@ -1088,6 +1113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         match tokio::time::timeout(t, self.read_reply()).await {
             Ok(Ok(r)) => {
                 trace!(server = %self.server, "S: {}", r.text());
+                super::watch::emit(|| super::watch::Event::Reply(r.text()));
                 crate::metrics::upstream_reply(&self.server, &r.text());
                 Ok(r)
             }

@@ -44,7 +44,7 @@ const STYLE: &str = "body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-
 h1{font-size:1.5rem;margin:.2rem 0}h2{font-size:1.15rem;margin:1.6rem 0 .5rem;border-bottom:1px solid #d8dde6;padding-bottom:.2rem}
 .sub{color:#5b6475;margin:0}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #e4e8ee;vertical-align:top}
 th{font-weight:600;color:#3b4456;background:#f0f3f7}.badge{display:inline-block;padding:.05rem .55rem;border-radius:.8rem;font-size:.85rem;font-weight:600}
-.flowing{background:#dff3e4;color:#17662f}.retrying{background:#fff1cc;color:#7a5600}.held{background:#fde0e0;color:#9b1c1c}
+.flowing{background:#dff3e4;color:#17662f}.retrying{background:#fff1cc;color:#7a5600}.paced{background:#e3ecfb;color:#1d4a8f}.held{background:#fde0e0;color:#9b1c1c}
 tr.held td{background:#fff6f6}.ok{color:#17662f}.bad{color:#9b1c1c;font-weight:600}.why{font-size:.9rem;color:#3b4456}
 .fix{margin:.3rem 0 0;padding:.4rem .6rem;background:#f4f6fa;border-left:3px solid #9b1c1c;font-size:.9rem}
 code{font:13px ui-monospace,monospace;background:#eef1f5;padding:0 .2rem;border-radius:3px}footer{margin-top:2rem;color:#5b6475;font-size:.85rem}";
@@ -109,6 +109,7 @@ pub fn render(s: &Snapshot, refresh: u32) -> String {
             let (class, word) = match b.state {
                 MailboxState::Flowing => ("flowing", "flowing"),
                 MailboxState::Retrying => ("retrying", "retrying"),
+                MailboxState::Paced => ("paced", "paced"),
                 MailboxState::Held => ("held", "held"),
             };
             let mut why = String::new();
@@ -132,6 +133,12 @@ pub fn render(s: &Snapshot, refresh: u32) -> String {
                     "<div class=\"why\">{} message(s) held; <code>postern explain {}</code> says more.</div>",
                     h.messages,
                     esc(&h.oldest_id)
+                );
+            } else if let Some(p) = &b.paced {
+                let _ = write!(
+                    why,
+                    "<div class=\"why\">{}</div><div class=\"why\">nothing failed: the mail goes out in order as the limit allows</div>",
+                    esc(p)
                 );
             } else if let Some(e) = &b.last_error {
                 let _ = write!(why, "<div class=\"why\">last error: {}</div>", esc(e));

@@ -1098,3 +1098,65 @@ async fn the_fake_graph_answers_as_the_reference_says() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
 }
+
+#[test]
+fn postern_test_over_graph_prints_the_request_and_graphs_answer() {
+    let w = world(Setup::default());
+    let (code, out, err) = w
+        .postern
+        .cli(&["test", "--from", MAILBOX, "--to", "boss@fabrikam.com"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("✓ route: m365 (graph, account contoso)"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("✓ token: ") && l.contains("roles Mail.Send")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("✓ POST ") && l.contains("/sendMail") && l.contains(": 202")),
+        "{out}"
+    );
+    let sent = w.wait_sent(1);
+    assert!(String::from_utf8_lossy(&sent[0].mime).contains("Subject: postern test message"));
+    // Dry run: the probe's sendMail with a body that is not base64, nothing sent.
+    let (code, out, err) = w.postern.cli(&[
+        "test",
+        "--from",
+        MAILBOX,
+        "--to",
+        "boss@fabrikam.com",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("result: signed in; dry run"), "{out}");
+    assert_eq!(w.graph.sent().len(), 1);
+}
+
+#[test]
+fn rewrite_from_over_graph_sends_the_rewritten_header() {
+    let w = world(Setup {
+        route: "mailbox = \"scanner@contoso.com\"\nrewrite_from = true",
+        ..Setup::default()
+    });
+    let id = send(
+        &w,
+        "dev@contoso.com",
+        &["boss@fabrikam.com"],
+        b"From: \"Scanner 3\" <scanner3@localhost>\r\nTo: boss@fabrikam.com\r\nSubject: Scan\r\n\r\nbody\r\n",
+    );
+    assert!(!id.is_empty());
+    let sent = w.wait_sent(1);
+    let mime = String::from_utf8_lossy(&sent[0].mime).into_owned();
+    assert!(
+        mime.contains("\r\nFrom: \"Scanner 3\" <scanner@contoso.com>\r\nReply-To: \"Scanner 3\" <scanner3@localhost>\r\n"),
+        "{mime}"
+    );
+    assert!(
+        mime.ends_with("\r\n\r\nbody\r\n") || mime.ends_with("\r\n\r\nbody\r\n\r\n"),
+        "{mime}"
+    );
+}

@@ -34,15 +34,27 @@ impl World {
 /// A fake Entra and Exchange and a postern whose route `m365` (`*@contoso.com`) has
 /// `mailbox_line`.
 pub(crate) fn world(mailbox_line: &str) -> World {
-    world_with(
-        mailbox_line,
-        "auth = \"client_secret\"\nclient_secret_file = \"SECRET_FILE\"",
-    )
+    world_with(mailbox_line, CLIENT_SECRET_AUTH)
 }
+
+/// The account's sign-in for most tests: app-only with a client secret in a file.
+pub(crate) const CLIENT_SECRET_AUTH: &str =
+    "auth = \"client_secret\"\nclient_secret_file = \"SECRET_FILE\"";
 
 /// A world whose account signs in with `auth_lines` (`SECRET_FILE` is replaced by the path of
 /// a file holding the fake's client secret).
 fn world_with(mailbox_line: &str, auth_lines: &str) -> World {
+    world_routes(
+        auth_lines,
+        &format!(
+            "[route.m365]\nsenders = [\"*@contoso.com\"]\n{mailbox_line}\ntransport = \"smtp\"\naccount = \"contoso\"\n"
+        ),
+    )
+}
+
+/// A world whose account signs in with `auth_lines` and whose route tables are `routes`
+/// (their account is `contoso`).
+pub(crate) fn world_routes(auth_lines: &str, routes: &str) -> World {
     let entra = FakeEntra::start();
     let exchange = Script::new()
         .accept_tokens(entra.smtp_token_check())
@@ -73,12 +85,7 @@ smtp_host = "localhost"
 smtp_port = {port}
 ca_file = "{ca}"
 
-[route.m365]
-senders = ["*@contoso.com"]
-{mailbox_line}
-transport = "smtp"
-account = "contoso"
-"#,
+{routes}"#,
         auth = auth_lines.replace("SECRET_FILE", &secret.display().to_string()),
         authority = entra.base,
         port = exchange.addr().port(),
@@ -425,7 +432,7 @@ fn a_refused_recipient_is_reported_to_the_sender_through_the_same_mailbox() {
     );
     expect(&r, "250");
     // The original reaches the good recipient; then the report reaches the sender, sent as the
-    // same mailbox with the null sender.
+    // same mailbox, from it (Exchange's client submission takes mail from a mailbox).
     assert!(
         wait_until(Duration::from_secs(15), || w.exchange.delivered().len()
             == 2),
@@ -435,7 +442,7 @@ fn a_refused_recipient_is_reported_to_the_sender_through_the_same_mailbox() {
     let msgs = w.exchange.delivered();
     assert_eq!(msgs[0].rcpt_to, vec!["boss@fabrikam.com"]);
     let report = &msgs[1];
-    assert_eq!(report.mail_from, "", "reports use the null sender");
+    assert_eq!(report.mail_from, MAILBOX, "reports come from the mailbox");
     assert_eq!(report.mailbox, MAILBOX);
     assert_eq!(report.rcpt_to, vec![MAILBOX]);
     let text = String::from_utf8_lossy(&report.data);

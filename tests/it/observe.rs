@@ -1026,8 +1026,9 @@ fn status_page_in_a_headless_browser_shows_the_held_mailbox() {
         .start();
     let dir = tempfile::tempdir().unwrap();
     let s = secret_file(dir.path(), "secret", SECRET);
+    // A second mailbox paced to one message an hour: its second message waits its turn.
     let p = Postern::start(&config(
-        "[admin]\naddress = \"127.0.0.1:0\"",
+        "[admin]\naddress = \"127.0.0.1:0\"\n\n[route.paced]\nsenders = [\"paced@contoso.com\"]\nmailbox = \"paced@contoso.com\"\ntransport = \"smtp\"\naccount = \"contoso\"\nrate = \"1/1h\"",
         &[Account::secret("contoso", &entra, &exchange, &s)],
         &[Route {
             name: "m365",
@@ -1050,10 +1051,45 @@ fn status_page_in_a_headless_browser_shows_the_held_mailbox() {
         "{}",
         p.log_text()
     );
+    for subject in ["first", "second"] {
+        expect(
+            &send_mail(
+                p.addr(),
+                "paced@contoso.com",
+                &["boss@fabrikam.com"],
+                format!("From: paced@contoso.com\r\nSubject: {subject}\r\n\r\nx\r\n").as_bytes(),
+            ),
+            "250",
+        );
+    }
     let admin = admin_addr(&p);
-    // The page itself, as served.
-    let (status, html) = http_get(admin, "/", None);
-    assert_eq!(status, 200);
+    // The page itself, as served; the paced mailbox shows why its mail waits, as `queue list`.
+    let mut html = String::new();
+    let shown = wait_until(Duration::from_secs(20), || {
+        let (status, page) = http_get(admin, "/", None);
+        assert_eq!(status, 200);
+        html = page;
+        html.contains("data-mailbox=\"paced@contoso.com\" data-state=\"paced\"")
+    });
+    assert!(
+        shown,
+        "no paced mailbox in:\n{html}\nlog:\n{}",
+        p.log_text()
+    );
+    assert!(
+        html.contains("paced: 1/1h for paced@contoso.com, next at "),
+        "{html}"
+    );
+    let (_, list, _) = p.cli(&["queue", "list"]);
+    assert!(
+        list.contains("paced: 1/1h for paced@contoso.com, next at "),
+        "the same words as queue list: {list}"
+    );
+    assert_eq!(
+        exchange.delivered().len(),
+        1,
+        "the first went, the second waits"
+    );
     assert!(html.contains("http-equiv=\"refresh\""), "auto-refresh");
     assert!(!html.contains("<script"), "no JavaScript");
     assert!(

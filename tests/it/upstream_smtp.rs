@@ -168,10 +168,7 @@ fn message(sender: &str, rcpts: &[(&str, RcptStatus)], body: &[u8]) -> Msg {
     };
     Msg {
         _dir: dir,
-        out: Outgoing {
-            envelope,
-            message: path,
-        },
+        out: Outgoing::new(envelope, path),
     }
 }
 

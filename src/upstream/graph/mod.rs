@@ -446,7 +446,7 @@ impl GraphTransport {
                  over Graph's 4 MB request limit (microsoft-reference.md §4.3). Over Graph this \
                  version of postern sends messages up to about 2.9 MB; send larger mail through \
                  a route with transport = \"smtp\", or make the message smaller",
-                msg.envelope.size
+                msg.size()
             ),
         }
     }
@@ -454,7 +454,7 @@ impl GraphTransport {
     /// `sendMail` with the MIME (and the added `Bcc:`).
     async fn fast(&self, a: &mut Attempt<'_>, bcc: &[String]) -> Step1 {
         let prefix = recipients::bcc_header(bcc);
-        let request = body::encoded_len(prefix.len() as u64 + a.msg.envelope.size);
+        let request = body::encoded_len(prefix.len() as u64 + a.msg.size());
         if request > MAX_REQUEST {
             return Step1::End(self.too_large(a.msg, request));
         }
@@ -586,7 +586,7 @@ impl GraphTransport {
 
     /// `POST /messages` with the MIME: the draft's id, recorded in the envelope.
     async fn create_draft(&self, a: &mut Attempt<'_>) -> Result<String, Step1> {
-        let request = body::encoded_len(a.msg.envelope.size);
+        let request = body::encoded_len(a.msg.size());
         if request > MAX_REQUEST {
             return Err(Step1::End(self.too_large(a.msg, request)));
         }
@@ -864,8 +864,7 @@ fn with_refused(refused: Vec<RcptResult>, o: Outcome) -> Outcome {
 /// the file; a transport-independent rewrite of the header (such as `rewrite_from`) plugs in
 /// here (`Outgoing::open_parts`), so the Graph body and the SMTP DATA stay the same message.
 fn message_parts(msg: &Outgoing) -> std::io::Result<(Vec<u8>, std::fs::File, u64)> {
-    let file = msg.open_message()?.into_inner();
-    Ok((Vec::new(), file, msg.envelope.size))
+    msg.open_parts()
 }
 
 /// The message's header section (at most [`MAX_HEADER`] bytes).

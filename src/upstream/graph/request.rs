@@ -342,6 +342,12 @@ impl GraphClient {
                 maybe_sent,
             }
         };
+        crate::upstream::watch::emit(|| {
+            crate::upstream::watch::Event::Sent(format!(
+                "{} {} ({})",
+                req.method, req.url, req.what
+            ))
+        });
         let mut resp = b.send().await.map_err(&lost)?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
@@ -379,6 +385,9 @@ impl GraphClient {
             body,
             error,
         };
+        crate::upstream::watch::emit(|| {
+            crate::upstream::watch::Event::Reply(format!("{}; {}", answer.summary(), answer.ids()))
+        });
         debug!(
             queue_id,
             mailbox,
