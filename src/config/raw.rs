@@ -549,14 +549,7 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
-            "rewrite_from" => {
-                r.rewrite_from = boolean(
-                    c,
-                    &path,
-                    v,
-                    "write rewrite_from = true (send as the route's mailbox) or false",
-                )
-            }
+            "rewrite_from" => r.rewrite_from = boolean(c, &path, v),
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }
     }
@@ -653,28 +646,6 @@ fn found(v: &DeValue<'_>) -> String {
     }
 }
 
-fn boolean(
-    c: &mut Collector<'_>,
-    path: &str,
-    v: &Spanned<DeValue<'_>>,
-    fix: &str,
-) -> Option<Spanned<bool>> {
-    match v.get_ref() {
-        DeValue::Boolean(b) => Some(Spanned::new(v.span(), *b)),
-        other => {
-            c.at(
-                &v.span(),
-                path,
-                format!(
-                    "expected true or false (without quotes), found {}; {fix}",
-                    found(other)
-                ),
-            );
-            None
-        }
-    }
-}
-
 fn string(
     c: &mut Collector<'_>,
     path: &str,
@@ -688,6 +659,24 @@ fn string(
                 &v.span(),
                 path,
                 format!("expected a string in quotes, found {}; {fix}", found(other)),
+            );
+            None
+        }
+    }
+}
+
+/// `true` or `false`, unquoted.
+fn boolean(c: &mut Collector<'_>, path: &str, v: &Spanned<DeValue<'_>>) -> Option<Spanned<bool>> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Some(Spanned::new(v.span(), *b)),
+        other => {
+            c.at(
+                &v.span(),
+                path,
+                format!(
+                    "expected true or false, found {}; write true or false without quotes",
+                    found(other)
+                ),
             );
             None
         }
