@@ -255,7 +255,11 @@ pub async fn run_listener<S: MessageSink>(tcp: TcpListener, ctx: Arc<ListenerCon
     let address = local.map(|a| a.to_string()).unwrap_or_default();
     info!(target: "postern::smtp", listener = %ctx.listener.name, address, "listening");
     loop {
+        // Biased: once `stop` is cancelled (a reload), this loop must not accept again, or a
+        // client connecting after "configuration reloaded" could still get the old
+        // configuration from the socket both generations share.
         let accepted = tokio::select! {
+            biased;
             () = ctx.shutdown.cancelled() => break,
             () = ctx.stop.cancelled() => break,
             r = tcp.accept() => r,
