@@ -216,10 +216,22 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
 
-    let auth_guard = Arc::new(AuthGuard::new(
-        config.limits.auth_max_failures,
-        config.limits.auth_lockout,
-    ));
+    let auth_guard = Arc::new(AuthGuard::from_limits(&config.limits));
+    crate::maillog::set_ipv6_prefix(config.limits.ipv6_prefix);
+    // Sum up refusals that were counted rather than logged once their minute is over, also
+    // when the flood has stopped (nothing else would trigger the summary then).
+    let refusal_summaries = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => crate::maillog::flush_refusals(false),
+                }
+            }
+        })
+    };
     let limiter = Arc::new(ConnLimiter::from_limits(&config.limits));
     let shared = Shared {
         spool: spool.clone(),
@@ -289,7 +301,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                                 spool.set_min_free(new.limits.min_free_disk);
                                 spool.set_message_memory(new.limits.message_memory);
                                 shared.limiter.set_limits(&new.limits);
-                                shared.auth_guard.set_limits(new.limits.auth_max_failures, new.limits.auth_lockout);
+                                shared.auth_guard.set_limits(&new.limits);
+                                crate::maillog::set_ipv6_prefix(new.limits.ipv6_prefix);
                                 tokens.1.cancel();
                                 tokens = start_tokens(&new, &shutdown);
                                 let _ = plan_tx.send(Plan::from_config(new.clone(), tokens.0.clone()));
@@ -336,6 +349,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
             warn!(error = %e, "final journal checkpoint failed; the next start replays the journal")
         }
     }
+    let _ = refusal_summaries.await;
+    crate::maillog::flush_refusals(true);
     info!("postern stopped");
     Ok(())
 }

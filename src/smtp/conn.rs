@@ -167,6 +167,9 @@ where
     };
     let log_end = summary.end.to_string();
     match &summary.end {
+        // A failed handshake or a broken connection is the client's doing, at will: its
+        // lines are bounded like refusals.
+        ConnEnd::TlsFailed(_) | ConnEnd::Io(_) if !maillog::may_log_refusal(&conn.client) => {}
         ConnEnd::TlsFailed(_) | ConnEnd::Io(_) => warn!(
             target: "postern::smtp",
             client = %conn.client,
@@ -556,7 +559,9 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 Flow::End(ConnEnd::Quit)
             }
             Step::Drop(r) => {
-                warn!(target: "postern::smtp", client = %self.client, "non-SMTP command (HTTP?); closing");
+                if maillog::may_log_refusal(&self.client) {
+                    warn!(target: "postern::smtp", client = %self.client, "non-SMTP command (HTTP?); closing");
+                }
                 self.reply(io, r, stage, from, rcpt);
                 Flow::End(ConnEnd::NonSmtp)
             }
@@ -566,7 +571,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                     return Flow::End(end);
                 }
                 // Anything pipelined after STARTTLS was sent in plain text: never act on it.
-                if !io.rbuf.is_empty() {
+                if !io.rbuf.is_empty() && maillog::may_log_refusal(&self.client) {
                     warn!(target: "postern::smtp", client = %self.client, bytes = io.rbuf.len(), "discarding input pipelined after STARTTLS");
                     io.rbuf.clear();
                 }
@@ -592,21 +597,31 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         let ip = self.peer.ip();
         let guard = &self.ctx.auth_guard;
         let user = creds.user.clone();
-        let result = if guard.is_locked(ip) {
+        let result = if guard.is_locked(ip) || guard.is_user_locked(ip, &user) {
             AuthResult::LockedOut
         } else {
             let config = self.ctx.config.clone();
             let wait = deadline_after(self.ctx.listener.command_timeout).min(self.deadline);
             match guard.check(config, creds, wait).await {
                 Ok(true) => {
-                    guard.record_success(ip);
+                    guard.record_success(ip, &user);
                     self.slot.authenticated();
                     AuthResult::Success
                 }
                 Ok(false) => {
-                    let verdict = guard.record_failure(ip);
+                    let verdict = guard.record_failure(ip, &user);
                     if verdict.locked {
                         warn!(target: "postern::smtp", client = %self.client, "too many failed AUTH attempts; client address locked out");
+                    }
+                    if verdict.user_locked {
+                        // The name as the client typed it may be a password: only known
+                        // names are written.
+                        let name = if self.ctx.config.user(&user).is_some() {
+                            user.as_str()
+                        } else {
+                            "<unknown>"
+                        };
+                        warn!(target: "postern::smtp", client = %self.client, user = %name, "too many failed AUTH attempts on this user name from several addresses; it is refused to addresses it has not logged in from, for limits.auth_lockout");
                     }
                     if !verdict.delay.is_zero() {
                         if let Err(end) = self.flush(io).await {
@@ -638,7 +653,10 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         } else {
             "<unknown>".to_string()
         };
-        info!(target: "postern::smtp", client = %self.client, user = %user, outcome, "AUTH");
+        // Failures are the guesser's doing: bounded like refusals.
+        if matches!(result, AuthResult::Success) || maillog::may_log_refusal(&self.client) {
+            info!(target: "postern::smtp", client = %self.client, user = %user, outcome, "AUTH");
+        }
         let reply = self.session.auth_result(result);
         self.reply(io, reply, "AUTH", None, None);
         Flow::Continue

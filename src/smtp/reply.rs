@@ -65,7 +65,7 @@
 //! | [`Reply::bare_lf`] | `550 5.6.0 Message contains bare LF` |
 //! | [`Reply::nul_characters`] | `550 5.6.0 Message contains NUL characters` |
 //! | [`Reply::queue_write_error`] | `451 4.3.0 Error: queue file write error` |
-//! | [`Reply::access_denied`] | `554 5.7.1 Access denied: <ip> is not in allow_networks of listener "<name>"` |
+//! | [`Reply::access_denied`] | `554 5.7.1 Access denied for <ip>` (the listener and `allow_networks` in the log only) |
 //! | [`Reply::too_many_connections`] | `421 4.7.0 <host> Too many connections, try again later` |
 //! | [`Reply::too_many_connections_from_ip`] | `421 4.7.0 <host> Too many connections from your address, try again later` |
 //! | [`Reply::timeout`] | `421 4.4.2 <host> Error: timeout exceeded` |
@@ -563,16 +563,14 @@ impl Reply {
         Self::one(451, "4.3.0", "Error: queue file write error").not_the_clients_fault()
     }
 
-    /// The client is not in the listener's `allow_networks`.
+    /// The client is not in the listener's `allow_networks`. The client learns only that its
+    /// address is refused; which listener and which setting said so go to the log (`detail`),
+    /// like every other refusal's rule.
     pub fn access_denied(ip: &str, listener: &str) -> Self {
-        Self::one(
-            554,
-            "5.7.1",
-            format!(
-                "Access denied: {ip} is not in allow_networks of listener \"{}\"",
-                printable(listener)
-            ),
-        )
+        Self::one(554, "5.7.1", format!("Access denied for {ip}")).with_detail(format!(
+            "{ip} is not in allow_networks of listener \"{}\"",
+            printable(listener)
+        ))
     }
 
     // ---- closing (421) ----

@@ -340,3 +340,43 @@ fn a_flood_from_allowed_addresses_does_not_lock_out_a_client_with_fewer() {
     );
     drop(held);
 }
+
+/// A client that triggers thousands of refusals must not write thousands of log lines: each
+/// used to cost two (`refused: client not in allow_networks` and the maillog's `rejected`).
+/// Now a client logs at most 20 refusals a minute, and the rest are summed up in one line
+/// when the minute is over (here: at shutdown).
+#[test]
+fn a_refusal_flood_is_summed_up_not_logged_line_by_line() {
+    let mut p = Postern::start(&basic_config("", "").replace(
+        "allow_networks = [\"127.0.0.0/8\"]",
+        "allow_networks = [\"127.0.0.1\"]",
+    ));
+    let addr = p.addr();
+    let n = 1000;
+    for _ in 0..n {
+        let mut c = connect_from(lo(9), addr).expect("connect");
+        expect(&c.reply(), "554 5.7.1");
+    }
+    // Another client still gets its refusals logged.
+    let mut other = connect_from(lo(10), addr).expect("connect");
+    expect(&other.reply(), "554 5.7.1");
+    assert!(
+        p.wait_log("client=\"127.0.0.10:", Duration::from_secs(10)),
+        "{}",
+        p.log_text()
+    );
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(p.wait_log("postern stopped", Duration::from_secs(10)));
+    let log = p.log_text();
+    let lines = log.lines().filter(|l| l.contains("127.0.0.9")).count();
+    // 20 refusals and one summary.
+    assert_eq!(lines, 21, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("event=\"rejected_unlogged\"")
+                && l.contains("client=\"127.0.0.9\"")
+                && l.contains(&format!("count={}", n - 20))),
+        "{log}"
+    );
+}
