@@ -225,7 +225,12 @@ mod tests {
         let e = route_sender(&cfg, &from("boss@example.com"), Some(&u)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "550 5.7.1 Sender <boss@example.com> rejected: user \"scanner\" may not send as it (may_send_as: scanner@example.com)"
+            "550 5.7.1 Sender <boss@example.com> rejected: user \"scanner\" may not send as it"
+        );
+        // The user's patterns (other mailboxes, the configuration) are for the log only.
+        assert_eq!(
+            e.detail.as_deref(),
+            Some("may_send_as of user \"scanner\": scanner@example.com")
         );
     }
 

@@ -55,7 +55,7 @@
 //! | [`Reply::auth_locked_out`] | `454 4.7.0 Too many failed authentication attempts; try again later` |
 //! | [`Reply::auth_unavailable`] | `454 4.7.0 Temporary authentication failure` |
 //! | [`Reply::sender_no_route`] | `550 5.7.1 Sender <x> rejected: this relay does not send mail from that address` |
-//! | [`Reply::sender_not_permitted`] | `550 5.7.1 Sender <x> rejected: user "u" may not send as it ...` |
+//! | [`Reply::sender_not_permitted`] | `550 5.7.1 Sender <x> rejected: user "u" may not send as it` (its `may_send_as` in the log only) |
 //! | [`Reply::null_sender_no_mailbox`] | `550 5.7.1 Sender <> rejected: this relay has no mailbox to send the null sender as` |
 //! | [`Reply::sender_not_a_mailbox`] | `553 5.1.7 Sender <x> rejected: it cannot be a Microsoft 365 mailbox ...` |
 //! | [`Reply::size_exceeded`] | `552 5.3.4 Message size exceeds fixed maximum message size` |
@@ -480,16 +480,20 @@ impl Reply {
 
     /// The authenticated user may not use this sender.
     pub fn sender_not_permitted(sender: &str, user: &str, may_send_as: &str) -> Self {
+        // The patterns go to the log only: they name other mailboxes and the configuration.
         Self::one(
             550,
             "5.7.1",
             format!(
-                "Sender <{}> rejected: user \"{}\" may not send as it (may_send_as: {})",
+                "Sender <{}> rejected: user \"{}\" may not send as it",
                 printable(sender),
                 printable(user),
-                may_send_as
             ),
         )
+        .with_detail(format!(
+            "may_send_as of user \"{}\": {may_send_as}",
+            printable(user)
+        ))
     }
 
     /// The null sender matched a route that sends as the envelope sender; `why` (the route
