@@ -140,10 +140,18 @@ where
         Flow::StartTls => match ctx.tls.clone() {
             None => ConnEnd::TlsFailed("no TLS certificate configured".into()),
             Some(acceptor) => {
-                let handshake =
-                    timeout(ctx.listener.command_timeout, acceptor.accept(io.stream)).await;
+                // The handshake gives way to eviction and shutdown like an idle command
+                // wait: a client that stalls it must not keep a slot the limiter took back.
+                let handshake = tokio::select! {
+                    biased;
+                    () = conn.slot.evicted().cancelled() => Err(ConnEnd::Evicted),
+                    () = ctx.shutdown.cancelled() => Err(ConnEnd::Shutdown),
+                    r = timeout(ctx.listener.command_timeout, acceptor.accept(io.stream)) => Ok(r),
+                };
                 match handshake {
-                    Ok(Ok(tls)) => {
+                    // Mid-handshake there is no SMTP to answer in: just close.
+                    Err(end) => end,
+                    Ok(Ok(Ok(tls))) => {
                         conn.session.tls_started();
                         let mut io = Io::new(tls);
                         match conn.drive(&mut io).await {
@@ -151,8 +159,8 @@ where
                             _ => conn.close(&mut io, ConnEnd::ClientClosed).await,
                         }
                     }
-                    Ok(Err(e)) => ConnEnd::TlsFailed(e.to_string()),
-                    Err(_) => ConnEnd::TlsFailed("handshake timed out".into()),
+                    Ok(Ok(Err(e))) => ConnEnd::TlsFailed(e.to_string()),
+                    Ok(Err(_)) => ConnEnd::TlsFailed("handshake timed out".into()),
                 }
             }
         },
@@ -1799,6 +1807,31 @@ pub(crate) mod tests {
         c.cmd("STARTTLS").await;
         drop(c);
         assert!(matches!(h.await.unwrap().end, ConnEnd::TlsFailed(_)));
+    }
+
+    /// A client that stalls the TLS handshake after STARTTLS gives way when the limiter takes
+    /// its slot back (before, it kept the connection until command_timeout, 5 minutes by
+    /// default, after its slot had been given to another client).
+    #[tokio::test]
+    async fn a_stalled_starttls_handshake_gives_way_to_eviction() {
+        let (_dir, ctx, _) = tls_context(MemSink::default());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let slot = Slot::detached();
+        let h = tokio::spawn({
+            let (ctx, slot) = (ctx.clone(), slot.clone());
+            async move { serve(server, loopback(), false, &ctx, slot).await }
+        });
+        let mut c = Client::new(client);
+        c.reply().await;
+        c.cmd("EHLO x").await;
+        assert_eq!(c.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+        // No ClientHello comes.
+        slot.evicted().cancel();
+        let summary = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("serve ended at the eviction, not at command_timeout")
+            .unwrap();
+        assert_eq!(summary.end, ConnEnd::Evicted);
     }
 
     /// `\r`, `\n`, `\0`, `\\`, `\xHH` escapes of the dialog files.

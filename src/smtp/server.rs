@@ -353,7 +353,14 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 error!(target: "postern::smtp", listener = %ctx.listener.name, "implicit TLS listener without a certificate");
                 return;
             };
-            match timeout(ctx.listener.command_timeout, acceptor.accept(stream)).await {
+            // A stalled handshake gives way to eviction and shutdown (see conn.rs).
+            let handshake = tokio::select! {
+                biased;
+                () = slot.evicted().cancelled() => return,
+                () = ctx.shutdown.cancelled() => return,
+                r = timeout(ctx.listener.command_timeout, acceptor.accept(stream)) => r,
+            };
+            match handshake {
                 Ok(Ok(tls)) => {
                     serve(tls, peer, true, &ctx, slot).await;
                 }
