@@ -519,6 +519,51 @@ fn check_refuses_a_world_readable_secret_file() {
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
+/// The admin token is a secret like the client secret: `check` refuses it world-readable, in
+/// its own file or inline in a world-readable configuration. Before, it was not checked at
+/// all (anyone on the machine could read the token and with it the status page).
+#[test]
+fn check_refuses_a_world_readable_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, b"0123456789abcdef\n").unwrap();
+    chmod(&token, 0o644);
+    let cfg = config_in(
+        dir.path(),
+        &basic_config(
+            "",
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = \"admin-token\"\n",
+        ),
+    );
+    let (code, out, err) = run_until_exit(&cfg, &["check"]);
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "error: {}: admin: token file: readable by every user (mode 0644)",
+            token.display()
+        )),
+        "{out}"
+    );
+    chmod(&token, 0o600);
+    let (code, out, err) = run_until_exit(&cfg, &["check"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Inline, in a configuration file every user can read.
+    let inline = config_in(
+        dir.path(),
+        &basic_config(
+            "",
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken = \"0123456789abcdef\"\n",
+        ),
+    );
+    chmod(&inline, 0o644);
+    let (code, out, err) = run_until_exit(&inline, &["check"]);
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(
+        out.contains("it holds a client secret or the admin token"),
+        "{out}"
+    );
+}
+
 /// The control socket checks who is asking (SO_PEERCRED): even with its mode and the spool's
 /// loosened by a careless admin, a user other than root or postern's own cannot make the
 /// daemon log forged queue events ("held ID" by the administrator) or rescan; `ping` (health)
