@@ -101,6 +101,9 @@ pub async fn serve(listener: UnixListener, path: PathBuf, kick: Kick, shutdown: 
                 Ok((mut s, _)) => {
                     // A task per request, so a slow client never holds up the next one.
                     let kick = kick.clone();
+                    // Who is asking (SO_PEERCRED): the socket's 0600 mode already keeps others
+                    // out; this holds even if its mode or the spool's were loosened.
+                    let peer = s.peer_cred().ok().map(|c| c.uid());
                     tokio::spawn(async move {
                         let wait = std::time::Duration::from_secs(5);
                         let mut buf = [0u8; 128];
@@ -110,7 +113,12 @@ pub async fn serve(listener: UnixListener, path: PathBuf, kick: Kick, shutdown: 
                             .and_then(Result::ok)
                             .unwrap_or(0);
                         let line = String::from_utf8_lossy(&buf[..n]);
-                        let answer = handle(line.trim(), &kick);
+                        let answer = if may_command(peer, own_uid()) || line.trim() == "ping" {
+                            handle(line.trim(), &kick)
+                        } else {
+                            warn!(uid = ?peer, "control socket: request from a user other than root or postern's own refused");
+                            "denied\n"
+                        };
                         let _ = tokio::time::timeout(wait, s.write_all(answer.as_bytes())).await;
                     });
                 }
@@ -119,6 +127,19 @@ pub async fn serve(listener: UnixListener, path: PathBuf, kick: Kick, shutdown: 
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// The user postern runs as.
+fn own_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// May a peer of uid `peer` give commands other than `ping` (they make the daemon log queue
+/// events and rescan)? Only root and the user postern runs as, the users who may change the
+/// queue on disk; an unknown peer may not.
+fn may_command(peer: Option<u32>, own: u32) -> bool {
+    peer.is_some_and(|uid| uid == 0 || uid == own)
 }
 
 /// Act on one request line; returns the answer line.
@@ -177,5 +198,18 @@ pub fn ping(path: &Path) -> Result<(), String> {
         Ok(a) if a == "pong" => Ok(()),
         Ok(a) => Err(format!("unexpected answer {a:?} on {}", path.display())),
         Err(e) => Err(format!("no daemon answers on {}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_and_the_service_user_may_command() {
+        assert!(may_command(Some(0), 998));
+        assert!(may_command(Some(998), 998));
+        assert!(!may_command(Some(1000), 998));
+        assert!(!may_command(None, 998));
     }
 }

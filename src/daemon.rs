@@ -65,6 +65,9 @@ pub enum DaemonError {
         /// What is wrong.
         message: String,
     },
+    /// The signal handlers (SIGTERM, SIGINT, SIGHUP) could not be installed.
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
 /// What to do about a bind error the operator meets on a fresh install.
@@ -125,11 +128,40 @@ struct Listeners {
     sockets: HashMap<SocketAddr, std::net::TcpListener>,
     /// Name and bound address of each listener that listens, in config order.
     bound: Vec<(String, SocketAddr)>,
+    /// The accept loops, so a reload can wait until the old ones stopped accepting.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listeners {
+    /// Stop accepting, and wait (briefly) until every accept loop has returned: after this no
+    /// connection is admitted with this generation's configuration. The new generation shares
+    /// the same sockets, so a connection arriving once this returns always gets the new one.
+    async fn retire(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     let config = Arc::new(config);
+    // First of all: until these exist, SIGTERM's default action kills the process outright.
+    // Installed after "ready" (as before), a SIGTERM sent right after readiness, while the
+    // main thread was not yet scheduled again on a loaded machine, killed postern in the
+    // middle of a client's transaction instead of letting it finish. A signal that arrives
+    // during start-up is kept and handled once the main loop runs.
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return Err(DaemonError::Signals(e));
+        }
+    };
     raise_fd_limit();
     crate::trust::prepare_serve(&config)?;
     let spool = Spool::open_exclusive(&config.spool_dir)?;
@@ -184,10 +216,22 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
 
-    let auth_guard = Arc::new(AuthGuard::new(
-        config.limits.auth_max_failures,
-        config.limits.auth_lockout,
-    ));
+    let auth_guard = Arc::new(AuthGuard::from_limits(&config.limits));
+    crate::maillog::set_ipv6_prefix(config.limits.ipv6_prefix);
+    // Sum up refusals that were counted rather than logged once their minute is over, also
+    // when the flood has stopped (nothing else would trigger the summary then).
+    let refusal_summaries = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => crate::maillog::flush_refusals(false),
+                }
+            }
+        })
+    };
     let limiter = Arc::new(ConnLimiter::from_limits(&config.limits));
     let shared = Shared {
         spool: spool.clone(),
@@ -215,17 +259,6 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
     info!(config = %config.source, "postern started");
 
     let mut current = config;
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        _ => {
-            error!("cannot install signal handlers");
-            return Ok(());
-        }
-    };
     loop {
         tokio::select! {
             // Alive means: this loop turns, and the forwarder has not died.
@@ -258,9 +291,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                         // leaves everything as it was.
                         match shared.start_listeners(&new, &live_listeners.sockets) {
                             Ok(l) => {
-                                live_listeners.stop.cancel();
-                                live.expect_listeners(l.bound.len());
-                                live_listeners = l;
+                                std::mem::replace(&mut live_listeners, l).retire().await;
+                                live.expect_listeners(live_listeners.bound.len());
                                 crate::metrics::configure(&new);
                                 if new.admin.as_ref().map(|a| a.address) != current.admin.as_ref().map(|a| a.address) {
                                     warn!("[admin] address changed; that takes a restart");
@@ -269,7 +301,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
                                 spool.set_min_free(new.limits.min_free_disk);
                                 spool.set_message_memory(new.limits.message_memory);
                                 shared.limiter.set_limits(&new.limits);
-                                shared.auth_guard.set_limits(new.limits.auth_max_failures, new.limits.auth_lockout);
+                                shared.auth_guard.set_limits(&new.limits);
+                                crate::maillog::set_ipv6_prefix(new.limits.ipv6_prefix);
                                 tokens.1.cancel();
                                 tokens = start_tokens(&new, &shutdown);
                                 let _ = plan_tx.send(Plan::from_config(new.clone(), tokens.0.clone()));
@@ -316,6 +349,8 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
             warn!(error = %e, "final journal checkpoint failed; the next start replays the journal")
         }
     }
+    let _ = refusal_summaries.await;
+    crate::maillog::flush_refusals(true);
     info!("postern stopped");
     Ok(())
 }
@@ -357,6 +392,7 @@ impl Shared {
         let mut sockets = HashMap::new();
         let mut bound = Vec::new();
         let mut prepared = Vec::new();
+        let mut tasks = Vec::new();
         let mut skipped = None;
         for l in &config.listeners {
             let tls = match &l.tls_files {
@@ -417,15 +453,16 @@ impl Shared {
                 tracker: self.conns.clone(),
             });
             let running = self.live.listener();
-            tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 let _running = running;
                 run_listener(tcp, ctx).await;
-            });
+            }));
         }
         Ok(Listeners {
             stop,
             sockets,
             bound,
+            tasks,
         })
     }
 }

@@ -30,9 +30,9 @@
 //! - [`explain`]: `postern explain`: a pasted error or a queue id → the diagnosis.
 //! - [`metrics`]: Prometheus counters, gauges and histograms, fed by one-line hooks.
 //! - [`status`]: one snapshot of the queue, mailboxes, credentials and liveness.
-//! - [`web`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, the status page.
+//! - [`web`]: the admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, the status page (bounded connections).
 //! - [`admin`]: what the queue commands print.
-//! - [`maillog`]: the operator's log, one line per message state change.
+//! - [`maillog`]: the operator's log, one line per message state change; refusals bounded per client.
 //! - [`secret`]: a wrapper that never prints its contents.
 //! - [`sendmail`]: `postern sendmail` / the `sendmail` command: submits a message from standard
 //!   input to the running daemon over SMTP, with sendmail's options.

@@ -639,6 +639,18 @@ fn hash_password() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The log filter with rustls held to errors, unless it names rustls itself: rustls logs a
+/// warning for things any peer can do at will (`Sending warning alert NoRenegotiation` for
+/// each renegotiation attempt), outside the refusal log's bounds; what matters of those is in
+/// postern's own, bounded, disconnect line.
+fn quiet_peer_noise(level: String) -> String {
+    if level.contains("rustls") {
+        level
+    } else {
+        format!("{level},rustls=error")
+    }
+}
+
 /// Set up logging to standard error; returns whether it is JSON. A subcommand's options win
 /// over those before it; `--log-level` was validated by clap (a bad filter is a usage error).
 fn init_logging(cli: &Cli) -> bool {
@@ -654,6 +666,7 @@ fn init_logging(cli: &Cli) -> bool {
         .or_else(|| cli.log_level.clone())
         .unwrap_or_else(|| "info".into());
     let format = sub.and_then(|l| l.log_format).or(cli.log_format);
+    let level = quiet_peer_noise(level);
     let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = format == Some(LogFormat::Json);
     postern::daemon::set_json_stdout(json);
@@ -678,4 +691,22 @@ fn init_logging(cli: &Cli) -> bool {
         builder.with_ansi(ansi).init();
     }
     json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_peer_noise;
+
+    #[test]
+    fn rustls_warnings_are_off_unless_asked_for() {
+        assert_eq!(quiet_peer_noise("info".into()), "info,rustls=error");
+        assert_eq!(
+            quiet_peer_noise("debug,postern::smtp=trace".into()),
+            "debug,postern::smtp=trace,rustls=error"
+        );
+        assert_eq!(quiet_peer_noise("rustls=debug".into()), "rustls=debug");
+        for f in ["info", "warn,postern=debug"] {
+            tracing_subscriber::EnvFilter::try_new(quiet_peer_noise(f.into())).unwrap();
+        }
+    }
 }

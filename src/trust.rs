@@ -678,6 +678,13 @@ fn secret_files(cfg: &Config) -> Vec<(String, PathBuf)> {
             }
         }
     }
+    // The admin token opens the status page (mailboxes, errors) to whoever holds it.
+    if let Some(src) = cfg.admin.as_ref().and_then(|a| a.token.as_ref()) {
+        inline |= matches!(src, SecretSource::Inline(_));
+        if let Some(p) = file(src) {
+            out.push(("admin: token file".into(), p));
+        }
+    }
     for l in &cfg.listeners {
         if let Some(t) = &l.tls_files {
             out.push((
@@ -688,7 +695,7 @@ fn secret_files(cfg: &Config) -> Vec<(String, PathBuf)> {
     }
     if inline && Path::new(&cfg.source).is_file() {
         out.push((
-            "configuration file (it holds a client secret)".into(),
+            "configuration file (it holds a client secret or the admin token)".into(),
             PathBuf::from(&cfg.source),
         ));
     }

@@ -87,7 +87,16 @@ pub struct GlobalLimits {
     pub auth_max_failures: u32,
     /// How long a client address stays locked out after too many failed AUTH attempts.
     pub auth_lockout: Duration,
+    /// Failed AUTH attempts on one user name, from any client, before that name is refused
+    /// for `auth_lockout` to clients that never logged in as it.
+    pub auth_max_failures_per_user: u32,
+    /// IPv6 clients in one network of this many bits count as one client (connection limits,
+    /// the AUTH guard, the refusal log): one machine usually has a whole /64.
+    pub ipv6_prefix: u8,
 }
+
+/// Default of `limits.ipv6_prefix`.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// TLS mode of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,6 +50,8 @@ pub(crate) const LIMITS_KEYS: &[&str] = &[
     "min_free_disk",
     "auth_max_failures",
     "auth_lockout",
+    "auth_max_failures_per_user",
+    "ipv6_prefix",
 ];
 /// Keys allowed in `[delivery]`.
 pub(crate) const DELIVERY_KEYS: &[&str] = &[
@@ -183,6 +185,8 @@ pub(crate) struct RawLimits {
     pub min_free_disk: Option<Spanned<RawSize>>,
     pub auth_max_failures: Option<Spanned<i64>>,
     pub auth_lockout: Option<Spanned<String>>,
+    pub auth_max_failures_per_user: Option<Spanned<i64>>,
+    pub ipv6_prefix: Option<Spanned<i64>>,
 }
 
 /// `[delivery]`.
@@ -392,6 +396,10 @@ fn limits(c: &mut Collector<'_>, t: &DeTable<'_>) -> RawLimits {
             "min_free_disk" => r.min_free_disk = size(c, &path, v, "\"100 MB\""),
             "auth_max_failures" => r.auth_max_failures = integer(c, &path, v, "5"),
             "auth_lockout" => r.auth_lockout = duration(c, &path, v, "\"15m\""),
+            "auth_max_failures_per_user" => {
+                r.auth_max_failures_per_user = integer(c, &path, v, "20")
+            }
+            "ipv6_prefix" => r.ipv6_prefix = integer(c, &path, v, "64"),
             _ => unknown_key(c, "limits", k, LIMITS_KEYS),
         }
     }

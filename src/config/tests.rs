@@ -468,6 +468,8 @@ dir = "d"
             .iter()
             .map(|k| if k.contains("lockout") {
                 format!("{k} = \"1m\"")
+            } else if *k == "ipv6_prefix" {
+                format!("{k} = 56")
             } else {
                 format!("{k} = 1")
             })

@@ -150,6 +150,8 @@ mod defaults {
     pub const MIN_FREE_DISK: u64 = 100_000_000;
     pub const AUTH_MAX_FAILURES: u32 = 5;
     pub const AUTH_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+    /// Four clients' worth: a guesser spreading its attempts over many addresses.
+    pub const AUTH_MAX_FAILURES_PER_USER: u32 = 20;
     pub const MAX_CONCURRENCY: usize = 16;
     /// Exchange Online allows 3 concurrent SMTP submissions per mailbox (432 4.3.2 beyond).
     pub const PER_MAILBOX_CONCURRENCY: usize = 3;
@@ -373,6 +375,33 @@ impl Checker<'_, '_> {
                 defaults::AUTH_LOCKOUT,
                 false,
             ),
+            auth_max_failures_per_user: self.count_u32(
+                "limits.auth_max_failures_per_user",
+                r.auth_max_failures_per_user,
+                defaults::AUTH_MAX_FAILURES_PER_USER,
+            ),
+            ipv6_prefix: self.ipv6_prefix(r.ipv6_prefix),
+        }
+    }
+
+    /// `limits.ipv6_prefix`: 32 to 128 bits (a /32 is a whole provider's; 128 counts each
+    /// address alone, which lets one machine with a /64 be millions of clients).
+    fn ipv6_prefix(&mut self, raw: Option<Spanned<i64>>) -> u8 {
+        let default = super::DEFAULT_IPV6_PREFIX;
+        let Some(n) = raw else { return default };
+        match u8::try_from(*n.get_ref()) {
+            Ok(v @ 32..=128) => v,
+            _ => {
+                self.c.at(
+                    &n.span(),
+                    "limits.ipv6_prefix",
+                    format!(
+                        "{} is not a prefix length postern can use; write a number of bits from 32 to 128, such as {default} (a /64 is one site or machine)",
+                        n.get_ref()
+                    ),
+                );
+                default
+            }
         }
     }
 

@@ -220,6 +220,33 @@ pub struct FailureVerdict {
     pub delay: Duration,
     /// The address is now locked out.
     pub locked: bool,
+    /// The user name is now locked out (for addresses it has not logged in from).
+    pub user_locked: bool,
+}
+
+/// Failed attempts on one user name, from any address, and the addresses it logged in from.
+#[derive(Debug, Clone)]
+struct UserEntry {
+    failures: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+    /// Client keys that logged in as this user (most recent last): they are not locked out
+    /// with the name, so a guesser elsewhere cannot lock the real device out.
+    known: Vec<IpAddr>,
+}
+
+/// Addresses remembered per user as having logged in.
+const KNOWN_PER_USER: usize = 16;
+/// Longest user name kept as a key (longer ones are cut: they are never real users).
+const USER_KEY_MAX: usize = 256;
+
+/// The guard's settings, from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+struct GuardLimits {
+    max_failures: u32,
+    lockout: Duration,
+    per_user: u32,
+    v6_prefix: u8,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,16 +261,24 @@ const MAX_DELAY: Duration = Duration::from_secs(16);
 /// Prune forgotten entries when the table grows past this.
 const PRUNE_AT: usize = 4096;
 
-/// Brute-force guard, shared by all connections and listeners, keyed by client IP.
+/// Brute-force guard, shared by all connections and listeners, keyed by client (an IPv4
+/// address or an IPv6 network of `limits.ipv6_prefix` bits, see
+/// [`client_key`](super::policy::client_key)) and by user name.
 ///
-/// The first two failures are answered at once; each further failure waits 1 s, 2 s, 4 s …
-/// (at most 16 s) before its 535; after `auth_max_failures` failures the address is refused
-/// AUTH (`454 4.7.0`) for `auth_lockout`. Failures older than `auth_lockout` are forgotten;
-/// a success clears the count.
+/// Per client: the first two failures are answered at once; each further failure waits 1 s,
+/// 2 s, 4 s … (at most 16 s) before its 535; after `auth_max_failures` failures the client is
+/// refused AUTH (`454 4.7.0`) for `auth_lockout`. Failures older than `auth_lockout` are
+/// forgotten; a success clears the count.
+///
+/// Per user name (any name, known or not, so a lockout tells nothing about which names
+/// exist): after `auth_max_failures_per_user` failures from anywhere, that name is refused
+/// AUTH for `auth_lockout`, except from clients that have logged in as it before: a guesser
+/// spreading its attempts over many addresses gets nowhere, and the real device keeps working.
 #[derive(Debug)]
 pub struct AuthGuard {
     table: Mutex<HashMap<IpAddr, Entry>>,
-    limits: Mutex<(u32, Duration)>,
+    users: Mutex<HashMap<String, UserEntry>>,
+    limits: Mutex<GuardLimits>,
     /// Permits to run an argon2 check (see [`check_slots`]).
     checks: Arc<Semaphore>,
     /// Working memory of the checks, one per slot, reused (see [`verify_hash`]).
@@ -251,11 +286,18 @@ pub struct AuthGuard {
 }
 
 impl AuthGuard {
-    /// A guard locking out after `max_failures` (0 = never) for `lockout`.
+    /// A guard locking a client out after `max_failures` (0 = never) for `lockout`, and a
+    /// user name after four times as many.
     pub fn new(max_failures: u32, lockout: Duration) -> Self {
         Self {
             table: Mutex::new(HashMap::new()),
-            limits: Mutex::new((max_failures, lockout)),
+            users: Mutex::new(HashMap::new()),
+            limits: Mutex::new(GuardLimits {
+                max_failures,
+                lockout,
+                per_user: max_failures.saturating_mul(4),
+                v6_prefix: crate::config::DEFAULT_IPV6_PREFIX,
+            }),
             checks: Arc::new(Semaphore::new(check_slots())),
             memory: Arc::new(Mutex::new(Vec::new())),
         }
@@ -297,25 +339,61 @@ impl AuthGuard {
 
     /// A guard from `config.limits`.
     pub fn from_limits(limits: &GlobalLimits) -> Self {
-        Self::new(limits.auth_max_failures, limits.auth_lockout)
+        let g = Self::new(limits.auth_max_failures, limits.auth_lockout);
+        g.set_limits(limits);
+        g
     }
 
     /// Change the limits (config reload); counts are kept.
-    pub fn set_limits(&self, max_failures: u32, lockout: Duration) {
+    pub fn set_limits(&self, limits: &GlobalLimits) {
         if let Ok(mut l) = self.limits.lock() {
-            *l = (max_failures, lockout);
+            *l = GuardLimits {
+                max_failures: limits.auth_max_failures,
+                lockout: limits.auth_lockout,
+                per_user: limits.auth_max_failures_per_user,
+                v6_prefix: limits.ipv6_prefix,
+            };
         }
     }
 
-    fn limits(&self) -> (u32, Duration) {
-        self.limits
-            .lock()
-            .map(|l| *l)
-            .unwrap_or((0, Duration::ZERO))
+    fn limits(&self) -> GuardLimits {
+        self.limits.lock().map(|l| *l).unwrap_or(GuardLimits {
+            max_failures: 0,
+            lockout: Duration::ZERO,
+            per_user: 0,
+            v6_prefix: crate::config::DEFAULT_IPV6_PREFIX,
+        })
+    }
+
+    fn key(&self, ip: IpAddr) -> IpAddr {
+        super::policy::client_key(ip, self.limits().v6_prefix)
+    }
+
+    /// Is `user` locked out for a client at `ip` right now (too many failures on that name,
+    /// and the client never logged in as it)?
+    pub fn is_user_locked(&self, ip: IpAddr, user: &str) -> bool {
+        let key = self.key(ip);
+        let now = Instant::now();
+        let Ok(mut t) = self.users.lock() else {
+            return false;
+        };
+        let Some(e) = t.get_mut(user_key(user)) else {
+            return false;
+        };
+        match e.locked_until {
+            Some(until) if until > now => !e.known.contains(&key),
+            Some(_) => {
+                e.locked_until = None;
+                e.failures = 0;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Is `ip` locked out right now?
     pub fn is_locked(&self, ip: IpAddr) -> bool {
+        let ip = self.key(ip);
         let now = Instant::now();
         let Ok(mut t) = self.table.lock() else {
             return false;
@@ -330,14 +408,66 @@ impl AuthGuard {
         }
     }
 
-    /// Record a failed attempt from `ip`.
-    pub fn record_failure(&self, ip: IpAddr) -> FailureVerdict {
-        let (max, lockout) = self.limits();
+    /// Record a failed attempt from `ip` as `user`.
+    pub fn record_failure(&self, ip: IpAddr, user: &str) -> FailureVerdict {
+        let mut v = self.record_client_failure(ip);
+        v.user_locked = self.record_user_failure(user);
+        v
+    }
+
+    /// Count a failure on `user`; true if the name is now locked out.
+    fn record_user_failure(&self, user: &str) -> bool {
+        let GuardLimits {
+            lockout, per_user, ..
+        } = self.limits();
+        let now = Instant::now();
+        let Ok(mut t) = self.users.lock() else {
+            return false;
+        };
+        if t.len() >= PRUNE_AT {
+            t.retain(|_, e| {
+                !e.known.is_empty()
+                    || now.duration_since(e.last) < lockout
+                    || e.locked_until.is_some_and(|u| u > now)
+            });
+        }
+        if t.len() >= PRUNE_AT * 4 && !t.contains_key(user_key(user)) {
+            // Full of live entries (a flood of names): count nothing new rather than grow.
+            return false;
+        }
+        let e = t.entry(user_key(user).to_string()).or_insert(UserEntry {
+            failures: 0,
+            last: now,
+            locked_until: None,
+            known: Vec::new(),
+        });
+        if now.duration_since(e.last) >= lockout && e.locked_until.is_none_or(|u| u <= now) {
+            e.failures = 0;
+            e.locked_until = None;
+        }
+        e.failures = e.failures.saturating_add(1);
+        e.last = now;
+        let lock = per_user > 0 && e.failures >= per_user && e.locked_until.is_none();
+        if lock {
+            e.locked_until = Some(now + lockout.min(Duration::from_secs(365 * 86_400)));
+        }
+        lock
+    }
+
+    fn record_client_failure(&self, ip: IpAddr) -> FailureVerdict {
+        let GuardLimits {
+            max_failures: max,
+            lockout,
+            v6_prefix,
+            ..
+        } = self.limits();
+        let ip = super::policy::client_key(ip, v6_prefix);
         let now = Instant::now();
         let Ok(mut t) = self.table.lock() else {
             return FailureVerdict {
                 delay: MAX_DELAY,
                 locked: false,
+                user_locked: false,
             };
         };
         if t.len() >= PRUNE_AT {
@@ -364,15 +494,47 @@ impl AuthGuard {
         if locked {
             e.locked_until = Some(now + lockout.min(Duration::from_secs(365 * 86_400)));
         }
-        FailureVerdict { delay, locked }
-    }
-
-    /// Record a successful login from `ip`: its failures are forgotten.
-    pub fn record_success(&self, ip: IpAddr) {
-        if let Ok(mut t) = self.table.lock() {
-            t.remove(&ip);
+        FailureVerdict {
+            delay,
+            locked,
+            user_locked: false,
         }
     }
+
+    /// Record a successful login from `ip` as `user`: the client's failures are forgotten,
+    /// and it may log in as `user` even while that name is locked out. (The name's failures
+    /// are not forgotten: a guesser elsewhere is not let off by the real device's login.)
+    pub fn record_success(&self, ip: IpAddr, user: &str) {
+        let key = self.key(ip);
+        if let Ok(mut t) = self.table.lock() {
+            t.remove(&key);
+        }
+        if let Ok(mut t) = self.users.lock() {
+            let e = t.entry(user_key(user).to_string()).or_insert(UserEntry {
+                failures: 0,
+                last: Instant::now(),
+                locked_until: None,
+                known: Vec::new(),
+            });
+            e.known.retain(|k| *k != key);
+            if e.known.len() >= KNOWN_PER_USER {
+                e.known.remove(0);
+            }
+            e.known.push(key);
+        }
+    }
+}
+
+/// `user` as the guard keys it: cut at [`USER_KEY_MAX`] bytes (on a character boundary).
+fn user_key(user: &str) -> &str {
+    if user.len() <= USER_KEY_MAX {
+        return user;
+    }
+    let mut end = USER_KEY_MAX;
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    &user[..end]
 }
 
 #[cfg(test)]
@@ -526,17 +688,63 @@ mod tests {
         assert_eq!(free, check_slots(), "every slot given back");
     }
 
+    /// A guesser spreading its attempts over many addresses (each under the per-address
+    /// limit) is stopped by the count on the user name; the address the user logs in from
+    /// keeps working; unknown names are counted the same, so a lockout tells nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_user_name_is_locked_against_guessers_but_not_its_own_device() {
+        let mut limits = crate::smtp::testkit::config().limits;
+        limits.auth_max_failures = 5;
+        limits.auth_max_failures_per_user = 20;
+        let g = AuthGuard::from_limits(&limits);
+        let device: IpAddr = "192.0.2.10".parse().unwrap();
+        g.record_success(device, "scanner");
+        let mut locked = false;
+        for n in 0..20u8 {
+            let ip = IpAddr::from([203, 0, 113, n]);
+            assert!(!g.is_user_locked(ip, "scanner"), "attempt {n}");
+            let v = g.record_failure(ip, "scanner");
+            assert!(!v.locked, "each address alone stays under its limit");
+            locked |= v.user_locked;
+        }
+        assert!(locked, "the 20th failure locks the name");
+        assert!(g.is_user_locked("198.51.100.1".parse().unwrap(), "scanner"));
+        assert!(!g.is_user_locked(device, "scanner"), "its own device");
+        assert!(!g.is_user_locked("198.51.100.1".parse().unwrap(), "printer"));
+        // Unknown names too (no hint which names exist).
+        for n in 0..20u8 {
+            g.record_failure(IpAddr::from([203, 0, 113, n]), "nobody");
+        }
+        assert!(g.is_user_locked("198.51.100.1".parse().unwrap(), "nobody"));
+        tokio::time::advance(Duration::from_secs(601)).await;
+        assert!(!g.is_user_locked("198.51.100.1".parse().unwrap(), "scanner"));
+    }
+
+    /// One IPv6 /64 is one client for the guard: guessing from ::1, ::2, ... of the same
+    /// network does not reset the count.
+    #[tokio::test(start_paused = true)]
+    async fn an_ipv6_network_is_one_client_for_the_guard() {
+        let g = AuthGuard::from_limits(&crate::smtp::testkit::config().limits);
+        for n in 1..=5u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, n]);
+            g.record_failure(ip, &format!("user{n}"));
+        }
+        assert!(g.is_locked("2001:db8:1:2::99".parse().unwrap()));
+        assert!(!g.is_locked("2001:db8:1:3::1".parse().unwrap()));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn guard_delays_then_locks_out_then_forgets() {
         let g = AuthGuard::new(5, Duration::from_secs(600));
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let other: IpAddr = "192.0.2.8".parse().unwrap();
-        let delays: Vec<_> = (0..5).map(|_| g.record_failure(ip)).collect();
+        let delays: Vec<_> = (0..5).map(|_| g.record_failure(ip, "u")).collect();
         assert_eq!(
             delays[0],
             FailureVerdict {
                 delay: Duration::ZERO,
-                locked: false
+                locked: false,
+                user_locked: false
             }
         );
         assert_eq!(delays[1].delay, Duration::ZERO);
@@ -546,7 +754,8 @@ mod tests {
             delays[4],
             FailureVerdict {
                 delay: Duration::from_secs(4),
-                locked: true
+                locked: true,
+                user_locked: false
             }
         );
         assert!(g.is_locked(ip));
@@ -554,19 +763,23 @@ mod tests {
         tokio::time::advance(Duration::from_secs(601)).await;
         assert!(!g.is_locked(ip));
         assert_eq!(
-            g.record_failure(ip).delay,
+            g.record_failure(ip, "u").delay,
             Duration::ZERO,
             "count starts again"
         );
-        g.record_success(ip);
-        assert_eq!(g.record_failure(ip).delay, Duration::ZERO);
+        g.record_success(ip, "u");
+        assert_eq!(g.record_failure(ip, "u").delay, Duration::ZERO);
         let capped = AuthGuard::new(0, Duration::from_secs(600));
-        let last = (0..20).map(|_| capped.record_failure(ip)).last().unwrap();
+        let last = (0..20)
+            .map(|_| capped.record_failure(ip, "u"))
+            .last()
+            .unwrap();
         assert_eq!(
             last,
             FailureVerdict {
                 delay: MAX_DELAY,
-                locked: false
+                locked: false,
+                user_locked: false
             }
         );
     }

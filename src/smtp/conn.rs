@@ -140,10 +140,18 @@ where
         Flow::StartTls => match ctx.tls.clone() {
             None => ConnEnd::TlsFailed("no TLS certificate configured".into()),
             Some(acceptor) => {
-                let handshake =
-                    timeout(ctx.listener.command_timeout, acceptor.accept(io.stream)).await;
+                // The handshake gives way to eviction and shutdown like an idle command
+                // wait: a client that stalls it must not keep a slot the limiter took back.
+                let handshake = tokio::select! {
+                    biased;
+                    () = conn.slot.evicted().cancelled() => Err(ConnEnd::Evicted),
+                    () = ctx.shutdown.cancelled() => Err(ConnEnd::Shutdown),
+                    r = timeout(ctx.listener.command_timeout, acceptor.accept(io.stream)) => Ok(r),
+                };
                 match handshake {
-                    Ok(Ok(tls)) => {
+                    // Mid-handshake there is no SMTP to answer in: just close.
+                    Err(end) => end,
+                    Ok(Ok(Ok(tls))) => {
                         conn.session.tls_started();
                         let mut io = Io::new(tls);
                         match conn.drive(&mut io).await {
@@ -151,8 +159,8 @@ where
                             _ => conn.close(&mut io, ConnEnd::ClientClosed).await,
                         }
                     }
-                    Ok(Err(e)) => ConnEnd::TlsFailed(e.to_string()),
-                    Err(_) => ConnEnd::TlsFailed("handshake timed out".into()),
+                    Ok(Ok(Err(e))) => ConnEnd::TlsFailed(e.to_string()),
+                    Ok(Err(_)) => ConnEnd::TlsFailed("handshake timed out".into()),
                 }
             }
         },
@@ -167,6 +175,9 @@ where
     };
     let log_end = summary.end.to_string();
     match &summary.end {
+        // A failed handshake or a broken connection is the client's doing, at will: its
+        // lines are bounded like refusals.
+        ConnEnd::TlsFailed(_) | ConnEnd::Io(_) if !maillog::may_log_refusal(&conn.client) => {}
         ConnEnd::TlsFailed(_) | ConnEnd::Io(_) => warn!(
             target: "postern::smtp",
             client = %conn.client,
@@ -557,7 +568,9 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                 Flow::End(ConnEnd::Quit)
             }
             Step::Drop(r) => {
-                warn!(target: "postern::smtp", client = %self.client, "non-SMTP command (HTTP?); closing");
+                if maillog::may_log_refusal(&self.client) {
+                    warn!(target: "postern::smtp", client = %self.client, "non-SMTP command (HTTP?); closing");
+                }
                 self.reply(io, r, stage, from, rcpt);
                 Flow::End(ConnEnd::NonSmtp)
             }
@@ -567,7 +580,7 @@ impl<'a, S: MessageSink> Conn<'a, S> {
                     return Flow::End(end);
                 }
                 // Anything pipelined after STARTTLS was sent in plain text: never act on it.
-                if !io.rbuf.is_empty() {
+                if !io.rbuf.is_empty() && maillog::may_log_refusal(&self.client) {
                     warn!(target: "postern::smtp", client = %self.client, bytes = io.rbuf.len(), "discarding input pipelined after STARTTLS");
                     io.rbuf.clear();
                 }
@@ -593,21 +606,31 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         let ip = self.peer.ip();
         let guard = &self.ctx.auth_guard;
         let user = creds.user.clone();
-        let result = if guard.is_locked(ip) {
+        let result = if guard.is_locked(ip) || guard.is_user_locked(ip, &user) {
             AuthResult::LockedOut
         } else {
             let config = self.ctx.config.clone();
             let wait = deadline_after(self.ctx.listener.command_timeout).min(self.deadline);
             match guard.check(config, creds, wait).await {
                 Ok(true) => {
-                    guard.record_success(ip);
+                    guard.record_success(ip, &user);
                     self.slot.authenticated();
                     AuthResult::Success
                 }
                 Ok(false) => {
-                    let verdict = guard.record_failure(ip);
+                    let verdict = guard.record_failure(ip, &user);
                     if verdict.locked {
                         warn!(target: "postern::smtp", client = %self.client, "too many failed AUTH attempts; client address locked out");
+                    }
+                    if verdict.user_locked {
+                        // The name as the client typed it may be a password: only known
+                        // names are written.
+                        let name = if self.ctx.config.user(&user).is_some() {
+                            user.as_str()
+                        } else {
+                            "<unknown>"
+                        };
+                        warn!(target: "postern::smtp", client = %self.client, user = %name, "too many failed AUTH attempts on this user name from several addresses; it is refused to addresses it has not logged in from, for limits.auth_lockout");
                     }
                     if !verdict.delay.is_zero() {
                         if let Err(end) = self.flush(io).await {
@@ -639,7 +662,10 @@ impl<'a, S: MessageSink> Conn<'a, S> {
         } else {
             "<unknown>".to_string()
         };
-        info!(target: "postern::smtp", client = %self.client, user = %user, outcome, "AUTH");
+        // Failures are the guesser's doing: bounded like refusals.
+        if matches!(result, AuthResult::Success) || maillog::may_log_refusal(&self.client) {
+            info!(target: "postern::smtp", client = %self.client, user = %user, outcome, "AUTH");
+        }
         let reply = self.session.auth_result(result);
         self.reply(io, reply, "AUTH", None, None);
         Flow::Continue
@@ -1797,6 +1823,31 @@ pub(crate) mod tests {
         c.cmd("STARTTLS").await;
         drop(c);
         assert!(matches!(h.await.unwrap().end, ConnEnd::TlsFailed(_)));
+    }
+
+    /// A client that stalls the TLS handshake after STARTTLS gives way when the limiter takes
+    /// its slot back (before, it kept the connection until command_timeout, 5 minutes by
+    /// default, after its slot had been given to another client).
+    #[tokio::test]
+    async fn a_stalled_starttls_handshake_gives_way_to_eviction() {
+        let (_dir, ctx, _) = tls_context(MemSink::default());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let slot = Slot::detached();
+        let h = tokio::spawn({
+            let (ctx, slot) = (ctx.clone(), slot.clone());
+            async move { serve(server, loopback(), false, &ctx, slot).await }
+        });
+        let mut c = Client::new(client);
+        c.reply().await;
+        c.cmd("EHLO x").await;
+        assert_eq!(c.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+        // No ClientHello comes.
+        slot.evicted().cancel();
+        let summary = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("serve ended at the eviction, not at command_timeout")
+            .unwrap();
+        assert_eq!(summary.end, ConnEnd::Evicted);
     }
 
     /// `\r`, `\n`, `\0`, `\\`, `\xHH` escapes of the dialog files.

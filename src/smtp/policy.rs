@@ -25,6 +25,29 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// The client as the limits count it: an IPv4 address (IPv4-mapped IPv6 included) as it is,
+/// an IPv6 address reduced to its network of `v6_prefix` bits (`limits.ipv6_prefix`, 64 by
+/// default). A host usually has a whole /64; counted per /128 it could open a million
+/// "clients", each with its own connection slots and AUTH attempts.
+pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V6(v6) if v6_prefix < 128 => {
+            let bits = u32::from(v6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        other => other,
+    }
+}
+
+/// [`client_key`] as text for logs: `192.0.2.1`, or `2001:db8::/64` for an IPv6 network.
+pub fn client_key_text(ip: IpAddr, v6_prefix: u8) -> String {
+    match client_key(ip, v6_prefix) {
+        IpAddr::V6(net) if v6_prefix < 128 => format!("{net}/{v6_prefix}"),
+        other => other.to_string(),
+    }
+}
+
 /// Is `ip` in the listener's `allow_networks`?
 pub fn network_allowed(listener: &ListenerConfig, ip: IpAddr) -> bool {
     let ip = canonical_ip(ip);
@@ -249,8 +272,30 @@ mod tests {
         let e = route_sender(&cfg, &from("boss@example.com"), Some(&u)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "550 5.7.1 Sender <boss@example.com> rejected: user \"scanner\" may not send as it (may_send_as: scanner@example.com)"
+            "550 5.7.1 Sender <boss@example.com> rejected: user \"scanner\" may not send as it"
         );
+        // The user's patterns (other mailboxes, the configuration) are for the log only.
+        assert_eq!(
+            e.detail.as_deref(),
+            Some("may_send_as of user \"scanner\": scanner@example.com")
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_network() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a, 64), client_key(b, 64));
+        assert_ne!(client_key(a, 64), client_key(c, 64));
+        assert_eq!(client_key(a, 48), client_key(c, 48));
+        assert_ne!(client_key(a, 128), client_key(b, 128));
+        assert_eq!(client_key_text(b, 64), "2001:db8:1:2::/64");
+        assert_eq!(client_key_text(b, 128), "2001:db8:1:2:ffff:1:2:3");
+        // IPv4 and IPv4-mapped IPv6 are the address itself.
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(client_key("::ffff:192.0.2.7".parse().unwrap(), 64), v4);
+        assert_eq!(client_key_text(v4, 64), "192.0.2.7");
     }
 
     #[test]

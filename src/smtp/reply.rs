@@ -55,7 +55,7 @@
 //! | [`Reply::auth_locked_out`] | `454 4.7.0 Too many failed authentication attempts; try again later` |
 //! | [`Reply::auth_unavailable`] | `454 4.7.0 Temporary authentication failure` |
 //! | [`Reply::sender_no_route`] | `550 5.7.1 Sender <x> rejected: this relay does not send mail from that address` |
-//! | [`Reply::sender_not_permitted`] | `550 5.7.1 Sender <x> rejected: user "u" may not send as it ...` |
+//! | [`Reply::sender_not_permitted`] | `550 5.7.1 Sender <x> rejected: user "u" may not send as it` (its `may_send_as` in the log only) |
 //! | [`Reply::null_sender_no_mailbox`] | `550 5.7.1 Sender <> rejected: this relay has no mailbox to send the null sender as` |
 //! | [`Reply::sender_not_a_mailbox`] | `553 5.1.7 Sender <x> rejected: it cannot be a Microsoft 365 mailbox ...` |
 //! | [`Reply::size_exceeded`] | `552 5.3.4 Message size exceeds fixed maximum message size` |
@@ -65,7 +65,7 @@
 //! | [`Reply::bare_lf`] | `550 5.6.0 Message contains bare LF` |
 //! | [`Reply::nul_characters`] | `550 5.6.0 Message contains NUL characters` |
 //! | [`Reply::queue_write_error`] | `451 4.3.0 Error: queue file write error` |
-//! | [`Reply::access_denied`] | `554 5.7.1 Access denied: <ip> is not in allow_networks of listener "<name>"` |
+//! | [`Reply::access_denied`] | `554 5.7.1 Access denied for <ip>` (the listener and `allow_networks` in the log only) |
 //! | [`Reply::too_many_connections`] | `421 4.7.0 <host> Too many connections, try again later` |
 //! | [`Reply::too_many_connections_from_ip`] | `421 4.7.0 <host> Too many connections from your address, try again later` |
 //! | [`Reply::timeout`] | `421 4.4.2 <host> Error: timeout exceeded` |
@@ -507,16 +507,20 @@ impl Reply {
 
     /// The authenticated user may not use this sender.
     pub fn sender_not_permitted(sender: &str, user: &str, may_send_as: &str) -> Self {
+        // The patterns go to the log only: they name other mailboxes and the configuration.
         Self::one(
             550,
             "5.7.1",
             format!(
-                "Sender <{}> rejected: user \"{}\" may not send as it (may_send_as: {})",
+                "Sender <{}> rejected: user \"{}\" may not send as it",
                 printable(sender),
                 printable(user),
-                may_send_as
             ),
         )
+        .with_detail(format!(
+            "may_send_as of user \"{}\": {may_send_as}",
+            printable(user)
+        ))
     }
 
     /// The null sender matched a route that sends as the envelope sender; `why` (the route
@@ -590,16 +594,14 @@ impl Reply {
         Self::one(451, "4.3.0", "Error: queue file write error").not_the_clients_fault()
     }
 
-    /// The client is not in the listener's `allow_networks`.
+    /// The client is not in the listener's `allow_networks`. The client learns only that its
+    /// address is refused; which listener and which setting said so go to the log (`detail`),
+    /// like every other refusal's rule.
     pub fn access_denied(ip: &str, listener: &str) -> Self {
-        Self::one(
-            554,
-            "5.7.1",
-            format!(
-                "Access denied: {ip} is not in allow_networks of listener \"{}\"",
-                printable(listener)
-            ),
-        )
+        Self::one(554, "5.7.1", format!("Access denied for {ip}")).with_detail(format!(
+            "{ip} is not in allow_networks of listener \"{}\"",
+            printable(listener)
+        ))
     }
 
     // ---- closing (421) ----

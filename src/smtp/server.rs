@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +132,8 @@ pub struct ConnLimiter {
     max_total: AtomicUsize,
     max_per_ip: AtomicUsize,
     max_unauthenticated: AtomicUsize,
+    /// `limits.ipv6_prefix`: IPv6 clients count per network of this many bits.
+    v6_prefix: AtomicU8,
     counts: Mutex<Counts>,
 }
 
@@ -158,17 +160,20 @@ impl ConnLimiter {
             max_total: AtomicUsize::new(max_total),
             max_per_ip: AtomicUsize::new(max_per_ip),
             max_unauthenticated: AtomicUsize::new(max_unauthenticated),
+            v6_prefix: AtomicU8::new(crate::config::DEFAULT_IPV6_PREFIX),
             counts: Mutex::new(Counts::default()),
         }
     }
 
     /// A limiter from `config.limits`.
     pub fn from_limits(limits: &GlobalLimits) -> Self {
-        Self::new(
+        let l = Self::new(
             limits.max_connections,
             limits.max_connections_per_ip,
             limits.max_unauthenticated_per_ip,
-        )
+        );
+        l.set_limits(limits);
+        l
     }
 
     /// Change the limits (config reload); live connections keep their slots.
@@ -179,6 +184,7 @@ impl ConnLimiter {
             .store(limits.max_connections_per_ip, Ordering::Relaxed);
         self.max_unauthenticated
             .store(limits.max_unauthenticated_per_ip, Ordering::Relaxed);
+        self.v6_prefix.store(limits.ipv6_prefix, Ordering::Relaxed);
     }
 
     /// Connections open now.
@@ -194,7 +200,8 @@ impl ConnLimiter {
         ip: IpAddr,
         auth_required: bool,
     ) -> Result<ConnPermit, LimitExceeded> {
-        let ip = ip.to_canonical();
+        // "Per IP" is per client: an IPv6 client's whole network of ipv6_prefix bits.
+        let ip = policy::client_key(ip, self.v6_prefix.load(Ordering::Relaxed));
         let mut c = self.counts.lock().map_err(|_| LimitExceeded::Total)?;
         let mine = c.per_ip.get(&ip).map(Vec::as_slice).unwrap_or_default();
         if mine.len() >= self.max_per_ip.load(Ordering::Relaxed) {
@@ -213,13 +220,16 @@ impl ConnLimiter {
             let held = c.per_ip.get(&other).map_or(0, Vec::len);
             c.remove(other, victim.id);
             victim.evict.cancel();
-            warn!(
-                target: "postern::smtp",
-                client = %ip,
-                evicted = %other,
-                evicted_held = held,
-                "connection limit reached: closing the oldest idle connection of the address holding the most, to serve a client with fewer"
-            );
+            // Counted against the hoarder's share of the refusal log.
+            if maillog::may_log_refusal(&other.to_string()) {
+                warn!(
+                    target: "postern::smtp",
+                    client = %ip,
+                    evicted = %other,
+                    evicted_held = held,
+                    "connection limit reached: closing the oldest idle connection of the address holding the most, to serve a client with fewer"
+                );
+            }
         }
         c.next_id += 1;
         let slot = Arc::new(Slot {
@@ -255,7 +265,11 @@ pub async fn run_listener<S: MessageSink>(tcp: TcpListener, ctx: Arc<ListenerCon
     let address = local.map(|a| a.to_string()).unwrap_or_default();
     info!(target: "postern::smtp", listener = %ctx.listener.name, address, "listening");
     loop {
+        // Biased: once `stop` is cancelled (a reload), this loop must not accept again, or a
+        // client connecting after "configuration reloaded" could still get the old
+        // configuration from the socket both generations share.
         let accepted = tokio::select! {
+            biased;
             () = ctx.shutdown.cancelled() => break,
             () = ctx.stop.cancelled() => break,
             r = tcp.accept() => r,
@@ -279,16 +293,18 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
     let ip = peer.ip().to_canonical();
     let implicit = ctx.listener.tls == TlsMode::Implicit;
     let host = ctx.config.hostname.clone();
+    // One log line per refusal (the maillog's "rejected", which names the listener and the
+    // limit in its detail), and those bounded per client: see maillog::throttle.
     if !policy::network_allowed(&ctx.listener, ip) {
-        warn!(
-            target: "postern::smtp",
-            client = %peer,
-            listener = %ctx.listener.name,
-            end = %ConnEnd::Denied,
-            "refused: client not in allow_networks"
-        );
         let reply = Reply::access_denied(&ip.to_string(), &ctx.listener.name);
-        maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
+        maillog::rejected_because(
+            &peer.to_string(),
+            "CONNECT",
+            &reply.to_string(),
+            reply.detail.as_deref(),
+            None,
+            None,
+        );
         crate::metrics::refused(&ctx.listener.name, "CONNECT", &reply.to_string());
         if !implicit {
             refuse(stream, reply, &ctx.tracker);
@@ -299,25 +315,28 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
     let permit = match ctx.limiter.try_acquire(ip, auth_required) {
         Ok(p) => p,
         Err(which) => {
-            warn!(
-                target: "postern::smtp",
-                client = %peer,
-                listener = %ctx.listener.name,
-                limit = match which {
-                    LimitExceeded::Total => "max_connections",
-                    LimitExceeded::PerIp => "max_connections_per_ip",
-                    LimitExceeded::Unauthenticated => "max_unauthenticated_per_ip",
-                },
-                end = %ConnEnd::TooManyConnections,
-                "refused: too many connections"
-            );
+            let limit = match which {
+                LimitExceeded::Total => "max_connections",
+                LimitExceeded::PerIp => "max_connections_per_ip",
+                LimitExceeded::Unauthenticated => "max_unauthenticated_per_ip",
+            };
             let reply = match which {
                 LimitExceeded::Total => Reply::too_many_connections(&host),
                 LimitExceeded::PerIp | LimitExceeded::Unauthenticated => {
                     Reply::too_many_connections_from_ip(&host)
                 }
             };
-            maillog::rejected(&peer.to_string(), "CONNECT", &reply.to_string(), None, None);
+            maillog::rejected_because(
+                &peer.to_string(),
+                "CONNECT",
+                &reply.to_string(),
+                Some(&format!(
+                    "listener \"{}\": limits.{limit} reached",
+                    ctx.listener.name
+                )),
+                None,
+                None,
+            );
             crate::metrics::refused(&ctx.listener.name, "CONNECT", &reply.to_string());
             if !implicit {
                 refuse(stream, reply, &ctx.tracker);
@@ -334,10 +353,19 @@ fn admit<S: MessageSink>(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Listener
                 error!(target: "postern::smtp", listener = %ctx.listener.name, "implicit TLS listener without a certificate");
                 return;
             };
-            match timeout(ctx.listener.command_timeout, acceptor.accept(stream)).await {
+            // A stalled handshake gives way to eviction and shutdown (see conn.rs).
+            let handshake = tokio::select! {
+                biased;
+                () = slot.evicted().cancelled() => return,
+                () = ctx.shutdown.cancelled() => return,
+                r = timeout(ctx.listener.command_timeout, acceptor.accept(stream)) => r,
+            };
+            match handshake {
                 Ok(Ok(tls)) => {
                     serve(tls, peer, true, &ctx, slot).await;
                 }
+                // Anyone may fail a handshake at will: bounded like refusals.
+                Ok(Err(_)) | Err(_) if !maillog::may_log_refusal(&peer.to_string()) => {}
                 Ok(Err(e)) => warn!(
                     target: "postern::smtp",
                     client = %peer,
@@ -435,6 +463,31 @@ mod tests {
         assert!(l.try_acquire(b, false).is_ok());
     }
 
+    /// An IPv6 host has a whole /64: counted per address, one machine could hold every slot
+    /// (20 per "client" times 2^64 clients). It is one client per `limits.ipv6_prefix`.
+    #[test]
+    fn an_ipv6_network_is_one_client() {
+        let l = Arc::new(ConnLimiter::from_limits(&limits(100, 2, 2)));
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = l.try_acquire(v6("2001:db8:1:2::1"), false).unwrap();
+        let _b = l.try_acquire(v6("2001:db8:1:2::2"), false).unwrap();
+        assert_eq!(
+            l.try_acquire(v6("2001:db8:1:2:ffff::3"), false)
+                .unwrap_err(),
+            LimitExceeded::PerIp,
+            "the same /64"
+        );
+        assert!(
+            l.try_acquire(v6("2001:db8:1:3::1"), false).is_ok(),
+            "another /64"
+        );
+        // Configurable: per address with 128.
+        let mut per_address = limits(100, 2, 2);
+        per_address.ipv6_prefix = 128;
+        l.set_limits(&per_address);
+        assert!(l.try_acquire(v6("2001:db8:1:2::4"), false).is_ok());
+    }
+
     #[test]
     fn at_the_limit_a_newcomer_takes_the_slot_of_the_biggest_hoarder() {
         let l = Arc::new(ConnLimiter::new(6, 10, 10));
@@ -522,10 +575,8 @@ mod tests {
         cfg.listeners[0].allow_networks = vec!["192.0.2.0/24".parse().unwrap()];
         let (addr, ctx, _h) = listen(cfg).await;
         let mut c = connect(addr).await;
-        assert_eq!(
-            c.reply().await,
-            "554 5.7.1 Access denied: 127.0.0.1 is not in allow_networks of listener \"test\"\r\n"
-        );
+        // Neither the listener's name nor the setting: those are for the log.
+        assert_eq!(c.reply().await, "554 5.7.1 Access denied for 127.0.0.1\r\n");
         assert!(c.closed().await);
         ctx.shutdown.cancel();
     }

@@ -95,6 +95,8 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
             min_free_disk: 0,
             auth_max_failures: 5,
             auth_lockout: Duration::from_secs(600),
+            auth_max_failures_per_user: 20,
+            ipv6_prefix: crate::config::DEFAULT_IPV6_PREFIX,
         },
         listeners: vec![listener()],
         users,

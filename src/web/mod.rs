@@ -10,6 +10,7 @@
 //! non-loopback address without a token. The token is read on every request, so replacing
 //! its file takes effect without a restart.
 
+mod listener;
 mod page;
 
 use std::net::SocketAddr;
@@ -69,7 +70,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(listener::Bounded::new(listener), app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
     {

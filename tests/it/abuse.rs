@@ -340,3 +340,86 @@ fn a_flood_from_allowed_addresses_does_not_lock_out_a_client_with_fewer() {
     );
     drop(held);
 }
+
+/// A client that triggers thousands of refusals must not write thousands of log lines: each
+/// used to cost two (`refused: client not in allow_networks` and the maillog's `rejected`).
+/// Now a client logs at most 20 refusals a minute, and the rest are summed up in one line
+/// when the minute is over (here: at shutdown).
+#[test]
+fn a_refusal_flood_is_summed_up_not_logged_line_by_line() {
+    let mut p = Postern::start(&basic_config("", "").replace(
+        "allow_networks = [\"127.0.0.0/8\"]",
+        "allow_networks = [\"127.0.0.1\"]",
+    ));
+    let addr = p.addr();
+    let n = 1000;
+    for _ in 0..n {
+        let mut c = connect_from(lo(9), addr).expect("connect");
+        expect(&c.reply(), "554 5.7.1");
+    }
+    // Another client still gets its refusals logged.
+    let mut other = connect_from(lo(10), addr).expect("connect");
+    expect(&other.reply(), "554 5.7.1");
+    assert!(
+        p.wait_log("client=\"127.0.0.10:", Duration::from_secs(10)),
+        "{}",
+        p.log_text()
+    );
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(p.wait_log("postern stopped", Duration::from_secs(10)));
+    let log = p.log_text();
+    let lines = log.lines().filter(|l| l.contains("127.0.0.9")).count();
+    // 20 refusals and one summary.
+    assert_eq!(lines, 21, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("event=\"rejected_unlogged\"")
+                && l.contains("client=\"127.0.0.9\"")
+                && l.contains(&format!("count={}", n - 20))),
+        "{log}"
+    );
+}
+
+/// A guesser spreading its attempts over many addresses, each under `auth_max_failures`,
+/// is stopped by the count on the user name; the device that logged in as that user before
+/// keeps logging in. Before, each address got its own 5 attempts: unlimited guesses from a
+/// range of addresses (an IPv6 /64 is 2^64 of them).
+#[test]
+fn a_guesser_spread_over_addresses_is_locked_out_of_the_user_but_not_its_device() {
+    let hash = crate::protocol::hash("device-pw");
+    let p = Postern::start(&basic_config(
+        "auth = \"optional\"",
+        &format!(
+            "[limits]\nauth_max_failures = 5\nauth_max_failures_per_user = 8\n\n[user.scanner]\npassword_hash = \"{hash}\"\nmay_send_as = [\"*\"]\n"
+        ),
+    ));
+    let addr = p.addr();
+    let login = |src: u32, pw: &str| {
+        let mut c = connect_from(lo(src), addr).expect("connect");
+        expect(&c.reply(), "220");
+        expect(&c.cmd("EHLO t"), "250");
+        let plain = base64(format!("\0scanner\0{pw}").as_bytes());
+        c.cmd(&format!("AUTH PLAIN {plain}"))
+    };
+    // The device logs in from its address.
+    expect(&login(1, "device-pw"), "235");
+    // Four addresses, two guesses each: none reaches its own limit of 5.
+    for src in 20..24 {
+        for i in 0..2 {
+            expect(&login(src, &format!("guess{src}-{i}")), "535");
+        }
+    }
+    // The name is locked now, for a fifth address even with the right password...
+    expect(&login(24, "device-pw"), "454 4.7.0");
+    // ...but not for the device.
+    expect(&login(1, "device-pw"), "235");
+    assert!(
+        p.wait_log(
+            "too many failed AUTH attempts on this user name",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.log_text()
+    );
+}

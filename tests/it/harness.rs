@@ -127,6 +127,7 @@ impl Postern {
                 });
             }
         }
+        let started_before = self.started_lines();
         let mut child = cmd.spawn().expect("spawn postern");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -179,6 +180,23 @@ impl Postern {
             }
         }
         self.child = Some(child);
+        // "ready" comes on stdout, the log on stderr, read by another thread: without this,
+        // a test could look for a warning logged before "ready" (e.g. the spool's mode being
+        // fixed) before that thread had read it. "postern started" is logged right after
+        // "ready", so once it is in, everything logged before "ready" is too.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.started_lines() <= started_before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn started_lines(&self) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("postern started"))
+            .count()
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -18,6 +18,17 @@ fn refused_network_gets_554_and_close() {
     expect(&r, "554 5.7.1");
     assert!(r.contains("127.0.0.1"), "{r}");
     assert!(c.closed());
+    // The client is not told the listener's name or which setting refused it (it was:
+    // `Access denied: 127.0.0.1 is not in allow_networks of listener "local"`); the log is.
+    assert!(!r.contains("local") && !r.contains("allow_networks"), "{r}");
+    assert!(
+        p.wait_log(
+            r#"detail="127.0.0.1 is not in allow_networks of listener \"local\"""#,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.log_text()
+    );
 }
 
 #[test]

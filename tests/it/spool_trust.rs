@@ -518,3 +518,101 @@ fn check_refuses_a_world_readable_secret_file() {
     let (code, out, err) = run_until_exit(&cfg, &["check"]);
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+/// The admin token is a secret like the client secret: `check` refuses it world-readable, in
+/// its own file or inline in a world-readable configuration. Before, it was not checked at
+/// all (anyone on the machine could read the token and with it the status page).
+#[test]
+fn check_refuses_a_world_readable_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, b"0123456789abcdef\n").unwrap();
+    chmod(&token, 0o644);
+    let cfg = config_in(
+        dir.path(),
+        &basic_config(
+            "",
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = \"admin-token\"\n",
+        ),
+    );
+    let (code, out, err) = run_until_exit(&cfg, &["check"]);
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "error: {}: admin: token file: readable by every user (mode 0644)",
+            token.display()
+        )),
+        "{out}"
+    );
+    chmod(&token, 0o600);
+    let (code, out, err) = run_until_exit(&cfg, &["check"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Inline, in a configuration file every user can read.
+    let inline = config_in(
+        dir.path(),
+        &basic_config(
+            "",
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken = \"0123456789abcdef\"\n",
+        ),
+    );
+    chmod(&inline, 0o644);
+    let (code, out, err) = run_until_exit(&inline, &["check"]);
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(
+        out.contains("it holds a client secret or the admin token"),
+        "{out}"
+    );
+}
+
+/// The control socket checks who is asking (SO_PEERCRED): even with its mode and the spool's
+/// loosened by a careless admin, a user other than root or postern's own cannot make the
+/// daemon log forged queue events ("held ID" by the administrator) or rescan; `ping` (health)
+/// still answers. Before, anyone who could reach the socket got "ok" and the forged line.
+#[test]
+fn the_control_socket_refuses_commands_from_other_users() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root, to connect as another user");
+        return;
+    }
+    let p = Postern::start(&basic_config("", ""));
+    let sock = p.path("spool/control.sock");
+    // What a careless admin could do: every directory on the way passable, the socket open.
+    chmod(p.dir.path(), 0o711);
+    chmod(&p.path("spool"), 0o711);
+    chmod(&sock, 0o666);
+    let ask = |line: &'static str| {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            // setresuid(2) as a raw system call changes this thread's credentials only (the
+            // C library's wrapper would change every thread's).
+            // SAFETY: plain system call on this thread's own credentials.
+            let r = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(r, 0, "setresuid");
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+            s.write_all(format!("{line}\n").as_bytes()).unwrap();
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer
+        })
+        .join()
+        .unwrap()
+    };
+    let forged = "held 0DEADBEEF0000001";
+    assert_eq!(ask(forged).trim(), "denied");
+    assert_eq!(ask("ping").trim(), "pong");
+    assert!(
+        p.wait_log(
+            "request from a user other than root",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.log_text()
+    );
+    assert!(
+        !p.log_text().contains("0DEADBEEF0000001"),
+        "{}",
+        p.log_text()
+    );
+}

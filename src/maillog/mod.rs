@@ -1,7 +1,83 @@
 //! The operator's mail log: one line per message state change, keyed by queue id, in the
 //! spirit of Postfix's maillog. Bodies, passwords and tokens never pass through here.
+//!
+//! Refusals are the one kind of line a stranger can make postern write at will, so they are
+//! bounded per client and in total ([`throttle`]): past the bound they are counted, and one
+//! `rejected_unlogged` line per client says how many when the minute is over.
+
+pub mod throttle;
+
+use std::sync::Mutex;
+use std::time::Instant;
 
 use tracing::{info, warn};
+
+use throttle::{Summary, Throttle};
+
+static THROTTLE: Mutex<Option<Throttle>> = Mutex::new(None);
+
+/// Count one refusal-type line about `client` (`ip:port`); true if it may be written now.
+/// Writes the summary of the minute that ended, if one did.
+pub fn may_log_refusal(client: &str) -> bool {
+    let (log, ended) = match THROTTLE.lock() {
+        Ok(mut t) => t
+            .get_or_insert_with(Throttle::default)
+            .refusal(client, Instant::now()),
+        Err(_) => (true, Vec::new()),
+    };
+    write_summaries(&ended);
+    log
+}
+
+/// Group IPv6 clients by `bits` (`limits.ipv6_prefix`) in the refusal counts.
+pub fn set_ipv6_prefix(bits: u8) {
+    if let Ok(mut t) = THROTTLE.lock() {
+        t.get_or_insert_with(Throttle::default).set_v6_prefix(bits);
+    }
+}
+
+/// Write the summary of the refusal counts' minute if it is over (called every few seconds,
+/// so a flood that stopped is summed up too); with `finish`, whatever its age (shutdown).
+pub fn flush_refusals(finish: bool) {
+    let ended = match THROTTLE.lock() {
+        Ok(mut t) => match t.as_mut() {
+            Some(t) if finish => t.finish(),
+            Some(t) => t.roll(Instant::now()),
+            None => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    };
+    write_summaries(&ended);
+}
+
+fn write_summaries(ended: &[Summary]) {
+    for s in ended {
+        match s {
+            Summary::Client { client, suppressed } => warn!(
+                target: "postern::maillog",
+                event = "rejected_unlogged",
+                client = client.as_str(),
+                count = suppressed,
+                "refusals not logged one by one (at most {} a minute per client, {} in all)",
+                throttle::PER_CLIENT,
+                throttle::TOTAL
+            ),
+            Summary::Others {
+                clients,
+                suppressed,
+            } => warn!(
+                target: "postern::maillog",
+                event = "rejected_unlogged",
+                client = "others",
+                clients,
+                count = suppressed,
+                "refusals of other clients not logged one by one (at most {} a minute per client, {} in all)",
+                throttle::PER_CLIENT,
+                throttle::TOTAL
+            ),
+        }
+    }
+}
 
 /// A client's command or message was refused (policy, limits, protocol).
 pub fn rejected(client: &str, stage: &str, reply: &str, sender: Option<&str>, rcpt: Option<&str>) {
@@ -18,6 +94,9 @@ pub fn rejected_because(
     sender: Option<&str>,
     rcpt: Option<&str>,
 ) {
+    if !may_log_refusal(client) {
+        return;
+    }
     warn!(
         target: "postern::maillog",
         event = "rejected",
