@@ -7,9 +7,6 @@
 # -Z flags for the sanitizer). Without nightly it falls back to the stable toolchain with
 # RUSTC_BOOTSTRAP=1, which unlocks the same flags. Crashes land in fuzz/artifacts/<target>/.
 # CI only checks that the targets compile (.ci/run); this script is for running them.
-#
-# Still to come (issue 7 item 10): a target for Graph's JSON error parser (upstream/graph.rs),
-# which was not on main when the other targets were added.
 set -euo pipefail
 
 secs="${1:-60}"

@@ -145,7 +145,7 @@ impl Answer {
             Some(e) => format!(
                 "{} {} \"{}\"",
                 self.status,
-                e.code,
+                crate::escape::untrusted(&e.code),
                 crate::escape::untrusted(&e.message)
             ),
             None => {
@@ -165,11 +165,11 @@ impl Answer {
     pub fn ids(&self) -> String {
         let mut s = format!(
             "request-id {}, client-request-id {}",
-            self.request_id.as_deref().unwrap_or("-"),
+            crate::escape::untrusted(self.request_id.as_deref().unwrap_or("-")),
             self.client_request_id
         );
         if let Some(d) = self.error.as_ref().and_then(|e| e.date.as_deref()) {
-            s.push_str(&format!(", date {d}"));
+            s.push_str(&format!(", date {}", crate::escape::untrusted(d)));
         }
         s
     }
