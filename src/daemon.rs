@@ -163,6 +163,14 @@ pub async fn run(config: Config, reload: Reload) -> Result<(), DaemonError> {
         }
     };
     raise_fd_limit();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // Everything postern does with untrusted input (SMTP, TLS, HTTP) would run with every
+        // privilege; it needs none but binding ports below 1024.
+        warn!(
+            "running as root: postern needs no privileges but binding ports below 1024 (CAP_NET_BIND_SERVICE); run it as its own user, as the systemd unit (User=postern) and the image (USER postern) do"
+        );
+    }
     crate::trust::prepare_serve(&config)?;
     let spool = Spool::open_exclusive(&config.spool_dir)?;
     spool.set_min_free(config.limits.min_free_disk);

@@ -31,12 +31,14 @@ impl Config {
         writeln!(o, "state_dir:      {}", self.state_dir.display())?;
         writeln!(
             o,
-            "limits:         {} connections, {} per client address ({} before login where auth is required); {} of memory for messages being received; AUTH lockout after {} failures for {}; {}",
+            "limits:         {} connections, {} per client address ({} before login where auth is required; an IPv6 client is its /{}); {} of memory for messages being received; AUTH lockout after {} failures per client, {} per user name, for {}; {}",
             l.max_connections,
             l.max_connections_per_ip,
             l.max_unauthenticated_per_ip,
+            l.ipv6_prefix,
             size(l.message_memory),
             l.auth_max_failures,
+            l.auth_max_failures_per_user,
             dur(l.auth_lockout),
             if l.min_free_disk == 0 {
                 "no free-disk reserve".to_owned()

@@ -1154,3 +1154,31 @@ fn status_page_in_a_headless_browser_shows_the_held_mailbox() {
         let _ = std::fs::copy(&shot, keep);
     }
 }
+
+/// The status page shows text clients chose (sender mailboxes, errors); besides escaping it,
+/// it tells the browser to run no script, load nothing and refuse framing (it sent none of
+/// these headers before).
+#[test]
+fn the_status_page_forbids_scripts_and_framing() {
+    let p = Postern::start(&basic_config("", "[admin]\naddress = \"127.0.0.1:0\""));
+    let mut s = TcpStream::connect(admin_addr(&p)).expect("connect admin listener");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let (head, _) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    for h in [
+        "content-security-policy: default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        "x-content-type-options: nosniff",
+        "x-frame-options: deny",
+        "referrer-policy: no-referrer",
+    ] {
+        assert!(head.contains(h), "{h} missing in\n{head}");
+    }
+}

@@ -616,3 +616,15 @@ fn the_control_socket_refuses_commands_from_other_users() {
         p.log_text()
     );
 }
+
+/// Run as root (by hand, or in a container without USER), postern says that it should not be:
+/// all its parsing of untrusted input would run with every privilege.
+#[test]
+fn serve_as_root_warns() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root");
+        return;
+    }
+    let p = Postern::start(&basic_config("", ""));
+    assert!(p.log_text().contains("running as root"), "{}", p.log_text());
+}
