@@ -1654,6 +1654,7 @@ mod tests {
             "250 SMTPUTF8",
         ]);
         assert!(before.starttls && before.pipelining && before.eight_bit && before.smtputf8);
+        assert!(before.chunking);
         assert!(!before.xoauth2);
         assert_eq!(before.size, Some(157_286_400));
         let after = ehlo(&[
@@ -1670,7 +1671,7 @@ mod tests {
         ]);
         assert!(!after.starttls && after.xoauth2);
         let bare = ehlo(&["250 host.example"]);
-        assert!(!bare.starttls && !bare.pipelining && bare.size.is_none());
+        assert!(!bare.starttls && !bare.pipelining && bare.size.is_none() && !bare.chunking);
     }
 
     fn stuff_all(parts: &[&[u8]]) -> Vec<u8> {
