@@ -326,9 +326,16 @@ impl SmtpTransport {
         cred: TokenId,
         outcome: &Outcome,
     ) {
+        // After a temporary refusal (4xx: "too many messages for this session", the 4th
+        // connection of a mailbox...) a new connection is the better bet for the next message;
+        // after a hold or a throttle the mailbox pauses anyway.
+        let settled = |o: &Outcome| matches!(o, Outcome::Sent { .. } | Outcome::Permanent { .. });
         let keep = !session.conn.broken
             && session.conn.last_code != Some(421)
-            && !matches!(outcome, Outcome::Held { .. } | Outcome::Throttled { .. })
+            && match outcome {
+                Outcome::Partial { then, .. } => settled(then),
+                o => settled(o),
+            }
             && !self.pool.settings().idle.is_zero();
         if !keep {
             self.discard(session).await;
@@ -637,7 +644,9 @@ impl SmtpTransport {
         let end = self
             .data_phase(c, caps.chunking, ctx, file, msg)
             .await
-            .inspect(|_| *in_transaction = false)
+            // After a refusal of the message the transaction is over by RFC 5321, but RFC 3030
+            // leaves BDAT's state open: the RSET before the next message settles both.
+            .inspect(|end| *in_transaction = !end.is_positive())
             // Recipients refused at RCPT stay refused whatever happens to the message now.
             .map_err(|o| with_refused(&results, o))?;
         if !end.is_positive() {
