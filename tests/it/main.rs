@@ -18,6 +18,7 @@ mod operations;
 mod powercut;
 mod protocol;
 mod rewrite;
+mod reuse;
 mod secrets;
 mod sendmail;
 mod spool_trust;
