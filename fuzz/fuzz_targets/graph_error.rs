@@ -36,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
         error,
     };
     for line in [answer.summary(), answer.ids()] {
-        assert!(!line.contains(['\r', '\n']), "log text spans lines: {line:?}");
+        assert!(
+            !line.contains(['\r', '\n']),
+            "log text spans lines: {line:?}"
+        );
     }
     let pending = ["a@fabrikam.com".to_string(), "b@fabrikam.com".to_string()];
     let refused = classify::invalid_recipients(&answer, &pending);
