@@ -13,6 +13,7 @@ use crate::spool::{Envelope, RcptStatus};
 
 pub mod classify;
 pub mod file;
+pub mod graph;
 pub mod smtp;
 
 /// A boxed future, so transports can live behind `dyn Transport`.
