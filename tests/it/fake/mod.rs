@@ -2,3 +2,4 @@
 
 pub mod entra;
 pub mod exchange;
+pub mod graph_upload;
