@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Send one large message over plain SMTP, streaming the body (the client never holds it).
 
-    send_big.py HOST PORT SIZE_MB [--mime]
+    send_big.py HOST PORT SIZE_MB [--mime] [--from ADDRESS]
 
 The body is SIZE_MB MiB of 78-byte CRLF lines (no line starts with '.', so no dot-stuffing
 is needed). With --mime the message is multipart/mixed: a short text part and one base64
@@ -17,7 +17,9 @@ import time
 
 def main():
     host, port, size_mb = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    mime = "--mime" in sys.argv[4:]
+    opts = sys.argv[4:]
+    mime = "--mime" in opts
+    sender = opts[opts.index("--from") + 1] if "--from" in opts else "from@example.com"
     s = socket.create_connection((host, port), timeout=300)
     f = s.makefile("rb")
 
@@ -42,11 +44,11 @@ def main():
     if code != 220:
         raise SystemExit(f"send_big: greeting {text}")
     cmd("EHLO bench.example", 250)
-    cmd("MAIL FROM:<from@example.com>", 250)
+    cmd(f"MAIL FROM:<{sender}>", 250)
     cmd("RCPT TO:<to@example.org>", 250)
     cmd("DATA", 354)
     t0 = time.monotonic()
-    s.sendall(b"From: <from@example.com>\r\nTo: <to@example.org>\r\n"
+    s.sendall(f"From: <{sender}>\r\nTo: <to@example.org>\r\n".encode() +
               b"Subject: big\r\n")
     if mime:
         s.sendall(b"MIME-Version: 1.0\r\n"
