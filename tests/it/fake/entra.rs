@@ -314,7 +314,12 @@ pub struct FakeEntra {
 impl FakeEntra {
     /// Start with one app ([`CLIENT_ID`], secret [`SECRET`], public client flows allowed).
     pub fn start() -> FakeEntra {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake entra");
+        Self::start_on("127.0.0.1:0".parse().expect("address"))
+    }
+
+    /// The same on `addr` (port 0: a free one).
+    pub fn start_on(addr: SocketAddr) -> FakeEntra {
+        let listener = std::net::TcpListener::bind(addr).expect("bind fake entra");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let base = format!("http://{addr}");

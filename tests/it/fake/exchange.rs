@@ -3,8 +3,8 @@
 //! and bracketed hex id, EHLO lists before and after STARTTLS (no AUTH before TLS, then
 //! `AUTH LOGIN XOAUTH2`), inline and two-step XOAUTH2, `235 2.7.0` or `535 5.7.3 ... [host
 //! timestamp hex]`, the 5.7.139 variants, SendAsDenied *after* DATA, `432 4.3.2` on the 4th
-//! concurrent connection of one mailbox, `554 5.2.0` over the recipient quota, and whatever a
-//! test scripts per mailbox or recipient.
+//! concurrent connection of one mailbox, `554 5.2.0` over the recipient quota, `BDAT` as
+//! advertised by `CHUNKING`, and whatever a test scripts per mailbox or recipient.
 //!
 //! It runs on its own thread and tokio runtime, so it serves both `#[tokio::test]`s that use
 //! the library and plain `#[test]`s that run the real binary. TLS uses a self-signed
@@ -158,6 +158,14 @@ pub struct Script {
     pub clock_offset: Duration,
     /// Advertised SIZE.
     pub max_size: u64,
+    /// Offer CHUNKING (BDAT, RFC 3030) and BINARYMIME, as Exchange does.
+    pub chunking: bool,
+    /// Close the connection (without a reply or 421) right after answering the Nth message
+    /// of a session, as a server that ends idle or old sessions does between messages.
+    pub close_after_messages: Option<usize>,
+    /// Keep each message's bytes in [`Message::data`] (a benchmark turns this off to keep
+    /// the fake's memory flat; [`Message::size`] is always kept).
+    pub keep_data: bool,
 }
 
 impl Default for Script {
@@ -183,6 +191,9 @@ impl Default for Script {
             quota_window: None,
             clock_offset: Duration::ZERO,
             max_size: 157_286_400,
+            chunking: true,
+            close_after_messages: None,
+            keep_data: true,
         }
     }
 }
@@ -270,8 +281,13 @@ pub struct Message {
     pub mail_params: Vec<String>,
     /// Accepted recipients.
     pub rcpt_to: Vec<String>,
-    /// Content after un-dot-stuffing, without the final `.CRLF`.
+    /// Content after un-dot-stuffing, without the final `.CRLF` (or the BDAT chunks joined);
+    /// empty when the script's `keep_data` is off.
     pub data: Vec<u8>,
+    /// Length of the content.
+    pub size: usize,
+    /// It came with BDAT (else DATA).
+    pub bdat: bool,
     /// The reply after DATA.
     pub reply: String,
 }
@@ -281,6 +297,23 @@ impl Message {
     pub fn accepted(&self) -> bool {
         self.reply.starts_with('2')
     }
+}
+
+/// Counts over all sessions ([`FakeExchange::totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Connections accepted.
+    pub connections: usize,
+    /// AUTH attempts.
+    pub auths: usize,
+    /// Successful AUTHs.
+    pub auths_ok: usize,
+    /// Messages that reached their end (DATA's dot or BDAT LAST).
+    pub messages: usize,
+    /// Of those, accepted.
+    pub delivered: usize,
+    /// Bytes of the accepted messages.
+    pub delivered_bytes: u64,
 }
 
 /// One connection.
@@ -335,6 +368,11 @@ impl FakeExchange {
 
     /// Start with `script` on 127.0.0.1, a random port.
     pub fn start_with(script: Script) -> FakeExchange {
+        Self::start_on(script, "127.0.0.1:0".parse().expect("address"))
+    }
+
+    /// Start with `script` on `addr` (port 0: a free one).
+    pub fn start_on(script: Script, addr: SocketAddr) -> FakeExchange {
         let dir = tempfile::tempdir().expect("tempdir");
         let ck = rcgen::generate_simple_self_signed(script.cert_names.clone()).expect("rcgen");
         let ca_pem = dir.path().join("fake-exchange-ca.pem");
@@ -350,7 +388,7 @@ impl FakeExchange {
             .expect("server cert");
         let acceptor = TlsAcceptor::from(Arc::new(tls));
 
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let std_listener = std::net::TcpListener::bind(addr).expect("bind");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
         let (hold, _) = watch::channel(false);
@@ -413,6 +451,34 @@ impl FakeExchange {
         lock(&self.shared.state).sessions.clone()
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.state).sessions.len()
+    }
+
+    /// Counts over every session so far, without copying the records.
+    pub fn totals(&self) -> Totals {
+        let st = lock(&self.shared.state);
+        let mut t = Totals {
+            connections: st.sessions.len(),
+            ..Totals::default()
+        };
+        for s in &st.sessions {
+            t.auths += s.auths.len();
+            t.auths_ok += s
+                .auths
+                .iter()
+                .filter(|a| a.reply.starts_with("235"))
+                .count();
+            t.messages += s.messages.len();
+            for m in s.messages.iter().filter(|m| m.accepted()) {
+                t.delivered += 1;
+                t.delivered_bytes += m.size as u64;
+            }
+        }
+        t
+    }
+
     /// Every AUTH attempt so far.
     pub fn auths(&self) -> Vec<AuthRecord> {
         self.sessions().into_iter().flat_map(|s| s.auths).collect()
@@ -469,6 +535,12 @@ struct Conn {
     peer: SocketAddr,
     mail: Option<(String, Vec<String>)>,
     rcpts: Vec<String>,
+    /// BDAT chunks of the current transaction so far (`None`: no BDAT yet).
+    chunks: Option<Vec<u8>>,
+    /// Messages answered on this connection.
+    answered: usize,
+    /// Octets of the current transaction's BDAT chunks (kept even when the data is not).
+    bdat_len: usize,
 }
 
 impl Drop for Conn {
@@ -520,6 +592,9 @@ async fn serve(
         peer,
         mail: None,
         rcpts: Vec::new(),
+        chunks: None,
+        answered: 0,
+        bdat_len: 0,
     };
     let host = conn.script().banner_host;
     let mut plain = BufReader::new(tcp);
@@ -591,9 +666,12 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 } else if script.starttls {
                     lines.push("STARTTLS".into());
                 }
-                for l in ["8BITMIME", "BINARYMIME", "CHUNKING", "SMTPUTF8"] {
-                    lines.push(l.into());
+                lines.push("8BITMIME".into());
+                if script.chunking {
+                    lines.push("BINARYMIME".into());
+                    lines.push("CHUNKING".into());
                 }
+                lines.push("SMTPUTF8".into());
                 let n = lines.len();
                 lines
                     .iter()
@@ -627,6 +705,11 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
+            "BDAT" if script.chunking => match bdat(io, conn, &arg).await {
+                Some(r) => r,
+                None => return Next::Quit,
+            },
+            "DATA" if conn.chunks.is_some() => "503 5.5.1 Bad sequence of commands".into(),
             "DATA" => {
                 if conn.mail.is_none() || conn.rcpts.is_empty() {
                     "503 5.5.2 Need rcpt command".into()
@@ -646,6 +729,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
             "RSET" => {
                 conn.mail = None;
                 conn.rcpts.clear();
+                conn.chunks = None;
                 "250 2.0.0 Resetting".into()
             }
             "NOOP" => "250 2.0.0 OK".into(),
@@ -656,6 +740,16 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
             _ => "500 5.3.3 Unrecognized command".into(),
         };
         if send(io, &reply).await.is_err() {
+            return Next::Quit;
+        }
+        if matches!(verb.as_str(), "DATA" | "BDAT")
+            && conn.mail.is_none()
+            && conn.chunks.is_none()
+            && script
+                .close_after_messages
+                .is_some_and(|n| conn.answered >= n)
+        {
+            // Between messages, without a word: the client finds out at its next command.
             return Next::Quit;
         }
     }
@@ -873,6 +967,73 @@ async fn data<S: AsyncRead + AsyncWrite + Unpin>(
             content.extend_from_slice(&line);
         }
     }
+    Some(finish(conn, content, false).await)
+}
+
+/// `BDAT <size> [LAST]` (RFC 3030): read exactly `size` octets whatever the state (they are
+/// message data, never commands), then answer. The reply to the LAST chunk is the one DATA's
+/// end gets. `None`: the connection ended.
+async fn bdat<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut BufReader<S>,
+    conn: &mut Conn,
+    arg: &str,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut words = arg.split_whitespace();
+    let size = words.next().and_then(|n| n.parse::<u64>().ok());
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Some("501 5.5.4 Invalid arguments".into()),
+    };
+    let Some(size) = size else {
+        // Without a size the octets cannot be skipped: the dialogue is lost, as in Exchange.
+        return Some("501 5.5.4 Invalid arguments".into());
+    };
+    let keep = conn.script().keep_data;
+    let in_sequence = conn.mail.is_some() && !conn.rcpts.is_empty();
+    let mut buf = conn.chunks.take().unwrap_or_default();
+    let mut reader = (&mut *io).take(size);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = reader.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        // Without keep_data, the head is still needed for the From: (Send As) check.
+        if in_sequence && (keep || buf.len() < 64 * 1024) {
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    if got < size {
+        return None;
+    }
+    if !in_sequence {
+        return Some("503 5.5.1 Bad sequence of commands".into());
+    }
+    let counted = conn.bdat_len + size as usize;
+    if !last {
+        conn.bdat_len = counted;
+        conn.chunks = Some(buf);
+        // Exchange's text for an intermediate chunk is not in the reference; RFC 3030's form.
+        return Some(format!("250 2.0.0 {size} octets received"));
+    }
+    conn.bdat_len = counted;
+    Some(finish(conn, buf, true).await)
+}
+
+/// The end of a message (DATA's final dot or BDAT LAST): wait while a test holds replies,
+/// decide the reply as Exchange would, record the message.
+async fn finish(conn: &mut Conn, content: Vec<u8>, bdat: bool) -> String {
+    let size = if bdat {
+        std::mem::take(&mut conn.bdat_len)
+    } else {
+        content.len()
+    };
+    conn.chunks = None;
+    conn.answered += 1;
     let mut rx = conn.shared.hold.subscribe();
     let _ = rx.wait_for(|held| !held).await;
 
@@ -927,11 +1088,17 @@ async fn data<S: AsyncRead + AsyncWrite + Unpin>(
         mail_from,
         mail_params,
         rcpt_to,
-        data: content,
+        data: if script.keep_data {
+            content
+        } else {
+            Vec::new()
+        },
+        size,
+        bdat,
         reply: reply.clone(),
     };
     conn.record(|s| s.messages.push(msg));
-    Some(reply)
+    reply
 }
 
 /// The address in the first `From:` header, if any.
