@@ -235,6 +235,7 @@ mod tests {
             last_error: Some("upstream said \u{9b}0m".into()),
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         }
     }
 

@@ -23,11 +23,16 @@ pub fn vars_for(config: &Config, mailbox: &str) -> Vars {
         })
         .or_else(|| config.route_for(mailbox));
     let account = route.and_then(|r| match &r.transport {
-        TransportConfig::Smtp { account } => config.account(account),
+        TransportConfig::Smtp { account } | TransportConfig::Graph { account, .. } => {
+            config.account(account).map(|a| (a, &r.transport))
+        }
         _ => None,
     });
-    if let Some(a) = account {
+    if let Some((a, transport)) = account {
         v = account_vars(v, a, mailbox);
+        if matches!(transport, TransportConfig::Graph { .. }) {
+            v = graph_vars(v, a, mailbox);
+        }
     }
     v
 }
@@ -72,6 +77,20 @@ pub fn account_vars(v: Vars, a: &AccountConfig, mailbox: &str) -> Vars {
             format!("{}:{}", a.endpoints.smtp_host, a.endpoints.smtp_port),
         )
         .app_only(app_only)
+}
+
+/// The placeholders that differ for a Graph route: the server is Graph, and a delegated
+/// sign-in is for Graph.
+pub fn graph_vars(v: Vars, a: &AccountConfig, mailbox: &str) -> Vars {
+    let m = if mailbox.is_empty() {
+        "<mailbox>"
+    } else {
+        mailbox
+    };
+    v.set("server", a.endpoints.graph_url.clone()).set(
+        "login_cmd",
+        format!("`postern login {} --mailbox {m} --for graph`", a.name),
+    )
 }
 
 /// Explain `input`; `config` (when one could be loaded) resolves queue ids and fills in the

@@ -223,7 +223,7 @@ impl Metrics {
         );
         r.register(
             "upstream_replies",
-            "Replies from upstream SMTP servers, per server and (enhanced) status code",
+            "Replies from upstream servers, per server and status: the (enhanced) SMTP code, or for Microsoft Graph the HTTP status and error code (\"403 ErrorAccessDenied\")",
             m.upstream_replies.clone(),
         );
         r.register(
@@ -442,6 +442,23 @@ pub fn upstream_reply(server: &str, reply: &str) {
         .get_or_create(&ServerCode {
             server: m.bounded("server", server),
             code: m.bounded("upstream_code", &reply_code(reply)),
+        })
+        .inc();
+}
+
+/// Microsoft Graph (`server`: the graph_url's host) answered with HTTP `status` and, for an
+/// error, Graph's error `code` (`ErrorAccessDenied`). Counted with the SMTP replies, labelled
+/// "403 ErrorAccessDenied" (or "202").
+pub fn graph_reply(server: &str, status: u16, code: Option<&str>) {
+    let m = &*METRICS;
+    let label = match code {
+        Some(c) => format!("{status} {c}"),
+        None => status.to_string(),
+    };
+    m.upstream_replies
+        .get_or_create(&ServerCode {
+            server: m.bounded("server", server),
+            code: m.bounded("upstream_code", &label),
         })
         .inc();
 }

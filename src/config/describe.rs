@@ -79,6 +79,19 @@ impl Config {
             let transport = match &route.transport {
                 TransportConfig::File { dir } => format!("file {}", dir.display()),
                 TransportConfig::Smtp { account } => format!("smtp (XOAUTH2, account {account})"),
+                TransportConfig::Graph {
+                    account,
+                    save_to_sent_items,
+                    max_message_size,
+                } => format!(
+                    "graph (Microsoft Graph sendMail, account {account}{}, messages up to {})",
+                    if *save_to_sent_items {
+                        ""
+                    } else {
+                        ", no copy in Sent Items"
+                    },
+                    size(*max_message_size)
+                ),
                 TransportConfig::Discard => "discard (accepted and dropped)".to_owned(),
             };
             let mailbox = match &route.mailbox {

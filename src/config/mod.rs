@@ -201,6 +201,29 @@ pub enum TransportConfig {
         /// Name of the `[account.NAME]` whose tokens are used.
         account: String,
     },
+    /// Microsoft Graph `sendMail` (the message as received, base64 MIME), tokens from `account`.
+    Graph {
+        /// Name of the `[account.NAME]` whose tokens are used.
+        account: String,
+        /// Keep a copy in the mailbox's Sent Items. Graph honours `false` only where the
+        /// request form lets it be said (see `upstream::graph`); default `true`, as Graph's.
+        save_to_sent_items: bool,
+        /// Largest message the route sends (the mailbox's `MaxSendSize`; default 35 MiB, at
+        /// most 150 MiB); larger ones fail with a DSN.
+        max_message_size: u64,
+    },
+}
+
+impl TransportConfig {
+    /// The `[account.NAME]` a Microsoft transport uses (`None` for `file` and `discard`).
+    pub fn account(&self) -> Option<&str> {
+        match self {
+            TransportConfig::Smtp { account } | TransportConfig::Graph { account, .. } => {
+                Some(account)
+            }
+            TransportConfig::File { .. } | TransportConfig::Discard => None,
+        }
+    }
 }
 
 /// Microsoft cloud an account lives in (decides the default endpoints).

@@ -90,6 +90,8 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "account",
     "rate",
     "daily_recipients",
+    "save_to_sent_items",
+    "max_message_size",
 ];
 /// Keys allowed in `[account.NAME]`.
 pub(crate) const ACCOUNT_KEYS: &[&str] = &[
@@ -239,6 +241,8 @@ pub(crate) struct RawRoute {
     pub account: Option<Spanned<String>>,
     pub rate: Option<Spanned<String>>,
     pub daily_recipients: Option<Spanned<RawCount>>,
+    pub save_to_sent_items: Option<Spanned<bool>>,
+    pub max_message_size: Option<Spanned<RawSize>>,
 }
 
 /// A count written as a number (`10000`) or as text (`"5/3s"`, `"unlimited"`).
@@ -520,7 +524,12 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "transport" => {
-                r.transport = string(c, &path, v, "write transport = \"smtp\" or \"file\"")
+                r.transport = string(
+                    c,
+                    &path,
+                    v,
+                    "write transport = \"smtp\", \"graph\", \"file\" or \"discard\"",
+                )
             }
             "account" => {
                 r.account = string(
@@ -547,6 +556,8 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
                 )
             }
             "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
+            "save_to_sent_items" => r.save_to_sent_items = boolean(c, &path, v),
+            "max_message_size" => r.max_message_size = size(c, &path, v, "\"35 MiB\""),
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }
     }
@@ -656,6 +667,24 @@ fn string(
                 &v.span(),
                 path,
                 format!("expected a string in quotes, found {}; {fix}", found(other)),
+            );
+            None
+        }
+    }
+}
+
+/// `true` or `false`, unquoted.
+fn boolean(c: &mut Collector<'_>, path: &str, v: &Spanned<DeValue<'_>>) -> Option<Spanned<bool>> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Some(Spanned::new(v.span(), *b)),
+        other => {
+            c.at(
+                &v.span(),
+                path,
+                format!(
+                    "expected true or false, found {}; write true or false without quotes",
+                    found(other)
+                ),
             );
             None
         }

@@ -161,6 +161,11 @@ mod defaults {
     pub const ALLOW_NETWORKS: &[&str] = &["127.0.0.0/8", "::1/128"];
     /// Exchange Online's default message size limit.
     pub const MAX_MESSAGE_SIZE: u64 = 35_000_000;
+    /// A Graph route's default `max_message_size`: Exchange Online's default `MaxSendSize`,
+    /// 35 MB as Exchange counts (36,700,160 bytes).
+    pub const GRAPH_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
+    /// The most `MaxSendSize` can be raised to: 150 MB as Exchange counts.
+    pub const GRAPH_MAX_MESSAGE_CEILING: u64 = 150 * 1024 * 1024;
     pub const MAX_RECIPIENTS: usize = 100;
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
     pub const DATA_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -832,6 +837,7 @@ impl Checker<'_, '_> {
                 None
             }
         });
+        let graph_max = self.graph_max_message_size(&table, r.max_message_size.clone());
         let transport = match &r.transport {
             Some(t) => match t.get_ref().as_str() {
                 "file" => match &r.dir {
@@ -844,50 +850,29 @@ impl Checker<'_, '_> {
                     }
                 },
                 "discard" => Some(TransportConfig::Discard),
-                "smtp" => match &r.account {
-                    Some(a) if accounts.contains(a.get_ref()) => Some(TransportConfig::Smtp {
-                        account: a.get_ref().clone(),
-                    }),
-                    Some(a) => {
-                        let known = if accounts.is_empty() {
-                            "no [account.NAME] table is defined; add one (see config/postern.toml)"
-                                .to_owned()
-                        } else {
-                            format!(
-                                "write one of {}",
-                                accounts
-                                    .iter()
-                                    .map(|n| format!("\"{n}\""))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
-                        };
-                        self.c.at(
-                            &a.span(),
-                            &format!("{table}.account"),
-                            format!("there is no [account.{}]; {known}", key_name(a.get_ref())),
-                        );
-                        None
-                    }
-                    None => {
-                        self.missing(&r.header, &table, "account", "account = \"NAME\" (the [account.NAME] whose tokens transport \"smtp\" uses)");
-                        None
-                    }
-                },
-                "graph" => {
-                    self.c.at(
-                        &t.span(),
-                        &format!("{table}.transport"),
-                        "transport \"graph\" is not available in this version of postern; write transport = \"smtp\" (Exchange Online SMTP with OAuth2) or \"file\"".to_owned(),
-                    );
-                    None
+                kind @ ("smtp" | "graph") => {
+                    self.route_account(&r, &table, kind, accounts)
+                        .map(|account| {
+                            if kind == "smtp" {
+                                TransportConfig::Smtp { account }
+                            } else {
+                                TransportConfig::Graph {
+                                    account,
+                                    save_to_sent_items: r
+                                        .save_to_sent_items
+                                        .as_ref()
+                                        .is_none_or(|v| *v.get_ref()),
+                                    max_message_size: graph_max,
+                                }
+                            }
+                        })
                 }
                 other => {
                     self.c.at(
                         &t.span(),
                         &format!("{table}.transport"),
                         format!(
-                            "unknown value \"{other}\"; write \"smtp\", \"file\" or \"discard\""
+                            "unknown value \"{other}\"; write \"smtp\", \"graph\", \"file\" or \"discard\""
                         ),
                     );
                     None
@@ -910,7 +895,25 @@ impl Checker<'_, '_> {
         if let (Some(a), Some(TransportConfig::File { .. } | TransportConfig::Discard)) =
             (&r.account, &transport)
         {
-            self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\"; remove it, or write transport = \"smtp\"".to_owned());
+            self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\" or \"graph\"; remove it, or write transport = \"smtp\"".to_owned());
+        }
+        if let Some(v) = &r.max_message_size
+            && !matches!(transport, Some(TransportConfig::Graph { .. }) | None)
+        {
+            self.c.at(
+                &v.span(),
+                &format!("{table}.max_message_size"),
+                "max_message_size in a route only applies to transport = \"graph\" (over SMTP, Exchange itself refuses what is too large, and the listener's max_message_size limits what postern accepts); remove it".to_owned(),
+            );
+        }
+        if let Some(v) = &r.save_to_sent_items
+            && !matches!(transport, Some(TransportConfig::Graph { .. }) | None)
+        {
+            self.c.at(
+                &v.span(),
+                &format!("{table}.save_to_sent_items"),
+                "save_to_sent_items only applies to transport = \"graph\" (Exchange always keeps a copy of mail sent over SMTP in Sent Items); remove it".to_owned(),
+            );
         }
         let transport = transport?;
         let pacing = self.pacing(&table, &r, &transport);
@@ -922,6 +925,50 @@ impl Checker<'_, '_> {
             transport,
             pacing,
         })
+    }
+
+    /// The `account` of a Microsoft route (`kind` is "smtp" or "graph"), reported when it is
+    /// missing or names no `[account.NAME]`.
+    fn route_account(
+        &mut self,
+        r: &RawRoute,
+        table: &str,
+        kind: &str,
+        accounts: &[String],
+    ) -> Option<String> {
+        match &r.account {
+            Some(a) if accounts.contains(a.get_ref()) => Some(a.get_ref().clone()),
+            Some(a) => {
+                let known = if accounts.is_empty() {
+                    "no [account.NAME] table is defined; add one (see config/postern.toml)"
+                        .to_owned()
+                } else {
+                    format!(
+                        "write one of {}",
+                        accounts
+                            .iter()
+                            .map(|n| format!("\"{n}\""))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                self.c.at(
+                    &a.span(),
+                    &format!("{table}.account"),
+                    format!("there is no [account.{}]; {known}", key_name(a.get_ref())),
+                );
+                None
+            }
+            None => {
+                self.missing(
+                    &r.header,
+                    table,
+                    "account",
+                    &format!("account = \"NAME\" (the [account.NAME] whose tokens transport \"{kind}\" uses)"),
+                );
+                None
+            }
+        }
     }
 
     /// `rate` and `daily_recipients` of a route; Exchange Online's limits by default for the
@@ -1097,6 +1144,27 @@ impl Checker<'_, '_> {
                 default
             }
         }
+    }
+
+    /// A Graph route's `max_message_size`: default 35 MiB, at most 150 MiB (what a mailbox's
+    /// `MaxSendSize` can be raised to).
+    fn graph_max_message_size(&mut self, table: &str, raw: Option<Spanned<RawSize>>) -> u64 {
+        let span = raw.as_ref().map(|s| s.span());
+        let path = format!("{table}.max_message_size");
+        let n = self.size(&path, raw, defaults::GRAPH_MAX_MESSAGE_SIZE, false);
+        if n > defaults::GRAPH_MAX_MESSAGE_CEILING {
+            if let Some(span) = span {
+                self.c.at(
+                    &span,
+                    &path,
+                    format!(
+                        "{n} bytes is more than a Microsoft 365 mailbox can send (150 MB, Set-Mailbox -MaxSendSize 150MB); write \"150 MiB\" or less"
+                    ),
+                );
+            }
+            return defaults::GRAPH_MAX_MESSAGE_CEILING;
+        }
+        n
     }
 
     fn size(

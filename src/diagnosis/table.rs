@@ -962,6 +962,46 @@ pub static TABLE: &[Entry] = &[
         postern: HOLD,
     },
     Entry {
+        id: "graph.drafts-denied",
+        rows: &[],
+        title: "Graph: creating or changing a draft was denied (403 ErrorAccessDenied on /messages)",
+        signs: &[
+            Phrase("the request creating a draft"),
+            Phrase("the request setting the draft's recipients"),
+        ],
+        meaning: "This message is sent through a draft in {mailbox} (its header names recipients that are not its envelope recipients, it carries a Bcc header, or the route keeps no copy in Sent Items), and drafts need the permission Mail.ReadWrite, which the token does not carry.",
+        causes: &[
+            "The app has Mail.Send but not Mail.ReadWrite",
+            "No admin consent for Mail.ReadWrite",
+            "An Application Access Policy or RBAC scope leaves the mailbox out",
+        ],
+        fix: &[
+            app(
+                "{app} > API permissions > Add a permission > Microsoft Graph > Application permissions > Mail.ReadWrite > Grant admin consent",
+            ),
+            del(
+                "{app} > API permissions > Add a permission > Microsoft Graph > Delegated permissions > Mail.ReadWrite (Mail.ReadWrite.Shared for a shared mailbox) > Grant admin consent, then {login_cmd}",
+            ),
+            all("Or send such mail through a route with transport = \"smtp\""),
+        ],
+        postern: HOLD,
+    },
+    Entry {
+        id: "graph.not-found",
+        rows: &[],
+        title: "Graph: the mailbox's resource was not found (404 ResourceNotFound)",
+        signs: &[g("ResourceNotFound"), g("ErrorItemNotFound")],
+        meaning: "Graph found no such resource under {server}: the URL postern built from graph_url and the mailbox {mailbox} leads nowhere.",
+        causes: &[
+            "graph_url of [account.{account}] is not the Microsoft Graph root of the account's cloud (it must not include /v1.0)",
+            "A proxy rewrites the path",
+        ],
+        fix: &[all(
+            "Remove graph_url from [account.{account}] (the cloud's default is right), or set it to the Graph root such as https://graph.microsoft.com",
+        )],
+        postern: HOLD,
+    },
+    Entry {
         id: "graph.no-mailbox",
         rows: &[43],
         title: "Graph: the user has no Exchange Online mailbox (MailboxNotEnabledForRESTAPI)",
@@ -1048,6 +1088,21 @@ pub static TABLE: &[Entry] = &[
         postern: FAIL,
     },
     Entry {
+        id: "graph.route-limit",
+        rows: &[],
+        title: "Graph: the message is larger than the route's max_message_size",
+        signs: &[Phrase("more than this route's limit")],
+        meaning: "postern sends messages up to the route's max_message_size over Graph (35 MB by default, Exchange Online's default MaxSendSize); this one is larger, so it is returned to its sender rather than refused by Exchange after a long upload.",
+        causes: &[
+            "A large attachment (base64 makes a file a third larger in the message)",
+            "The mailbox's MaxSendSize was raised but the route's max_message_size was not",
+        ],
+        fix: &[all(
+            "If {mailbox} may send larger messages (`Set-Mailbox -Identity {mailbox} -MaxSendSize 150MB`, at most 150 MB), raise max_message_size in the route to match (for example max_message_size = \"150 MiB\"); otherwise ask the sender to share a link instead of attaching the file",
+        )],
+        postern: FAIL,
+    },
+    Entry {
         id: "graph.throttled",
         rows: &[49],
         title: "Graph: too many requests (429 ApplicationThrottled)",
@@ -1076,7 +1131,7 @@ pub static TABLE: &[Entry] = &[
         fix: &[all(
             "Check this host's clock (timedatectl) and that graph_url of [account.{account}] matches its cloud; `postern token {account} --for graph` shows the token's audience (it must be graph.microsoft.com)",
         )],
-        postern: RETRY,
+        postern: "Gets a new token and repeats the request at once; if Graph refuses the new token too, holds the mailbox's messages without spending their retries and tries one again every hold_retry.",
     },
     Entry {
         id: "graph.directory",

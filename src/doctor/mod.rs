@@ -11,6 +11,7 @@
 //! written: tokens are requested but not stored (a delegated refresh token stays valid after
 //! Entra rotates it), so doctor can run as root beside the daemon.
 
+mod graph;
 mod tokens;
 
 use std::fmt::Write;
@@ -206,6 +207,7 @@ pub async fn run(config: Result<Config, ConfigErrors>, source: &str, offline: bo
     }
     for route in &cfg.routes {
         smtp_route(&mut r, &cfg, route, offline, &tokens, &mut probed_ok).await;
+        graph::route(&mut r, &cfg, route, offline, &tokens).await;
     }
     // A token without SMTP.SendAsApp is right with RBAC for Applications: if signing in
     // worked, the missing role is only worth a note.
@@ -547,10 +549,11 @@ async fn account(
         if delegated && mailbox.is_empty() {
             continue;
         }
-        let key = (
-            Audience::Smtp,
-            if delegated { mailbox } else { String::new() },
-        );
+        let audience = match route.transport {
+            TransportConfig::Graph { .. } => Audience::Graph,
+            _ => Audience::Smtp,
+        };
+        let key = (audience, if delegated { mailbox } else { String::new() });
         if !wanted.contains(&key) {
             wanted.push(key);
         }
@@ -615,7 +618,7 @@ async fn account(
 }
 
 fn uses_account(route: &crate::config::RouteConfig, account: &str) -> bool {
-    matches!(&route.transport, TransportConfig::Smtp { account: a } if a == account)
+    route.transport.account() == Some(account)
 }
 
 /// DNS and TCP to the token endpoint (or the proxy in front of it).

@@ -145,6 +145,7 @@ impl Bounce {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         };
         (env, bytes)
     }
@@ -248,6 +249,7 @@ mod tests {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         }
     }
 

@@ -43,6 +43,7 @@ use crate::maillog;
 use crate::spool::{Envelope, Spool, SpoolError, State, now_secs};
 use crate::token::TokenSource;
 use crate::upstream::file::FileTransport;
+use crate::upstream::graph::GraphTransport;
 use crate::upstream::smtp::SmtpTransport;
 use crate::upstream::{Discard, HoldScope, Transport, Unavailable};
 use hold::{HoldKey, Pause};
@@ -74,6 +75,17 @@ impl Plan {
                 let t: Arc<dyn Transport> = match &r.transport {
                     TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
                     TransportConfig::Smtp { account } => smtp_transport(&config, account, &tokens),
+                    TransportConfig::Graph {
+                        account,
+                        save_to_sent_items,
+                        max_message_size,
+                    } => graph_transport(
+                        &config,
+                        account,
+                        *save_to_sent_items,
+                        *max_message_size,
+                        &tokens,
+                    ),
                     TransportConfig::Discard => Arc::new(Discard),
                 };
                 (r.name.clone(), t)
@@ -122,6 +134,28 @@ fn smtp_transport(
         Ok(t) => Arc::new(t),
         Err(e) => {
             error!(account, error = %e, "the smtp transport cannot be set up; its messages are held");
+            Arc::new(Unavailable(e.to_string()))
+        }
+    }
+}
+
+/// The Graph transport of a route; one that cannot be built holds its messages with the reason.
+fn graph_transport(
+    config: &Config,
+    account: &str,
+    save_to_sent_items: bool,
+    max_message_size: u64,
+    tokens: &Arc<dyn TokenSource>,
+) -> Arc<dyn Transport> {
+    let Some(acc) = config.account(account) else {
+        return Arc::new(Unavailable(format!(
+            "account \"{account}\" is not configured"
+        )));
+    };
+    match GraphTransport::new(acc, tokens.clone(), save_to_sent_items) {
+        Ok(t) => Arc::new(t.with_max_message_size(max_message_size)),
+        Err(e) => {
+            error!(account, error = %e, "the graph transport cannot be set up; its messages are held");
             Arc::new(Unavailable(e.to_string()))
         }
     }

@@ -465,5 +465,6 @@ fn spool_envelope() -> Envelope {
         last_error: None,
         hold_reason: None,
         auto_hold: false,
+        graph: None,
     }
 }

@@ -62,14 +62,23 @@ pub async fn attempt(
     policy: RetryPolicy,
     hostname: &str,
 ) -> Result<Report, SpoolError> {
-    let env = spool.read_envelope(State::Active, id)?;
+    let mut env = spool.read_envelope(State::Active, id)?;
     let outcome = match transport {
         Some(t) => {
             let msg = Outgoing {
                 envelope: env.clone(),
                 message: spool.msg_path(State::Active, id),
             };
-            t.send(&msg).await
+            let outcome = t.send(&msg).await;
+            // The transport may have recorded how far it got (Graph's draft): keep that in
+            // the envelope written with the outcome. A message it delivered is removed anyway.
+            if t.records_progress()
+                && !matches!(outcome, Outcome::Sent { .. })
+                && let Ok(now) = spool.read_envelope(State::Active, id)
+            {
+                env.graph = now.graph;
+            }
+            outcome
         }
         None => Outcome::held(format!(
             "route \"{}\" no longer exists in the configuration and no other route accepts sender <{}>; add a route for it, then run `postern queue release {}`",

@@ -761,6 +761,7 @@ impl Session {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         }))
     }
 }

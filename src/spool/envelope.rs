@@ -81,6 +81,30 @@ pub struct Envelope {
     /// admin): released automatically once a retry of the mailbox succeeds.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_hold: bool,
+    /// Microsoft Graph: the draft made for this message and how far sending it got, so that a
+    /// retry after a lost answer or a restart neither sends the message twice nor leaves the
+    /// draft behind. Written by the Graph transport during an attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<GraphProgress>,
+}
+
+/// How far the Graph transport got with a message (see [`Envelope::graph`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphProgress {
+    /// The mailbox's path in Graph the draft lives under (`users/shared@contoso.com`, `me`).
+    pub path: String,
+    /// The draft's immutable id (`Prefer: IdType="ImmutableId"`: it stays the same when
+    /// Exchange moves the sent message to Sent Items), once Graph created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_id: Option<String>,
+    /// `send` was requested for the draft; its answer may have been lost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send_requested: bool,
+    /// A `sendMail` request went out and no answer came back: Graph cannot be asked whether
+    /// it sent the message, so the next attempt is logged as a possible duplicate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unanswered: bool,
 }
 
 impl Envelope {

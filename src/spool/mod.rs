@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 pub use draft::{DEFAULT_MEMORY_BUDGET as DEFAULT_MESSAGE_MEMORY, Draft};
-pub use envelope::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient};
+pub use envelope::{ENVELOPE_VERSION, Envelope, GraphProgress, RcptStatus, Recipient};
 pub use id::{is_valid as is_valid_id, new_id};
 pub use state::State;
 

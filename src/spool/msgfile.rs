@@ -275,6 +275,7 @@ mod tests {
             last_error: None,
             hold_reason: None,
             auto_hold: false,
+            graph: None,
         }
     }
 

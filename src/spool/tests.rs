@@ -26,6 +26,7 @@ fn envelope(sender: &str) -> Envelope {
         last_error: None,
         hold_reason: None,
         auto_hold: false,
+        graph: None,
     }
 }
 

@@ -274,6 +274,13 @@ pub trait Transport: Send + Sync {
     fn describe(&self) -> String;
     /// Try to deliver `msg` to its pending recipients.
     fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome>;
+
+    /// Whether `send` may record progress in the message's envelope (the Graph transport's
+    /// draft id, [`crate::spool::Envelope::graph`]): the forwarder then keeps it when it
+    /// records the outcome.
+    fn records_progress(&self) -> bool {
+        false
+    }
 }
 
 /// Why a transport could not be built from its configuration.
@@ -320,6 +327,14 @@ pub enum UpstreamError {
         account: String,
         /// The value.
         host: String,
+    },
+    /// The Graph transport's HTTPS client could not be built (`graph_url`, `ca_file`, `proxy`).
+    #[error("[account.{account}] {why}")]
+    Graph {
+        /// The account.
+        account: String,
+        /// What is wrong.
+        why: String,
     },
     /// The TLS client configuration could not be built.
     #[error("[account.{account}] TLS setup failed: {source}")]

@@ -164,6 +164,7 @@ fn message(sender: &str, rcpts: &[(&str, RcptStatus)], body: &[u8]) -> Msg {
         last_error: None,
         hold_reason: None,
         auto_hold: false,
+        graph: None,
     };
     Msg {
         _dir: dir,

@@ -54,7 +54,7 @@ pub struct Prepared {
 pub enum PrepareError {
     /// Bigger than the route allows.
     #[error(
-        "the message is {size} bytes, more than this route's limit of {limit} bytes (max_message_size; Exchange Online's default MaxSendSize is 35 MB). If the mailbox's MaxSendSize was raised (up to 150 MB: Set-Mailbox <mailbox> -MaxSendSize 150MB), raise max_message_size in this route to match; otherwise ask the sender to send a link instead of the file"
+        "the message is {size} bytes, more than this route's limit of {limit} bytes (max_message_size)"
     )]
     OverLimit {
         /// The message's size.
@@ -127,15 +127,14 @@ pub fn skeleton(path: &Path, prepared: &Prepared) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Attach every cut-out part to the draft `draft_id`, in message order.
+/// Attach every cut-out part to the draft, in message order.
 pub async fn attach_all(
-    api: &upload::Api<'_>,
-    draft_id: &str,
+    draft: &upload::Draft<'_>,
     path: &Path,
     prepared: &Prepared,
 ) -> Result<(), upload::UploadError> {
     for (i, (part, size)) in prepared.plan.cut.iter().zip(&prepared.sizes).enumerate() {
-        upload::attach(api, draft_id, path, part, i, *size).await?;
+        upload::attach(draft, path, part, i, *size).await?;
     }
     Ok(())
 }

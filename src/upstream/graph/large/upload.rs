@@ -13,8 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
+use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::super::classify::Step;
+use super::super::request::{Answer, Failure, GraphClient, Req, ReqBody};
 use super::decode::{Decoder, read_full};
 use super::split::Part;
 
@@ -26,70 +29,40 @@ pub const SMALL_ATTACHMENT: u64 = 3 * 1000 * 1000;
 pub const CHUNK: usize = 10 * 320 * 1024;
 /// Largest attachment an upload session takes (§4.3).
 pub const MAX_ATTACHMENT: u64 = 150 * 1024 * 1024;
+/// Time allowed for one request carrying up to 4 MB.
+const TIMEOUT: Duration = Duration::from_secs(180);
 
-/// What a Graph request needs: the HTTP client, the base URL of the mailbox
-/// (`{graph}/v1.0/users/{mailbox}` or `.../v1.0/me`) and the access token.
-pub struct Api<'a> {
-    /// The client (shared with the rest of the Graph transport).
-    pub http: &'a reqwest::Client,
-    /// The mailbox's base URL, without a trailing slash.
-    pub base: &'a str,
-    /// The bearer token (never sent to an upload URL).
-    pub token: &'a str,
-    /// Time allowed for one request (a whole chunk or attachment).
-    pub timeout: Duration,
+/// The draft the parts go to, and who asks.
+pub struct Draft<'a> {
+    /// The account's Graph client (concurrency slots, tokens, ids).
+    pub client: &'a GraphClient,
+    /// The mailbox (for its concurrency slots and token).
+    pub mailbox: &'a str,
+    /// For the log.
+    pub queue_id: &'a str,
+    /// The draft's URL: `{graph_url}/v1.0/{path}/messages/{id}`.
+    pub url: String,
 }
 
 /// Why attaching failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum UploadError {
-    /// Graph (or the upload URL) answered with an error status.
-    #[error("{step}: HTTP {status}{}{}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default(), message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
-    Status {
+    /// Graph (or the upload URL) answered with an error status: classify it.
+    Refused {
         /// Which request.
-        step: &'static str,
-        /// HTTP status.
-        status: u16,
-        /// Graph's `error.code`.
-        code: Option<String>,
-        /// Graph's `error.message`.
-        message: Option<String>,
-        /// `Retry-After`, when given.
-        retry_after: Option<Duration>,
-        /// Graph's `request-id`, for Microsoft support.
-        request_id: Option<String>,
+        step: Step,
+        /// The answer.
+        answer: Answer,
     },
-    /// No answer (connection, TLS, timeout).
-    #[error("{step}: {detail}")]
-    Network {
-        /// Which request.
-        step: &'static str,
-        /// What happened, in an admin's words.
-        detail: String,
-    },
-    /// An answer we cannot use (no `uploadUrl`, a range we never sent...).
-    #[error("{step}: unexpected answer: {detail}")]
-    Protocol {
-        /// Which request.
-        step: &'static str,
-        /// What was wrong with it.
-        detail: String,
-    },
-    /// The queue file could not be read.
-    #[error("reading the queued message: {0}")]
-    Read(#[from] io::Error),
+    /// No answer to classify (network, token, the queue file).
+    Failed(Failure),
+    /// An answer we cannot use (no `uploadUrl`, a range past the end...): try again later.
+    Protocol(String),
 }
 
-impl UploadError {
-    /// Whether a later attempt may succeed (network, 5xx, 429, an expired upload session).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            UploadError::Status { status, .. } => {
-                *status >= 500 || *status == 429 || *status == 408 || *status == 404
-            }
-            UploadError::Network { .. } | UploadError::Protocol { .. } => true,
-            UploadError::Read(_) => true,
-        }
+impl From<io::Error> for UploadError {
+    fn from(e: io::Error) -> Self {
+        UploadError::Failed(Failure::Read(e))
     }
 }
 
@@ -106,39 +79,42 @@ pub fn decoded_size(path: &Path, part: &Part) -> io::Result<u64> {
     io::copy(&mut open_part(path, part)?, &mut io::sink())
 }
 
-/// Attach `part` (decoded size `size`) to the draft `draft_id`: one request when small, an
-/// upload session when not. `index` numbers unnamed parts.
+/// Attach `part` (decoded size `size`) to the draft: one request when small, an upload
+/// session when not. `index` numbers unnamed parts.
 pub async fn attach(
-    api: &Api<'_>,
-    draft_id: &str,
+    d: &Draft<'_>,
     path: &Path,
     part: &Part,
     index: usize,
     size: u64,
 ) -> Result<(), UploadError> {
     if size < SMALL_ATTACHMENT {
-        attach_small(api, draft_id, path, part, index).await
+        attach_small(d, path, part, index).await
     } else {
-        attach_session(api, draft_id, path, part, index, size).await
+        attach_session(d, path, part, index, size).await
     }
 }
 
-fn messages_url(api: &Api<'_>, draft_id: &str, rest: &str) -> String {
-    format!(
-        "{}/messages/{}/{rest}",
-        api.base,
-        url::form_urlencoded::byte_serialize(draft_id.as_bytes()).collect::<String>()
-    )
+/// `isInline`: marked inline, or referenced by Content-ID and not marked as an attachment.
+fn is_inline(part: &Part) -> bool {
+    part.inline || (part.content_id.is_some() && !part.attachment)
+}
+
+/// Send `req`; the answer if its status is one of `ok`, else the error to classify.
+async fn ask(d: &Draft<'_>, req: &Req<'_>, step: Step, ok: &[u16]) -> Result<Answer, UploadError> {
+    match d.client.send(d.mailbox, d.queue_id, req).await {
+        Ok(a) if ok.contains(&a.status) => Ok(a),
+        Ok(answer) => Err(UploadError::Refused { step, answer }),
+        Err(f) => Err(UploadError::Failed(f)),
+    }
 }
 
 async fn attach_small(
-    api: &Api<'_>,
-    draft_id: &str,
+    d: &Draft<'_>,
     path: &Path,
     part: &Part,
     index: usize,
 ) -> Result<(), UploadError> {
-    const STEP: &str = "POST attachments";
     let (path_owned, part_owned) = (path.to_path_buf(), part.clone());
     let content = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -151,151 +127,146 @@ async fn attach_small(
         "@odata.type": "#microsoft.graph.fileAttachment",
         "name": part.file_name(index),
         "contentType": part.content_type,
-        "isInline": part.inline || (part.content_id.is_some() && !part.attachment),
+        "isInline": is_inline(part),
         "contentBytes": base64::engine::general_purpose::STANDARD.encode(&content),
     });
+    drop(content);
     if let Some(cid) = &part.content_id {
         body["contentId"] = Value::String(cid.clone());
     }
-    drop(content);
-    let resp = api
-        .http
-        .post(messages_url(api, draft_id, "attachments"))
-        .bearer_auth(api.token)
-        .timeout(api.timeout)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| network(STEP, &e))?;
-    expect(STEP, resp, &[201]).await.map(drop)
+    let req = Req {
+        method: Method::POST,
+        url: format!("{}/attachments", d.url),
+        body: ReqBody::Json(body.to_string().into_bytes()),
+        headers: Vec::new(),
+        auth: true,
+        what: "add attachment",
+        timeout: TIMEOUT,
+    };
+    ask(d, &req, Step::AddAttachment, &[201]).await.map(drop)
 }
 
 async fn attach_session(
-    api: &Api<'_>,
-    draft_id: &str,
+    d: &Draft<'_>,
     path: &Path,
     part: &Part,
     index: usize,
     size: u64,
 ) -> Result<(), UploadError> {
-    const STEP: &str = "POST createUploadSession";
     let mut item = json!({
         "attachmentType": "file",
         "name": part.file_name(index),
         "size": size,
         "contentType": part.content_type,
-        "isInline": part.inline || (part.content_id.is_some() && !part.attachment),
+        "isInline": is_inline(part),
     });
     if let Some(cid) = &part.content_id {
         item["contentId"] = Value::String(cid.clone());
     }
-    let resp = api
-        .http
-        .post(messages_url(
-            api,
-            draft_id,
-            "attachments/createUploadSession",
-        ))
-        .bearer_auth(api.token)
-        .timeout(api.timeout)
-        .json(&json!({ "AttachmentItem": item }))
-        .send()
-        .await
-        .map_err(|e| network(STEP, &e))?;
-    let session: Value = expect(STEP, resp, &[201]).await?.1;
+    let req = Req {
+        method: Method::POST,
+        url: format!("{}/attachments/createUploadSession", d.url),
+        body: ReqBody::Json(json!({ "AttachmentItem": item }).to_string().into_bytes()),
+        headers: Vec::new(),
+        auth: true,
+        what: "create upload session",
+        timeout: TIMEOUT,
+    };
+    let answer = ask(d, &req, Step::CreateUploadSession, &[200, 201]).await?;
+    let session = answer.json().unwrap_or(Value::Null);
     let upload_url = session["uploadUrl"]
         .as_str()
         .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
-        .ok_or_else(|| UploadError::Protocol {
-            step: STEP,
-            detail: "no uploadUrl in the upload session".into(),
+        .ok_or_else(|| {
+            UploadError::Protocol(format!(
+                "Graph answered createUploadSession without an uploadUrl ({})",
+                answer.ids()
+            ))
         })?
         .to_string();
-    let mut next = next_expected(&session).unwrap_or(0);
-    put_ranges(api, &upload_url, path, part, size, &mut next).await
+    let next = next_expected(&session).unwrap_or(0);
+    put_ranges(d, &upload_url, path, part, size, next).await
 }
 
-/// `PUT` the content from `*next` on, following the server's `nextExpectedRanges`.
+/// `PUT` the content from byte `next` on, following the upload URL's `nextExpectedRanges`.
 async fn put_ranges(
-    api: &Api<'_>,
+    d: &Draft<'_>,
     upload_url: &str,
     path: &Path,
     part: &Part,
     size: u64,
-    next: &mut u64,
+    mut next: u64,
 ) -> Result<(), UploadError> {
-    const STEP: &str = "PUT upload range";
     // The decoder only goes forward: `at` is where it stands.
     let mut reader = open_part(path, part)?;
     let mut at: u64 = 0;
-    // Bound the loop: the server may ask for a range again, but not forever.
-    let mut requests = 0u64;
-    let limit = size / CHUNK as u64 + 20;
+    // The server may ask for a range again, but not forever.
+    let mut left = size / CHUNK as u64 + 20;
     loop {
-        if *next >= size {
-            return Err(UploadError::Protocol {
-                step: STEP,
-                detail: format!("the upload URL expects byte {next} of {size}"),
-            });
+        if next >= size {
+            return Err(UploadError::Protocol(format!(
+                "the upload URL expects byte {next} of an attachment of {size} bytes"
+            )));
         }
-        if *next < at {
-            // Asked for bytes already sent: start decoding again from the top.
+        if left == 0 {
+            return Err(UploadError::Protocol(
+                "the upload URL keeps asking for ranges already sent".into(),
+            ));
+        }
+        left -= 1;
+        if next < at {
+            // Asked for bytes already sent: decode again from the top.
             reader = open_part(path, part)?;
             at = 0;
         }
-        let (chunk, r) = {
-            let want = (size - *next).min(CHUNK as u64) as usize;
-            let skip = *next - at;
-            let start = *next;
-            tokio::task::spawn_blocking(move || -> io::Result<(Vec<u8>, _)> {
-                let mut r = reader;
-                io::copy(&mut (&mut r).take(skip), &mut io::sink())?;
-                let mut buf = vec![0u8; want];
-                let n = read_full(&mut r, &mut buf)?;
-                if n < want {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the part ended at byte {} of {size}", start + n as u64),
-                    ));
-                }
-                Ok((buf, r))
-            })
-            .await
-            .map_err(io::Error::other)??
-        };
+        let want = (size - next).min(CHUNK as u64) as usize;
+        let skip = next - at;
+        let start = next;
+        let (chunk, r) = tokio::task::spawn_blocking(move || -> io::Result<(Vec<u8>, _)> {
+            let mut r = reader;
+            io::copy(&mut (&mut r).take(skip), &mut io::sink())?;
+            let mut buf = vec![0u8; want];
+            let n = read_full(&mut r, &mut buf)?;
+            if n < want {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the attachment ended at byte {} of {size}",
+                        start + n as u64
+                    ),
+                ));
+            }
+            Ok((buf, r))
+        })
+        .await
+        .map_err(io::Error::other)??;
         reader = r;
-        let start = *next;
         let end = start + chunk.len() as u64; // exclusive
         at = end;
-        requests += 1;
-        if requests > limit {
-            return Err(UploadError::Protocol {
-                step: STEP,
-                detail: "the upload URL keeps asking for the same ranges".into(),
-            });
-        }
-        // No bearer token here: the URL is pre-authenticated.
-        let resp = api
-            .http
-            .put(upload_url)
-            .timeout(api.timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .header(
-                reqwest::header::CONTENT_RANGE,
-                format!("bytes {start}-{}/{size}", end - 1),
-            )
-            .body(chunk)
-            .send()
-            .await
-            .map_err(|e| network(STEP, &e))?;
-        let (status, body) = expect(STEP, resp, &[200, 201]).await?;
-        if status == 201 {
+        let chunk = bytes::Bytes::from(chunk);
+        let len = chunk.len() as u64;
+        let make = move || Ok((reqwest::Body::from(chunk.clone()), len));
+        // No bearer token: the URL is pre-authenticated, and refuses one with 401.
+        let req = Req {
+            method: Method::PUT,
+            url: upload_url.to_string(),
+            body: ReqBody::Stream {
+                content_type: "application/octet-stream",
+                make: &make,
+            },
+            headers: vec![("Content-Range", format!("bytes {start}-{}/{size}", end - 1))],
+            auth: false,
+            what: "upload attachment range",
+            timeout: TIMEOUT,
+        };
+        let answer = ask(d, &req, Step::UploadRange, &[200, 201]).await?;
+        if answer.status == 201 {
             return Ok(());
         }
-        match next_expected(&body) {
-            Some(n) => *next = n,
+        match answer.json().as_ref().and_then(next_expected) {
+            Some(n) => next = n,
             None if end >= size => return Ok(()),
-            None => *next = end,
+            None => next = end,
         }
     }
 }
@@ -311,61 +282,6 @@ fn next_expected(body: &Value) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-fn network(step: &'static str, e: &reqwest::Error) -> UploadError {
-    let detail = if e.is_timeout() {
-        "no answer in time".to_string()
-    } else {
-        // The innermost cause in an admin's words, never with the URL (it is a credential
-        // for upload URLs).
-        let mut source: &dyn std::error::Error = e;
-        while let Some(s) = source.source() {
-            source = s;
-        }
-        match source.downcast_ref::<io::Error>() {
-            Some(io) => crate::upstream::network_error(io),
-            None => source.to_string(),
-        }
-    };
-    UploadError::Network { step, detail }
-}
-
-/// The status and JSON body of `resp` if its status is one of `ok`, else the error.
-async fn expect(
-    step: &'static str,
-    resp: reqwest::Response,
-    ok: &[u16],
-) -> Result<(u16, Value), UploadError> {
-    let status = resp.status().as_u16();
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let retry_after = header("retry-after")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let request_id = header("request-id");
-    let text = resp.text().await.map_err(|e| network(step, &e))?;
-    let body: Value = if text.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    };
-    if ok.contains(&status) {
-        return Ok((status, body));
-    }
-    let err = &body["error"];
-    Err(UploadError::Status {
-        step,
-        status,
-        code: err["code"].as_str().map(str::to_string),
-        message: err["message"].as_str().map(str::to_string),
-        retry_after,
-        request_id,
-    })
 }
 
 #[cfg(test)]
