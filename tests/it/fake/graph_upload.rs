@@ -6,8 +6,9 @@
 //! - `POST /v1.0/users/{m}/messages/{id}/attachments` with a `fileAttachment`
 //!   (`contentBytes` base64) → `201` and the attachment (without its bytes);
 //! - `POST .../attachments/createUploadSession` with `{"AttachmentItem":{"attachmentType":
-//!   "file","name","size",...}}` → `201` with `uploadUrl` (pre-authenticated:
-//!   `.../api/v2.0/Users('m')/Messages('id')/AttachmentSessions('s')?authtoken=...`),
+//!   "file","name","size",...}}` → `201` with `uploadUrl` (pre-authenticated; Outlook's
+//!   form under `/upload/` of the fake:
+//!   `.../upload/api/v2.0/Users('m')/Messages('id')/AttachmentSessions('s')?authtoken=...`),
 //!   `expirationDateTime` and `nextExpectedRanges: ["0-"]`;
 //! - `PUT uploadUrl` with `Content-Range: bytes {start}-{end}/{total}`: in order only; `200`
 //!   with `nextExpectedRanges: ["{next}"]`, the last one `201` with a `Location` header and
@@ -17,15 +18,15 @@
 //! Everything received is recorded (each PUT with its range, length and whether it carried
 //! a bearer token) for the tests, and the attachments with their bytes (unless `keep_data`
 //! is off, for benchmarks: then only sizes are kept).
+//!
+//! The handlers return a [`Reply`]; `graph.rs` turns it into its HTTP answer (with Graph's
+//! `request-id` headers and, for errors, the §4.5 JSON with `innerError`).
 
 #![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
@@ -129,25 +130,52 @@ impl Default for Uploads {
     }
 }
 
-/// Graph's error JSON with `innerError` (§4.5).
-pub fn graph_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = json!({
-        "error": {
-            "code": code,
-            "message": message,
-            "innerError": {
-                "date": "2026-11-29T10:00:00",
-                "request-id": "f1a4e6c2-0000-4000-8000-upload",
-                "client-request-id": "f1a4e6c2-0000-4000-8000-upload",
-            }
+/// What a handler answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// A success: status, JSON body, `Location` header.
+    Ok {
+        /// 200, 201.
+        status: u16,
+        /// The JSON body, if any.
+        body: Option<Value>,
+        /// `Location` (the last upload range).
+        location: Option<String>,
+    },
+    /// An error in Graph's shape.
+    Err {
+        /// HTTP status.
+        status: u16,
+        /// `error.code`.
+        code: &'static str,
+        /// `error.message`.
+        message: String,
+    },
+}
+
+impl Reply {
+    fn ok(status: u16, body: Value) -> Reply {
+        Reply::Ok {
+            status,
+            body: Some(body),
+            location: None,
         }
-    });
-    (
+    }
+
+    /// The status.
+    pub fn status(&self) -> u16 {
+        match self {
+            Reply::Ok { status, .. } | Reply::Err { status, .. } => *status,
+        }
+    }
+}
+
+fn graph_error(status: u16, code: &'static str, message: &str) -> Reply {
+    Reply::Err {
         status,
-        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-        body.to_string(),
-    )
-        .into_response()
+        code,
+        message: message.to_string(),
+    }
 }
 
 impl Uploads {
@@ -169,21 +197,17 @@ impl Uploads {
 
     /// `POST .../messages/{id}/attachments`. `draft`: whether the message exists and is
     /// still a draft (`None`: no such message).
-    pub fn add_attachment(&mut self, message: &str, draft: Option<bool>, body: &[u8]) -> Response {
+    pub fn add_attachment(&mut self, message: &str, draft: Option<bool>, body: &[u8]) -> Reply {
         self.attachment_posts += 1;
         if let Some(r) = check_message(message, draft) {
             return r;
         }
         let Ok(v) = serde_json::from_slice::<Value>(body) else {
-            return graph_error(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                "Unable to read JSON request payload.",
-            );
+            return graph_error(400, "BadRequest", "Unable to read JSON request payload.");
         };
         if v["@odata.type"].as_str() != Some("#microsoft.graph.fileAttachment") {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorInvalidRequest",
                 "The attachment type must be specified with @odata.type.",
             );
@@ -193,7 +217,7 @@ impl Uploads {
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         else {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorInvalidRequest",
                 "The contentBytes property is missing or not valid base64.",
             );
@@ -226,12 +250,7 @@ impl Uploads {
             .entry(message.to_string())
             .or_default()
             .push(a);
-        (
-            StatusCode::CREATED,
-            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-            out.to_string(),
-        )
-            .into_response()
+        Reply::ok(201, out)
     }
 
     /// `POST .../messages/{id}/attachments/createUploadSession`; `base` is the fake's URL
@@ -243,36 +262,32 @@ impl Uploads {
         message: &str,
         draft: Option<bool>,
         body: &[u8],
-    ) -> Response {
+    ) -> Reply {
         self.session_posts += 1;
         if let Some(r) = check_message(message, draft) {
             return r;
         }
         let Ok(v) = serde_json::from_slice::<Value>(body) else {
-            return graph_error(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                "Unable to read JSON request payload.",
-            );
+            return graph_error(400, "BadRequest", "Unable to read JSON request payload.");
         };
         let item = &v["AttachmentItem"];
         if item["attachmentType"].as_str() != Some("file") {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorInvalidRequest",
                 "AttachmentItem.attachmentType must be 'file'.",
             );
         }
         let (Some(name), Some(size)) = (item["name"].as_str(), item["size"].as_u64()) else {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorInvalidRequest",
                 "AttachmentItem needs name and size.",
             );
         };
         if size == 0 || size > MAX_ATTACHMENT {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorAttachmentSizeLimitExceeded",
                 "The attachment size exceeds the allowed limit.",
             );
@@ -300,44 +315,37 @@ impl Uploads {
         let out = json!({
             "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#microsoft.graph.uploadSession",
             "uploadUrl": format!(
-                "{base}/api/v2.0/Users('{mailbox}')/Messages('{message}')/AttachmentSessions('{sid}')?authtoken={token}"
+                "{base}/upload/api/v2.0/Users('{mailbox}')/Messages('{message}')/AttachmentSessions('{sid}')?authtoken={token}"
             ),
             "expirationDateTime": "2030-01-01T00:00:00.0000000Z",
             "nextExpectedRanges": ["0-"],
         });
-        (
-            StatusCode::CREATED,
-            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-            out.to_string(),
-        )
-            .into_response()
+        Reply::ok(201, out)
     }
 
-    /// `PUT` to an upload URL: `rest` is the path after `/api/v2.0/`, `authtoken` its query
+    /// `PUT` to an upload URL: `rest` is its path after `/upload/`, `authtoken` its query
     /// parameter.
+    /// `authorization`: the request carried an `Authorization` header.
     pub fn put(
         &mut self,
         base: &str,
         rest: &str,
         authtoken: Option<&str>,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Response {
+        authorization: bool,
+        content_range: Option<&str>,
+        body: &[u8],
+    ) -> Reply {
         let sid = session_id(rest).unwrap_or_default();
-        let content_range = headers
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let content_range = content_range.unwrap_or_default().to_string();
         let mut record = Put {
             session: sid.clone(),
             content_range: content_range.clone(),
             len: body.len(),
-            authorization: headers.contains_key(header::AUTHORIZATION),
+            authorization,
             status: 0,
         };
-        let r = self.put_inner(base, &sid, authtoken, &content_range, headers, body);
-        record.status = r.status().as_u16();
+        let r = self.put_inner(base, &sid, authtoken, &content_range, authorization, body);
+        record.status = r.status();
         self.puts.push(record);
         r
     }
@@ -348,42 +356,42 @@ impl Uploads {
         sid: &str,
         authtoken: Option<&str>,
         content_range: &str,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Response {
-        if headers.contains_key(header::AUTHORIZATION) {
+        authorization: bool,
+        body: &[u8],
+    ) -> Reply {
+        if authorization {
             // The URL is pre-authenticated; a bearer token on it is refused.
             // (The body's wording is not confirmed by the reference; the status is.)
             return graph_error(
-                StatusCode::UNAUTHORIZED,
+                401,
                 "InvalidAuthenticationToken",
                 "The upload URL is pre-authenticated: do not send an Authorization header.",
             );
         }
         if body.len() > MAX_REQUEST {
             return graph_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                413,
                 "BadRequest",
                 "The maximum request length supported is 4MB.",
             );
         }
         let Some(s) = self.sessions.get(sid) else {
             return graph_error(
-                StatusCode::NOT_FOUND,
+                404,
                 "ErrorItemNotFound",
                 "The upload session was not found.",
             );
         };
         if authtoken != Some(s.token.as_str()) {
             return graph_error(
-                StatusCode::UNAUTHORIZED,
+                401,
                 "InvalidAuthenticationToken",
                 "Access token validation failure.",
             );
         }
         let Some((start, end, total)) = parse_range(content_range) else {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorInvalidRequest",
                 "The Content-Range header is missing or malformed.",
             );
@@ -394,7 +402,7 @@ impl Uploads {
             || end >= total
         {
             return graph_error(
-                StatusCode::BAD_REQUEST,
+                400,
                 "ErrorInvalidRequest",
                 &format!(
                     "The Content-Range 'bytes {start}-{end}/{total}' does not match the next expected range {}- of {} bytes.",
@@ -404,9 +412,8 @@ impl Uploads {
         }
         match self.put_script.pop_front() {
             Some(Some(status)) => {
-                let st = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 return graph_error(
-                    st,
+                    status,
                     "ServiceUnavailable",
                     "The service is temporarily unavailable.",
                 );
@@ -420,7 +427,7 @@ impl Uploads {
         let keep = self.keep_data;
         let Some(s) = self.sessions.get_mut(sid) else {
             return graph_error(
-                StatusCode::NOT_FOUND,
+                404,
                 "ErrorItemNotFound",
                 "The upload session was not found.",
             );
@@ -434,7 +441,7 @@ impl Uploads {
         }
         let Some(s) = self.sessions.remove(sid) else {
             return graph_error(
-                StatusCode::NOT_FOUND,
+                404,
                 "ErrorItemNotFound",
                 "The upload session was not found.",
             );
@@ -457,16 +464,16 @@ impl Uploads {
                 bytes: s.data,
                 via_session: true,
             });
-        let mut resp = (StatusCode::CREATED, "").into_response();
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            resp.headers_mut().insert(header::LOCATION, v);
+        Reply::Ok {
+            status: 201,
+            body: None,
+            location: Some(location),
         }
-        resp
     }
 }
 
 /// The 200 answer with the next expected range (Outlook's form: a single `"{start}"`).
-fn next_expected(_base: &str, s: &Session) -> Response {
+fn next_expected(_base: &str, s: &Session) -> Reply {
     let out = json!({
         "@odata.context": format!(
             "https://outlook.office.com/api/v2.0/$metadata#Users('{}')/Messages('{}')/AttachmentSessions/$entity",
@@ -475,24 +482,19 @@ fn next_expected(_base: &str, s: &Session) -> Response {
         "ExpirationDateTime": "2030-01-01T00:00:00.0000000Z",
         "nextExpectedRanges": [s.received.to_string()],
     });
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-        out.to_string(),
-    )
-        .into_response()
+    Reply::ok(200, out)
 }
 
 /// 404 for a message that does not exist, 400 for one that is no longer a draft.
-fn check_message(message: &str, draft: Option<bool>) -> Option<Response> {
+fn check_message(message: &str, draft: Option<bool>) -> Option<Reply> {
     match draft {
         None => Some(graph_error(
-            StatusCode::NOT_FOUND,
+            404,
             "ErrorItemNotFound",
             &format!("The specified object was not found in the store. ({message})"),
         )),
         Some(false) => Some(graph_error(
-            StatusCode::BAD_REQUEST,
+            400,
             "ErrorInvalidOperation",
             "Attachments can only be added to draft messages.",
         )),
