@@ -71,6 +71,18 @@ pub struct Put {
     pub status: u16,
 }
 
+/// What the fake does with one PUT to an upload URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutStep {
+    /// Take the range.
+    Accept,
+    /// Answer 200 as if the range had been lost on the way: the next expected range stays
+    /// where it was, so the client must send it again.
+    Lose,
+    /// Answer this error status.
+    Fail(u16),
+}
+
 /// An open upload session.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -107,10 +119,8 @@ pub struct Uploads {
     pub keep_data: bool,
     /// Each PUT waits this long before it is answered (lets a test kill postern mid-upload).
     pub put_delay: Duration,
-    /// Scripted answers to the next PUTs: `Some(status)` answers that error; `None` answers
-    /// 200 as if the range had been lost on the way (the next expected range stays where it
-    /// was), so the client must send it again.
-    pub put_script: VecDeque<Option<u16>>,
+    /// Scripted answers to the next PUTs, in order (then every PUT is taken).
+    pub put_script: VecDeque<PutStep>,
     n: u64,
 }
 
@@ -199,6 +209,13 @@ impl Uploads {
     /// still a draft (`None`: no such message).
     pub fn add_attachment(&mut self, message: &str, draft: Option<bool>, body: &[u8]) -> Reply {
         self.attachment_posts += 1;
+        if body.len() > MAX_REQUEST {
+            return graph_error(
+                413,
+                "RequestBodyTooLarge",
+                "The maximum request length supported is 4MB.",
+            );
+        }
         if let Some(r) = check_message(message, draft) {
             return r;
         }
@@ -411,18 +428,18 @@ impl Uploads {
             );
         }
         match self.put_script.pop_front() {
-            Some(Some(status)) => {
+            Some(PutStep::Fail(status)) => {
                 return graph_error(
                     status,
                     "ServiceUnavailable",
                     "The service is temporarily unavailable.",
                 );
             }
-            Some(None) => {
+            Some(PutStep::Lose) => {
                 // As if lost on the way: the server still expects the same range.
                 return next_expected(base, s);
             }
-            None => {}
+            Some(PutStep::Accept) | None => {}
         }
         let keep = self.keep_data;
         let Some(s) = self.sessions.get_mut(sid) else {
