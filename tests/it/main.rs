@@ -8,6 +8,7 @@ mod cli;
 mod clients;
 mod crash;
 mod delivery;
+mod graph;
 mod input;
 mod load;
 mod m365;

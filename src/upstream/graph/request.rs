@@ -263,10 +263,7 @@ impl GraphClient {
         let mut renewed = false;
         loop {
             let answer = self.once(mailbox, queue_id, req, token.as_ref()).await?;
-            let refused = answer.status == 401
-                && answer
-                    .code()
-                    .is_none_or(|c| c.eq_ignore_ascii_case("InvalidAuthenticationToken"));
+            let refused = token_refused(&answer);
             if !refused || renewed || !req.auth {
                 return Ok(answer);
             }
@@ -392,6 +389,25 @@ impl GraphClient {
             "Graph answered"
         );
         Ok(answer)
+    }
+}
+
+/// Whether a new token may cure the answer: `401 InvalidAuthenticationToken` (expired,
+/// revoked), and `403 ErrorAccessDenied` "Access is denied" (the token lacks a permission
+/// granted since it was issued: roles and scopes are fixed when a token is issued). Not an
+/// Application Access Policy ("Access to OData is disabled"), which is the mailbox's.
+fn token_refused(a: &Answer) -> bool {
+    let code = a.code().unwrap_or("");
+    match a.status {
+        401 => code.is_empty() || code.eq_ignore_ascii_case("InvalidAuthenticationToken"),
+        403 => {
+            code.eq_ignore_ascii_case("ErrorAccessDenied")
+                && !a
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.message.to_ascii_lowercase().contains("odata is disabled"))
+        }
+        _ => false,
     }
 }
 

@@ -414,6 +414,20 @@ impl FakeEntra {
         })
     }
 
+    /// A check that an access token was issued by this fake (any audience), for the fake
+    /// Graph, which reads the token's claims itself.
+    pub fn issued_check(&self) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
+        let state = self.state.clone();
+        Arc::new(move |token: &str| {
+            state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .issued_access
+                .iter()
+                .any(|t| t == token)
+        })
+    }
+
     /// Every secret value the fake knows or issued (for leak checks).
     pub fn secrets(&self) -> Vec<String> {
         let s = self.state();

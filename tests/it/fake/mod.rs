@@ -2,4 +2,5 @@
 
 pub mod entra;
 pub mod exchange;
+pub mod graph;
 pub mod graph_upload;
