@@ -9,6 +9,7 @@ mod clients;
 mod crash;
 mod delivery;
 mod graph;
+mod graph_large;
 mod input;
 mod load;
 mod m365;
