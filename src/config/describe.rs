@@ -46,7 +46,7 @@ impl Config {
         )?;
         writeln!(
             o,
-            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}; held mailboxes retried every {}",
+            "delivery:       {} in flight, {} per mailbox; retry every {} growing to {}; give up after {}; shutdown grace {}; held mailboxes retried every {}; {}",
             d.max_concurrency,
             d.per_mailbox_concurrency,
             dur(d.retry_initial),
@@ -54,6 +54,14 @@ impl Config {
             dur(d.max_lifetime),
             dur(d.shutdown_grace),
             dur(d.hold_retry),
+            if d.connection_idle_timeout.is_zero() {
+                "one upstream connection per message".to_owned()
+            } else {
+                format!(
+                    "upstream connections kept {} for the next message",
+                    dur(d.connection_idle_timeout)
+                )
+            },
         )?;
         for listener in &self.listeners {
             writeln!(o)?;

@@ -441,6 +441,9 @@ pub struct DeliveryConfig {
     /// While a mailbox is held for a configuration problem, how often one of its messages is
     /// tried again to see whether the admin fixed it.
     pub hold_retry: Duration,
+    /// How long an authenticated upstream connection is kept open for the mailbox's next
+    /// message (zero: one connection per message).
+    pub connection_idle_timeout: Duration,
 }
 
 impl Config {

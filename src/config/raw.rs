@@ -60,6 +60,7 @@ pub(crate) const DELIVERY_KEYS: &[&str] = &[
     "max_lifetime",
     "shutdown_grace",
     "hold_retry",
+    "connection_idle_timeout",
 ];
 /// Keys allowed in `[listener.NAME]`.
 pub(crate) const LISTENER_KEYS: &[&str] = &[
@@ -195,6 +196,7 @@ pub(crate) struct RawDelivery {
     pub max_lifetime: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub hold_retry: Option<Spanned<String>>,
+    pub connection_idle_timeout: Option<Spanned<String>>,
 }
 
 /// `[listener.NAME]`.
@@ -411,6 +413,9 @@ fn delivery(c: &mut Collector<'_>, t: &DeTable<'_>) -> RawDelivery {
             "max_lifetime" => r.max_lifetime = duration(c, &path, v, "\"5d\""),
             "shutdown_grace" => r.shutdown_grace = duration(c, &path, v, "\"30s\""),
             "hold_retry" => r.hold_retry = duration(c, &path, v, "\"5m\""),
+            "connection_idle_timeout" => {
+                r.connection_idle_timeout = duration(c, &path, v, "\"60s\"")
+            }
             _ => unknown_key(c, "delivery", k, DELIVERY_KEYS),
         }
     }

@@ -158,6 +158,7 @@ mod defaults {
     pub const MAX_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     pub const HOLD_RETRY: Duration = Duration::from_secs(5 * 60);
+    pub const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const ALLOW_NETWORKS: &[&str] = &["127.0.0.0/8", "::1/128"];
     /// Exchange Online's default message size limit.
     pub const MAX_MESSAGE_SIZE: u64 = 35_000_000;
@@ -423,6 +424,13 @@ impl Checker<'_, '_> {
                 r.hold_retry.as_ref(),
                 defaults::HOLD_RETRY,
                 false,
+            ),
+            // 0 is allowed: no connection is kept, each message gets its own.
+            connection_idle_timeout: self.duration(
+                "delivery.connection_idle_timeout",
+                r.connection_idle_timeout.as_ref(),
+                defaults::CONNECTION_IDLE_TIMEOUT,
+                true,
             ),
         };
         // Point at whichever of the pair was written (both defaults are consistent).

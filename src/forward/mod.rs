@@ -44,7 +44,7 @@ use crate::spool::{Envelope, Spool, SpoolError, State, now_secs};
 use crate::token::TokenSource;
 use crate::upstream::file::FileTransport;
 use crate::upstream::graph::GraphTransport;
-use crate::upstream::smtp::SmtpTransport;
+use crate::upstream::smtp::{ConnectionPool, ReuseSettings, SmtpTransport};
 use crate::upstream::{Discard, HoldScope, Transport, Unavailable};
 use hold::{HoldKey, Pause};
 use pacing::{Pacer, Wait, now_ms};
@@ -68,13 +68,22 @@ impl Plan {
     /// Build the transports for every route of `config`; Microsoft transports get their
     /// tokens from `tokens`.
     pub fn from_config(config: Arc<Config>, tokens: Arc<dyn TokenSource>) -> Self {
+        // One pool for every SMTP route, so a mailbox two routes send as still has at most
+        // per_mailbox_concurrency connections open.
+        let pool = ConnectionPool::new(ReuseSettings {
+            idle: config.delivery.connection_idle_timeout,
+            per_mailbox: config.delivery.per_mailbox_concurrency,
+            ..ReuseSettings::default()
+        });
         let routes = config
             .routes
             .iter()
             .map(|r| {
                 let t: Arc<dyn Transport> = match &r.transport {
                     TransportConfig::File { dir } => Arc::new(FileTransport::new(dir.clone())),
-                    TransportConfig::Smtp { account } => smtp_transport(&config, account, &tokens),
+                    TransportConfig::Smtp { account } => {
+                        smtp_transport(&config, account, &tokens, &pool)
+                    }
                     TransportConfig::Graph {
                         account,
                         save_to_sent_items,
@@ -124,6 +133,7 @@ fn smtp_transport(
     config: &Config,
     account: &str,
     tokens: &Arc<dyn TokenSource>,
+    pool: &Arc<ConnectionPool>,
 ) -> Arc<dyn Transport> {
     let Some(acc) = config.account(account) else {
         return Arc::new(Unavailable(format!(
@@ -131,7 +141,7 @@ fn smtp_transport(
         )));
     };
     match SmtpTransport::new(acc, tokens.clone(), config.hostname.clone()) {
-        Ok(t) => Arc::new(t),
+        Ok(t) => Arc::new(t.with_pool(pool.clone())),
         Err(e) => {
             error!(account, error = %e, "the smtp transport cannot be set up; its messages are held");
             Arc::new(Unavailable(e.to_string()))

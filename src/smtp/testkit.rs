@@ -110,6 +110,7 @@ pub fn config_with_users(users: Vec<UserConfig>) -> Config {
             max_lifetime: Duration::from_secs(86400),
             shutdown_grace: Duration::from_secs(5),
             hold_retry: Duration::from_secs(300),
+            connection_idle_timeout: Duration::from_secs(60),
         },
         admin: None,
     }

@@ -3,13 +3,18 @@
 //!
 //! A small client of our own over tokio, tokio-rustls and smtp-proto (design.md, "Upstream
 //! transports"): our reply reader keeps the full enhanced status code (Exchange sends 5.7.139
-//! and 4.7.500, which other clients saturate), and DATA streams `message.eml` from disk with
-//! dot-stuffing, so a 150 MB message costs a few hundred KiB.
+//! and 4.7.500, which other clients saturate), and the message streams from the queue file
+//! (`BDAT <size> LAST` with the bytes as they are when the server offers CHUNKING, as Exchange
+//! does; else DATA with dot-stuffing), so a 150 MB message costs a few hundred KiB.
 //!
-//! One attempt is one connection: token → connect → 220 → EHLO → STARTTLS (required: the token
-//! never crosses plain text) → EHLO → `AUTH XOAUTH2 <initial response>` → MAIL/RCPT
-//! (pipelined when offered) → DATA → QUIT. Every reply that is not the expected one goes
-//! through [`classify`](super::classify::classify) once.
+//! A new connection: token → connect → 220 → EHLO → STARTTLS (required: the token never
+//! crosses plain text) → EHLO → `AUTH XOAUTH2 <initial response>`. Then per message: MAIL/RCPT
+//! (pipelined when offered) → BDAT or DATA. Afterwards the connection goes back to the
+//! [`pool`] for the same mailbox's next message (RSET first if a transaction was left open),
+//! and is closed with QUIT when idle too long or its token nears expiry. A connection that
+//! fails before the message was accepted is replaced at once without spending the message's
+//! retry. Every reply that is not the expected one goes through
+//! [`classify`](super::classify::classify) once.
 
 use std::fmt;
 use std::io;
@@ -32,6 +37,7 @@ use zeroize::Zeroizing;
 
 use super::classify::{Context, Stage, Verdict, classify, release_hint};
 
+pub mod pool;
 mod probe;
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::address;
@@ -40,6 +46,8 @@ use crate::escape;
 use crate::secret::Secret;
 use crate::spool::RcptStatus;
 use crate::token::{AccessToken, Audience, TokenError, TokenSource};
+pub use pool::Settings as ReuseSettings;
+use pool::{Lease, TokenId};
 pub use probe::Probe;
 
 /// Longest reply line we accept. RFC 5321 says 512, but Exchange's diagnostic replies
@@ -91,6 +99,7 @@ pub struct SmtpTransport {
     tls: Arc<ClientConfig>,
     tokens: Arc<dyn TokenSource>,
     timeouts: Timeouts,
+    pool: Arc<ConnectionPool>,
 }
 
 impl fmt::Debug for SmtpTransport {
@@ -106,7 +115,7 @@ impl fmt::Debug for SmtpTransport {
 impl SmtpTransport {
     /// A transport for `account`'s SMTP endpoint (`endpoints.smtp_host:smtp_port`), trusting
     /// the platform's CA roots plus the account's `ca_file`, getting tokens from `tokens` and
-    /// greeting with `EHLO hostname`. Fails when `ca_file` is unreadable or holds no usable
+    /// greeting with `EHLO hostname`; one connection per message until given a pool. Fails when `ca_file` is unreadable or holds no usable
     /// certificate, or `smtp_host` is not a host name or IP address.
     pub fn new(
         account: &AccountConfig,
@@ -131,7 +140,26 @@ impl SmtpTransport {
             tls,
             tokens,
             timeouts: Timeouts::default(),
+            // One-off users (`postern test`, tools) close each connection after its message;
+            // the forwarder shares a keeping pool ([`SmtpTransport::with_pool`]).
+            pool: ConnectionPool::new(ReuseSettings {
+                idle: Duration::ZERO,
+                ..ReuseSettings::default()
+            }),
         })
+    }
+
+    /// The same transport keeping its connections in `pool` (shared with other routes'
+    /// transports, whose settings it follows).
+    pub fn with_pool(mut self, pool: Arc<ConnectionPool>) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// The same transport with a pool of its own made with `settings`
+    /// (`idle` zero: one connection per message).
+    pub fn with_reuse(self, settings: ReuseSettings) -> Self {
+        self.with_pool(ConnectionPool::new(settings))
     }
 
     /// The same transport with other timeouts (tests use short ones).
@@ -189,12 +217,11 @@ impl SmtpTransport {
             from: from.as_deref(),
             queue_id: &env.id,
         };
-        // Open the message first: a spool problem should not cost a connection slot.
-        let file = match open_checked(msg).await {
-            Ok(f) => f,
-            Err(o) => return o,
-        };
-        let token = match self
+        // Check the queue file first: a spool problem should not cost a connection.
+        if let Err(o) = open_checked(msg).await {
+            return o;
+        }
+        let mut token = match self
             .tokens
             .token(&self.account, &env.mailbox, Audience::Smtp)
             .await
@@ -202,32 +229,136 @@ impl SmtpTransport {
             Ok(t) => t,
             Err(e) => return self.no_token(e, env),
         };
-        let first = match self.attempt(&ctx, &token, &pending, file, msg).await {
-            Ok(o) => return o,
-            Err(f) if !f.token_refused => return f.outcome,
-            Err(f) => f.outcome,
-        };
-        // Exchange refused the token. A cached one can be refused before its scheduled refresh
-        // (revoked, or this host was suspended while Microsoft's clock went on): get a new one
-        // and try once more at once. Only a refusal of a fresh token is a hold, and `first`
-        // carries the advice for that (permissions, consent).
-        let token = match self
-            .tokens
-            .renew(&self.account, &env.mailbox, Audience::Smtp, &token)
-            .await
-        {
-            Ok(Some(t)) => t,
-            Ok(None) => return first,
-            Err(e) => return self.no_token(e, env),
-        };
-        let file = match open_checked(msg).await {
-            Ok(f) => f,
-            Err(o) => return o,
-        };
-        match self.attempt(&ctx, &token, &pending, file, msg).await {
-            Ok(o) => o,
-            Err(f) => f.outcome,
+        let key = format!("{server}\n{}", env.mailbox.to_lowercase());
+        let mut renewed = false;
+        let mut fresh_failures = 0u32;
+        loop {
+            let cred = TokenId::of(&token);
+            let Some(mut lease) = self
+                .pool
+                .acquire(&key, &cred, self.timeouts.connect + self.timeouts.command)
+                .await
+            else {
+                return Outcome::Transient {
+                    reason: format!(
+                        "all {} connections of {} to {server} stayed busy; the message waits \
+                         for the next attempt",
+                        self.pool.settings().per_mailbox,
+                        env.mailbox
+                    ),
+                };
+            };
+            let (mut session, reused) = match lease.take() {
+                Some(s) => (s, true),
+                None => match self.open_session(&ctx, &token).await {
+                    Ok(s) => (s, false),
+                    Err(f) => {
+                        drop(lease);
+                        if f.token_refused && !renewed {
+                            // Exchange refused the token. A cached one can be refused before
+                            // its scheduled refresh (revoked, or this host was suspended while
+                            // Microsoft's clock went on): get a new one and try once more at
+                            // once. Only a refusal of a fresh token is a hold, and `f` carries
+                            // the advice for that (permissions, consent).
+                            renewed = true;
+                            token = match self
+                                .tokens
+                                .renew(&self.account, &env.mailbox, Audience::Smtp, &token)
+                                .await
+                            {
+                                Ok(Some(t)) => t,
+                                Ok(None) => return f.outcome,
+                                Err(e) => return self.no_token(e, env),
+                            };
+                            continue;
+                        }
+                        if f.fresh && fresh_failures == 0 {
+                            fresh_failures += 1;
+                            debug!(queue_id = %env.id, server = %server, reason = ?f.outcome, "the connection failed before the message was sent; trying a new one at once");
+                            continue;
+                        }
+                        return f.outcome;
+                    }
+                },
+            };
+            if reused {
+                debug!(queue_id = %env.id, server = %server, messages = session.messages, "reusing an authenticated connection");
+            }
+            let file = match open_checked(msg).await {
+                Ok(f) => f,
+                Err(o) => {
+                    lease.give_back(session, cred);
+                    return o;
+                }
+            };
+            session.conn.start_transaction();
+            let outcome = self
+                .transaction(&mut session, &ctx, &pending, file, msg)
+                .await;
+            // A connection that failed before the message was accepted (closed, reset, 421,
+            // or any temporary refusal on a connection that had carried mail before: the
+            // server may end sessions after so many messages) is replaced at once without
+            // spending the message's retry; never once the whole message was sent and its
+            // reply not read (the server may have taken it).
+            let retry = matches!(outcome, Outcome::Transient { .. })
+                && !session.conn.awaiting_end
+                && (reused || (session.conn.connection_failed() && fresh_failures == 0));
+            if retry {
+                if !reused {
+                    fresh_failures += 1;
+                }
+                debug!(queue_id = %env.id, server = %server, reused, reason = ?outcome, "the connection failed before the message was sent; trying a new one at once");
+                self.discard(session).await;
+                drop(lease);
+                continue;
+            }
+            self.after(lease, session, cred, &outcome).await;
+            return outcome;
         }
+    }
+
+    /// After a transaction: keep the connection for the mailbox's next message if the
+    /// dialogue is in step and nothing says the mailbox must pause, else close it.
+    async fn after(
+        &self,
+        lease: Lease<Session>,
+        mut session: Session,
+        cred: TokenId,
+        outcome: &Outcome,
+    ) {
+        // After a temporary refusal (4xx: "too many messages for this session", the 4th
+        // connection of a mailbox...) a new connection is the better bet for the next message;
+        // after a hold or a throttle the mailbox pauses anyway.
+        let settled = |o: &Outcome| matches!(o, Outcome::Sent { .. } | Outcome::Permanent { .. });
+        let keep = !session.conn.broken
+            && session.conn.last_code != Some(421)
+            && match outcome {
+                Outcome::Partial { then, .. } => settled(then),
+                o => settled(o),
+            }
+            && !self.pool.settings().idle.is_zero();
+        if !keep {
+            self.discard(session).await;
+            return;
+        }
+        session.messages += 1;
+        if session.in_transaction {
+            // MAIL was accepted but no message followed (every recipient refused, or a
+            // refusal at DATA): clear the transaction before the next sender.
+            match session.conn.command("RSET", Stage::Mail).await {
+                Ok(r) if r.is_positive() => session.in_transaction = false,
+                _ => {
+                    self.discard(session).await;
+                    return;
+                }
+            }
+        }
+        lease.give_back(session, cred);
+    }
+
+    /// Close a connection that is not kept: QUIT unless the dialogue is out of step.
+    async fn discard(&self, mut session: Session) {
+        session.conn.quit().await;
     }
 
     /// The outcome when no token could be had.
@@ -282,41 +413,56 @@ impl SmtpTransport {
         Ok(tcp)
     }
 
-    /// One connection: connect, greeting, EHLO, STARTTLS, EHLO, AUTH, then the message.
-    async fn attempt(
+    /// A new authenticated connection: connect, greeting, EHLO, STARTTLS, EHLO, AUTH.
+    async fn open_session(
         &self,
         ctx: &Context<'_>,
         token: &AccessToken,
-        pending: &[(&str, String)],
-        file: tokio::fs::File,
-        msg: &Outgoing,
-    ) -> Result<Outcome, Failure> {
+    ) -> Result<Session, Failure> {
         let server = ctx.server;
-        let tcp = match self.connect().await {
-            Ok(s) => s,
-            Err(o) => return Ok(o),
-        };
+        let tcp = self.connect().await?;
         let mut plain = Conn::new(tcp, server.to_string(), self.timeouts);
-
-        let tls_stream = match self.plain_phase(&mut plain, ctx).await {
-            Ok(()) => match plain.into_inner() {
-                Ok(tcp) => self.handshake(tcp, ctx).await?,
-                Err(o) => return Ok(o),
-            },
-            Err(o) => {
-                plain.quit().await;
-                return Ok(o);
-            }
-        };
+        if let Err(o) = self.plain_phase(&mut plain, ctx).await {
+            let fresh = plain.connection_failed();
+            plain.quit().await;
+            return Err(Failure {
+                fresh: fresh && matches!(o, Outcome::Transient { .. }),
+                ..o.into()
+            });
+        }
+        let tls_stream = self.handshake(plain.into_inner()?, ctx).await?;
         let mut conn = Conn::new(tls_stream, server.to_string(), self.timeouts);
-        let result = self
-            .tls_phase(&mut conn, ctx, &token.token, pending, file, msg)
-            .await;
-        conn.quit().await;
+        let result: Result<Caps, Failure> = async {
+            let caps = self.ehlo(&mut conn, ctx).await?;
+            if !caps.xoauth2 {
+                return Err(Outcome::held(format!(
+                    "{} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\"), so \
+                     postern did not send the access token. Check that smtp_host of [account.{}] is \
+                     Exchange Online (smtp.office365.com). {}",
+                    ctx.server,
+                    caps.text,
+                    self.account,
+                    release_hint(ctx.queue_id)
+                ))
+                .into());
+            }
+            self.auth(&mut conn, ctx, &token.token).await?;
+            Ok(caps)
+        }
+        .await;
         match result {
-            Ok(o) => Ok(o),
-            Err(f) if f.token_refused => Err(f),
-            Err(f) => Ok(f.outcome),
+            Ok(caps) => Ok(Session {
+                conn,
+                caps,
+                messages: 0,
+                in_transaction: false,
+            }),
+            Err(mut f) => {
+                f.fresh =
+                    conn.connection_failed() && matches!(f.outcome, Outcome::Transient { .. });
+                conn.quit().await;
+                Err(f)
+            }
         }
     }
 
@@ -371,31 +517,36 @@ impl SmtpTransport {
         }
     }
 
-    async fn tls_phase(
+    /// One message over an authenticated connection: MAIL, RCPT, then DATA or BDAT.
+    async fn transaction(
         &self,
-        c: &mut Conn<TlsStream<TcpStream>>,
+        session: &mut Session,
         ctx: &Context<'_>,
-        token: &Secret<String>,
         pending: &[(&str, String)],
         file: tokio::fs::File,
         msg: &Outgoing,
-    ) -> Result<Outcome, Failure> {
+    ) -> Outcome {
+        match self.steps(session, ctx, pending, file, msg).await {
+            Ok(o) | Err(o) => o,
+        }
+    }
+
+    async fn steps(
+        &self,
+        session: &mut Session,
+        ctx: &Context<'_>,
+        pending: &[(&str, String)],
+        file: tokio::fs::File,
+        msg: &Outgoing,
+    ) -> Result<Outcome, Outcome> {
         let env = &msg.envelope;
         let size = env.size;
-        let caps = self.ehlo(c, ctx).await?;
-        if !caps.xoauth2 {
-            return Err(Outcome::held(format!(
-                    "{} does not offer AUTH XOAUTH2 after STARTTLS (its EHLO reply: \"{}\"), so \
-                     postern did not send the access token. Check that smtp_host of [account.{}] is \
-                     Exchange Online (smtp.office365.com). {}",
-                    ctx.server,
-                    caps.text,
-                    self.account,
-                    release_hint(ctx.queue_id)
-                )).into());
-        }
-        self.auth(c, ctx, token).await?;
-
+        let Session {
+            conn: c,
+            caps,
+            in_transaction,
+            ..
+        } = session;
         if let Some(max) = caps.size
             && max > 0
             && size > max
@@ -405,8 +556,7 @@ impl SmtpTransport {
                     "the message is {size} bytes and {} accepts at most {max} bytes (EHLO SIZE)",
                     ctx.server
                 ),
-            }
-            .into());
+            });
         }
         let mut mail = format!("MAIL FROM:<{}>", ctx.sender);
         if caps.size.is_some() {
@@ -422,7 +572,7 @@ impl SmtpTransport {
                         "the message needs SMTPUTF8 (internationalised addresses) and {} does not offer it",
                         ctx.server
                     ),
-                }.into());
+                });
             }
             mail.push_str(" SMTPUTF8");
         }
@@ -436,8 +586,9 @@ impl SmtpTransport {
             c.write(mail.as_bytes(), Some(mail.trim_end())).await?;
             let r = c.reply(Stage::Mail, self.timeouts.command).await?;
             if !r.is_positive() {
-                return Err(verdict(Stage::Mail, &r, ctx).into());
+                return Err(verdict(Stage::Mail, &r, ctx));
             }
+            *in_transaction = true;
             mail_unanswered = false;
         }
         let mut results: Vec<(String, RcptStatus, Reply)> = Vec::with_capacity(pending.len());
@@ -454,8 +605,9 @@ impl SmtpTransport {
                 mail_unanswered = false;
                 let r = c.reply(Stage::Mail, self.timeouts.command).await?;
                 if !r.is_positive() {
-                    return Err(verdict(Stage::Mail, &r, ctx).into());
+                    return Err(verdict(Stage::Mail, &r, ctx));
                 }
+                *in_transaction = true;
             }
             for (a, _) in group {
                 let r = c.reply(Stage::Rcpt, self.timeouts.command).await?;
@@ -464,7 +616,7 @@ impl SmtpTransport {
                 } else {
                     match classify(Stage::Rcpt, &r, ctx) {
                         Verdict::Recipient(s) => s,
-                        Verdict::Message(o) => return Err(with_refused(&results, o).into()),
+                        Verdict::Message(o) => return Err(with_refused(&results, o)),
                     }
                 };
                 results.push((a.to_string(), status, r));
@@ -489,11 +641,17 @@ impl SmtpTransport {
             });
         }
 
-        let end = match self.data_phase(c, ctx, file, msg).await {
-            Ok(end) => end,
+        let end = self
+            .data_phase(c, caps.chunking, ctx, file, msg)
+            .await
+            // After a refusal of the message the transaction is over by RFC 5321, but RFC 3030
+            // leaves BDAT's state open: the RSET before the next message settles both.
+            .inspect(|end| *in_transaction = !end.is_positive())
             // Recipients refused at RCPT stay refused whatever happens to the message now.
-            Err(o) => return Err(with_refused(&results, o).into()),
-        };
+            .map_err(|o| with_refused(&results, o))?;
+        if !end.is_positive() {
+            return Err(with_refused(&results, verdict(Stage::DataEnd, &end, ctx)));
+        }
         let end_text = end.text();
         Ok(Outcome::Sent {
             relay: ctx.server.to_string(),
@@ -515,24 +673,30 @@ impl SmtpTransport {
         })
     }
 
-    /// DATA, the message, and the reply after it (positive, or the error's outcome).
+    /// The message and the reply after it: with CHUNKING one `BDAT <size> LAST` and the bytes
+    /// as they are (no dot-stuffing pass; one reply, so nothing waits between chunks), else
+    /// DATA with dot-stuffing. `Err`: the server refused DATA or the connection failed; the
+    /// reply after the message is returned whatever its code (the transaction is over).
     async fn data_phase(
         &self,
         c: &mut Conn<TlsStream<TcpStream>>,
+        chunking: bool,
         ctx: &Context<'_>,
         file: tokio::fs::File,
         msg: &Outgoing,
     ) -> Result<Reply, Outcome> {
         let size = msg.envelope.size;
-        let r = c.command("DATA", Stage::Data).await?;
-        if r.code != 354 {
-            return Err(verdict(Stage::Data, &r, ctx));
+        if chunking {
+            c.send_bdat(file.take(size), size, &msg.message).await?;
+        } else {
+            let r = c.command("DATA", Stage::Data).await?;
+            if r.code != 354 {
+                return Err(verdict(Stage::Data, &r, ctx));
+            }
+            c.send_message(file.take(size), size, &msg.message).await?;
         }
-        c.send_message(file.take(size), size, &msg.message).await?;
         let end = c.reply(Stage::DataEnd, self.timeouts.data_end).await?;
-        if !end.is_positive() {
-            return Err(verdict(Stage::DataEnd, &end, ctx));
-        }
+        c.awaiting_end = false;
         Ok(end)
     }
 
@@ -589,16 +753,19 @@ impl SmtpTransport {
         Err(Failure {
             outcome: verdict(Stage::Auth, &r, ctx),
             token_refused,
+            fresh: false,
         })
     }
 }
 
-/// How a connection's attempt ended when it did not simply produce an outcome.
+/// Why a new connection could not be opened and authenticated.
 struct Failure {
     /// What to report if nothing else is tried.
     outcome: Outcome,
     /// The server refused the access token: a new one may succeed.
     token_refused: bool,
+    /// The connection failed (closed, reset, 421): another one may succeed at once.
+    fresh: bool,
 }
 
 impl From<Outcome> for Failure {
@@ -606,9 +773,39 @@ impl From<Outcome> for Failure {
         Failure {
             outcome,
             token_refused: false,
+            fresh: false,
         }
     }
 }
+
+/// An authenticated connection, as the pool keeps it between messages.
+pub struct Session {
+    conn: Conn<TlsStream<TcpStream>>,
+    caps: Caps,
+    /// Messages it carried before (0: a new connection).
+    messages: u32,
+    /// MAIL was accepted and the transaction not ended: RSET before the next one.
+    in_transaction: bool,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("server", &self.conn.server)
+            .field("messages", &self.messages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl pool::Close for Session {
+    fn close(mut self) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.conn.quit().await })
+    }
+}
+
+/// The authenticated connections of SMTP transports (share one among every route of a
+/// configuration, so the per-mailbox limit holds across routes).
+pub type ConnectionPool = pool::Pool<Session>;
 
 /// `o`, or `o` with the recipients refused at RCPT so far (so they are not tried again).
 fn with_refused(results: &[(String, RcptStatus, Reply)], o: Outcome) -> Outcome {
@@ -671,6 +868,25 @@ fn verdict(stage: Stage, reply: &Reply, ctx: &Context<'_>) -> Outcome {
             reason: format!("{} answered with \"{}\"", ctx.server, reply.text()),
         },
     }
+}
+
+/// The queue file ended before the message did.
+fn short_file(path: &Path, got: u64, size: u64) -> Outcome {
+    Outcome::Transient {
+        reason: format!(
+            "queue file {} ended after {got} of the message's {size} bytes; the message was not sent",
+            path.display()
+        ),
+    }
+}
+
+/// The server closed or reset the connection (rather than a timeout or garbage).
+fn closed_by_peer(e: &io::Error) -> bool {
+    use io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+    )
 }
 
 fn cannot_read(path: &Path, e: &io::Error) -> Outcome {
@@ -932,6 +1148,8 @@ struct Caps {
     eight_bit: bool,
     smtputf8: bool,
     xoauth2: bool,
+    /// CHUNKING (BDAT, RFC 3030).
+    chunking: bool,
     /// The reply, for reasons.
     text: String,
 }
@@ -953,6 +1171,7 @@ impl Caps {
             eight_bit: has(smtp_proto::EXT_8BIT_MIME),
             smtputf8: has(smtp_proto::EXT_SMTP_UTF8),
             xoauth2: has(smtp_proto::EXT_AUTH) && e.auth_mechanisms & smtp_proto::AUTH_XOAUTH2 != 0,
+            chunking: has(smtp_proto::EXT_CHUNKING),
             text: r.text(),
         })
     }
@@ -1018,6 +1237,13 @@ struct Conn<S> {
     /// Set when the dialogue is out of step (I/O error, timeout, message half sent): then no
     /// QUIT is sent, the connection is just closed.
     broken: bool,
+    /// The server closed or reset the connection (as opposed to a timeout or a bad reply).
+    peer_closed: bool,
+    /// The code of the last reply read.
+    last_code: Option<u16>,
+    /// The whole message was sent and its reply not yet read: if the connection fails now,
+    /// the server may have taken the message.
+    awaiting_end: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -1028,7 +1254,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             server,
             timeouts,
             broken: false,
+            peer_closed: false,
+            last_code: None,
+            awaiting_end: false,
         }
+    }
+
+    /// Forget the previous message's reply codes (a pooled connection).
+    fn start_transaction(&mut self) {
+        self.last_code = None;
+        self.peer_closed = false;
+        self.awaiting_end = false;
+    }
+
+    /// The connection, not the message, failed: closed or reset by the server, or a `421`
+    /// (the server closing the session).
+    fn connection_failed(&self) -> bool {
+        self.peer_closed || self.last_code == Some(421)
     }
 
     fn lost(&mut self, what: String) -> Outcome {
@@ -1051,10 +1293,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         .await
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.lost(format!(
-                "connection lost while sending: {}",
-                super::network_error(&e)
-            ))),
+            Ok(Err(e)) => {
+                self.peer_closed = closed_by_peer(&e);
+                Err(self.lost(format!(
+                    "connection lost while sending: {}",
+                    super::network_error(&e)
+                )))
+            }
             Err(_) => Err(self.lost(format!(
                 "could not send within {}",
                 humantime::format_duration(t)
@@ -1087,14 +1332,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         match tokio::time::timeout(t, self.read_reply()).await {
             Ok(Ok(r)) => {
+                self.last_code = Some(r.code);
                 trace!(server = %self.server, "S: {}", r.text());
                 crate::metrics::upstream_reply(&self.server, &r.text());
                 Ok(r)
             }
-            Ok(Err(e)) => Err(self.lost(format!(
-                "{} while waiting for {what}",
-                super::network_error(&e)
-            ))),
+            Ok(Err(e)) => {
+                self.peer_closed = closed_by_peer(&e);
+                Err(self.lost(format!(
+                    "{} while waiting for {what}",
+                    super::network_error(&e)
+                )))
+            }
             Err(_) => Err(self.lost(format!(
                 "no answer within {} while waiting for {what}",
                 humantime::format_duration(t)
@@ -1176,7 +1425,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let mut stuffer = DotStuffer::default();
         let mut input = vec![0u8; CHUNK];
         let mut out = Vec::with_capacity(CHUNK + CHUNK / 2);
-        let t = self.timeouts.data_block;
         loop {
             let n = match file.read(&mut input).await {
                 Ok(n) => n,
@@ -1188,52 +1436,101 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 if stuffer.len != size {
                     // Leave the server waiting for the end of DATA: it discards the partial
                     // message when the connection closes.
-                    return Err(Outcome::Transient {
-                        reason: format!(
-                            "queue file {} ended after {} of the message's {size} bytes; \
-                             the message was not sent",
-                            path.display(),
-                            stuffer.len
-                        ),
-                    });
+                    return Err(short_file(path, stuffer.len, size));
                 }
                 stuffer.finish(&mut out);
             } else {
                 stuffer.push(&input[..n], &mut out);
             }
-            let written = tokio::time::timeout(t, self.io.write_all(&out)).await;
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(self.lost(format!(
-                        "connection lost while sending the message: {}",
-                        super::network_error(&e)
-                    )));
-                }
-                Err(_) => {
-                    return Err(self.lost(format!(
-                        "could not send a part of the message within {}",
-                        humantime::format_duration(t)
-                    )));
-                }
+            self.write_data(&out).await?;
+            if n == 0 {
+                break;
+            }
+        }
+        self.flush_data().await?;
+        debug!(server = %self.server, bytes = stuffer.len, "message sent, waiting for the reply");
+        self.broken = false;
+        self.awaiting_end = true;
+        Ok(())
+    }
+
+    /// Send the message as one `BDAT <size> LAST` chunk: the command line, then exactly
+    /// `size` bytes from `file` as they are, read and written 64 KiB at a time.
+    async fn send_bdat(
+        &mut self,
+        mut file: impl AsyncRead + Unpin,
+        size: u64,
+        path: &Path,
+    ) -> Result<(), Outcome> {
+        // Once the command is out, the server reads `size` octets whatever they are: the
+        // dialogue is only in step again after all of them (see send_message).
+        self.broken = true;
+        let command = format!("BDAT {size} LAST\r\n");
+        trace!(server = %self.server, "C: {}", command.trim_end());
+        let mut buf = vec![0u8; CHUNK];
+        // The command goes out with the first block of the message.
+        buf[..command.len()].copy_from_slice(command.as_bytes());
+        let mut filled = command.len();
+        let mut sent: u64 = 0;
+        loop {
+            let n = match file.read(&mut buf[filled..]).await {
+                Ok(n) => n,
+                // Never complete the chunk with anything but the message.
+                Err(e) => return Err(cannot_read(path, &e)),
+            };
+            sent += n as u64;
+            filled += n;
+            if n == 0 || filled == buf.len() {
+                self.write_data(&buf[..filled]).await?;
+                filled = 0;
             }
             if n == 0 {
                 break;
             }
         }
-        match tokio::time::timeout(t, self.io.flush()).await {
-            Ok(Ok(())) => {}
+        if sent != size {
+            // Fewer bytes than announced: the server is still waiting for the rest and
+            // discards the partial message when the connection closes.
+            return Err(short_file(path, sent, size));
+        }
+        self.flush_data().await?;
+        debug!(server = %self.server, bytes = sent, "message sent (BDAT), waiting for the reply");
+        self.broken = false;
+        self.awaiting_end = true;
+        Ok(())
+    }
+
+    /// Write a part of the message within the data timeout.
+    async fn write_data(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+        let t = self.timeouts.data_block;
+        match tokio::time::timeout(t, self.io.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
-                return Err(self.lost(format!(
+                self.peer_closed = closed_by_peer(&e);
+                Err(self.lost(format!(
                     "connection lost while sending the message: {}",
                     super::network_error(&e)
-                )));
+                )))
             }
-            Err(_) => return Err(self.lost("could not finish sending the message".into())),
+            Err(_) => Err(self.lost(format!(
+                "could not send a part of the message within {}",
+                humantime::format_duration(t)
+            ))),
         }
-        debug!(server = %self.server, bytes = stuffer.len, "message sent, waiting for the reply");
-        self.broken = false;
-        Ok(())
+    }
+
+    async fn flush_data(&mut self) -> Result<(), Outcome> {
+        match tokio::time::timeout(self.timeouts.data_block, self.io.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.peer_closed = closed_by_peer(&e);
+                Err(self.lost(format!(
+                    "connection lost while sending the message: {}",
+                    super::network_error(&e)
+                )))
+            }
+            Err(_) => Err(self.lost("could not finish sending the message".into())),
+        }
     }
 
     /// After STARTTLS's 220: the raw stream. Bytes already buffered beyond the 220 would be
@@ -1366,6 +1663,7 @@ mod tests {
             "250 SMTPUTF8",
         ]);
         assert!(before.starttls && before.pipelining && before.eight_bit && before.smtputf8);
+        assert!(before.chunking);
         assert!(!before.xoauth2);
         assert_eq!(before.size, Some(157_286_400));
         let after = ehlo(&[
@@ -1382,7 +1680,7 @@ mod tests {
         ]);
         assert!(!after.starttls && after.xoauth2);
         let bare = ehlo(&["250 host.example"]);
-        assert!(!bare.starttls && !bare.pipelining && bare.size.is_none());
+        assert!(!bare.starttls && !bare.pipelining && bare.size.is_none() && !bare.chunking);
     }
 
     fn stuff_all(parts: &[&[u8]]) -> Vec<u8> {

@@ -17,6 +17,7 @@ mod observe;
 mod operations;
 mod powercut;
 mod protocol;
+mod reuse;
 mod secrets;
 mod sendmail;
 mod spool_trust;

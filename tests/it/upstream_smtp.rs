@@ -11,7 +11,7 @@ use postern::config::{AccountConfig, Cloud, Credential, SecretSource, SecretStyl
 use postern::secret::Secret;
 use postern::spool::{ENVELOPE_VERSION, Envelope, RcptStatus, Recipient};
 use postern::token::{AccessToken, Audience, TokenError, TokenSource};
-use postern::upstream::smtp::{SmtpTransport, Timeouts};
+use postern::upstream::smtp::{ReuseSettings, SmtpTransport, Timeouts};
 use postern::upstream::{BoxFuture, HoldScope, Outcome, Outgoing, RcptResult, Transport};
 
 use crate::fake::exchange::{AuthFailure, FakeExchange, Script, replies};
@@ -285,6 +285,97 @@ async fn delivers_byte_for_byte_with_dot_lines() {
     assert_eq!(s.auths[0].user, MAILBOX);
     assert_eq!(s.auths[0].token, TOKEN);
     assert!(!s.auths[0].two_step);
+    // Exchange offers CHUNKING: one BDAT with the bytes as they are, no DATA.
+    assert!(got[0].bdat);
+    assert!(
+        s.commands.contains(&format!("BDAT {} LAST", body.len())),
+        "{:?}",
+        s.commands
+    );
+    assert!(!s.commands.iter().any(|c| c == "DATA"));
+}
+
+#[tokio::test]
+async fn without_chunking_data_is_dot_stuffed_and_arrives_unchanged() {
+    let mut script = fake();
+    script.chunking = false;
+    let fake = script.start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let body: &[u8] = b"From: printer@contoso.com\r\nSubject: dots\r\n\r\n.\r\n.hidden line\r\n..two dots\r\n.\r\nlast line\r\n";
+    let m = message(MAILBOX, &[("a@example.org", RcptStatus::Pending)], body);
+    sent(&t.send(&m.out).await);
+    let got = fake.delivered();
+    assert_eq!(got[0].data, body);
+    assert!(!got[0].bdat);
+    let s = &fake.sessions()[0];
+    assert!(s.commands.iter().any(|c| c == "DATA"), "{:?}", s.commands);
+    assert!(!s.commands.iter().any(|c| c.starts_with("BDAT")));
+}
+
+#[tokio::test]
+async fn a_kept_connection_carries_the_next_message_after_rset() {
+    // The first message's only recipient is refused: MAIL was accepted and no message
+    // followed, so the transaction is reset before the connection carries the next one.
+    let fake = fake()
+        .rcpt_reply(
+            "nobody@example.org",
+            crate::fake::exchange::replies::RECIPIENT_NOT_FOUND,
+        )
+        .start();
+    let t = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN))).with_reuse(ReuseSettings::default());
+    let o = t.send(&simple(&["nobody@example.org"]).out).await;
+    assert_eq!(sent(&o).1[0].status, RcptStatus::Failed);
+    sent(&t.send(&simple(&["a@example.org"]).out).await);
+    sent(&t.send(&simple(&["b@example.org"]).out).await);
+    let sessions = fake.sessions();
+    assert_eq!(sessions.len(), 1, "one connection for all three");
+    let s = &sessions[0];
+    assert_eq!(s.auths.len(), 1, "one AUTH");
+    let verbs: Vec<&str> = s
+        .commands
+        .iter()
+        .map(|c| c.split([' ', ':']).next().unwrap_or(""))
+        .filter(|v| ["MAIL", "RSET", "BDAT"].contains(v))
+        .collect();
+    assert_eq!(verbs, ["MAIL", "RSET", "MAIL", "BDAT", "MAIL", "BDAT"]);
+    assert_eq!(fake.delivered().len(), 2);
+    assert_eq!(fake.active(MAILBOX), 1, "kept open for the next message");
+    drop(t);
+    // Dropping the transport closes its kept connections politely.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.active(MAILBOX) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.sessions()[0].commands.last().unwrap(), "QUIT");
+}
+
+#[tokio::test]
+async fn a_kept_connection_is_not_used_with_another_token() {
+    let fake = fake().start();
+    let tokens = Tokens::with(MAILBOX, Ok(TOKEN));
+    let t = transport(&fake, tokens.clone()).with_reuse(ReuseSettings::default());
+    sent(&t.send(&simple(&["a@example.org"]).out).await);
+    // The token store now hands out another token (refreshed ahead of expiry).
+    tokens
+        .map
+        .lock()
+        .unwrap()
+        .insert(MAILBOX.into(), Ok("second-token".into()));
+    fake.update(|s| {
+        s.tokens.insert(MAILBOX.into(), "second-token".into());
+    });
+    sent(&t.send(&simple(&["a@example.org"]).out).await);
+    let sessions = fake.sessions();
+    assert_eq!(sessions.len(), 2, "a new connection for the new token");
+    assert_eq!(sessions[1].auths[0].token, "second-token");
+    // The old one was closed, not left open.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.sessions()[0].closed_at.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.sessions()[0].commands.last().unwrap(), "QUIT");
 }
 
 #[tokio::test]
@@ -923,7 +1014,10 @@ async fn fourth_concurrent_connection_is_transient() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let o = t.send(&simple(&["a@example.org"]).out).await;
+    // One transport never opens a 4th connection for a mailbox (its pool waits for a free
+    // one): another postern, or another program signed in as the mailbox, gets the 432.
+    let other = transport(&fake, Tokens::with(MAILBOX, Ok(TOKEN)));
+    let o = other.send(&simple(&["a@example.org"]).out).await;
     let reason = transient(&o);
     assert!(reason.contains(replies::CONCURRENT), "{reason}");
     assert!(reason.contains("per_mailbox_concurrency"), "{reason}");

@@ -135,8 +135,10 @@ pub struct Script {
     pub error_challenge: bool,
     /// Reply to the post-TLS EHLO instead of the capability list (a `421` closes).
     pub ehlo_after_tls: Option<String>,
-    /// Drop the connection right after the TLS handshake, without a TLS close_notify (as a
-    /// middlebox that cuts connections does).
+    /// Drop the connection after the TLS handshake, when the client's first command arrived,
+    /// without an answer or a TLS close_notify (as a middlebox that cuts connections does).
+    /// The command is read first so that the close is a FIN: closing with unread data would
+    /// make the kernel send a reset instead, and the client would see either, by chance.
     pub drop_after_tls: bool,
     /// Reply to MAIL FROM per mailbox.
     pub mail_replies: HashMap<String, String>,
@@ -290,6 +292,8 @@ pub struct Message {
     pub bdat: bool,
     /// The reply after DATA.
     pub reply: String,
+    /// When the reply was sent.
+    pub at: std::time::Instant,
 }
 
 impl Message {
@@ -329,6 +333,8 @@ pub struct Session {
     pub auths: Vec<AuthRecord>,
     /// Messages that reached the end of DATA.
     pub messages: Vec<Message>,
+    /// When the connection ended (`None`: still open).
+    pub closed_at: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -545,6 +551,8 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        let now = std::time::Instant::now();
+        self.record(|s| s.closed_at = Some(now));
         if let Some(m) = &self.mailbox {
             let mut st = lock(&self.shared.state);
             if let Some(n) = st.active.get_mut(m) {
@@ -615,7 +623,12 @@ async fn serve(
         };
         conn.record(|s| s.tls = true);
         if conn.script().drop_after_tls {
-            drop(tls);
+            let mut secure = BufReader::new(tls);
+            let mut line = Vec::new();
+            let _ = secure.read_until(b'\n', &mut line).await;
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            conn.record(|s| s.commands.push(text));
+            drop(secure);
             return;
         }
         let mut secure = BufReader::new(tls);
@@ -1096,6 +1109,7 @@ async fn finish(conn: &mut Conn, content: Vec<u8>, bdat: bool) -> String {
         size,
         bdat,
         reply: reply.clone(),
+        at: std::time::Instant::now(),
     };
     conn.record(|s| s.messages.push(msg));
     reply

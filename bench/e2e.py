@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: devices -> postern -> a fake Exchange Online (STARTTLS + XOAUTH2)
+on loopback, against two baselines measured in the same run (issue 8, "Performance").
+
+WHAT IT MEASURES
+  For each cell (message size 2 KB and 100 KB) x (1 and 10 concurrent clients), one message
+  per client connection (as printers send), round-robin over several sender mailboxes:
+    postern     clients speak plain SMTP to postern, which spools each message durably,
+                then delivers it to the fake Exchange over kept, authenticated connections
+                (BDAT). msg/s = messages / (first connection .. last message accepted by the
+                fake Exchange), so postern's queue must have drained.
+    direct      the same clients send straight to the fake Exchange, each message on its own
+                STARTTLS + AUTH XOAUTH2 connection (an app-only token fetched once).
+    emailproxy  the same clients speak plain SMTP with AUTH PLAIN to emailproxy (PyPI
+                `emailproxy`, simonrob's email-oauth2-proxy, client-credentials flow), which
+                opens a STARTTLS + XOAUTH2 connection to the fake Exchange per client session.
+  Ratios postern/direct and postern/emailproxy per cell (targets: >= 1.5x and >= 10x).
+  postern's CPU per message: utime+stime of the postern process (/proc/PID/stat) over the
+  cell (load and drain), divided by the messages (target < 1 ms).
+  Memory: postern's RSS at rest, and its peak (VmHWM, reset through clear_refs) while
+  relaying one 100 MB message end to end (target < 40 MB).
+
+  Per-mailbox pacing is lifted (rate and daily_recipients "unlimited"); the fake Exchange
+  does not throttle (examples/fake_m365.rs). The load generator is examples/smtp_load.rs,
+  the same program for all three columns.
+
+HOW TO RUN (as root or any user; needs python3 with venv, and cargo)
+  bench/e2e.py              # full run: 2000 messages per cell (emailproxy: 300)
+  QUICK=1 bench/e2e.py      # development: 300 messages per cell (emailproxy: 100)
+  Knobs (env): MSGS, MSGS_PROXY, SENDERS (8), BENCH_DIR (/tmp/bench/e2e), PX_PORT (2530),
+  EP_PORT (2531), KEEP=1 (keep the scratch directory).
+  Output: Markdown on stdout and in bench/results/e2e-<date>.md, raw numbers in
+  bench/results/e2e-<date>.jsonl.
+"""
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+QUICK = os.environ.get("QUICK") == "1"
+MSGS = int(os.environ.get("MSGS", 300 if QUICK else 2000))
+MSGS_PROXY = int(os.environ.get("MSGS_PROXY", 100 if QUICK else 300))
+N_SENDERS = int(os.environ.get("SENDERS", 8))
+BENCH_DIR = os.environ.get("BENCH_DIR", "/tmp/bench/e2e")
+PX_PORT = int(os.environ.get("PX_PORT", 2530))
+EP_PORT = int(os.environ.get("EP_PORT", 2531))
+KEEP = os.environ.get("KEEP") == "1"
+SIZES = [2048, 102400]
+CLIENTS = [1, 10]
+BIG = 100 * 1000 * 1000
+TARGET = os.path.join(REPO, "target", "benchmark")
+POSTERN = os.path.join(TARGET, "postern")
+FAKE = os.path.join(TARGET, "examples", "fake_m365")
+LOAD = os.path.join(TARGET, "examples", "smtp_load")
+VENV = os.path.join(BENCH_DIR, "venv")
+TCK = os.sysconf("SC_CLK_TCK")
+SENDERS = [f"device{i}@contoso.com" for i in range(N_SENDERS)]
+PROXY_PASSWORD = "bench-password"
+
+procs = []
+
+
+def log(*a):
+    print(f"[e2e {time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def cleanup(*_):
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if not KEEP:
+        shutil.rmtree(BENCH_DIR, ignore_errors=True)
+
+
+def build():
+    if all(os.access(p, os.X_OK) for p in (POSTERN, FAKE, LOAD)):
+        return
+    log("building postern and the examples (cargo build --profile benchmark)")
+    subprocess.run(
+        ["cargo", "build", "--profile", "benchmark", "--bin", "postern",
+         "--example", "fake_m365", "--example", "smtp_load"],
+        cwd=REPO, check=True)
+
+
+def venv():
+    py = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(os.path.join(VENV, "bin", "emailproxy")):
+        log("installing emailproxy into", VENV)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "emailproxy"], check=True)
+    out = subprocess.run([py, "-m", "pip", "show", "emailproxy"], capture_output=True, text=True)
+    version = next((l.split(":", 1)[1].strip() for l in out.stdout.splitlines()
+                    if l.startswith("Version:")), "?")
+    return os.path.join(VENV, "bin", "emailproxy"), version
+
+
+def wait_port(port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+def stats(fake):
+    with urllib.request.urlopen(fake["control"] + "/stats") as r:
+        return json.load(r)["exchange"]
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def status_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def start_fake():
+    p = subprocess.Popen([FAKE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    ready = json.loads(p.stdout.readline())
+    log("fake Microsoft 365:", ready["entra"], "exchange", ready["exchange"])
+    return ready
+
+
+def start_postern(fake):
+    d = os.path.join(BENCH_DIR, "postern")
+    os.makedirs(d, exist_ok=True)
+    secret = os.path.join(d, "client-secret")
+    with open(secret, "w") as f:
+        f.write(fake["client_secret"] + "\n")
+    os.chmod(secret, 0o600)
+    host, port = fake["exchange"].rsplit(":", 1)
+    cfg = f"""hostname = "relay.bench"
+spool_dir = "{d}/spool"
+state_dir = "{d}/state"
+
+[delivery]
+max_concurrency = 16
+per_mailbox_concurrency = 3
+
+[listener.bench]
+address = "127.0.0.1:{PX_PORT}"
+allow_networks = ["127.0.0.0/8"]
+max_message_size = "120 MB"
+
+[account.contoso]
+tenant = "{fake['tenant']}"
+client_id = "{fake['client_id']}"
+auth = "client_secret"
+client_secret_file = "{secret}"
+authority = "{fake['entra']}"
+smtp_host = "localhost"
+smtp_port = {port}
+ca_file = "{fake['ca_file']}"
+
+[route.m365]
+senders = ["*@contoso.com"]
+rate = "unlimited"
+daily_recipients = "unlimited"
+transport = "smtp"
+account = "contoso"
+"""
+    path = os.path.join(d, "postern.toml")
+    with open(path, "w") as f:
+        f.write(cfg)
+    logf = open(os.path.join(d, "postern.log"), "w")
+    p = subprocess.Popen([POSTERN, "serve", "--config", path], stdout=subprocess.PIPE,
+                         stderr=logf, text=True)
+    procs.append(p)
+    for line in p.stdout:
+        if line.strip() in ("postern: ready", '{"event":"ready"}'):
+            break
+    else:
+        raise SystemExit("postern did not start; see " + logf.name)
+    return p
+
+
+def start_emailproxy(exe, fake):
+    d = os.path.join(BENCH_DIR, "emailproxy")
+    os.makedirs(d, exist_ok=True)
+    host, port = fake["exchange"].rsplit(":", 1)
+    token_url = f"{fake['entra']}/{fake['tenant']}/oauth2/v2.0/token"
+    lines = [
+        f"[SMTP-{EP_PORT}]",
+        "server_address = localhost",
+        f"server_port = {port}",
+        "server_starttls = True",
+        "local_address = 127.0.0.1",
+        "",
+    ]
+    for s in SENDERS:
+        lines += [
+            f"[{s}]",
+            "permission_url = https://login.microsoftonline.com/",
+            f"token_url = {token_url}",
+            "oauth2_scope = https://outlook.office365.com/.default",
+            "oauth2_flow = client_credentials",
+            f"client_id = {fake['client_id']}",
+            f"client_secret = {fake['client_secret']}",
+            "",
+        ]
+    path = os.path.join(d, "emailproxy.config")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    env = dict(os.environ, SSL_CERT_FILE=fake["ca_file"])
+    logf = open(os.path.join(d, "emailproxy.log"), "w")
+    p = subprocess.Popen([exe, "--no-gui", "--config-file", path, "--log-file",
+                          os.path.join(d, "proxy-internal.log")],
+                         stdout=logf, stderr=subprocess.STDOUT, env=env)
+    procs.append(p)
+    wait_port(EP_PORT)
+    return p
+
+
+def load(port, n, clients, size, extra):
+    cmd = [LOAD, "--server", f"127.0.0.1:{port}", "--messages", str(n), "--clients",
+           str(clients), "--size", str(size), "--senders", ",".join(SENDERS)] + extra
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"smtp_load failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def wait_delivered(fake, want, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = stats(fake)
+        if s["delivered"] >= want:
+            return s
+        time.sleep(0.02)
+    raise SystemExit(f"the fake Exchange got {stats(fake)['delivered']} of {want} messages")
+
+
+def run_postern(fake, px, n, clients, size):
+    before = stats(fake)
+    cpu0 = cpu_ticks(px.pid)
+    t0 = time.monotonic()
+    r = load(PX_PORT, n, clients, size, [])
+    after = wait_delivered(fake, before["delivered"] + n)
+    wall = time.monotonic() - t0
+    cpu = (cpu_ticks(px.pid) - cpu0) / TCK
+    return {
+        "system": "postern", "sent": r["sent"], "failed": r["failed"], "wall_s": wall,
+        "load_s": r["wall_s"], "msg_s": n / wall, "cpu_s": cpu,
+        "cpu_ms_per_msg": 1000 * cpu / n,
+        "upstream_connections": after["connections"] - before["connections"],
+        "upstream_auths": after["auths"] - before["auths"],
+        "first_error": r["first_error"],
+    }
+
+
+def run_direct(fake, n, clients, size):
+    before = stats(fake)
+    token_url = f"{fake['entra']}/{fake['tenant']}/oauth2/v2.0/token"
+    r = load(int(fake["exchange"].rsplit(":", 1)[1]), n, clients, size, [
+        "--xoauth2", "--ca-file", fake["ca_file"], "--token-url", token_url,
+        "--client-id", fake["client_id"], "--client-secret", fake["client_secret"]])
+    after = stats(fake)
+    return {
+        "system": "direct", "sent": r["sent"], "failed": r["failed"], "wall_s": r["wall_s"],
+        "msg_s": r["sent"] / r["wall_s"],
+        "upstream_connections": after["connections"] - before["connections"],
+        "delivered": after["delivered"] - before["delivered"],
+        "first_error": r["first_error"],
+    }
+
+
+def run_proxy(fake, n, clients, size):
+    before = stats(fake)
+    r = load(EP_PORT, n, clients, size, ["--auth-plain", PROXY_PASSWORD])
+    after = stats(fake)
+    return {
+        "system": "emailproxy", "sent": r["sent"], "failed": r["failed"],
+        "wall_s": r["wall_s"], "msg_s": r["sent"] / r["wall_s"],
+        "upstream_connections": after["connections"] - before["connections"],
+        "delivered": after["delivered"] - before["delivered"],
+        "first_error": r["first_error"],
+    }
+
+
+def big_message(fake, px):
+    """postern's peak RSS while relaying one 100 MB message end to end."""
+    with open(f"/proc/{px.pid}/clear_refs", "w") as f:
+        f.write("5")
+    rest = status_kb(px.pid, "VmRSS")
+    before = stats(fake)
+    t0 = time.monotonic()
+    load(PX_PORT, 1, 1, BIG, [])
+    after = wait_delivered(fake, before["delivered"] + 1)
+    wall = time.monotonic() - t0
+    return {
+        "system": "postern-100MB", "rss_before_kb": rest,
+        "hwm_kb": status_kb(px.pid, "VmHWM"), "wall_s": wall,
+        "bytes_delivered": after["delivered_bytes"] - before["delivered_bytes"],
+    }
+
+
+def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    shutil.rmtree(os.path.join(BENCH_DIR, "postern"), ignore_errors=True)
+    os.makedirs(BENCH_DIR, exist_ok=True)
+    build()
+    proxy_exe, proxy_version = venv()
+    fake = start_fake()
+    px = start_postern(fake)
+    ep = start_emailproxy(proxy_exe, fake)
+    rows = []
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    jsonl = open(os.path.join(HERE, "results", f"e2e-{stamp}.jsonl"), "w")
+    # Warm up: postern's token and first connections, emailproxy's tokens.
+    run_postern(fake, px, 2 * N_SENDERS, 4, 2048)
+    run_proxy(fake, N_SENDERS, 1, 2048)
+    idle_rss = status_kb(px.pid, "VmRSS")
+    for size in SIZES:
+        for clients in CLIENTS:
+            cell = {"size": size, "clients": clients}
+            log(f"cell {size} B x {clients} clients")
+            p = run_postern(fake, px, MSGS, clients, size)
+            d = run_direct(fake, MSGS, clients, size)
+            e = run_proxy(fake, MSGS_PROXY, clients, size)
+            for r in (p, d, e):
+                r.update(cell)
+                jsonl.write(json.dumps(r) + "\n")
+                log(f"  {r['system']:10} {r['msg_s']:8.1f} msg/s  sent {r['sent']} failed "
+                    f"{r['failed']} {r.get('first_error') or ''}")
+            rows.append((cell, p, d, e))
+    big = big_message(fake, px)
+    jsonl.write(json.dumps(big) + "\n")
+    jsonl.close()
+
+    cores = os.cpu_count()
+    out = [
+        f"# End to end: devices -> postern -> fake Exchange (STARTTLS + XOAUTH2), {stamp}",
+        "",
+        f"{cores} cores, loopback; {MSGS} messages per cell (emailproxy {MSGS_PROXY}), one per "
+        f"client connection, {N_SENDERS} sender mailboxes, pacing lifted; emailproxy "
+        f"{proxy_version}. Targets: postern >= 1.5x direct and >= 10x emailproxy in every "
+        "cell; CPU < 1 ms/message; peak RSS < 40 MB relaying 100 MB.",
+        "",
+        "| size | clients | postern msg/s | direct msg/s | emailproxy msg/s | postern/direct "
+        "| postern/emailproxy | postern CPU ms/msg | upstream conns (postern / direct) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell, p, d, e in rows:
+        ok = all(r["failed"] == 0 for r in (p, d, e))
+        out.append(
+            f"| {cell['size'] // 1024} KB | {cell['clients']} | {p['msg_s']:.0f} | "
+            f"{d['msg_s']:.0f} | {e['msg_s']:.1f} | {p['msg_s'] / d['msg_s']:.2f}x | "
+            f"{p['msg_s'] / e['msg_s']:.0f}x | {p['cpu_ms_per_msg']:.2f} | "
+            f"{p['upstream_connections']} / {d['upstream_connections']} |"
+            + ("" if ok else " FAILURES"))
+    out += [
+        "",
+        f"postern RSS at rest: {idle_rss / 1024:.1f} MB; peak RSS (VmHWM) while relaying one "
+        f"100 MB message end to end: {big['hwm_kb'] / 1024:.1f} MB "
+        f"({big['wall_s']:.1f} s, {big['bytes_delivered']} bytes delivered).",
+    ]
+    report = "\n".join(out) + "\n"
+    with open(os.path.join(HERE, "results", f"e2e-{stamp}.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        cleanup()
