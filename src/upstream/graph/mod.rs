@@ -52,8 +52,17 @@
 //! with `Retry-After` make the whole mailbox wait ([`Outcome::Throttled`]); a `401
 //! InvalidAuthenticationToken` renews the token once and repeats the request at once
 //! ([`request`]); the route's pacing (30 messages a minute, 10,000 recipients a day) is the
-//! forwarder's, shared with SMTP. Messages whose request would exceed Graph's 4 MB limit
-//! fail with a DSN saying so (the upload-session path for large messages comes separately).
+//! forwarder's, shared with SMTP.
+//!
+//! **Large messages** (whose base64 would pass Graph's 4 MB request limit, [`large`]): always
+//! the draft path, with the draft made from the message's *skeleton* (the message without
+//! its largest attachments); once its id is recorded, each cut-out part is attached (under
+//! 3 MB in one request, larger ones through an upload session, `PUT`s of at most 3.2 MB to
+//! the pre-authenticated URL without the token), then recipients are set and the draft is
+//! sent. An attempt that fails while attaching deletes its draft; a restart that finds a
+//! large message's draft whose send was not yet requested deletes it and starts again (its
+//! parts may be incomplete). Messages over the route's `max_message_size` (default 35 MiB,
+//! Exchange Online's default `MaxSendSize`) fail with a DSN naming what to change.
 
 pub mod body;
 pub mod classify;
@@ -440,18 +449,27 @@ impl GraphTransport {
     /// Whether `msg` must go through a draft: the route keeps no copy in Sent Items, or the
     /// message is too large for one request ([`large`]).
     fn force_draft(&self, msg: &Outgoing) -> bool {
-        !self.save_to_sent_items || large::is_large(msg.envelope.size)
+        // The `Bcc:` header sendMail may put in front counts toward the request too: allow
+        // for every pending recipient (`Bcc: ` plus `<address>,` and a fold each).
+        let bcc: u64 = 8 + msg
+            .envelope
+            .pending()
+            .map(|r| r.address.len() as u64 + 6)
+            .sum::<u64>();
+        !self.save_to_sent_items || large::is_large(msg.envelope.size + bcc)
     }
 
     /// A message whose request would be too large for Graph: fail it with the reason.
     fn too_large(&self, msg: &Outgoing, request: u64) -> Outcome {
+        // Not expected: messages whose request could pass 4 MB go through a draft and
+        // upload sessions ([`large`]); this guards the request limit all the same.
         Outcome::Permanent {
             reason: format!(
                 "the message is {} bytes; as base64 its Graph request would be {request} bytes, \
-                 over Graph's 4 MB request limit (microsoft-reference.md §4.3). Over Graph this \
-                 version of postern sends messages up to about 2.9 MB; send larger mail through \
-                 a route with transport = \"smtp\", or make the message smaller",
-                msg.envelope.size
+                 over Graph's 4 MB request limit (microsoft-reference.md §4.3), and postern did \
+                 not split it; send it through a route with transport = \"smtp\", and report \
+                 this with `postern queue show {}`",
+                msg.envelope.size, msg.envelope.id
             ),
         }
     }

@@ -22,15 +22,13 @@ use split::{Plan, Structure, TooLargeBody};
 
 /// Graph's request size limit ("The maximum request length supported is 4MB.", §4.3),
 /// counted the safe way (4,000,000 bytes).
-pub const REQUEST_LIMIT: u64 = 4_000_000;
+pub const REQUEST_LIMIT: u64 = super::MAX_REQUEST;
 /// Room left in a draft request for what is not the base64 MIME (HTTP framing, line breaks).
 const REQUEST_MARGIN: u64 = 64 * 1024;
 /// Largest skeleton: its base64 (4 bytes per 3) plus the margin fits in one request.
 pub const SKELETON_BUDGET: u64 = (REQUEST_LIMIT - REQUEST_MARGIN) / 4 * 3;
 /// Exchange Online's default message size limit (`MaxSendSize`, §4.3, §5): 35 MB.
 pub const DEFAULT_MAX_MESSAGE: u64 = 35 * 1024 * 1024;
-/// The most a mailbox can be configured to take (§4.3): 150 MB.
-pub const MAX_MESSAGE_CEILING: u64 = 150 * 1024 * 1024;
 
 /// Whether a message of `size` bytes must take the large path: its base64 would not fit in
 /// one request.
