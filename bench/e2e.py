@@ -36,13 +36,15 @@ WHAT IT MEASURES
 HOW TO RUN (as root or any user; needs python3 with venv, and cargo)
   bench/e2e.py              # full run: 2000 messages per cell (emailproxy: 300)
   QUICK=1 bench/e2e.py      # development: 300 messages per cell (emailproxy: 100)
-  Knobs (env): MSGS, MSGS_PROXY, SENDERS (8), BENCH_DIR (/tmp/bench/e2e), PX_PORT (2530),
-  EP_PORT (2531), KEEP=1 (keep the scratch directory).
+  Knobs (env): MSGS, MSGS_PROXY, SENDERS (8), SIZES ("2048 102400"), CLIENTS ("1 10"), BENCH_DIR (scratch; default a new
+  /tmp/bench/e2e-XXXX per run, so runs side by side do not collide; every port is a free one),
+  VENV (/tmp/bench/emailproxy-venv), KEEP=1 (keep the scratch directory).
   Output: Markdown on stdout and in bench/results/e2e-<date>.md, raw numbers in
   bench/results/e2e-<date>.jsonl.
 """
 import datetime
 import json
+import tempfile
 import os
 import shutil
 import signal
@@ -58,18 +60,17 @@ QUICK = os.environ.get("QUICK") == "1"
 MSGS = int(os.environ.get("MSGS", 300 if QUICK else 2000))
 MSGS_PROXY = int(os.environ.get("MSGS_PROXY", 100 if QUICK else 300))
 N_SENDERS = int(os.environ.get("SENDERS", 8))
-BENCH_DIR = os.environ.get("BENCH_DIR", "/tmp/bench/e2e")
-PX_PORT = int(os.environ.get("PX_PORT", 2530))
-EP_PORT = int(os.environ.get("EP_PORT", 2531))
+os.makedirs("/tmp/bench", exist_ok=True)
+BENCH_DIR = os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="e2e-", dir="/tmp/bench")
 KEEP = os.environ.get("KEEP") == "1"
-SIZES = [2048, 102400]
-CLIENTS = [1, 10]
+SIZES = [int(x) for x in os.environ.get("SIZES", "2048 102400").split()]
+CLIENTS = [int(x) for x in os.environ.get("CLIENTS", "1 10").split()]
 BIG = 100 * 1000 * 1000
 TARGET = os.path.join(REPO, "target", "benchmark")
 POSTERN = os.path.join(TARGET, "postern")
 FAKE = os.path.join(TARGET, "examples", "fake_m365")
 LOAD = os.path.join(TARGET, "examples", "smtp_load")
-VENV = os.path.join(BENCH_DIR, "venv")
+VENV = os.environ.get("VENV", "/tmp/bench/emailproxy-venv")
 TCK = os.sysconf("SC_CLK_TCK")
 SENDERS = [f"device{i}@contoso.com" for i in range(N_SENDERS)]
 GRAPH_SENDERS = [f"device{i}@graph.contoso.com" for i in range(N_SENDERS)]
@@ -106,14 +107,29 @@ def build():
 
 def venv():
     py = os.path.join(VENV, "bin", "python")
-    if not os.path.exists(os.path.join(VENV, "bin", "emailproxy")):
+    # Run as `python -m emailproxy`: the venv's scripts name the path it was built at.
+    if not os.path.exists(py) or subprocess.run(
+            [py, "-c", "import emailproxy"], capture_output=True).returncode != 0:
         log("installing emailproxy into", VENV)
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-        subprocess.run([py, "-m", "pip", "install", "-q", "emailproxy"], check=True)
+        # Built aside and renamed into place, so a run beside this one never sees half a venv.
+        tmp = tempfile.mkdtemp(prefix="venv-", dir=os.path.dirname(VENV))
+        subprocess.run([sys.executable, "-m", "venv", tmp], check=True)
+        subprocess.run([os.path.join(tmp, "bin", "python"), "-m", "pip", "install", "-q",
+                        "emailproxy"], check=True)
+        try:
+            os.rename(tmp, VENV)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another run won the race
     out = subprocess.run([py, "-m", "pip", "show", "emailproxy"], capture_output=True, text=True)
     version = next((l.split(":", 1)[1].strip() for l in out.stdout.splitlines()
                     if l.startswith("Version:")), "?")
-    return os.path.join(VENV, "bin", "emailproxy"), version
+    return [py, "-m", "emailproxy"], version
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_port(port, timeout=30):
@@ -171,7 +187,7 @@ max_concurrency = 16
 per_mailbox_concurrency = 3
 
 [listener.bench]
-address = "127.0.0.1:{PX_PORT}"
+address = "127.0.0.1:0"
 allow_networks = ["127.0.0.0/8"]
 max_message_size = "120 MB"
 
@@ -208,21 +224,29 @@ account = "contoso"
     p = subprocess.Popen([POSTERN, "serve", "--config", path], stdout=subprocess.PIPE,
                          stderr=logf, text=True)
     procs.append(p)
+    port = None
     for line in p.stdout:
-        if line.strip() in ("postern: ready", '{"event":"ready"}'):
+        line = line.strip()
+        if line.startswith("postern: listening on bench "):
+            port = int(line.rsplit(":", 1)[1])
+        if line in ("postern: ready", '{"event":"ready"}'):
             break
     else:
         raise SystemExit("postern did not start; see " + logf.name)
+    if port is None:
+        raise SystemExit("postern did not say where it listens; see " + logf.name)
+    p.port = port
     return p
 
 
 def start_emailproxy(exe, fake):
+    port_here = free_port()
     d = os.path.join(BENCH_DIR, "emailproxy")
     os.makedirs(d, exist_ok=True)
     host, port = fake["exchange"].rsplit(":", 1)
     token_url = f"{fake['entra']}/{fake['tenant']}/oauth2/v2.0/token"
     lines = [
-        f"[SMTP-{EP_PORT}]",
+        f"[SMTP-{port_here}]",
         "server_address = localhost",
         f"server_port = {port}",
         "server_starttls = True",
@@ -232,7 +256,6 @@ def start_emailproxy(exe, fake):
     for s in SENDERS:
         lines += [
             f"[{s}]",
-            "permission_url = https://login.microsoftonline.com/",
             f"token_url = {token_url}",
             "oauth2_scope = https://outlook.office365.com/.default",
             "oauth2_flow = client_credentials",
@@ -245,11 +268,12 @@ def start_emailproxy(exe, fake):
         f.write("\n".join(lines))
     env = dict(os.environ, SSL_CERT_FILE=fake["ca_file"])
     logf = open(os.path.join(d, "emailproxy.log"), "w")
-    p = subprocess.Popen([exe, "--no-gui", "--config-file", path, "--log-file",
+    p = subprocess.Popen(exe + ["--no-gui", "--config-file", path, "--log-file",
                           os.path.join(d, "proxy-internal.log")],
                          stdout=logf, stderr=subprocess.STDOUT, env=env)
     procs.append(p)
-    wait_port(EP_PORT)
+    wait_port(port_here)
+    p.port = port_here
     return p
 
 
@@ -276,7 +300,7 @@ def run_postern(fake, px, n, clients, size):
     before = stats(fake)
     cpu0 = cpu_ticks(px.pid)
     t0 = time.monotonic()
-    r = load(PX_PORT, n, clients, size, [])
+    r = load(px.port, n, clients, size, [])
     after = wait_delivered(fake, before["delivered"] + n)
     wall = time.monotonic() - t0
     cpu = (cpu_ticks(px.pid) - cpu0) / TCK
@@ -306,9 +330,9 @@ def run_direct(fake, n, clients, size):
     }
 
 
-def run_proxy(fake, n, clients, size):
+def run_proxy(fake, ep, n, clients, size):
     before = stats(fake)
-    r = load(EP_PORT, n, clients, size, ["--auth-plain", PROXY_PASSWORD])
+    r = load(ep.port, n, clients, size, ["--auth-plain", PROXY_PASSWORD])
     after = stats(fake)
     return {
         "system": "emailproxy", "sent": r["sent"], "failed": r["failed"],
@@ -339,7 +363,7 @@ def run_postern_graph(fake, px, n, clients, size):
     before = graph_stats(fake)
     cpu0 = cpu_ticks(px.pid)
     t0 = time.monotonic()
-    r = load(PX_PORT, n, clients, size, [], GRAPH_SENDERS)
+    r = load(px.port, n, clients, size, [], GRAPH_SENDERS)
     after = wait_graph_sent(fake, before["sent"] + n)
     wall = time.monotonic() - t0
     cpu = (cpu_ticks(px.pid) - cpu0) / TCK
@@ -360,7 +384,7 @@ def big_message_graph(fake, px):
     rest = status_kb(px.pid, "VmRSS")
     before = graph_stats(fake)
     t0 = time.monotonic()
-    subprocess.run([sys.executable, os.path.join(HERE, "send_big.py"), "127.0.0.1", str(PX_PORT),
+    subprocess.run([sys.executable, os.path.join(HERE, "send_big.py"), "127.0.0.1", str(px.port),
                     "100", "--mime", "--from", GRAPH_SENDERS[0]], check=True,
                    stdout=subprocess.DEVNULL)
     accepted = time.monotonic() - t0
@@ -382,7 +406,7 @@ def big_message(fake, px):
     rest = status_kb(px.pid, "VmRSS")
     before = stats(fake)
     t0 = time.monotonic()
-    load(PX_PORT, 1, 1, BIG, [])
+    load(px.port, 1, 1, BIG, [])
     after = wait_delivered(fake, before["delivered"] + 1)
     wall = time.monotonic() - t0
     return {
@@ -394,8 +418,8 @@ def big_message(fake, px):
 
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    shutil.rmtree(os.path.join(BENCH_DIR, "postern"), ignore_errors=True)
     os.makedirs(BENCH_DIR, exist_ok=True)
+    log("scratch directory", BENCH_DIR)
     build()
     proxy_exe, proxy_version = venv()
     fake = start_fake()
@@ -408,7 +432,7 @@ def main():
     # Warm up: postern's token and first connections, emailproxy's tokens.
     run_postern(fake, px, 2 * N_SENDERS, 4, 2048)
     run_postern_graph(fake, px, 2 * N_SENDERS, 4, 2048)
-    run_proxy(fake, N_SENDERS, 1, 2048)
+    run_proxy(fake, ep, N_SENDERS, 1, 2048)
     idle_rss = status_kb(px.pid, "VmRSS")
     for size in SIZES:
         for clients in CLIENTS:
@@ -417,7 +441,7 @@ def main():
             p = run_postern(fake, px, MSGS, clients, size)
             g = run_postern_graph(fake, px, MSGS, clients, size)
             d = run_direct(fake, MSGS, clients, size)
-            e = run_proxy(fake, MSGS_PROXY, clients, size)
+            e = run_proxy(fake, ep, MSGS_PROXY, clients, size)
             for r in (p, g, d, e):
                 r.update(cell)
                 jsonl.write(json.dumps(r) + "\n")

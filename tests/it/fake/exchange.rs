@@ -417,6 +417,11 @@ impl FakeExchange {
                         _ = &mut stopped => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, peer)) = accepted else { continue };
+                            // Replies are small and each is awaited: without this, Nagle's
+                            // algorithm and the client's delayed ACK add up to 40 ms to some
+                            // of them (after the TLS handshake's tickets), which no real
+                            // server's client would see and which would skew benchmarks.
+                            let _ = tcp.set_nodelay(true);
                             let sh = sh.clone();
                             let acceptor = acceptor.clone();
                             tokio::spawn(async move {
