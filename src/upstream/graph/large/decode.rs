@@ -51,6 +51,8 @@ pub struct Decoder<R> {
     encoding: Encoding,
     /// Decoded bytes not yet handed out: `out[pos..]`.
     out: Vec<u8>,
+    /// The read buffer.
+    input: Vec<u8>,
     pos: usize,
     /// Encoded input carried over between reads (a base64 quantum or a QP escape cut in two).
     carry: Vec<u8>,
@@ -68,6 +70,7 @@ impl<R: Read> Decoder<R> {
             inner,
             encoding,
             out: Vec::with_capacity(IN_CHUNK),
+            input: Vec::new(),
             pos: 0,
             carry: Vec::new(),
             spaces: Vec::new(),
@@ -84,17 +87,19 @@ impl<R: Read> Decoder<R> {
             if self.eof {
                 return Ok(false);
             }
-            let mut buf = vec![0u8; IN_CHUNK];
+            // The input buffer is kept between reads (no allocation per refill).
+            let mut buf = std::mem::take(&mut self.input);
+            buf.resize(IN_CHUNK, 0);
             let n = self.inner.read(&mut buf)?;
-            buf.truncate(n);
             if n == 0 {
                 self.eof = true;
             }
             match self.encoding {
-                Encoding::Identity => self.out = buf,
-                Encoding::Base64 => self.base64(&buf)?,
-                Encoding::QuotedPrintable => self.quoted_printable(&buf),
+                Encoding::Identity => self.out.extend_from_slice(&buf[..n]),
+                Encoding::Base64 => self.base64(&buf[..n])?,
+                Encoding::QuotedPrintable => self.quoted_printable(&buf[..n]),
             }
+            self.input = buf;
         }
         Ok(true)
     }
