@@ -12,7 +12,9 @@
 //!   mailbox (or Send As) is misconfigured, paces each mailbox to its route's limits, waits out
 //!   upstream throttles, and remembers recipient windows across restarts.
 //! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2,
-//!   and `file`; `classify` turns every upstream reply into an outcome and advice.
+//!   Microsoft Graph (`graph/`: sendMail with the MIME, drafts when the envelope differs from
+//!   the headers), and `file`; `classify` (and `graph/classify`) turn every upstream answer
+//!   into an outcome and advice.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
 //!   single-flight), refresh-token files, `postern login` and `postern token`.
 //! - [`diagnosis`]: the one table of errors (Exchange SMTP replies, AADSTS codes, Graph errors,

@@ -580,6 +580,25 @@ mod tests {
     }
 
     #[test]
+    fn graph_answers_are_counted_by_status_and_code() {
+        graph_reply("graph.test:443", 403, Some("ErrorAccessDenied"));
+        graph_reply("graph.test:443", 202, None);
+        let text = encode();
+        assert!(
+            text.contains(
+                "postern_upstream_replies_total{server=\"graph.test:443\",code=\"403 ErrorAccessDenied\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "postern_upstream_replies_total{server=\"graph.test:443\",code=\"202\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn encodes_open_metrics() {
         received("test-listener");
         let text = encode();

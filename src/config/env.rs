@@ -286,6 +286,21 @@ mod tests {
     }
 
     #[test]
+    fn postern_transport_graph_makes_a_graph_route() {
+        let c = load(&[
+            ("POSTERN_TENANT", "contoso.onmicrosoft.com"),
+            ("POSTERN_CLIENT_ID", "00000000-0000-0000-0000-000000000001"),
+            ("POSTERN_CLIENT_SECRET", "x"),
+            ("POSTERN_TRANSPORT", "graph"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            &c.routes[0].transport,
+            crate::config::TransportConfig::Graph { account, save_to_sent_items: true } if account == "m365"
+        ));
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         let e = load(&[
             ("POSTERN_LISTEN", "nonsense"),

@@ -938,30 +938,6 @@ pub static TABLE: &[Entry] = &[
         postern: HOLD,
     },
     Entry {
-        id: "graph.access-denied",
-        rows: &[42],
-        title: "Graph: the token lacks Mail.Send (403 ErrorAccessDenied \"Access is denied\")",
-        signs: &[
-            gm("ErrorAccessDenied", "Access is denied"),
-            g("ErrorAccessDenied"),
-        ],
-        meaning: "The token has no permission to send mail as {mailbox}.",
-        causes: &[
-            "Mail.Send was added as a delegated permission but the account signs in as the app (or the other way round)",
-            "No admin consent for Mail.Send",
-            "The token was issued before the permission was granted",
-        ],
-        fix: &[
-            app(
-                "{app} > API permissions > Add a permission > Microsoft Graph > Application permissions > Mail.Send > Grant admin consent; postern gets a new token on the next attempt",
-            ),
-            del(
-                "{app} > API permissions > Add a permission > Microsoft Graph > Delegated permissions > Mail.Send (and Mail.Send.Shared for shared mailboxes) > Grant admin consent, then {login_cmd}",
-            ),
-        ],
-        postern: HOLD,
-    },
-    Entry {
         id: "graph.drafts-denied",
         rows: &[],
         title: "Graph: creating or changing a draft was denied (403 ErrorAccessDenied on /messages)",
@@ -983,6 +959,30 @@ pub static TABLE: &[Entry] = &[
                 "{app} > API permissions > Add a permission > Microsoft Graph > Delegated permissions > Mail.ReadWrite (Mail.ReadWrite.Shared for a shared mailbox) > Grant admin consent, then {login_cmd}",
             ),
             all("Or send such mail through a route with transport = \"smtp\""),
+        ],
+        postern: HOLD,
+    },
+    Entry {
+        id: "graph.access-denied",
+        rows: &[42],
+        title: "Graph: the token lacks Mail.Send (403 ErrorAccessDenied \"Access is denied\")",
+        signs: &[
+            gm("ErrorAccessDenied", "Access is denied"),
+            g("ErrorAccessDenied"),
+        ],
+        meaning: "The token has no permission to send mail as {mailbox}.",
+        causes: &[
+            "Mail.Send was added as a delegated permission but the account signs in as the app (or the other way round)",
+            "No admin consent for Mail.Send",
+            "The token was issued before the permission was granted",
+        ],
+        fix: &[
+            app(
+                "{app} > API permissions > Add a permission > Microsoft Graph > Application permissions > Mail.Send > Grant admin consent; postern gets a new token on the next attempt",
+            ),
+            del(
+                "{app} > API permissions > Add a permission > Microsoft Graph > Delegated permissions > Mail.Send (and Mail.Send.Shared for shared mailboxes) > Grant admin consent, then {login_cmd}",
+            ),
         ],
         postern: HOLD,
     },

@@ -564,12 +564,11 @@ fn invalid_recipients_fail_with_a_dsn_the_others_are_delivered() {
         roles: &["Mail.Send", "Mail.ReadWrite"],
         ..Setup::default()
     });
-    {
-        let mut st = w.graph.state();
-        st.invalid_recipients.insert("nobody@fabrikam.com".into());
-        // The report is From postern's postmaster; Send As is not what this test is about.
-        st.check_send_as = false;
-    }
+    // The report is From the mailbox itself, so Send As lets it through.
+    w.graph
+        .state()
+        .invalid_recipients
+        .insert("nobody@fabrikam.com".into());
     send(
         &w,
         MAILBOX,
@@ -794,4 +793,308 @@ fn the_base64_request_streams_the_queue_file() {
             .unwrap(),
         sent[0].mime
     );
+}
+
+#[test]
+fn delegated_shared_mailbox_uses_users_path_with_mail_send_shared() {
+    let w = world(Setup {
+        auth: "auth = \"delegated\"",
+        route: "mailbox = \"shared@contoso.com\"",
+        ..Setup::default()
+    });
+    // The signed-in user (scanner) has Send As on the shared mailbox.
+    w.graph
+        .state()
+        .shared_access
+        .insert((MAILBOX.into(), "shared@contoso.com".into()));
+    let (code, out, err) = w.postern.cli(&[
+        "login",
+        "contoso",
+        "--mailbox",
+        "shared@contoso.com",
+        "--for",
+        "graph",
+        "--shared",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    send(
+        &w,
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"From: shared@contoso.com\r\nTo: boss@fabrikam.com\r\nSubject: from the shared mailbox\r\n\r\nx\r\n",
+    );
+    let sent = w.wait_sent(1);
+    assert_eq!(sent[0].mailbox, "shared@contoso.com");
+    let last = w.graph.requests().pop().unwrap();
+    assert_eq!(last.path, "/v1.0/users/shared@contoso.com/sendMail");
+    let st = w.entra.state();
+    let refresh = st
+        .log
+        .iter()
+        .find(|r| r.field("grant_type") == Some("refresh_token"))
+        .expect("refreshed");
+    assert_eq!(
+        refresh.field("scope"),
+        Some(
+            format!(
+                "{g}/Mail.Send {g}/Mail.Send.Shared offline_access",
+                g = w.graph.base
+            )
+            .as_str()
+        )
+    );
+}
+
+#[test]
+fn doctor_checks_a_graph_route_without_sending() {
+    let w = world(Setup {
+        route: "mailbox = \"scanner@contoso.com\"",
+        ..Setup::default()
+    });
+    let (code, out, err) = w.postern.cli(&["doctor"]);
+    assert!(
+        out.contains("refused as expected") && out.contains("ErrorMimeContentInvalidBase64String"),
+        "{code}\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("app-only token for graph: granted by Entra"),
+        "{out}"
+    );
+    assert!(w.graph.sent().is_empty(), "doctor sent nothing");
+    // With the mailbox outside the app's access policy, doctor names the fix.
+    w.graph
+        .state()
+        .mailbox_errors
+        .insert(MAILBOX.into(), GraphErr::odata_disabled());
+    let (code, out, _) = w.postern.cli(&["doctor"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("Access to OData is disabled") && out.contains("Test-ApplicationAccessPolicy"),
+        "{out}"
+    );
+    assert!(w.graph.sent().is_empty());
+}
+
+#[test]
+fn graph_routes_are_paced_like_smtp_ones() {
+    let w = world(Setup {
+        route: "rate = \"1/2s\"",
+        ..Setup::default()
+    });
+    for i in 0..2 {
+        send(
+            &w,
+            MAILBOX,
+            &["boss@fabrikam.com"],
+            format!(
+                "From: scanner@contoso.com\r\nTo: boss@fabrikam.com\r\nSubject: {i}\r\n\r\nx\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    let sent = w.wait_sent(2);
+    let gap = sent[1].at - sent[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "the second message went {gap:?} after the first with rate 1/2s"
+    );
+}
+
+#[test]
+fn sigkill_after_the_draft_was_made_resumes_that_draft_after_restart() {
+    let mut w = world(Setup {
+        roles: &["Mail.Send", "Mail.ReadWrite"],
+        ..Setup::default()
+    });
+    // Every request takes 2 s: time to kill postern while it sets the draft's recipients.
+    w.graph.state().delay = Duration::from_secs(2);
+    let id = send(
+        &w,
+        MAILBOX,
+        &["boss@fabrikam.com"],
+        b"From: scanner@contoso.com\r\nTo: boss@fabrikam.com\r\nCc: ops@fabrikam.com\r\nSubject: resumed\r\n\r\nx\r\n",
+    );
+    // The envelope records the draft's id before the next request goes out.
+    let active = w.postern.path("spool/active").join(&id);
+    assert!(
+        wait_until(Duration::from_secs(30), || queue_envelope(&active)
+            .is_some_and(|e| e["graph"]["draft_id"].is_string())),
+        "no draft recorded; log:\n{}",
+        w.postern.log_text()
+    );
+    let draft_id = queue_envelope(&active).unwrap()["graph"]["draft_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    w.postern.kill9();
+    assert!(w.graph.sent().is_empty());
+    w.graph.state().delay = Duration::ZERO;
+    w.postern.spawn();
+    let sent = w.wait_sent(1);
+    assert_eq!(sent[0].to, vec!["boss@fabrikam.com"]);
+    assert!(sent[0].cc.is_empty());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(w.graph.sent().len(), 1, "sent once");
+    let st = w.graph.state();
+    assert_eq!(
+        st.drafts.len(),
+        1,
+        "no second draft: the recorded one was used"
+    );
+    assert!(st.drafts.contains_key(&draft_id));
+    assert!(
+        st.requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with(&draft_id)),
+        "the restarted daemon asked about the recorded draft"
+    );
+}
+
+/// A JWT-shaped token the fake Graph accepts (its issued check says yes to everything).
+fn test_token(aud: &str, roles: &[&str]) -> String {
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.sig",
+        b.encode(r#"{"typ":"JWT","alg":"RS256"}"#),
+        b.encode(serde_json::json!({"aud": aud, "appid": "app", "roles": roles}).to_string())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_graph_answers_as_the_reference_says() {
+    let g = FakeGraph::start(std::sync::Arc::new(|_: &str| true));
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1.0/users/{MAILBOX}/sendMail", g.base);
+    let token = test_token("https://graph.microsoft.com", &["Mail.Send"]);
+    let mime = b"From: scanner@contoso.com\r\nTo: a@fabrikam.com\r\nSubject: s\r\n\r\nx\r\n";
+    // 202 with an empty body.
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .header("client-request-id", "c-1")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert!(r.headers().get("request-id").is_some());
+    assert_eq!(r.headers()["client-request-id"], "c-1");
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(g.sent()[0].to, vec!["a@fabrikam.com"]);
+    // Not base64: 400 ErrorMimeContentInvalidBase64String, in the §4.5 shape.
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .header("client-request-id", "c-2")
+        .body("not base64!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "ErrorMimeContentInvalidBase64String");
+    assert_eq!(
+        v["error"]["message"],
+        "Invalid base64 string for MIME content."
+    );
+    assert_eq!(v["error"]["innerError"]["client-request-id"], "c-2");
+    assert!(v["error"]["innerError"]["request-id"].is_string());
+    assert!(v["error"]["innerError"]["date"].is_string());
+    // Over 4 MB: 413.
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .body(vec![b'A'; 4 * 1024 * 1024 + 4])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // No token, a token for another API: 401 InvalidAuthenticationToken.
+    let r = http.post(&url).body("").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "InvalidAuthenticationToken");
+    assert_eq!(v["error"]["message"], "Access token is empty.");
+    let smtp = test_token("https://outlook.office365.com", &["SMTP.SendAsApp"]);
+    let r = http.post(&url).bearer_auth(&smtp).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // Throttled: 429 ApplicationThrottled with Retry-After.
+    g.state().script.push_back(GraphErr::throttled(7));
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers()["retry-after"], "7");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "ApplicationThrottled");
+    assert_eq!(
+        v["error"]["message"],
+        "Application is over its MailboxConcurrency limit."
+    );
+    // Drafts need Mail.ReadWrite.
+    let r = http
+        .post(format!("{}/v1.0/users/{MAILBOX}/messages", g.base))
+        .bearer_auth(&token)
+        .header("Content-Type", "text/plain")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let rw = test_token(
+        "https://graph.microsoft.com",
+        &["Mail.Send", "Mail.ReadWrite"],
+    );
+    let r = http
+        .post(format!("{}/v1.0/users/{MAILBOX}/messages", g.base))
+        .bearer_auth(&rw)
+        .header("Content-Type", "text/plain")
+        .body(base64::engine::general_purpose::STANDARD.encode(mime))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["isDraft"], true);
+    let id = v["id"].as_str().unwrap().to_string();
+    // send (Content-Length: 0): 202, and the draft is no longer a draft (same immutable id).
+    let send = format!("{}/v1.0/users/{MAILBOX}/messages/{id}/send", g.base);
+    let r = http
+        .post(&send)
+        .bearer_auth(&rw)
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let r = http
+        .get(format!("{}/v1.0/users/{MAILBOX}/messages/{id}", g.base))
+        .bearer_auth(&rw)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["isDraft"], false);
+    let r = http
+        .delete(format!("{}/v1.0/users/{MAILBOX}/messages/{id}", g.base))
+        .bearer_auth(&rw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let r = http
+        .get(format!("{}/v1.0/users/{MAILBOX}/messages/{id}", g.base))
+        .bearer_auth(&rw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
 }

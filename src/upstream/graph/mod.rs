@@ -84,7 +84,7 @@ use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::config::{AccountConfig, Credential};
 use crate::escape;
 use crate::spool::{GraphProgress, RcptStatus};
-use crate::token::{AccessToken, TokenError};
+use crate::token::{AccessToken, TokenError, TokenSource};
 use classify::{Context, Step};
 use recipients::{HeaderRecipients, Plan, Recipients};
 pub use request::{Answer, Failure, GraphClient, GraphError, Req, ReqBody};
@@ -352,7 +352,19 @@ impl GraphTransport {
             match step {
                 Step1::Sent(reply) => return self.sent(reply, wanted, refused),
                 Step1::End(o) => return with_refused(refused, o),
-                Step1::Invalid(names, answer) => {
+                Step1::Invalid(mut names, answer) => {
+                    // Only recipients still being sent to; if Graph names none of them, the
+                    // refusal is about the message.
+                    names.retain(|n| wanted.iter().any(|w| w.eq_ignore_ascii_case(n)));
+                    if names.is_empty() {
+                        let step = if a.progress.as_ref().is_some_and(|p| p.draft_id.is_some()) {
+                            Step::SendDraft
+                        } else {
+                            Step::SendMail
+                        };
+                        self.discard_draft(&mut a).await;
+                        return with_refused(refused, classify::outcome(&answer, step, &a.ctx));
+                    }
                     let why = format!(
                         "Graph refused the recipient: {} ({})",
                         answer.summary(),
@@ -439,10 +451,11 @@ impl GraphTransport {
         prefix: Vec<u8>,
     ) -> impl Fn() -> std::io::Result<(reqwest::Body, u64)> + Send + Sync + '_ {
         move || {
-            let file = msg.open_message()?.into_inner();
-            let file =
-                tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), msg.envelope.size);
-            Ok(body::base64_body(prefix.clone(), file, msg.envelope.size))
+            let (first, file, len) = message_parts(msg)?;
+            let mut head = prefix.clone();
+            head.extend_from_slice(&first);
+            let file = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), len);
+            Ok(body::base64_body(head, file, len))
         }
     }
 
@@ -985,13 +998,10 @@ fn list(addresses: &[String]) -> serde_json::Value {
     )
 }
 
-/// Whether `a` can go into a header line as `<a>` without ending or splitting it.
+/// Whether `a` can go into a header line as `<a>` without ending the line or the angle
+/// brackets (a quoted local part with spaces or commas is fine inside them).
 fn header_safe(a: &str) -> bool {
-    !a.is_empty()
-        && a.contains('@')
-        && !a
-            .chars()
-            .any(|c| c.is_control() || matches!(c, '<' | '>' | ',' | ';' | ' '))
+    a.contains('@') && !a.chars().any(|c| c.is_control() || matches!(c, '<' | '>'))
 }
 
 /// `o`, with the recipients refused earlier in the attempt reported first.
@@ -1004,6 +1014,15 @@ fn with_refused(refused: Vec<RcptResult>, o: Outcome) -> Outcome {
             then: Box::new(o),
         }
     }
+}
+
+/// The message as it goes out, in parts: bytes to send first, then the queue file positioned
+/// where the rest starts, and how many bytes of it to send. Today the whole message comes from
+/// the file; a transport-independent rewrite of the header (such as `rewrite_from`) plugs in
+/// here (`Outgoing::open_parts`), so the Graph body and the SMTP DATA stay the same message.
+fn message_parts(msg: &Outgoing) -> std::io::Result<(Vec<u8>, std::fs::File, u64)> {
+    let file = msg.open_message()?.into_inner();
+    Ok((Vec::new(), file, msg.envelope.size))
 }
 
 /// The message's header section (at most [`MAX_HEADER`] bytes).
@@ -1053,8 +1072,6 @@ impl Transport for GraphTransport {
     }
 }
 
-use crate::token::TokenSource;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1069,7 +1086,7 @@ mod tests {
     #[test]
     fn addresses_that_could_break_a_header_are_refused() {
         assert!(header_safe("a@x.test"));
-        assert!(!header_safe("\"a b\"@x.test"));
+        assert!(header_safe("\"a b, c\"@x.test"));
         assert!(!header_safe("a@x.test>\r\nBcc: evil@y.test"));
         assert!(!header_safe("nobody"));
     }

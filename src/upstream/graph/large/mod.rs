@@ -8,7 +8,11 @@
 //! and `contentId`, so `cid:` references in the HTML still resolve.
 //!
 //! The queue file is read in bounded chunks throughout (scan, decode, upload): relaying a
-//! 100 MB message costs a few MB of memory, not 100 (bench/graph_rss.sh measures it).
+//! 100 MB message costs a few MB of memory, not 100 (bench/e2e.py measures it).
+//!
+//! Offsets are into the queue file's message bytes as stored. A header rewrite applied to
+//! outgoing mail (`message_parts` in the transport, for `rewrite_from`) is not applied on this
+//! path yet: when one plugs in, the skeleton must start with the rewritten header section.
 
 pub mod decode;
 pub mod split;
