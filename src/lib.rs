@@ -11,10 +11,12 @@
 //! - [`forward`]: the scheduler that claims due messages and runs deliveries: holds mail whose
 //!   mailbox (or Send As) is misconfigured, paces each mailbox to its route's limits, waits out
 //!   upstream throttles, and remembers recipient windows across restarts.
-//! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2,
-//!   Microsoft Graph (`graph/`: sendMail with the MIME, drafts when the envelope differs from
-//!   the headers), and `file`; `classify` (and `graph/classify`) turn every upstream answer
-//!   into an outcome and advice.
+//! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2
+//!   (BDAT when offered; `smtp/pool.rs` keeps authenticated connections per mailbox between
+//!   messages), Microsoft Graph (`graph/`: sendMail with the MIME, drafts when the envelope
+//!   differs from the headers, `graph/large/` for messages over Graph's 4 MB request limit:
+//!   skeleton draft, attachments and upload sessions), and `file`; `classify` (and
+//!   `graph/classify`) turn every upstream answer into an outcome and advice.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
 //!   single-flight), refresh-token files, `postern login` and `postern token`.
 //! - [`diagnosis`]: the one table of errors (Exchange SMTP replies, AADSTS codes, Graph errors,

@@ -853,38 +853,37 @@ enum Body {
 
 /// Open the queue file (never through a symlink), check it holds the whole message
 /// (`envelope.size` bytes, then postern's trailers), and read its `From:` address and, when
-/// small, its bytes: all in one call on the blocking pool.
+/// small, its bytes. A small message was written moments ago and is read from the page cache
+/// in microseconds, so it is read right here (as the worker reads the envelope); a large one
+/// is opened and its head read on the blocking pool.
 async fn load(msg: &Outgoing) -> Result<(Option<String>, Body), Outcome> {
     let (path, size) = (msg.message.clone(), msg.envelope.size);
-    tokio::task::spawn_blocking(move || {
-        let mut f = open_blocking(&path, size)?;
-        let want = if size <= IN_MEMORY {
-            size as usize
-        } else {
-            HEAD
-        };
-        let mut buf = Vec::with_capacity(want);
-        (&mut f)
-            .take(want as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| cannot_read(&path, &e))?;
-        if size <= IN_MEMORY && buf.len() as u64 != size {
-            return Err(short_file(&path, buf.len() as u64, size));
-        }
-        let from = super::from_address(&buf[..buf.len().min(HEAD)]);
-        let body = if size <= IN_MEMORY {
-            Body::Memory(buf)
-        } else {
-            Body::File
-        };
-        Ok((from, body))
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(Outcome::Transient {
-            reason: format!("reading the queue file failed: {e}"),
+    if size <= IN_MEMORY {
+        return load_blocking(&path, size);
+    }
+    tokio::task::spawn_blocking(move || load_blocking(&path, size))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Outcome::Transient {
+                reason: format!("reading the queue file failed: {e}"),
+            })
         })
-    })
+}
+
+fn load_blocking(path: &Path, size: u64) -> Result<(Option<String>, Body), Outcome> {
+    let mut f = open_blocking(path, size)?;
+    let small = size <= IN_MEMORY;
+    let want = if small { size as usize } else { HEAD };
+    let mut buf = Vec::with_capacity(want);
+    (&mut f)
+        .take(want as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| cannot_read(path, &e))?;
+    if small && buf.len() as u64 != size {
+        return Err(short_file(path, buf.len() as u64, size));
+    }
+    let from = super::from_address(&buf[..buf.len().min(HEAD)]);
+    Ok((from, if small { Body::Memory(buf) } else { Body::File }))
 }
 
 /// The queue file opened for streaming the message (for [`Body::File`]).
