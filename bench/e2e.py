@@ -20,8 +20,17 @@ WHAT IT MEASURES
   Memory: postern's RSS at rest, and its peak (VmHWM, reset through clear_refs) while
   relaying one 100 MB message end to end (target < 40 MB).
 
+  postern-graph (issue 9): the same clients, sending as device{i}@graph.contoso.com, go
+                through the same postern on a route with transport = "graph" to the fake
+                Graph: base64 MIME sendMail, at most 4 requests in flight per mailbox.
+                msg/s as for postern (until the fake Graph has them all); "keeps up" compares
+                it with the rate at which postern accepted the same messages (target: ~100 %
+                at 10 clients); CPU per message likewise (target < 1 ms).
+  Memory over Graph: postern's peak while relaying one 100 MB message whose bulk is a base64
+  attachment (bench/send_big.py --mime): draft from the skeleton, upload session, send.
+
   Per-mailbox pacing is lifted (rate and daily_recipients "unlimited"); the fake Exchange
-  does not throttle (examples/fake_m365.rs). The load generator is examples/smtp_load.rs,
+  and the fake Graph do not throttle (examples/fake_m365.rs). The load generator is examples/smtp_load.rs,
   the same program for all three columns.
 
 HOW TO RUN (as root or any user; needs python3 with venv, and cargo)
@@ -64,6 +73,7 @@ LOAD = os.path.join(TARGET, "examples", "smtp_load")
 VENV = os.environ.get("VENV", "/tmp/bench/emailproxy-venv")
 TCK = os.sysconf("SC_CLK_TCK")
 SENDERS = [f"device{i}@contoso.com" for i in range(N_SENDERS)]
+GRAPH_SENDERS = [f"device{i}@graph.contoso.com" for i in range(N_SENDERS)]
 PROXY_PASSWORD = "bench-password"
 
 procs = []
@@ -190,6 +200,15 @@ authority = "{fake['entra']}"
 smtp_host = "localhost"
 smtp_port = {port}
 ca_file = "{fake['ca_file']}"
+graph_url = "{fake['graph']}"
+
+[route.graph]
+senders = ["*@graph.contoso.com"]
+rate = "unlimited"
+daily_recipients = "unlimited"
+transport = "graph"
+account = "contoso"
+max_message_size = "150 MiB"
 
 [route.m365]
 senders = ["*@contoso.com"]
@@ -258,9 +277,9 @@ def start_emailproxy(exe, fake):
     return p
 
 
-def load(port, n, clients, size, extra):
+def load(port, n, clients, size, extra, senders=None):
     cmd = [LOAD, "--server", f"127.0.0.1:{port}", "--messages", str(n), "--clients",
-           str(clients), "--size", str(size), "--senders", ",".join(SENDERS)] + extra
+           str(clients), "--size", str(size), "--senders", ",".join(senders or SENDERS)] + extra
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"smtp_load failed: {out.stderr}")
@@ -324,6 +343,62 @@ def run_proxy(fake, ep, n, clients, size):
     }
 
 
+def graph_stats(fake):
+    with urllib.request.urlopen(fake["control"] + "/stats") as r:
+        return json.load(r)["graph"]
+
+
+def wait_graph_sent(fake, want, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = graph_stats(fake)
+        if s["sent"] >= want:
+            return s
+        time.sleep(0.02)
+    raise SystemExit(f"the fake Graph sent {graph_stats(fake)['sent']} of {want} messages")
+
+
+def run_postern_graph(fake, px, n, clients, size):
+    """The same load through postern's Graph route (issue 9)."""
+    before = graph_stats(fake)
+    cpu0 = cpu_ticks(px.pid)
+    t0 = time.monotonic()
+    r = load(px.port, n, clients, size, [], GRAPH_SENDERS)
+    after = wait_graph_sent(fake, before["sent"] + n)
+    wall = time.monotonic() - t0
+    cpu = (cpu_ticks(px.pid) - cpu0) / TCK
+    return {
+        "system": "postern-graph", "sent": r["sent"], "failed": r["failed"], "wall_s": wall,
+        "load_s": r["wall_s"], "msg_s": n / wall, "accept_msg_s": n / r["wall_s"],
+        "cpu_s": cpu, "cpu_ms_per_msg": 1000 * cpu / n,
+        "graph_requests": after["requests"] - before["requests"],
+        "graph_errors": after["errors"] - before["errors"],
+        "first_error": r["first_error"],
+    }
+
+
+def big_message_graph(fake, px):
+    """postern's peak RSS while relaying one 100 MB message (a base64 attachment) over Graph."""
+    with open(f"/proc/{px.pid}/clear_refs", "w") as f:
+        f.write("5")
+    rest = status_kb(px.pid, "VmRSS")
+    before = graph_stats(fake)
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, os.path.join(HERE, "send_big.py"), "127.0.0.1", str(px.port),
+                    "100", "--mime", "--from", GRAPH_SENDERS[0]], check=True,
+                   stdout=subprocess.DEVNULL)
+    accepted = time.monotonic() - t0
+    after = wait_graph_sent(fake, before["sent"] + 1)
+    wall = time.monotonic() - t0
+    return {
+        "system": "postern-graph-100MB", "rss_before_kb": rest,
+        "hwm_kb": status_kb(px.pid, "VmHWM"), "wall_s": wall, "accept_s": accepted,
+        "upload_puts": after["upload_puts"] - before["upload_puts"],
+        "upload_bytes": after["upload_bytes"] - before["upload_bytes"],
+        "graph_errors": after["errors"] - before["errors"],
+    }
+
+
 def big_message(fake, px):
     """postern's peak RSS while relaying one 100 MB message end to end."""
     with open(f"/proc/{px.pid}/clear_refs", "w") as f:
@@ -356,6 +431,7 @@ def main():
     jsonl = open(os.path.join(HERE, "results", f"e2e-{stamp}.jsonl"), "w")
     # Warm up: postern's token and first connections, emailproxy's tokens.
     run_postern(fake, px, 2 * N_SENDERS, 4, 2048)
+    run_postern_graph(fake, px, 2 * N_SENDERS, 4, 2048)
     run_proxy(fake, ep, N_SENDERS, 1, 2048)
     idle_rss = status_kb(px.pid, "VmRSS")
     for size in SIZES:
@@ -363,16 +439,19 @@ def main():
             cell = {"size": size, "clients": clients}
             log(f"cell {size} B x {clients} clients")
             p = run_postern(fake, px, MSGS, clients, size)
+            g = run_postern_graph(fake, px, MSGS, clients, size)
             d = run_direct(fake, MSGS, clients, size)
             e = run_proxy(fake, ep, MSGS_PROXY, clients, size)
-            for r in (p, d, e):
+            for r in (p, g, d, e):
                 r.update(cell)
                 jsonl.write(json.dumps(r) + "\n")
                 log(f"  {r['system']:10} {r['msg_s']:8.1f} msg/s  sent {r['sent']} failed "
                     f"{r['failed']} {r.get('first_error') or ''}")
-            rows.append((cell, p, d, e))
+            rows.append((cell, p, d, e, g))
     big = big_message(fake, px)
     jsonl.write(json.dumps(big) + "\n")
+    big_graph = big_message_graph(fake, px)
+    jsonl.write(json.dumps(big_graph) + "\n")
     jsonl.close()
 
     cores = os.cpu_count()
@@ -388,7 +467,7 @@ def main():
         "| postern/emailproxy | postern CPU ms/msg | upstream conns (postern / direct) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for cell, p, d, e in rows:
+    for cell, p, d, e, _ in rows:
         ok = all(r["failed"] == 0 for r in (p, d, e))
         out.append(
             f"| {cell['size'] // 1024} KB | {cell['clients']} | {p['msg_s']:.0f} | "
@@ -401,6 +480,36 @@ def main():
         f"postern RSS at rest: {idle_rss / 1024:.1f} MB; peak RSS (VmHWM) while relaying one "
         f"100 MB message end to end: {big['hwm_kb'] / 1024:.1f} MB "
         f"({big['wall_s']:.1f} s, {big['bytes_delivered']} bytes delivered).",
+    ]
+    out += [
+        "",
+        "## Over Microsoft Graph (issue 9)",
+        "",
+        "The same clients and postern, on a route with transport = \"graph\" to the fake Graph "
+        "(base64 MIME sendMail, at most 4 requests in flight per mailbox). \"accepted\" is the "
+        "rate at which postern answered 250 to those messages, \"end to end\" until the fake "
+        "Graph had them all; \"keeps up\" is end to end / accepted. Targets: keeps up at 10 "
+        "clients, CPU < 1 ms/message.",
+        "",
+        "| size | clients | Graph end to end msg/s | accepted msg/s | keeps up | Graph/SMTP "
+        "| postern CPU ms/msg (Graph) | (SMTP) | Graph requests/msg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell, p, _, _, g in rows:
+        ok = g["failed"] == 0 and g["graph_errors"] == 0
+        out.append(
+            f"| {cell['size'] // 1024} KB | {cell['clients']} | {g['msg_s']:.0f} | "
+            f"{g['accept_msg_s']:.0f} | {100 * g['msg_s'] / g['accept_msg_s']:.0f} % | "
+            f"{g['msg_s'] / p['msg_s']:.2f}x | {g['cpu_ms_per_msg']:.2f} | "
+            f"{p['cpu_ms_per_msg']:.2f} | {g['graph_requests'] / MSGS:.2f} |"
+            + ("" if ok else " FAILURES"))
+    out += [
+        "",
+        f"Peak RSS (VmHWM) while relaying one 100 MB message (a 74 MB base64 attachment) over "
+        f"Graph: {big_graph['hwm_kb'] / 1024:.1f} MB (target < 40 MB; accepted in "
+        f"{big_graph['accept_s']:.1f} s, sent {big_graph['wall_s']:.1f} s after the first byte; "
+        f"{big_graph['upload_puts']} upload PUTs, {big_graph['upload_bytes']} bytes uploaded"
+        f"{'' if big_graph['graph_errors'] == 0 else ', ERRORS'}).",
     ]
     report = "\n".join(out) + "\n"
     with open(os.path.join(HERE, "results", f"e2e-{stamp}.md"), "w") as f:

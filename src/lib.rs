@@ -14,9 +14,11 @@
 //! - [`upstream`]: transports that send a spooled message: Exchange Online SMTP with XOAUTH2
 //!   (BDAT when offered; `smtp/pool.rs` keeps authenticated connections per mailbox between
 //!   messages), Microsoft Graph (`graph/`: sendMail with the MIME, drafts when the envelope
-//!   differs from the headers), and `file`; `classify` (and `graph/classify`) turn every
-//!   upstream answer into an outcome and advice; `rewrite` sends a device's mail as its route's
-//!   mailbox (`rewrite_from`); `watch` lets `postern test` see each step of the dialogue.
+//!   differs from the headers, `graph/large/` for messages over Graph's 4 MB request limit:
+//!   skeleton draft, attachments and upload sessions), and `file`; `classify` (and
+//!   `graph/classify`) turn every upstream answer into an outcome and advice; `rewrite` sends a
+//!   device's mail as its route's mailbox (`rewrite_from`); `watch` lets `postern test` see each
+//!   step of the dialogue.
 //! - [`token`]: OAuth2 with Entra: the flows, the per-mailbox token store (refresh ahead,
 //!   single-flight), refresh-token files, `postern login` and `postern token`.
 //! - [`diagnosis`]: the one table of errors (Exchange SMTP replies, AADSTS codes, Graph errors,

@@ -165,7 +165,15 @@ async fn trial(cfg: &Config, t: &Trial, out: &Steps) -> u8 {
         TransportConfig::Graph {
             account,
             save_to_sent_items,
-        } => graph(cfg, t, route, account, *save_to_sent_items, &mailbox, out).await,
+            max_message_size,
+        } => {
+            let graph_route = GraphRoute {
+                account,
+                save_to_sent_items: *save_to_sent_items,
+                max_message_size: *max_message_size,
+            };
+            graph(cfg, t, route, &graph_route, &mailbox, out).await
+        }
         // Transports added later (Graph) say so rather than fail to build; allowed because
         // today every variant is matched above.
         #[allow(unreachable_patterns)]
@@ -267,15 +275,22 @@ async fn token_step(
     true
 }
 
+/// A Graph route's transport settings.
+struct GraphRoute<'a> {
+    account: &'a str,
+    save_to_sent_items: bool,
+    max_message_size: u64,
+}
+
 async fn graph(
     cfg: &Config,
     t: &Trial,
     route: &RouteConfig,
-    account: &str,
-    save_to_sent_items: bool,
+    g: &GraphRoute<'_>,
     mailbox: &str,
     out: &Steps,
 ) -> u8 {
+    let account = g.account;
     let Some(acc) = cfg.account(account) else {
         out.fail("account", &format!("there is no [account.{account}]"));
         return FAILED;
@@ -286,8 +301,8 @@ async fn graph(
         return FAILED;
     }
     let source: Arc<dyn TokenSource> = tokens;
-    let transport = match GraphTransport::new(acc, source, save_to_sent_items) {
-        Ok(t) => t,
+    let transport = match GraphTransport::new(acc, source, g.save_to_sent_items) {
+        Ok(t) => t.with_max_message_size(g.max_message_size),
         Err(e) => {
             out.fail("transport", &e.to_string());
             return FAILED;

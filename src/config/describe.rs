@@ -92,13 +92,15 @@ impl Config {
                 TransportConfig::Graph {
                     account,
                     save_to_sent_items,
+                    max_message_size,
                 } => format!(
-                    "graph (Microsoft Graph sendMail, account {account}{})",
+                    "graph (Microsoft Graph sendMail, account {account}{}, messages up to {})",
                     if *save_to_sent_items {
                         ""
                     } else {
                         ", no copy in Sent Items"
-                    }
+                    },
+                    size(*max_message_size)
                 ),
                 TransportConfig::Discard => "discard (accepted and dropped)".to_owned(),
             };

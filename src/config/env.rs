@@ -296,7 +296,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             &c.routes[0].transport,
-            crate::config::TransportConfig::Graph { account, save_to_sent_items: true } if account == "m365"
+            crate::config::TransportConfig::Graph { account, save_to_sent_items: true, .. } if account == "m365"
         ));
     }
 

@@ -217,6 +217,9 @@ pub enum TransportConfig {
         /// Keep a copy in the mailbox's Sent Items. Graph honours `false` only where the
         /// request form lets it be said (see `upstream::graph`); default `true`, as Graph's.
         save_to_sent_items: bool,
+        /// Largest message the route sends (the mailbox's `MaxSendSize`; default 35 MiB, at
+        /// most 150 MiB); larger ones fail with a DSN.
+        max_message_size: u64,
     },
 }
 

@@ -95,6 +95,7 @@ pub(crate) const ROUTE_KEYS: &[&str] = &[
     "daily_recipients",
     "rewrite_from",
     "save_to_sent_items",
+    "max_message_size",
 ];
 /// Keys allowed in `[account.NAME]`.
 pub(crate) const ACCOUNT_KEYS: &[&str] = &[
@@ -249,6 +250,7 @@ pub(crate) struct RawRoute {
     pub daily_recipients: Option<Spanned<RawCount>>,
     pub rewrite_from: Option<Spanned<bool>>,
     pub save_to_sent_items: Option<Spanned<bool>>,
+    pub max_message_size: Option<Spanned<RawSize>>,
 }
 
 /// A count written as a number (`10000`) or as text (`"5/3s"`, `"unlimited"`).
@@ -571,6 +573,7 @@ fn route(c: &mut Collector<'_>, name: String, header: Span, t: &DeTable<'_>) -> 
             "daily_recipients" => r.daily_recipients = count_or_text(c, &path, v),
             "rewrite_from" => r.rewrite_from = boolean(c, &path, v),
             "save_to_sent_items" => r.save_to_sent_items = boolean(c, &path, v),
+            "max_message_size" => r.max_message_size = size(c, &path, v, "\"35 MiB\""),
             _ => unknown_key(c, &table, k, ROUTE_KEYS),
         }
     }

@@ -164,6 +164,11 @@ mod defaults {
     pub const ALLOW_NETWORKS: &[&str] = &["127.0.0.0/8", "::1/128"];
     /// Exchange Online's default message size limit.
     pub const MAX_MESSAGE_SIZE: u64 = 35_000_000;
+    /// A Graph route's default `max_message_size`: Exchange Online's default `MaxSendSize`,
+    /// 35 MB as Exchange counts (36,700,160 bytes).
+    pub const GRAPH_MAX_MESSAGE_SIZE: u64 = 35 * 1024 * 1024;
+    /// The most `MaxSendSize` can be raised to: 150 MB as Exchange counts.
+    pub const GRAPH_MAX_MESSAGE_CEILING: u64 = 150 * 1024 * 1024;
     pub const MAX_RECIPIENTS: usize = 100;
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
     pub const DATA_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -869,6 +874,7 @@ impl Checker<'_, '_> {
                 None
             }
         });
+        let graph_max = self.graph_max_message_size(&table, r.max_message_size.clone());
         let transport = match &r.transport {
             Some(t) => match t.get_ref().as_str() {
                 "file" => match &r.dir {
@@ -893,6 +899,7 @@ impl Checker<'_, '_> {
                                         .save_to_sent_items
                                         .as_ref()
                                         .is_none_or(|v| *v.get_ref()),
+                                    max_message_size: graph_max,
                                 }
                             }
                         })
@@ -926,6 +933,15 @@ impl Checker<'_, '_> {
             (&r.account, &transport)
         {
             self.c.at(&a.span(), &format!("{table}.account"), "account only applies to transport = \"smtp\" or \"graph\"; remove it, or write transport = \"smtp\"".to_owned());
+        }
+        if let Some(v) = &r.max_message_size
+            && !matches!(transport, Some(TransportConfig::Graph { .. }) | None)
+        {
+            self.c.at(
+                &v.span(),
+                &format!("{table}.max_message_size"),
+                "max_message_size in a route only applies to transport = \"graph\" (over SMTP, Exchange itself refuses what is too large, and the listener's max_message_size limits what postern accepts); remove it".to_owned(),
+            );
         }
         if let Some(v) = &r.save_to_sent_items
             && !matches!(transport, Some(TransportConfig::Graph { .. }) | None)
@@ -1166,6 +1182,27 @@ impl Checker<'_, '_> {
                 default
             }
         }
+    }
+
+    /// A Graph route's `max_message_size`: default 35 MiB, at most 150 MiB (what a mailbox's
+    /// `MaxSendSize` can be raised to).
+    fn graph_max_message_size(&mut self, table: &str, raw: Option<Spanned<RawSize>>) -> u64 {
+        let span = raw.as_ref().map(|s| s.span());
+        let path = format!("{table}.max_message_size");
+        let n = self.size(&path, raw, defaults::GRAPH_MAX_MESSAGE_SIZE, false);
+        if n > defaults::GRAPH_MAX_MESSAGE_CEILING {
+            if let Some(span) = span {
+                self.c.at(
+                    &span,
+                    &path,
+                    format!(
+                        "{n} bytes is more than a Microsoft 365 mailbox can send (150 MB, Set-Mailbox -MaxSendSize 150MB); write \"150 MiB\" or less"
+                    ),
+                );
+            }
+            return defaults::GRAPH_MAX_MESSAGE_CEILING;
+        }
+        n
     }
 
     fn size(

@@ -1088,6 +1088,21 @@ pub static TABLE: &[Entry] = &[
         postern: FAIL,
     },
     Entry {
+        id: "graph.route-limit",
+        rows: &[],
+        title: "Graph: the message is larger than the route's max_message_size",
+        signs: &[Phrase("more than this route's limit")],
+        meaning: "postern sends messages up to the route's max_message_size over Graph (35 MB by default, Exchange Online's default MaxSendSize); this one is larger, so it is returned to its sender rather than refused by Exchange after a long upload.",
+        causes: &[
+            "A large attachment (base64 makes a file a third larger in the message)",
+            "The mailbox's MaxSendSize was raised but the route's max_message_size was not",
+        ],
+        fix: &[all(
+            "If {mailbox} may send larger messages (`Set-Mailbox -Identity {mailbox} -MaxSendSize 150MB`, at most 150 MB), raise max_message_size in the route to match (for example max_message_size = \"150 MiB\"); otherwise ask the sender to share a link instead of attaching the file",
+        )],
+        postern: FAIL,
+    },
+    Entry {
         id: "graph.throttled",
         rows: &[49],
         title: "Graph: too many requests (429 ApplicationThrottled)",

@@ -21,6 +21,7 @@ pub(super) async fn route(
     let TransportConfig::Graph {
         account,
         save_to_sent_items,
+        ..
     } = &route.transport
     else {
         return;

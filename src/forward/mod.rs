@@ -88,7 +88,14 @@ impl Plan {
                     TransportConfig::Graph {
                         account,
                         save_to_sent_items,
-                    } => graph_transport(&config, account, *save_to_sent_items, &tokens),
+                        max_message_size,
+                    } => graph_transport(
+                        &config,
+                        account,
+                        *save_to_sent_items,
+                        *max_message_size,
+                        &tokens,
+                    ),
                     TransportConfig::Discard => Arc::new(Discard),
                 };
                 let t: Arc<dyn Transport> = if r.rewrite_from {
@@ -153,6 +160,7 @@ fn graph_transport(
     config: &Config,
     account: &str,
     save_to_sent_items: bool,
+    max_message_size: u64,
     tokens: &Arc<dyn TokenSource>,
 ) -> Arc<dyn Transport> {
     let Some(acc) = config.account(account) else {
@@ -161,7 +169,7 @@ fn graph_transport(
         )));
     };
     match GraphTransport::new(acc, tokens.clone(), save_to_sent_items) {
-        Ok(t) => Arc::new(t),
+        Ok(t) => Arc::new(t.with_max_message_size(max_message_size)),
         Err(e) => {
             error!(account, error = %e, "the graph transport cannot be set up; its messages are held");
             Arc::new(Unavailable(e.to_string()))

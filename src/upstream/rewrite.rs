@@ -186,6 +186,24 @@ impl Rewritten {
         &self.head
     }
 
+    /// `original`, an in-memory copy of the stored message that starts with its whole header
+    /// section (such as a skeleton without some of its parts), with the rewritten header.
+    pub fn apply_to(&self, original: &[u8]) -> io::Result<Vec<u8>> {
+        let rest = usize::try_from(self.body_offset)
+            .ok()
+            .and_then(|at| original.get(at..))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the message is shorter than its header section",
+                )
+            })?;
+        let mut out = Vec::with_capacity(self.head.len() + rest.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(rest);
+        Ok(out)
+    }
+
     /// The rewritten message, read from `file` (the queue file, opened without following
     /// symlinks: see [`crate::spool::msgfile::open_message`]).
     pub fn reader(&self, mut file: std::fs::File) -> io::Result<MessageReader> {

@@ -10,6 +10,7 @@ mod crash;
 mod delivery;
 mod dsn;
 mod graph;
+mod graph_large;
 mod input;
 mod load;
 mod m365;

@@ -40,6 +40,12 @@ pub enum Step {
     ReadDraft,
     /// `DELETE /users/{m}/messages/{id}`.
     DeleteDraft,
+    /// `POST /users/{m}/messages/{id}/attachments` (a part of a large message).
+    AddAttachment,
+    /// `POST .../attachments/createUploadSession`.
+    CreateUploadSession,
+    /// `PUT` of a range to an upload session's URL.
+    UploadRange,
 }
 
 impl Step {
@@ -52,6 +58,9 @@ impl Step {
             Step::SendDraft => "the request sending the draft",
             Step::ReadDraft => "the request reading the draft",
             Step::DeleteDraft => "the request deleting the draft",
+            Step::AddAttachment => "the request attaching a part of the message to the draft",
+            Step::CreateUploadSession => "the request opening an upload session for an attachment",
+            Step::UploadRange => "an upload of part of an attachment",
         }
     }
 

@@ -52,11 +52,21 @@
 //! with `Retry-After` make the whole mailbox wait ([`Outcome::Throttled`]); a `401
 //! InvalidAuthenticationToken` renews the token once and repeats the request at once
 //! ([`request`]); the route's pacing (30 messages a minute, 10,000 recipients a day) is the
-//! forwarder's, shared with SMTP. Messages whose request would exceed Graph's 4 MB limit
-//! fail with a DSN saying so (the upload-session path for large messages comes separately).
+//! forwarder's, shared with SMTP.
+//!
+//! **Large messages** (whose base64 would pass Graph's 4 MB request limit, [`large`]): always
+//! the draft path, with the draft made from the message's *skeleton* (the message without
+//! its largest attachments); once its id is recorded, each cut-out part is attached (under
+//! 3 MB in one request, larger ones through an upload session, `PUT`s of at most 3.2 MB to
+//! the pre-authenticated URL without the token), then recipients are set and the draft is
+//! sent. An attempt that fails while attaching deletes its draft; a restart that finds a
+//! large message's draft whose send was not yet requested deletes it and starts again (its
+//! parts may be incomplete). Messages over the route's `max_message_size` (default 35 MiB,
+//! Exchange Online's default `MaxSendSize`) fail with a DSN naming what to change.
 
 pub mod body;
 pub mod classify;
+pub mod large;
 pub mod limit;
 pub mod recipients;
 pub mod request;
@@ -65,9 +75,10 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use reqwest::Method;
 use serde_json::json;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{BoxFuture, Outcome, Outgoing, RcptResult, Transport, UpstreamError};
 use crate::config::{AccountConfig, Credential};
@@ -97,6 +108,8 @@ pub struct GraphTransport {
     client_id: String,
     app_only: bool,
     save_to_sent_items: bool,
+    /// Largest message this route sends ([`large`]; the mailbox's `MaxSendSize`).
+    max_message_size: u64,
     client: GraphClient,
 }
 
@@ -151,6 +164,7 @@ impl GraphTransport {
             client_id: account.client_id.clone(),
             app_only: !matches!(account.credential, Credential::Delegated { .. }),
             save_to_sent_items,
+            max_message_size: large::DEFAULT_MAX_MESSAGE,
             client: GraphClient::new(
                 http,
                 &account.endpoints.graph_url,
@@ -159,6 +173,13 @@ impl GraphTransport {
                 tokens,
             ),
         })
+    }
+
+    /// The largest message this route sends (default 35 MB, Exchange Online's default
+    /// `MaxSendSize`); larger ones fail with a DSN saying what to change.
+    pub fn with_max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
     }
 
     /// The request helper (for `doctor`, and the large-message path).
@@ -323,7 +344,7 @@ impl GraphTransport {
             let step = if a.progress.as_ref().is_some_and(|p| p.draft_id.is_some()) {
                 self.resume(&mut a, &wanted).await
             } else {
-                match recipients::plan(&a.header, &wanted, !self.save_to_sent_items) {
+                match recipients::plan(&a.header, &wanted, self.force_draft(a.msg)) {
                     Plan::Fast { bcc } => self.fast(&mut a, &bcc).await,
                     Plan::Draft(r) => self.draft(&mut a, &r).await,
                 }
@@ -438,15 +459,31 @@ impl GraphTransport {
         }
     }
 
+    /// Whether `msg` must go through a draft: the route keeps no copy in Sent Items, or the
+    /// message is too large for one request ([`large`]).
+    fn force_draft(&self, msg: &Outgoing) -> bool {
+        // The `Bcc:` header sendMail may put in front counts toward the request too: allow
+        // for every pending recipient (`Bcc: ` plus `<address>,` and a fold each).
+        let bcc: u64 = 8 + msg
+            .envelope
+            .pending()
+            .map(|r| r.address.len() as u64 + 6)
+            .sum::<u64>();
+        !self.save_to_sent_items || large::is_large(msg.size() + bcc)
+    }
+
     /// A message whose request would be too large for Graph: fail it with the reason.
     fn too_large(&self, msg: &Outgoing, request: u64) -> Outcome {
+        // Not expected: messages whose request could pass 4 MB go through a draft and
+        // upload sessions ([`large`]); this guards the request limit all the same.
         Outcome::Permanent {
             reason: format!(
                 "the message is {} bytes; as base64 its Graph request would be {request} bytes, \
-                 over Graph's 4 MB request limit (microsoft-reference.md §4.3). Over Graph this \
-                 version of postern sends messages up to about 2.9 MB; send larger mail through \
-                 a route with transport = \"smtp\", or make the message smaller",
-                msg.size()
+                 over Graph's 4 MB request limit (microsoft-reference.md §4.3), and postern did \
+                 not split it; send it through a route with transport = \"smtp\", and report \
+                 this with `postern queue show {}`",
+                msg.size(),
+                msg.envelope.id
             ),
         }
     }
@@ -587,10 +624,25 @@ impl GraphTransport {
     /// `POST /messages` with the MIME: the draft's id, recorded in the envelope.
     async fn create_draft(&self, a: &mut Attempt<'_>) -> Result<String, Step1> {
         let request = body::encoded_len(a.msg.size());
-        if request > MAX_REQUEST {
-            return Err(Step1::End(self.too_large(a.msg, request)));
-        }
-        let make = Self::mime_body(a.msg, Vec::new());
+        // A large message: the draft is made from its skeleton, the parts follow.
+        let prepared = if request > MAX_REQUEST {
+            Some(self.prepare_large(a.msg).await.map_err(Step1::End)?)
+        } else {
+            None
+        };
+        let skeleton = prepared.as_ref().map(|p| p.skeleton_base64.clone());
+        let whole = Self::mime_body(a.msg, Vec::new());
+        let from_skeleton = move || -> std::io::Result<(reqwest::Body, u64)> {
+            let b = skeleton.clone().unwrap_or_default();
+            let len = b.len() as u64;
+            Ok((reqwest::Body::from(b), len))
+        };
+        let make: &(dyn Fn() -> std::io::Result<(reqwest::Body, u64)> + Send + Sync) =
+            if prepared.is_some() {
+                &from_skeleton
+            } else {
+                &whole
+            };
         let req = Req {
             method: Method::POST,
             url: self.url(&a.path, &["messages"]),
@@ -641,7 +693,100 @@ impl GraphTransport {
             self.discard_draft(a).await;
             return Err(Step1::End(o));
         }
+        if let Some(prepared) = prepared {
+            self.attach_large(a, &id, &prepared.prepared).await?;
+        }
         Ok(id)
+    }
+
+    /// Split a large message (blocking work, off the runtime): the parts to upload and the
+    /// skeleton's base64; a message that cannot go this way fails with the reason.
+    async fn prepare_large(&self, msg: &Outgoing) -> Result<LargeDraft, Outcome> {
+        let (path, size, limit) = (
+            msg.message.clone(),
+            msg.envelope.size,
+            self.max_message_size,
+        );
+        let rewrite = msg.rewrite.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<LargeDraft, large::PrepareError> {
+            let prepared = large::prepare(&path, size, limit)?;
+            let mut skeleton = large::skeleton(&path, &prepared)?;
+            // `rewrite_from`: the skeleton starts with the stored header section, which goes
+            // out rewritten like the whole message would (the cut-out parts are all below it).
+            if let Some(r) = &rewrite {
+                skeleton = r.apply_to(&skeleton)?;
+            }
+            let skeleton_base64 =
+                bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&skeleton));
+            Ok(LargeDraft {
+                prepared,
+                skeleton_base64,
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e @ large::PrepareError::OverLimit { .. })) => {
+                let vars = crate::diagnosis::Vars::new().set("mailbox", &msg.envelope.mailbox);
+                Err(Outcome::Permanent {
+                    reason: format!(
+                        "{e}. {}",
+                        crate::diagnosis::advice("graph.route-limit", &vars)
+                    ),
+                })
+            }
+            Ok(Err(e)) if e.is_permanent() => Err(Outcome::Permanent {
+                reason: format!("cannot send this message over Graph: {e}"),
+            }),
+            Ok(Err(e)) => Err(Outcome::Transient {
+                reason: format!("cannot read {}: {e}", msg.message.display()),
+            }),
+            Err(e) => Err(Outcome::Transient {
+                reason: format!("splitting the message failed: {e}"),
+            }),
+        }
+    }
+
+    /// Attach the cut-out parts to the new draft `id`. On failure the draft is deleted (the
+    /// next attempt makes a new one) unless Graph cannot be reached to delete it: then the
+    /// envelope keeps its id, and the next attempt deletes it first.
+    async fn attach_large(
+        &self,
+        a: &mut Attempt<'_>,
+        id: &str,
+        prepared: &large::Prepared,
+    ) -> Result<(), Step1> {
+        let path = a
+            .progress
+            .as_ref()
+            .map_or(a.path.clone(), |p| p.path.clone());
+        let draft = large::upload::Draft {
+            client: &self.client,
+            mailbox: a.ctx.mailbox,
+            queue_id: a.ctx.queue_id,
+            url: self.url(&path, &["messages", id]),
+        };
+        let parts = prepared.plan.cut.len();
+        let r = large::attach_all(&draft, &a.msg.message, prepared).await;
+        let outcome = match r {
+            Ok(()) => {
+                debug!(queue_id = %a.ctx.queue_id, parts, "large message: every part attached to the draft");
+                return Ok(());
+            }
+            Err(large::upload::UploadError::Refused { step, answer }) => {
+                classify::outcome(&answer, step, &a.ctx)
+            }
+            Err(large::upload::UploadError::Failed(f)) => self.failure(
+                f,
+                a,
+                "the draft is deleted and the next attempt starts again",
+            ),
+            Err(large::upload::UploadError::Protocol(why)) => Outcome::Transient {
+                reason: format!("{} upload: {why}", self.client.server),
+            },
+        };
+        self.discard_draft(a).await;
+        Err(Step1::End(outcome))
     }
 
     /// Record that `send` is requested, then request it.
@@ -729,6 +874,19 @@ impl GraphTransport {
                         ans.ids()
                     ));
                 }
+                if large::is_large(a.msg.size()) && !p.send_requested {
+                    // Its parts may not all have been attached: start again from a new draft.
+                    warn!(queue_id = %a.ctx.queue_id, "a draft of this large message was left by an interrupted attempt: deleting it and making a new one");
+                    self.discard_draft(a).await;
+                    if a.progress.is_some() {
+                        return Step1::End(Outcome::Transient {
+                            reason: format!(
+                                "the unfinished draft of this message in {} could not be deleted; postern tries again later",
+                                a.ctx.mailbox
+                            ),
+                        });
+                    }
+                }
                 let r = match recipients::plan(&a.header, wanted, true) {
                     Plan::Draft(r) => r,
                     Plan::Fast { bcc } => Recipients {
@@ -753,7 +911,7 @@ impl GraphTransport {
                 if let Err(o) = self.record(a, None).await {
                     return Step1::End(o);
                 }
-                match recipients::plan(&a.header, wanted, !self.save_to_sent_items) {
+                match recipients::plan(&a.header, wanted, self.force_draft(a.msg)) {
                     Plan::Fast { bcc } => self.fast(a, &bcc).await,
                     Plan::Draft(r) => self.draft(a, &r).await,
                 }
@@ -826,6 +984,12 @@ impl GraphTransport {
             }),
         }
     }
+}
+
+/// A large message's split, and the base64 of its skeleton (the draft's MIME).
+struct LargeDraft {
+    prepared: large::Prepared,
+    skeleton_base64: bytes::Bytes,
 }
 
 /// Graph's header asking for ids that stay the same when a message moves between folders.

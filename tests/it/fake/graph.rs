@@ -38,6 +38,8 @@ use hyper::body::Incoming;
 use hyper::{Request as HttpRequest, Response};
 use serde_json::{Value, json};
 
+use super::graph_upload::{Reply, Uploads};
+
 /// Graph's request size limit (§4.3), as this fake applies it.
 pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
 /// Outlook's concurrency limit per app and mailbox (§4.4).
@@ -243,6 +245,8 @@ pub struct State {
     /// Each request is answered after this long.
     pub delay: Duration,
     in_flight: HashMap<String, usize>,
+    /// Attachments and upload sessions (large messages, [`super::graph_upload`]).
+    pub uploads: Uploads,
     /// Most requests in flight at once, per app and mailbox (`appid mailbox`).
     pub max_in_flight: HashMap<String, usize>,
     n: u64,
@@ -320,6 +324,7 @@ impl FakeGraph {
             delay: Duration::ZERO,
             in_flight: HashMap::new(),
             max_in_flight: HashMap::new(),
+            uploads: Uploads::default(),
             n: 0,
         }));
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -416,11 +421,13 @@ async fn handle(st: Arc<Mutex<State>>, req: HttpRequest<Incoming>) -> Result<Ans
         h("content-length"),
         h("prefer"),
     );
+    let content_range = h("content-range");
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(_) => return Err(Dropped),
     };
     let path = percent_decode(&raw_path);
+    let upload = path.starts_with("/upload/");
     let mut r = Request {
         method,
         path,
@@ -435,6 +442,10 @@ async fn handle(st: Arc<Mutex<State>>, req: HttpRequest<Incoming>) -> Result<Ans
         at: Instant::now(),
         status: 0,
     };
+    if upload {
+        // Upload URLs are pre-authenticated: no token check, no mailbox slot (graph_upload).
+        return Ok(upload_put(&st, r, content_range.as_deref()).await);
+    }
     let (answer, slot) = {
         let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
         let slot = enter(&mut s, &mut r);
@@ -764,9 +775,23 @@ fn dispatch(s: &mut State, r: &mut Request, who: &Who) -> Result<Answer, Dropped
             }
             None => Ok(error(s, r, &not_found())),
         },
+        ("POST", ["messages", id, "attachments"]) => {
+            let draft = draft_state(s, &who.mailbox, id);
+            let reply = s.uploads.add_attachment(id, draft, &r.body);
+            Ok(render(s, r, reply))
+        }
+        ("POST", ["messages", id, "attachments", "createUploadSession"]) => {
+            let draft = draft_state(s, &who.mailbox, id);
+            let base = s.base.clone();
+            let reply = s
+                .uploads
+                .create_session(&base, &who.mailbox, id, draft, &r.body);
+            Ok(render(s, r, reply))
+        }
         ("DELETE", ["messages", id]) => {
             if s.drafts.get(*id).is_some_and(|d| d.mailbox == who.mailbox) {
                 s.drafts.remove(*id);
+                s.uploads.forget(id);
                 Ok(answer(s, r, 204, None))
             } else {
                 Ok(error(s, r, &not_found()))
@@ -1017,4 +1042,79 @@ fn percent_decode(p: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---- Large messages: attachments and upload sessions (the logic is in graph_upload.rs) ----
+
+/// Whether message `id` of `mailbox` is still a draft (`None`: there is no such message).
+fn draft_state(s: &State, mailbox: &str, id: &str) -> Option<bool> {
+    s.drafts
+        .get(id)
+        .filter(|d| d.mailbox == mailbox)
+        .map(|d| d.is_draft)
+}
+
+/// A [`Reply`] of the upload handlers as this fake's HTTP answer.
+fn render(s: &mut State, r: &Request, reply: Reply) -> Answer {
+    match reply {
+        Reply::Ok {
+            status,
+            body,
+            location,
+        } => {
+            let mut a = answer(s, r, status, body);
+            if let Some(l) = location
+                && let Ok(v) = hyper::header::HeaderValue::from_str(&l)
+            {
+                a.headers_mut().insert(hyper::header::LOCATION, v);
+            }
+            a
+        }
+        Reply::Err {
+            status,
+            code,
+            message,
+        } => error(s, r, &GraphErr::new(status, code, &message)),
+    }
+}
+
+/// A request to an upload URL (`/upload/...?authtoken=...`): only `PUT`; recorded like
+/// every request, after the scripted delay.
+async fn upload_put(st: &Arc<Mutex<State>>, mut r: Request, content_range: Option<&str>) -> Answer {
+    let delay = st
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .uploads
+        .put_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
+    let reply = if r.method == "PUT" {
+        let token = r
+            .query
+            .as_deref()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("authtoken=")))
+            .map(str::to_string);
+        let base = s.base.clone();
+        let rest = r.path.trim_start_matches("/upload/").to_string();
+        s.uploads.put(
+            &base,
+            &rest,
+            token.as_deref(),
+            r.authorization.is_some(),
+            content_range,
+            &r.body,
+        )
+    } else {
+        Reply::Err {
+            status: 405,
+            code: "BadRequest",
+            message: format!("{} is not supported on an upload URL.", r.method),
+        }
+    };
+    let a = render(&mut s, &r, reply);
+    r.status = a.status().as_u16();
+    s.requests.push(r);
+    a
 }

@@ -3,3 +3,4 @@
 pub mod entra;
 pub mod exchange;
 pub mod graph;
+pub mod graph_upload;
