@@ -361,6 +361,12 @@ impl Transport for RewriteFrom {
         format!("{} (rewrite_from)", self.inner.describe())
     }
 
+    // The wrapped transport's own bookkeeping (Graph's draft id) must survive the wrapper,
+    // or a lost answer would be sent again.
+    fn records_progress(&self) -> bool {
+        self.inner.records_progress()
+    }
+
     fn send<'a>(&'a self, msg: &'a Outgoing) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let env = &msg.envelope;

@@ -693,8 +693,19 @@ fn delegated_tokens_use_me_for_the_own_mailbox() {
 
 #[test]
 fn a_lost_answer_on_the_draft_path_is_not_sent_twice() {
+    lost_draft_answer_is_not_sent_twice("");
+}
+
+#[test]
+fn a_lost_answer_on_the_draft_path_is_not_sent_twice_with_rewrite_from() {
+    // The rewrite wraps the transport: the draft id Graph's transport records must survive it.
+    lost_draft_answer_is_not_sent_twice("rewrite_from = true");
+}
+
+fn lost_draft_answer_is_not_sent_twice(route: &str) {
     let w = world(Setup {
         roles: &["Mail.Send", "Mail.ReadWrite"],
+        route,
         ..Setup::default()
     });
     // Graph sends the draft, but its 202 never arrives (the connection drops).
