@@ -211,7 +211,7 @@ pub fn header_from(header: &[u8]) -> Option<String> {
 }
 
 /// `value` without RFC 5322 comments `(...)` outside quoted strings.
-fn strip_comments(value: &str) -> String {
+pub(crate) fn strip_comments(value: &str) -> String {
     let (mut out, mut depth, mut in_quotes) = (String::new(), 0u32, false);
     for ch in value.chars() {
         match ch {

@@ -298,7 +298,7 @@ fn display_name(value: String) -> Option<String> {
         }
     }
     let phrase = match angle {
-        Some(i) => strip_comments(&value[..i]),
+        Some(i) => crate::address::strip_comments(&value[..i]),
         None => comment,
     };
     let phrase = phrase.trim();
@@ -322,24 +322,6 @@ fn display_name(value: String) -> Option<String> {
             .replace('"', "\\\"");
         format!("\"{inner}\"")
     })
-}
-
-/// `s` without RFC 5322 comments outside quoted strings.
-fn strip_comments(s: &str) -> String {
-    let (mut out, mut depth, mut in_quotes) = (String::new(), 0u32, false);
-    for ch in s.chars() {
-        match ch {
-            '"' if depth == 0 => {
-                in_quotes = !in_quotes;
-                out.push(ch);
-            }
-            '(' if !in_quotes => depth += 1,
-            ')' if !in_quotes && depth > 0 => depth -= 1,
-            _ if depth == 0 => out.push(ch),
-            _ => {}
-        }
-    }
-    out
 }
 
 /// The transport of a route with `rewrite_from = true`: each message goes to `inner` as its
