@@ -17,6 +17,9 @@ WHAT IT MEASURES
   Ratios postern/direct and postern/emailproxy per cell (targets: >= 1.5x and >= 10x).
   postern's CPU per message: utime+stime of the postern process (/proc/PID/stat) over the
   cell (load and drain), divided by the messages (target < 1 ms).
+  Floor: the loopback round trip between two processes and the time of one pwrite +
+  fdatasync on the benchmark's file system, at the start and the end of the run: what a
+  client that waits for every reply (one message per connection) cannot go below.
   Memory: postern's RSS at rest, and its peak (VmHWM, reset through clear_refs) while
   relaying one 100 MB message end to end (target < 40 MB).
 
@@ -160,6 +163,57 @@ def status_kb(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def loopback_rtt_us(seconds=1.0):
+    """Mean round trip of 20 bytes between two processes over loopback TCP
+    (TCP_NODELAY), in microseconds: what each SMTP command/reply pair costs at least."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    pid = os.fork()
+    if pid == 0:
+        c, _ = srv.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            d = c.recv(64)
+            if not d:
+                os._exit(0)
+            c.sendall(d)
+    c = socket.create_connection(srv.getsockname())
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        c.sendall(b"x" * 20)
+        c.recv(64)
+        n += 1
+    wall = time.monotonic() - t0
+    c.close()
+    srv.close()
+    os.waitpid(pid, 0)
+    return 1e6 * wall / n
+
+
+def fdatasync_us(seconds=1.0, size=2600):
+    """Mean time of one pwrite of `size` bytes into a preallocated file plus fdatasync, in
+    microseconds, on the benchmark's file system: what postern's 250 waits for at least (its
+    intake journal is such a file)."""
+    path = os.path.join(BENCH_DIR, "fdatasync-probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 8 << 20)
+        os.write(fd, b"\0" * (8 << 20))
+        os.fsync(fd)
+        buf, n, off, t0 = b"x" * size, 0, 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            os.pwrite(fd, buf, off)
+            os.fdatasync(fd)
+            off = (off + size) % (8 << 20)
+            n += 1
+        return 1e6 * (time.monotonic() - t0) / n
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def start_fake():
@@ -306,7 +360,7 @@ def run_postern(fake, px, n, clients, size):
     cpu = (cpu_ticks(px.pid) - cpu0) / TCK
     return {
         "system": "postern", "sent": r["sent"], "failed": r["failed"], "wall_s": wall,
-        "load_s": r["wall_s"], "msg_s": n / wall, "cpu_s": cpu,
+        "load_s": r["wall_s"], "msg_s": n / wall, "accept_msg_s": n / r["wall_s"], "cpu_s": cpu,
         "cpu_ms_per_msg": 1000 * cpu / n,
         "upstream_connections": after["connections"] - before["connections"],
         "upstream_auths": after["auths"] - before["auths"],
@@ -434,6 +488,7 @@ def main():
     run_postern_graph(fake, px, 2 * N_SENDERS, 4, 2048)
     run_proxy(fake, ep, N_SENDERS, 1, 2048)
     idle_rss = status_kb(px.pid, "VmRSS")
+    floor = {"rtt_us": [loopback_rtt_us()], "fdatasync_us": [fdatasync_us()]}
     for size in SIZES:
         for clients in CLIENTS:
             cell = {"size": size, "clients": clients}
@@ -448,6 +503,9 @@ def main():
                 log(f"  {r['system']:10} {r['msg_s']:8.1f} msg/s  sent {r['sent']} failed "
                     f"{r['failed']} {r.get('first_error') or ''}")
             rows.append((cell, p, d, e, g))
+    floor["rtt_us"].append(loopback_rtt_us())
+    floor["fdatasync_us"].append(fdatasync_us())
+    jsonl.write(json.dumps({"system": "floor", **floor}) + "\n")
     big = big_message(fake, px)
     jsonl.write(json.dumps(big) + "\n")
     big_graph = big_message_graph(fake, px)
@@ -463,18 +521,37 @@ def main():
         f"{proxy_version}. Targets: postern >= 1.5x direct and >= 10x emailproxy in every "
         "cell; CPU < 1 ms/message; peak RSS < 40 MB relaying 100 MB.",
         "",
-        "| size | clients | postern msg/s | direct msg/s | emailproxy msg/s | postern/direct "
-        "| postern/emailproxy | postern CPU ms/msg | upstream conns (postern / direct) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | clients | postern msg/s | (accepted msg/s) | direct msg/s | emailproxy msg/s "
+        "| postern/direct | postern/emailproxy | postern CPU ms/msg | upstream conns "
+        "(postern / direct) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell, p, d, e, _ in rows:
         ok = all(r["failed"] == 0 for r in (p, d, e))
         out.append(
             f"| {cell['size'] // 1024} KB | {cell['clients']} | {p['msg_s']:.0f} | "
-            f"{d['msg_s']:.0f} | {e['msg_s']:.1f} | {p['msg_s'] / d['msg_s']:.2f}x | "
-            f"{p['msg_s'] / e['msg_s']:.0f}x | {p['cpu_ms_per_msg']:.2f} | "
+            f"{p['accept_msg_s']:.0f} | {d['msg_s']:.0f} | {e['msg_s']:.1f} | "
+            f"{p['msg_s'] / d['msg_s']:.2f}x | {p['msg_s'] / e['msg_s']:.0f}x | "
+            f"{p['cpu_ms_per_msg']:.2f} | "
             f"{p['upstream_connections']} / {d['upstream_connections']} |"
             + ("" if ok else " FAILURES"))
+    rtt = sum(floor["rtt_us"]) / len(floor["rtt_us"])
+    sync = sum(floor["fdatasync_us"]) / len(floor["fdatasync_us"])
+    out += [
+        "",
+        f"Floor of this machine in this run (start / end): loopback round trip between two "
+        f"processes {' / '.join(f'{x:.0f}' for x in floor['rtt_us'])} us; pwrite + fdatasync "
+        f"of 2.6 KB in a preallocated file (postern's intake journal) "
+        f"{' / '.join(f'{x:.0f}' for x in floor['fdatasync_us'])} us. With one client, "
+        f"every message waits for its own round trips: to postern, 8 (connect, greeting, "
+        f"EHLO, MAIL, RCPT, DATA, the message, QUIT) and one flush before the 250, about "
+        f"{(8 * rtt + sync) / 1000:.2f} ms, at most {1e6 / (8 * rtt + sync):.0f} msg/s; the "
+        f"direct client, 12 and the TLS handshake's key exchange and signature (connect, "
+        f"greeting, EHLO, STARTTLS, the handshake, EHLO, AUTH, MAIL, RCPT, DATA, the message, "
+        f"QUIT), at least {12 * rtt / 1000:.2f} ms. So with one client, postern/direct cannot "
+        f"exceed about {12 * rtt / (8 * rtt + sync):.2f}x plus the handshake's share of the "
+        f"direct client's time, however little postern spends itself.",
+    ]
     out += [
         "",
         f"postern RSS at rest: {idle_rss / 1024:.1f} MB; peak RSS (VmHWM) while relaying one "

@@ -82,15 +82,21 @@ pub async fn attempt(
             env.route, env.sender, env.id
         )),
     };
-    // Recording the outcome renames and fsyncs: keep that off the async runtime's threads,
-    // where it would stall every SMTP session scheduled there.
-    let blocking_spool = spool.clone();
-    let owned_id = id.to_owned();
-    let (report, bounces) = tokio::task::spawn_blocking(move || {
-        record(&blocking_spool, &owned_id, env, outcome, policy)
-    })
-    .await
-    .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))??;
+    let (report, bounces) = if delivered_to_all(&env, &outcome) {
+        // The usual end: a done record in the journal and a rename, no fsync. Two thread
+        // wake-ups to the blocking pool and back would cost more than that.
+        record(spool, id, env, outcome, policy)?
+    } else {
+        // Recording any other outcome may rename and fsync: keep that off the async
+        // runtime's threads, where it would stall every SMTP session scheduled there.
+        let blocking_spool = spool.clone();
+        let owned_id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            record(&blocking_spool, &owned_id, env, outcome, policy)
+        })
+        .await
+        .map_err(|e| SpoolError::other("record outcome", std::path::Path::new("active"), e))??
+    };
     for b in bounces {
         match b.queue(spool, hostname).await {
             Ok(report) => {
@@ -103,6 +109,20 @@ pub async fn attempt(
         }
     }
     Ok(report)
+}
+
+/// Whether `outcome` delivered the message to every recipient still pending in `env`: then
+/// [`record`] only logs it and removes the queue file (no fsync, no report to send).
+fn delivered_to_all(env: &Envelope, outcome: &Outcome) -> bool {
+    match outcome {
+        Outcome::Sent { recipients, .. } => {
+            recipients.iter().all(|r| r.status == RcptStatus::Sent)
+                && env
+                    .pending()
+                    .all(|p| recipients.iter().any(|r| r.address == p.address))
+        }
+        _ => false,
+    }
 }
 
 /// Apply one attempt's outcome to the spool: per-recipient status, then the message's move.

@@ -135,7 +135,7 @@ impl Output {
         }
         // Emit exactly the prefix before the first refusal reason, so that what is produced
         // does not depend on how the input was chunked.
-        let nul = bytes.iter().position(|&b| b == 0);
+        let nul = memchr::memchr(0, bytes);
         let upto = nul.unwrap_or(bytes.len());
         let room = self.max.saturating_sub(self.outcome.size);
         if upto as u64 > room {
@@ -215,6 +215,18 @@ impl DataDecoder {
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
         let mut i = 0;
         while i < input.len() {
+            // Fast path: whole CRLF-ended lines, none starting with a dot, pass through as they
+            // are (a bare CR inside a line is kept as is by the byte-wise machine below too), so
+            // they are found with memchr and emitted in one go.
+            if matches!(self.st, St::Bol | St::Mid) {
+                let end = Self::plain_lines(input, i, self.st == St::Bol);
+                if end > i {
+                    self.out.emit(out, &input[i..end]);
+                    i = end;
+                    self.st = St::Bol;
+                    continue;
+                }
+            }
             let b = input[i];
             match self.st {
                 St::Done => {
@@ -286,6 +298,27 @@ impl DataDecoder {
             consumed: input.len(),
             done: self.st == St::Done,
         }
+    }
+
+    /// The end of the run of complete lines from `at` that the byte-wise machine would copy
+    /// verbatim: each ends with CRLF (no bare LF), and none after the first starts with a dot
+    /// (the first does not either when `bol`). `at` itself when there is none.
+    fn plain_lines(input: &[u8], at: usize, bol: bool) -> usize {
+        let mut pos = at;
+        let mut bol = bol;
+        while pos < input.len() {
+            if bol && input[pos] == b'.' {
+                break;
+            }
+            match memchr::memchr(b'\n', &input[pos..]) {
+                Some(k) if k > 0 && input[pos + k - 1] == b'\r' => {
+                    pos += k + 1;
+                    bol = true;
+                }
+                _ => break,
+            }
+        }
+        pos
     }
 
     /// One byte of ordinary line content (state becomes `Mid` or `Cr`).
@@ -663,6 +696,24 @@ mod tests {
                 pos = c;
             }
             prop_assert_eq!((out, d.outcome()), bdat(&[&input], policy, 40));
+        }
+
+        #[test]
+        fn whole_lines_decode_as_byte_by_byte(
+            parts in proptest::collection::vec(prop_oneof![
+                Just(b"\r\n".to_vec()), Just(b"\n".to_vec()), Just(b"\r".to_vec()),
+                Just(b".".to_vec()), Just(b"\r\n.\r\n".to_vec()), Just(vec![0u8]),
+                "[a-z \\x80-\\xff]{1,30}".prop_map(|s| s.into_bytes()),
+            ], 0..60),
+            reject in any::<bool>(),
+            max in prop_oneof![Just(BIG), 0u64..200],
+        ) {
+            // One byte at a time never takes the fast path (a line needs its CR and LF in
+            // the same input): it is the byte-wise machine alone, the reference.
+            let input = parts.concat();
+            let policy = if reject { BareLfPolicy::Reject } else { BareLfPolicy::Normalize };
+            let every: Vec<usize> = (1..input.len()).collect();
+            prop_assert_eq!(run_split(&input, &[], policy, max), run_split(&input, &every, policy, max));
         }
     }
 

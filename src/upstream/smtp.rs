@@ -618,6 +618,25 @@ impl SmtpTransport {
         // MAIL and RCPT: with PIPELINING, MAIL and a batch of RCPTs go out in one write and
         // the replies are read in order (RFC 2920).
         let batch = if caps.pipelining { PIPELINE_BATCH } else { 1 };
+        // A small message to one recipient, with CHUNKING, goes in that same write too, as
+        // `BDAT <size> LAST` after the RCPT (RFC 3030 pipelines BDAT like any other command):
+        // one round trip per message on a kept connection instead of two. The server reads
+        // the chunk whatever it answered before it, so a refused MAIL or RCPT costs only
+        // those bytes. One recipient only: with several, a refusal of one that concerns the
+        // whole message (a throttle at RCPT) would stop the others unsent, where here the
+        // message would already have gone to the ones before it.
+        if let [(rcpt, path)] = pending
+            && caps.pipelining
+            && caps.chunking
+            && size <= IN_MEMORY
+        {
+            let out = format!("{mail}RCPT TO:<{path}>\r\n");
+            trace!(server = %c.server, "C: {}", out.trim_end());
+            super::watch::emit(|| super::watch::Event::Sent(out.trim_end().to_string()));
+            c.send_bdat(out.as_bytes(), body, size, &msg.message)
+                .await?;
+            return self.pipelined_replies(c, in_transaction, ctx, rcpt).await;
+        }
         let mut mail_unanswered = true;
         if !caps.pipelining {
             c.write(mail.as_bytes(), Some(mail.trim_end())).await?;
@@ -661,21 +680,7 @@ impl SmtpTransport {
         }
 
         if !results.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
-            // Nothing to send: report each recipient's reply; the forwarder fails or defers
-            // them one by one.
-            let last = results.last().map(|(_, _, r)| r.text()).unwrap_or_default();
-            return Ok(Outcome::Sent {
-                relay: ctx.server.to_string(),
-                reply: format!("no recipient was accepted (last reply: \"{last}\")"),
-                recipients: results
-                    .into_iter()
-                    .map(|(address, status, r)| RcptResult {
-                        address,
-                        status,
-                        reply: r.text(),
-                    })
-                    .collect(),
-            });
+            return Ok(no_recipient_accepted(ctx, results));
         }
 
         let end = self
@@ -689,25 +694,60 @@ impl SmtpTransport {
         if !end.is_positive() {
             return Err(with_refused(&results, verdict(Stage::DataEnd, &end, ctx)));
         }
-        let end_text = end.text();
-        Ok(Outcome::Sent {
-            relay: ctx.server.to_string(),
-            reply: end_text.clone(),
-            recipients: results
-                .into_iter()
-                .map(|(address, status, r)| RcptResult {
-                    address,
-                    status,
-                    // Accepted recipients were taken with the message: its reply (the queue id)
-                    // is the useful one.
-                    reply: if status == RcptStatus::Sent {
-                        end_text.clone()
-                    } else {
-                        r.text()
-                    },
-                })
-                .collect(),
-        })
+        Ok(sent(ctx, &end, results))
+    }
+
+    /// The replies to a pipelined `MAIL`, `RCPT` and `BDAT LAST` (see `steps`), in order;
+    /// all three are read whatever the ones before said, so the dialogue stays in step. The
+    /// verdict is the one the unpipelined dialogue would reach: the first refusal decides.
+    async fn pipelined_replies(
+        &self,
+        c: &mut Conn<TlsStream<TcpStream>>,
+        in_transaction: &mut bool,
+        ctx: &Context<'_>,
+        rcpt: &str,
+    ) -> Result<Outcome, Outcome> {
+        // A server may hold its replies to a pipelined group until it has dealt with the
+        // whole group, message included: each reply gets the time the message's does.
+        let wait = self.timeouts.data_end;
+        let mail = match c.reply(Stage::Mail, wait).await {
+            Ok(r) => r,
+            Err(o) => {
+                if c.connection_failed() {
+                    // Closed without a word, not even to MAIL: a kept connection the server
+                    // had ended. As when MAIL goes alone, it is replaced at once rather than
+                    // the message waiting for its retry (which would send it again just the
+                    // same). A timeout is not that: the server may be taking the message.
+                    c.awaiting_end = false;
+                }
+                return Err(o);
+            }
+        };
+        let r = c.reply(Stage::Rcpt, wait).await?;
+        let end = c.reply(Stage::DataEnd, wait).await?;
+        c.awaiting_end = false;
+        // After a refused MAIL there is no transaction; after anything else that was not
+        // accepted, RFC 3030 leaves BDAT's state open: the RSET before the next message
+        // settles it.
+        *in_transaction = mail.is_positive() && !end.is_positive();
+        if !mail.is_positive() {
+            return Err(verdict(Stage::Mail, &mail, ctx));
+        }
+        if !r.is_positive() {
+            // The server had no recipient, so it took nothing with the BDAT.
+            return match classify(Stage::Rcpt, &r, ctx) {
+                Verdict::Recipient(status) => Ok(no_recipient_accepted(
+                    ctx,
+                    vec![(rcpt.to_string(), status, r)],
+                )),
+                Verdict::Message(o) => Err(o),
+            };
+        }
+        let results = vec![(rcpt.to_string(), RcptStatus::Sent, r)];
+        if !end.is_positive() {
+            return Err(with_refused(&results, verdict(Stage::DataEnd, &end, ctx)));
+        }
+        Ok(sent(ctx, &end, results))
     }
 
     /// The message and the reply after it: with CHUNKING one `BDAT <size> LAST` and the bytes
@@ -724,7 +764,7 @@ impl SmtpTransport {
     ) -> Result<Reply, Outcome> {
         let size = msg.size();
         if chunking {
-            c.send_bdat(body, size, &msg.message).await?;
+            c.send_bdat(b"", body, size, &msg.message).await?;
         } else {
             let r = c.command("DATA", Stage::Data).await?;
             if r.code != 354 {
@@ -792,6 +832,47 @@ impl SmtpTransport {
             token_refused,
             fresh: false,
         })
+    }
+}
+
+/// Nothing was sent, every recipient was refused at RCPT: each one's reply, for the
+/// forwarder to fail or defer them one by one.
+fn no_recipient_accepted(ctx: &Context<'_>, results: Vec<(String, RcptStatus, Reply)>) -> Outcome {
+    let last = results.last().map(|(_, _, r)| r.text()).unwrap_or_default();
+    Outcome::Sent {
+        relay: ctx.server.to_string(),
+        reply: format!("no recipient was accepted (last reply: \"{last}\")"),
+        recipients: results
+            .into_iter()
+            .map(|(address, status, r)| RcptResult {
+                address,
+                status,
+                reply: r.text(),
+            })
+            .collect(),
+    }
+}
+
+/// The message was taken (`end` is the reply after it) for the recipients accepted at RCPT.
+fn sent(ctx: &Context<'_>, end: &Reply, results: Vec<(String, RcptStatus, Reply)>) -> Outcome {
+    let end_text = end.text();
+    Outcome::Sent {
+        relay: ctx.server.to_string(),
+        reply: end_text.clone(),
+        recipients: results
+            .into_iter()
+            .map(|(address, status, r)| RcptResult {
+                address,
+                status,
+                // Accepted recipients were taken with the message: its reply (the queue id)
+                // is the useful one.
+                reply: if status == RcptStatus::Sent {
+                    end_text.clone()
+                } else {
+                    r.text()
+                },
+            })
+            .collect(),
     }
 }
 
@@ -865,10 +946,9 @@ fn with_refused(results: &[(String, RcptStatus, Reply)], o: Outcome) -> Outcome 
     }
 }
 
-/// Messages up to this size are read into memory once per delivery (one trip to the blocking
-/// pool instead of one per open, stat and read); larger ones stream from the file. 16 deliveries
-/// in flight hold at most 4 MiB this way.
-const IN_MEMORY: u64 = 256 * 1024;
+/// Messages up to this size are read into memory once per delivery, on the async thread
+/// (see [`super::READ_INLINE`]); larger ones stream from the file.
+const IN_MEMORY: u64 = super::READ_INLINE;
 /// How much of the message is searched for the `From:` header.
 const HEAD: usize = 64 * 1024;
 
@@ -1570,6 +1650,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// `size` bytes from `file` as they are, read and written 64 KiB at a time.
     async fn send_bdat(
         &mut self,
+        pipelined: &[u8],
         mut file: impl AsyncRead + Unpin,
         size: u64,
         path: &Path,
@@ -1580,10 +1661,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let command = format!("BDAT {size} LAST\r\n");
         trace!(server = %self.server, "C: {}", command.trim_end());
         super::watch::emit(|| super::watch::Event::Sent(command.trim_end().to_string()));
-        let mut buf = vec![0u8; CHUNK];
-        // The command goes out with the first block of the message.
-        buf[..command.len()].copy_from_slice(command.as_bytes());
-        let mut filled = command.len();
+        // The commands pipelined before it (already logged), the command and the first
+        // block of the message go out in one write.
+        let head = pipelined.len() + command.len();
+        let mut buf = vec![0u8; CHUNK.max(head + 1)];
+        buf[..pipelined.len()].copy_from_slice(pipelined);
+        buf[pipelined.len()..head].copy_from_slice(command.as_bytes());
+        let mut filled = head;
         let mut sent: u64 = 0;
         loop {
             let n = match file.read(&mut buf[filled..]).await {

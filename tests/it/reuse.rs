@@ -297,3 +297,89 @@ fn an_idle_connection_is_closed_with_quit_after_the_idle_time() {
     );
     assert_eq!(w.exchange.active(MAILBOX), 0);
 }
+
+#[test]
+fn a_small_message_goes_in_one_flight_and_a_refused_recipient_keeps_the_dialogue_in_step() {
+    // MAIL, RCPT and BDAT go out together (one round trip per message on a kept connection).
+    // When the RCPT is refused the server still reads the BDAT chunk and refuses it: the
+    // next message on the same connection must find the dialogue in step.
+    let mut script = Script::new();
+    script.rcpt_replies.insert(
+        "gone@fabrikam.com".into(),
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient gone@fabrikam.com not found by SMTP address lookup".into(),
+    );
+    let w = world(script, "");
+    let first = format!("From: {MAILBOX}\r\nSubject: to nobody\r\n\r\nbody\r\n");
+    expect(
+        &send_mail(
+            w.postern.addr(),
+            MAILBOX,
+            &["gone@fabrikam.com"],
+            first.as_bytes(),
+        ),
+        "250",
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || w
+            .postern
+            .log_text()
+            .contains("RecipientNotFound")),
+        "the refusal was not logged; log:\n{}",
+        w.postern.log_text()
+    );
+    let second = format!("From: {MAILBOX}\r\nSubject: to the boss\r\n\r\nbody\r\n");
+    expect(
+        &send_mail(
+            w.postern.addr(),
+            MAILBOX,
+            &["boss@fabrikam.com"],
+            second.as_bytes(),
+        ),
+        "250",
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || w
+            .exchange
+            .delivered()
+            .iter()
+            .any(|m| m.rcpt_to == ["boss@fabrikam.com"])),
+        "the second message was not delivered; log:\n{}",
+        w.postern.log_text()
+    );
+    let sessions = w.exchange.sessions();
+    let s = &sessions[0];
+    assert!(
+        s.messages
+            .iter()
+            .any(|m| m.rcpt_to == ["boss@fabrikam.com"]),
+        "the second message went over the first connection: {sessions:#?}"
+    );
+    // Each transaction's MAIL and RCPT came with what followed them in one write.
+    let mails: Vec<&String> = s
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("MAIL FROM:"))
+        .collect();
+    assert!(mails.len() >= 2, "{s:#?}");
+    for c in s.commands.iter().filter(|c| {
+        c.starts_with("MAIL FROM:")
+            || c.starts_with("RCPT TO:<boss")
+            || c.starts_with("RCPT TO:<gone")
+    }) {
+        assert!(s.pipelined.contains(c), "{c} was not pipelined: {s:#?}");
+    }
+    // After the refused chunk, a RSET settled the transaction before the next MAIL.
+    let refused_bdat = s
+        .commands
+        .iter()
+        .position(|c| c.starts_with("BDAT"))
+        .unwrap();
+    assert_eq!(s.commands[refused_bdat + 1], "RSET", "{:#?}", s.commands);
+    assert!(
+        !w.exchange
+            .delivered()
+            .iter()
+            .any(|m| m.rcpt_to.iter().any(|r| r == "gone@fabrikam.com")),
+        "nothing was delivered to the refused recipient"
+    );
+}

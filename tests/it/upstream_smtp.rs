@@ -311,8 +311,9 @@ async fn without_chunking_data_is_dot_stuffed_and_arrives_unchanged() {
 
 #[tokio::test]
 async fn a_kept_connection_carries_the_next_message_after_rset() {
-    // The first message's only recipient is refused: MAIL was accepted and no message
-    // followed, so the transaction is reset before the connection carries the next one.
+    // The first message's only recipient is refused: MAIL was accepted and the BDAT
+    // pipelined behind the RCPT refused (no recipient), so the transaction is reset before
+    // the connection carries the next one.
     let fake = fake()
         .rcpt_reply(
             "nobody@example.org",
@@ -334,7 +335,10 @@ async fn a_kept_connection_carries_the_next_message_after_rset() {
         .map(|c| c.split([' ', ':']).next().unwrap_or(""))
         .filter(|v| ["MAIL", "RSET", "BDAT"].contains(v))
         .collect();
-    assert_eq!(verbs, ["MAIL", "RSET", "MAIL", "BDAT", "MAIL", "BDAT"]);
+    assert_eq!(
+        verbs,
+        ["MAIL", "BDAT", "RSET", "MAIL", "BDAT", "MAIL", "BDAT"]
+    );
     assert_eq!(fake.delivered().len(), 2);
     assert_eq!(fake.active(MAILBOX), 1, "kept open for the next message");
     drop(t);

@@ -39,6 +39,22 @@ where
     (reqwest::Body::wrap_stream(stream), encoded_len(total))
 }
 
+/// A small queue file read in place on the async thread (see [`crate::upstream::READ_INLINE`]):
+/// `tokio::fs::File` would hop to the blocking pool and back for every read.
+pub struct CachedFile(pub std::fs::File);
+
+impl AsyncRead for CachedFile {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let n = io::Read::read(&mut self.get_mut().0, buf.initialize_unfilled())?;
+        buf.advance(n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 struct Encoder<R> {
     /// Bytes read but not yet encoded (fewer than 3 after each chunk, except at the start).
     carry: Vec<u8>,

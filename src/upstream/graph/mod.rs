@@ -454,6 +454,10 @@ impl GraphTransport {
             let (first, file, len) = message_parts(msg)?;
             let mut head = prefix.clone();
             head.extend_from_slice(&first);
+            if len <= super::READ_INLINE {
+                let file = tokio::io::AsyncReadExt::take(body::CachedFile(file), len);
+                return Ok(body::base64_body(head, file, len));
+            }
             let file = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), len);
             Ok(body::base64_body(head, file, len))
         }
@@ -1031,29 +1035,35 @@ fn message_parts(msg: &Outgoing) -> std::io::Result<(Vec<u8>, std::fs::File, u64
     msg.open_parts()
 }
 
-/// The message's header section (at most [`MAX_HEADER`] bytes).
+/// The message's header section (at most [`MAX_HEADER`] bytes). Read on the async thread for
+/// a small message ([`super::READ_INLINE`]), on the blocking pool otherwise.
 async fn read_head(msg: &Outgoing) -> std::io::Result<Vec<u8>> {
+    if msg.size() <= super::READ_INLINE {
+        return read_head_blocking(msg);
+    }
     let m = msg.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut r = m.open_message()?.take(MAX_HEADER);
-        let mut head = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = r.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            let from = head.len().saturating_sub(3);
-            head.extend_from_slice(&buf[..n]);
-            if let Some(i) = find_blank_line(&head[from..]) {
-                head.truncate(from + i);
-                break;
-            }
+    tokio::task::spawn_blocking(move || read_head_blocking(&m))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn read_head_blocking(msg: &Outgoing) -> std::io::Result<Vec<u8>> {
+    let mut r = msg.open_message()?.take(MAX_HEADER);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        Ok(head)
-    })
-    .await
-    .map_err(std::io::Error::other)?
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&buf[..n]);
+        if let Some(i) = find_blank_line(&head[from..]) {
+            head.truncate(from + i);
+            break;
+        }
+    }
+    Ok(head)
 }
 
 /// The end of the header section (just after its blank line) in `b`, if there.

@@ -327,6 +327,9 @@ pub struct Session {
     pub peer: String,
     /// Every command line received (AUTH lines included: this is a test fake).
     pub commands: Vec<String>,
+    /// The command lines that arrived with more bytes right behind them (sent in one write
+    /// with what follows: pipelined, RFC 2920).
+    pub pipelined: Vec<String>,
     /// TLS was started.
     pub tls: bool,
     /// AUTH attempts.
@@ -656,7 +659,13 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
         let text = String::from_utf8_lossy(&line)
             .trim_end_matches(['\r', '\n'])
             .to_string();
-        conn.record(|s| s.commands.push(text.clone()));
+        let more = !io.buffer().is_empty();
+        conn.record(|s| {
+            s.commands.push(text.clone());
+            if more {
+                s.pipelined.push(text.clone());
+            }
+        });
         let script = conn.script();
         let (verb, arg) = match text.split_once(' ') {
             Some((v, a)) => (v.to_ascii_uppercase(), a.to_string()),
