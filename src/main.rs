@@ -697,15 +697,15 @@ fn init_logging(cli: &Cli) -> bool {
 /// Keep the buffers of messages being received (up to the journal's 1 MiB record) in the
 /// allocator's heap between messages. By default glibc maps buffers over 128 KiB afresh and
 /// unmaps them when freed, and trims free heap over 128 KiB: every 100 KB message then
-/// costs page faults and zeroed pages (about a tenth of the daemon's CPU at 10 clients). With
-/// these bounds at most 8 MiB of free heap per arena stays mapped, well inside the drafts'
-/// shared memory budget (`limits.message_memory`).
+/// costs page faults and zeroed pages (measured: 10-17% of the daemon's CPU at 100 KB and 10
+/// clients). With these bounds at most 4 MiB of free heap per arena stays mapped (a few MB
+/// of RSS after a burst), well inside the drafts' shared budget (`limits.message_memory`).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters (glibc takes its own locks).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 
