@@ -691,10 +691,7 @@ impl SmtpTransport {
             .inspect(|end| *in_transaction = !end.is_positive())
             // Recipients refused at RCPT stay refused whatever happens to the message now.
             .map_err(|o| with_refused(&results, o))?;
-        if !end.is_positive() {
-            return Err(with_refused(&results, verdict(Stage::DataEnd, &end, ctx)));
-        }
-        Ok(sent(ctx, &end, results))
+        message_end(ctx, &end, results)
     }
 
     /// The replies to a pipelined `MAIL`, `RCPT` and `BDAT LAST` (see `steps`), in order;
@@ -744,10 +741,7 @@ impl SmtpTransport {
             };
         }
         let results = vec![(rcpt.to_string(), RcptStatus::Sent, r)];
-        if !end.is_positive() {
-            return Err(with_refused(&results, verdict(Stage::DataEnd, &end, ctx)));
-        }
-        Ok(sent(ctx, &end, results))
+        message_end(ctx, &end, results)
     }
 
     /// The message and the reply after it: with CHUNKING one `BDAT <size> LAST` and the bytes
@@ -853,10 +847,18 @@ fn no_recipient_accepted(ctx: &Context<'_>, results: Vec<(String, RcptStatus, Re
     }
 }
 
-/// The message was taken (`end` is the reply after it) for the recipients accepted at RCPT.
-fn sent(ctx: &Context<'_>, end: &Reply, results: Vec<(String, RcptStatus, Reply)>) -> Outcome {
+/// The outcome of a message by `end`, the reply after it: refused (recipients refused at RCPT
+/// stay refused), or taken for the recipients accepted at RCPT.
+fn message_end(
+    ctx: &Context<'_>,
+    end: &Reply,
+    results: Vec<(String, RcptStatus, Reply)>,
+) -> Result<Outcome, Outcome> {
+    if !end.is_positive() {
+        return Err(with_refused(&results, verdict(Stage::DataEnd, end, ctx)));
+    }
     let end_text = end.text();
-    Outcome::Sent {
+    Ok(Outcome::Sent {
         relay: ctx.server.to_string(),
         reply: end_text.clone(),
         recipients: results
@@ -873,7 +875,7 @@ fn sent(ctx: &Context<'_>, end: &Reply, results: Vec<(String, RcptStatus, Reply)
                 },
             })
             .collect(),
-    }
+    })
 }
 
 /// Why a new connection could not be opened and authenticated.
