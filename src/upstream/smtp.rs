@@ -631,8 +631,6 @@ impl SmtpTransport {
             && size <= IN_MEMORY
         {
             let out = format!("{mail}RCPT TO:<{path}>\r\n");
-            trace!(server = %c.server, "C: {}", out.trim_end());
-            super::watch::emit(|| super::watch::Event::Sent(out.trim_end().to_string()));
             c.send_bdat(out.as_bytes(), body, size, &msg.message)
                 .await?;
             return self.pipelined_replies(c, in_transaction, ctx, rcpt).await;
@@ -1649,7 +1647,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Send the message as one `BDAT <size> LAST` chunk: the command line, then exactly
-    /// `size` bytes from `file` as they are, read and written 64 KiB at a time.
+    /// `size` bytes from `file` as they are, read and written 64 KiB at a time; `pipelined`
+    /// (command lines to go in the same write, before it) is logged and sent first.
     async fn send_bdat(
         &mut self,
         pipelined: &[u8],
@@ -1660,11 +1659,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         // Once the command is out, the server reads `size` octets whatever they are: the
         // dialogue is only in step again after all of them (see send_message).
         self.broken = true;
+        if !pipelined.is_empty() {
+            let shown = String::from_utf8_lossy(pipelined);
+            trace!(server = %self.server, "C: {}", shown.trim_end());
+            super::watch::emit(|| super::watch::Event::Sent(shown.trim_end().to_string()));
+        }
         let command = format!("BDAT {size} LAST\r\n");
         trace!(server = %self.server, "C: {}", command.trim_end());
         super::watch::emit(|| super::watch::Event::Sent(command.trim_end().to_string()));
-        // The commands pipelined before it (already logged), the command and the first
-        // block of the message go out in one write.
+        // The commands pipelined before it, the command and the first block of the message
+        // go out in one write.
         let head = pipelined.len() + command.len();
         let mut buf = vec![0u8; CHUNK.max(head + 1)];
         buf[..pipelined.len()].copy_from_slice(pipelined);

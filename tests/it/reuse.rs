@@ -73,6 +73,15 @@ account = "contoso"
 }
 
 impl World {
+    /// Send one message from the mailbox to `to` through postern (accepted with 250).
+    fn send(&self, to: &str, subject: &str) {
+        let body = format!("From: {MAILBOX}\r\nSubject: {subject}\r\n\r\nbody\r\n");
+        expect(
+            &send_mail(self.postern.addr(), MAILBOX, &[to], body.as_bytes()),
+            "250",
+        );
+    }
+
     /// Wait until `n` messages were accepted by the fake Exchange.
     fn wait_delivered(&self, n: usize, timeout: Duration) {
         assert!(
@@ -181,16 +190,7 @@ fn a_connection_closed_by_the_server_between_messages_is_replaced_without_a_fail
     script.close_after_messages = Some(2);
     let w = world(script, "");
     for i in 0..3 {
-        let body = format!("From: {MAILBOX}\r\nSubject: {i}\r\n\r\nbody\r\n");
-        expect(
-            &send_mail(
-                w.postern.addr(),
-                MAILBOX,
-                &["boss@fabrikam.com"],
-                body.as_bytes(),
-            ),
-            "250",
-        );
+        w.send("boss@fabrikam.com", &i.to_string());
         w.wait_delivered(i + 1, Duration::from_secs(30));
     }
     let sessions = w.exchange.sessions();
@@ -270,16 +270,7 @@ fn bdat_delivers_the_same_bytes_dot_lines_8bit_and_20_megabytes() {
 #[test]
 fn an_idle_connection_is_closed_with_quit_after_the_idle_time() {
     let w = world(Script::new(), "connection_idle_timeout = \"2s\"");
-    let body = format!("From: {MAILBOX}\r\nSubject: one\r\n\r\nbody\r\n");
-    expect(
-        &send_mail(
-            w.postern.addr(),
-            MAILBOX,
-            &["boss@fabrikam.com"],
-            body.as_bytes(),
-        ),
-        "250",
-    );
+    w.send("boss@fabrikam.com", "one");
     w.wait_delivered(1, Duration::from_secs(30));
     assert!(
         wait_until(Duration::from_secs(30), || w.exchange.sessions()[0]
@@ -309,16 +300,7 @@ fn a_small_message_goes_in_one_flight_and_a_refused_recipient_keeps_the_dialogue
         "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient gone@fabrikam.com not found by SMTP address lookup".into(),
     );
     let w = world(script, "");
-    let first = format!("From: {MAILBOX}\r\nSubject: to nobody\r\n\r\nbody\r\n");
-    expect(
-        &send_mail(
-            w.postern.addr(),
-            MAILBOX,
-            &["gone@fabrikam.com"],
-            first.as_bytes(),
-        ),
-        "250",
-    );
+    w.send("gone@fabrikam.com", "to nobody");
     assert!(
         wait_until(Duration::from_secs(30), || w
             .postern
@@ -327,16 +309,7 @@ fn a_small_message_goes_in_one_flight_and_a_refused_recipient_keeps_the_dialogue
         "the refusal was not logged; log:\n{}",
         w.postern.log_text()
     );
-    let second = format!("From: {MAILBOX}\r\nSubject: to the boss\r\n\r\nbody\r\n");
-    expect(
-        &send_mail(
-            w.postern.addr(),
-            MAILBOX,
-            &["boss@fabrikam.com"],
-            second.as_bytes(),
-        ),
-        "250",
-    );
+    w.send("boss@fabrikam.com", "to the boss");
     assert!(
         wait_until(Duration::from_secs(30), || w
             .exchange
